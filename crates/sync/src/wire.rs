@@ -1,0 +1,671 @@
+//! Replication wire format.
+//!
+//! Every frame is a 32-byte header followed by a payload:
+//!
+//! | offset | size | field                                              |
+//! |-------:|-----:|----------------------------------------------------|
+//! | 0      | 4    | magic `HLSY`                                       |
+//! | 4      | 1    | wire format version ([`WIRE_VERSION`])             |
+//! | 5      | 1    | frame type ([`FrameType`])                         |
+//! | 6      | 2    | flags, must be zero                                |
+//! | 8      | 4    | payload length, little endian                      |
+//! | 12     | 8    | control epoch, little endian                       |
+//! | 20     | 8    | sequence number, little endian                     |
+//! | 28     | 4    | CRC32C of bytes 0..28 followed by the payload      |
+//!
+//! The payload is at most [`MAX_PAYLOAD`] bytes. Decoding checks every field
+//! and the CRC before returning anything, so a frame is either accepted whole
+//! or rejected with a [`FrameError`]; nothing of a bad frame is ever applied.
+//!
+//! Mutation batches ([`FrameType::Batch`]) and bulk chunks
+//! ([`FrameType::BulkChunk`]) use a compact binary payload (see
+//! [`encode_mutation`] and [`decode_batch`]); the rare control frames carry
+//! JSON payloads (see [`Control`]).
+
+use std::io::Read;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::{Epoch, Mutation, SchemaVersion, Seq};
+
+/// Frame magic.
+pub const MAGIC: [u8; 4] = *b"HLSY";
+/// Version of the frame format written by this build.
+pub const WIRE_VERSION: u8 = 1;
+/// Header length in bytes.
+pub const HEADER_LEN: usize = 32;
+/// Largest payload accepted or produced: 16 MiB.
+pub const MAX_PAYLOAD: usize = 16 << 20;
+/// Largest table name in a mutation.
+pub const MAX_TABLE_NAME: usize = 255;
+/// Largest key in a mutation.
+pub const MAX_KEY: usize = 64 << 10;
+/// Largest value in a mutation (a mutation must fit in one frame).
+pub const MAX_VALUE: usize = MAX_PAYLOAD - MAX_KEY - MAX_TABLE_NAME - 64;
+/// Payload size at which an encoder starts a new frame.
+pub const TARGET_PAYLOAD: usize = 256 << 10;
+
+/// Type of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameType {
+    /// Standby -> active: service, versions, role wishes ([`Control::Hello`]).
+    Hello = 1,
+    /// Active -> standby: accepted, negotiated version ([`Control::Welcome`]).
+    Welcome = 2,
+    /// Either way: connection refused, with a reason ([`Control::Refuse`]).
+    Refuse = 3,
+    /// Active -> standby: bulk snapshot starts ([`Control::BulkBegin`]).
+    BulkBegin = 4,
+    /// Active -> standby: records of the bulk snapshot (binary puts).
+    BulkChunk = 5,
+    /// Active -> standby: bulk snapshot complete, with its digest ([`Control::BulkEnd`]).
+    BulkEnd = 6,
+    /// Active -> standby: a run of mutations; header seq is the first one's.
+    Batch = 7,
+    /// Standby -> active: header seq is the last sequence applied.
+    Ack = 8,
+    /// Active -> standby: digest of the state at header seq ([`Control::DigestCheck`]).
+    DigestCheck = 9,
+    /// Standby -> active: outcome of a digest comparison ([`Control::DigestResult`]).
+    DigestResult = 10,
+    /// Active -> standby: take control at the header epoch ([`Control::Promote`]).
+    Promote = 11,
+    /// Standby -> active: promoted; header epoch is the new epoch.
+    PromoteAck = 12,
+    /// Either way: the header epoch supersedes the receiver's.
+    Fence = 13,
+    /// Either way: keepalive, header seq is the sender's applied seq.
+    Heartbeat = 14,
+}
+
+impl FrameType {
+    /// Parses a frame type byte.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        use FrameType::*;
+        Some(match b {
+            1 => Hello,
+            2 => Welcome,
+            3 => Refuse,
+            4 => BulkBegin,
+            5 => BulkChunk,
+            6 => BulkEnd,
+            7 => Batch,
+            8 => Ack,
+            9 => DigestCheck,
+            10 => DigestResult,
+            11 => Promote,
+            12 => PromoteAck,
+            13 => Fence,
+            14 => Heartbeat,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a frame was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The input ends inside a frame.
+    #[error("frame truncated: needed {needed} bytes, have {have}")]
+    Truncated {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes available.
+        have: usize,
+    },
+    /// The magic is wrong.
+    #[error("bad frame magic {0:02x?}")]
+    BadMagic([u8; 4]),
+    /// The frame format version is not supported.
+    #[error("unsupported frame format version {0} (this build reads version {WIRE_VERSION})")]
+    BadVersion(u8),
+    /// The frame type is unknown.
+    #[error("unknown frame type {0}")]
+    BadType(u8),
+    /// Reserved flags are set.
+    #[error("reserved frame flags {0:#06x} are set")]
+    BadFlags(u16),
+    /// The declared payload exceeds the limit.
+    #[error("frame payload of {len} bytes exceeds the limit of {limit}")]
+    Oversized {
+        /// Declared length.
+        len: usize,
+        /// Limit.
+        limit: usize,
+    },
+    /// The CRC does not match.
+    #[error("frame CRC mismatch: header says {expected:#010x}, computed {actual:#010x}")]
+    BadCrc {
+        /// CRC in the header.
+        expected: u32,
+        /// CRC computed.
+        actual: u32,
+    },
+    /// The payload does not parse.
+    #[error("malformed {kind:?} payload: {reason}")]
+    BadPayload {
+        /// Frame type.
+        kind: FrameType,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A decoded frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Frame type.
+    pub kind: FrameType,
+    /// Payload length.
+    pub len: usize,
+    /// Control epoch.
+    pub epoch: Epoch,
+    /// Sequence number (meaning depends on the type).
+    pub seq: Seq,
+    /// CRC32C from the header.
+    pub crc: u32,
+}
+
+/// A whole, CRC-checked frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Frame type.
+    pub kind: FrameType,
+    /// Control epoch.
+    pub epoch: Epoch,
+    /// Sequence number.
+    pub seq: Seq,
+    /// Payload bytes.
+    pub payload: Bytes,
+}
+
+/// Parses and validates a header (everything but the CRC, which needs the payload).
+pub fn decode_header(buf: &[u8]) -> Result<Header, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Err(FrameError::Truncated {
+            needed: HEADER_LEN,
+            have: buf.len(),
+        });
+    }
+    let magic: [u8; 4] = buf[0..4].try_into().expect("4 bytes");
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    if buf[4] != WIRE_VERSION {
+        return Err(FrameError::BadVersion(buf[4]));
+    }
+    let kind = FrameType::from_u8(buf[5]).ok_or(FrameError::BadType(buf[5]))?;
+    let flags = u16::from_le_bytes([buf[6], buf[7]]);
+    if flags != 0 {
+        return Err(FrameError::BadFlags(flags));
+    }
+    let len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(FrameError::Oversized {
+            len,
+            limit: MAX_PAYLOAD,
+        });
+    }
+    Ok(Header {
+        kind,
+        len,
+        epoch: u64::from_le_bytes(buf[12..20].try_into().expect("8 bytes")),
+        seq: u64::from_le_bytes(buf[20..28].try_into().expect("8 bytes")),
+        crc: u32::from_le_bytes(buf[28..32].try_into().expect("4 bytes")),
+    })
+}
+
+fn frame_crc(header: &[u8], payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&header[..28]), payload)
+}
+
+fn check_crc(h: &Header, header: &[u8], payload: &[u8]) -> Result<(), FrameError> {
+    let actual = frame_crc(header, payload);
+    if actual != h.crc {
+        return Err(FrameError::BadCrc {
+            expected: h.crc,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Decodes one frame from the front of `buf`; returns it and the bytes consumed.
+///
+/// Fails with [`FrameError::Truncated`] if `buf` holds less than a whole frame.
+pub fn decode_frame(buf: &[u8]) -> Result<(Frame, usize), FrameError> {
+    let h = decode_header(buf)?;
+    let total = HEADER_LEN + h.len;
+    if buf.len() < total {
+        return Err(FrameError::Truncated {
+            needed: total,
+            have: buf.len(),
+        });
+    }
+    let payload = &buf[HEADER_LEN..total];
+    check_crc(&h, &buf[..HEADER_LEN], payload)?;
+    Ok((
+        Frame {
+            kind: h.kind,
+            epoch: h.epoch,
+            seq: h.seq,
+            payload: Bytes::copy_from_slice(payload),
+        },
+        total,
+    ))
+}
+
+/// Reads one whole frame from a byte stream.
+///
+/// Returns `Ok(None)` on a clean end of stream before any byte of a frame.
+/// The payload is read into a fresh buffer and CRC-checked before it is returned.
+pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, crate::SyncError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    needed: HEADER_LEN,
+                    have: got,
+                }
+                .into())
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let h = decode_header(&header)?;
+    let mut payload = vec![0u8; h.len];
+    let mut got = 0;
+    while got < h.len {
+        match r.read(&mut payload[got..]) {
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    needed: HEADER_LEN + h.len,
+                    have: HEADER_LEN + got,
+                }
+                .into())
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    check_crc(&h, &header, &payload)?;
+    Ok(Some(Frame {
+        kind: h.kind,
+        epoch: h.epoch,
+        seq: h.seq,
+        payload: Bytes::from(payload),
+    }))
+}
+
+/// Builds frames into one contiguous output buffer (frames are batched by
+/// appending several to the same buffer before one write).
+#[derive(Debug, Default)]
+pub struct FrameWriter {
+    buf: Vec<u8>,
+    open: Option<usize>,
+}
+
+impl FrameWriter {
+    /// An empty writer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes of complete frames written so far.
+    pub fn as_bytes(&self) -> &[u8] {
+        debug_assert!(self.open.is_none());
+        &self.buf
+    }
+
+    /// Length of the buffer (including any open frame).
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True if nothing is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Takes the buffered bytes, leaving the writer empty.
+    pub fn take(&mut self) -> Vec<u8> {
+        debug_assert!(self.open.is_none());
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Appends a complete frame.
+    pub fn frame(&mut self, kind: FrameType, epoch: Epoch, seq: Seq, payload: &[u8]) {
+        assert!(payload.len() <= MAX_PAYLOAD, "payload over MAX_PAYLOAD");
+        self.begin(kind, epoch, seq);
+        self.buf.extend_from_slice(payload);
+        self.finish();
+    }
+
+    /// Starts a frame whose payload is appended with [`FrameWriter::payload`].
+    pub fn begin(&mut self, kind: FrameType, epoch: Epoch, seq: Seq) {
+        assert!(self.open.is_none(), "a frame is already open");
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&MAGIC);
+        self.buf.push(WIRE_VERSION);
+        self.buf.push(kind as u8);
+        self.buf.extend_from_slice(&0u16.to_le_bytes());
+        self.buf.extend_from_slice(&0u32.to_le_bytes());
+        self.buf.extend_from_slice(&epoch.to_le_bytes());
+        self.buf.extend_from_slice(&seq.to_le_bytes());
+        self.buf.extend_from_slice(&0u32.to_le_bytes());
+        self.open = Some(start);
+    }
+
+    /// The payload buffer of the open frame.
+    pub fn payload(&mut self) -> &mut Vec<u8> {
+        assert!(self.open.is_some(), "no frame is open");
+        &mut self.buf
+    }
+
+    /// Payload bytes in the open frame so far.
+    pub fn open_payload_len(&self) -> usize {
+        self.open.map_or(0, |s| self.buf.len() - s - HEADER_LEN)
+    }
+
+    /// True if a frame is open.
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Completes the open frame: fills in its length and CRC.
+    pub fn finish(&mut self) {
+        let start = self.open.take().expect("no frame is open");
+        let len = self.buf.len() - start - HEADER_LEN;
+        assert!(len <= MAX_PAYLOAD, "payload over MAX_PAYLOAD");
+        self.buf[start + 8..start + 12].copy_from_slice(&(len as u32).to_le_bytes());
+        let crc = frame_crc(
+            &self.buf[start..start + HEADER_LEN],
+            &self.buf[start + HEADER_LEN..],
+        );
+        self.buf[start + 28..start + 32].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// Encodes a frame into a fresh buffer.
+pub fn encode_frame(kind: FrameType, epoch: Epoch, seq: Seq, payload: &[u8]) -> Vec<u8> {
+    let mut w = FrameWriter::new();
+    w.frame(kind, epoch, seq, payload);
+    w.take()
+}
+
+const OP_PUT: u8 = 1;
+const OP_DELETE: u8 = 2;
+
+/// Appends one mutation to a batch payload.
+///
+/// Layout: op (1 = put, 2 = delete), table name length (u8) and bytes, key
+/// length (u32 LE) and bytes, and for a put value length (u32 LE) and bytes.
+/// Sizes must already be within [`MAX_TABLE_NAME`], [`MAX_KEY`], [`MAX_VALUE`].
+pub fn encode_mutation(out: &mut Vec<u8>, table: &str, key: &[u8], value: Option<&[u8]>) {
+    debug_assert!(table.len() <= MAX_TABLE_NAME && key.len() <= MAX_KEY);
+    out.push(if value.is_some() { OP_PUT } else { OP_DELETE });
+    out.push(table.len() as u8);
+    out.extend_from_slice(table.as_bytes());
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
+    if let Some(v) = value {
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(v);
+    }
+}
+
+/// Encoded size of one mutation.
+pub fn mutation_len(table: &str, key: &[u8], value: Option<&[u8]>) -> usize {
+    2 + table.len() + 4 + key.len() + value.map_or(0, |v| 4 + v.len())
+}
+
+/// Checks a mutation's sizes against the wire limits.
+pub fn check_mutation(m: &Mutation) -> Result<(), crate::SyncError> {
+    let (table, key, value) = match m {
+        Mutation::Put { table, key, value } => (table, key, Some(value)),
+        Mutation::Delete { table, key } => (table, key, None),
+    };
+    let too = |what, len, limit| crate::SyncError::TooLarge { what, len, limit };
+    if table.len() > MAX_TABLE_NAME {
+        return Err(too("table name", table.len(), MAX_TABLE_NAME));
+    }
+    if key.len() > MAX_KEY {
+        return Err(too("key", key.len(), MAX_KEY));
+    }
+    if let Some(v) = value {
+        if v.len() > MAX_VALUE {
+            return Err(too("value", v.len(), MAX_VALUE));
+        }
+    }
+    Ok(())
+}
+
+/// A mutation decoded from a frame payload; the slices borrow the payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireMutation {
+    /// Table name.
+    pub table: Bytes,
+    /// Key.
+    pub key: Bytes,
+    /// Value, `None` for a delete.
+    pub value: Option<Bytes>,
+}
+
+impl WireMutation {
+    /// Table name as text (validated UTF-8 by [`decode_batch`]).
+    pub fn table_str(&self) -> &str {
+        std::str::from_utf8(&self.table).expect("validated at decode")
+    }
+
+    /// Converts to an owned [`Mutation`].
+    pub fn to_mutation(&self) -> Mutation {
+        match &self.value {
+            Some(v) => Mutation::put(self.table_str(), self.key.to_vec(), v.to_vec()),
+            None => Mutation::delete(self.table_str(), self.key.to_vec()),
+        }
+    }
+}
+
+/// Decodes a whole batch or bulk-chunk payload of `count` mutations.
+///
+/// The payload must hold exactly `count` well-formed mutations; any defect
+/// fails the whole payload.
+pub fn decode_batch(kind: FrameType, payload: &Bytes) -> Result<Vec<WireMutation>, FrameError> {
+    let bad = |reason: String| FrameError::BadPayload { kind, reason };
+    let p = &payload[..];
+    if p.len() < 4 {
+        return Err(bad("missing mutation count".into()));
+    }
+    let count = u32::from_le_bytes(p[0..4].try_into().expect("4 bytes")) as usize;
+    // Every mutation takes at least 6 bytes: bound the allocation by the input.
+    if count > (p.len() - 4) / 6 {
+        return Err(bad(format!(
+            "count {count} does not fit in {} bytes",
+            p.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(count);
+    let mut pos = 4usize;
+    let take =
+        |pos: &mut usize, n: usize, what: &str| -> Result<std::ops::Range<usize>, FrameError> {
+            if p.len() - *pos < n {
+                return Err(bad(format!("{what} runs past the end of the payload")));
+            }
+            let r = *pos..*pos + n;
+            *pos += n;
+            Ok(r)
+        };
+    for i in 0..count {
+        let op = p[take(&mut pos, 1, "op")?][0];
+        if op != OP_PUT && op != OP_DELETE {
+            return Err(bad(format!("mutation {i} has unknown op {op}")));
+        }
+        let tlen = p[take(&mut pos, 1, "table length")?][0] as usize;
+        let tr = take(&mut pos, tlen, "table name")?;
+        if std::str::from_utf8(&p[tr.clone()]).is_err() {
+            return Err(bad(format!(
+                "mutation {i} has a table name that is not UTF-8"
+            )));
+        }
+        let klen =
+            u32::from_le_bytes(p[take(&mut pos, 4, "key length")?].try_into().expect("4")) as usize;
+        if klen > MAX_KEY {
+            return Err(bad(format!(
+                "mutation {i} key of {klen} bytes exceeds {MAX_KEY}"
+            )));
+        }
+        let kr = take(&mut pos, klen, "key")?;
+        let value = if op == OP_PUT {
+            let vlen =
+                u32::from_le_bytes(p[take(&mut pos, 4, "value length")?].try_into().expect("4"))
+                    as usize;
+            let vr = take(&mut pos, vlen, "value")?;
+            Some(payload.slice(vr))
+        } else {
+            None
+        };
+        out.push(WireMutation {
+            table: payload.slice(tr),
+            key: payload.slice(kr),
+            value,
+        });
+    }
+    if pos != p.len() {
+        return Err(bad(format!(
+            "{} trailing bytes after {count} mutations",
+            p.len() - pos
+        )));
+    }
+    Ok(out)
+}
+
+/// Encodes a list of mutations as a batch payload (count then mutations).
+pub fn encode_batch_payload(muts: &[Mutation]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + muts.iter().map(|m| m.key().len() + 16).sum::<usize>());
+    out.extend_from_slice(&(muts.len() as u32).to_le_bytes());
+    for m in muts {
+        match m {
+            Mutation::Put { table, key, value } => {
+                encode_mutation(&mut out, table, key, Some(value))
+            }
+            Mutation::Delete { table, key } => encode_mutation(&mut out, table, key, None),
+        }
+    }
+    out
+}
+
+/// JSON payloads of the control frames.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Control {
+    /// Standby's opening announcement.
+    Hello {
+        /// Service replicated.
+        service: String,
+        /// Standby node identifier.
+        node: String,
+        /// Standby's native schema version.
+        native: SchemaVersion,
+        /// Versions the standby can read (convert to its native one).
+        reads: Vec<SchemaVersion>,
+        /// Versions the standby can write (convert its native one to).
+        writes: Vec<SchemaVersion>,
+        /// Whether the standby is a designated HA standby (counts for sync acks).
+        ha: bool,
+        /// Highest epoch the standby knows.
+        epoch: Epoch,
+    },
+    /// Active's acceptance.
+    Welcome {
+        /// Active node identifier.
+        node: String,
+        /// Active's native schema version.
+        native: SchemaVersion,
+        /// Negotiated stream version.
+        stream_version: SchemaVersion,
+        /// Tables of the stream version.
+        tables: Vec<String>,
+    },
+    /// Refusal.
+    Refuse {
+        /// Reason, as a sentence.
+        reason: String,
+    },
+    /// Bulk snapshot begins.
+    BulkBegin {
+        /// Sequence number the snapshot is consistent at.
+        seq: Seq,
+        /// Number of records that follow.
+        records: u64,
+    },
+    /// Bulk snapshot ends.
+    BulkEnd {
+        /// Sequence number of the snapshot.
+        seq: Seq,
+        /// Digest of the snapshot in the stream version.
+        digest: crate::Digest,
+    },
+    /// Digest of the active's state at the header seq, in the stream version.
+    DigestCheck {
+        /// Digest.
+        digest: crate::Digest,
+    },
+    /// Standby's verdict on a digest comparison.
+    DigestResult {
+        /// Sequence the comparison was made at.
+        seq: Seq,
+        /// Whether the digests matched.
+        matched: bool,
+    },
+    /// Promote request.
+    Promote {
+        /// Last sequence the standby must have applied before taking control.
+        last_seq: Seq,
+    },
+}
+
+impl Control {
+    /// Frame type carrying this control message.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Control::Hello { .. } => FrameType::Hello,
+            Control::Welcome { .. } => FrameType::Welcome,
+            Control::Refuse { .. } => FrameType::Refuse,
+            Control::BulkBegin { .. } => FrameType::BulkBegin,
+            Control::BulkEnd { .. } => FrameType::BulkEnd,
+            Control::DigestCheck { .. } => FrameType::DigestCheck,
+            Control::DigestResult { .. } => FrameType::DigestResult,
+            Control::Promote { .. } => FrameType::Promote,
+        }
+    }
+
+    /// Encodes as a frame.
+    pub fn encode(&self, epoch: Epoch, seq: Seq) -> Vec<u8> {
+        let json = serde_json::to_vec(self).expect("control messages serialize");
+        encode_frame(self.frame_type(), epoch, seq, &json)
+    }
+
+    /// Decodes the JSON payload of a control frame, checking it matches the frame type.
+    pub fn decode(frame: &Frame) -> Result<Control, FrameError> {
+        let c: Control =
+            serde_json::from_slice(&frame.payload).map_err(|e| FrameError::BadPayload {
+                kind: frame.kind,
+                reason: e.to_string(),
+            })?;
+        if c.frame_type() != frame.kind {
+            return Err(FrameError::BadPayload {
+                kind: frame.kind,
+                reason: format!("payload is a {:?} message", c.frame_type()),
+            });
+        }
+        Ok(c)
+    }
+}
