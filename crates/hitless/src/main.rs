@@ -1,1 +1,262 @@
-fn main() {}
+//! The `hitless` command: appliance agent, local lab, in-service upgrade, status, the engine
+//! simulator, benchmarks and image tooling.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod bench;
+mod image_cmd;
+mod lab;
+mod ops;
+mod sim;
+
+/// Upgrade the software of a running high-availability appliance pair without a hit.
+#[derive(Parser, Debug)]
+#[command(name = "hitless", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing env-filter syntax); defaults to $HITLESS_LOG or "info".
+    #[arg(long, global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the appliance daemon.
+    Agent {
+        /// The agent's TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// A local pair of appliances on this machine.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+    /// Show appliances, instances, versions, roles, epoch and sync lag.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run an in-service software upgrade to an image, with live progress.
+    Upgrade {
+        /// The target image directory (holding manifest.toml).
+        #[arg(long)]
+        to: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Abort the running upgrade (rolls back to the running version).
+    Abort {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Roll back the running upgrade, also after the primary appliance is done.
+    Rollback {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Commit an upgrade that waits for the operator's acceptance.
+    Commit {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Run the ISSU engine against a simulated pair.
+    Sim {
+        #[command(subcommand)]
+        command: SimCommand,
+    },
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// Build and inspect OS images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// The agent API address (host:port); defaults to the lab's primary agent.
+    #[arg(long, env = "HITLESS_API")]
+    api: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum LabCommand {
+    /// Start a pair of appliance agents on this machine, serving kvd v1.
+    Up(LabUpArgs),
+    /// Stop the lab and remove its run directory.
+    Down {
+        /// The lab's run directory.
+        #[arg(long, default_value = lab::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// Show the lab's appliances and instances.
+    Status {
+        /// The lab's run directory.
+        #[arg(long, default_value = lab::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The main job: bring the lab up, upgrade it under client load, verify, tear it down.
+    Issu(LabIssuArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabUpArgs {
+    /// The lab's run directory.
+    #[arg(long, default_value = lab::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Hypervisor backend for the instances.
+    #[arg(long, value_enum, default_value_t = Backend::Process)]
+    pub backend: Backend,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabIssuArgs {
+    #[command(flatten)]
+    pub up: LabUpArgs,
+    /// Print one JSON object instead of the human report.
+    #[arg(long)]
+    pub json: bool,
+    /// Inject a real fault: KIND@STEP (see `hitless sim issu --list-faults`).
+    #[arg(long)]
+    pub fault: Option<String>,
+    /// Keep the lab running after the report (tear it down with `hitless lab down`).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// Instances are processes in their own namespaces and cgroups.
+    Process,
+    /// Instances are QEMU virtual machines booting their own kernel.
+    Qemu,
+}
+
+#[derive(Subcommand, Debug)]
+enum SimCommand {
+    /// Simulate an ISSU, optionally with a fault, and print its timeline.
+    Issu {
+        /// Inject a fault: KIND@STEP.
+        #[arg(long)]
+        fault: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// List every KIND@STEP accepted by --fault.
+        #[arg(long)]
+        list_faults: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// State replication throughput, ack latency and bulk transfer on loopback.
+    Sync {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Build an image directory from a service binary.
+    Build {
+        /// "process" or "vm".
+        #[arg(long, default_value = "process")]
+        kind: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Image name.
+        #[arg(long)]
+        name: String,
+        /// Image version.
+        #[arg(long)]
+        version: String,
+        /// The service binary.
+        #[arg(long)]
+        binary: PathBuf,
+        /// Replicated schema: SERVICE=WRITES:READS[,READS...] (e.g. kvd=2:1,2).
+        #[arg(long)]
+        schema: String,
+    },
+    /// Verify and describe an image directory.
+    Inspect {
+        /// The image directory.
+        dir: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_tracing(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = filter
+        .map(str::to_owned)
+        .or_else(|| std::env::var("HITLESS_LOG").ok())
+        .unwrap_or_else(|| "info".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing(cli.log.as_deref());
+    let result = match cli.command {
+        Command::Agent { config } => ops::agent(&config),
+        Command::Lab { command } => match command {
+            LabCommand::Up(args) => lab::up(&args),
+            LabCommand::Down { dir } => lab::down(&dir),
+            LabCommand::Status { dir, json } => lab::status(&dir, json),
+            LabCommand::Issu(args) => lab::issu(&args),
+        },
+        Command::Status { api, json } => ops::status(&api, json),
+        Command::Upgrade { to, api } => ops::upgrade(&api, &to),
+        Command::Abort { api } => ops::operator(&api, "abort"),
+        Command::Rollback { api } => ops::operator(&api, "rollback"),
+        Command::Commit { api } => ops::operator(&api, "commit"),
+        Command::Sim { command } => match command {
+            SimCommand::Issu {
+                fault,
+                json,
+                list_faults,
+            } => sim::run(fault, json, list_faults),
+        },
+        Command::Bench { command } => match command {
+            BenchCommand::Sync { json } => bench::run_sync(json),
+        },
+        Command::Image { command } => match command {
+            ImageCommand::Build {
+                kind,
+                out,
+                name,
+                version,
+                binary,
+                schema,
+            } => image_cmd::build(&kind, &out, &name, &version, &binary, &schema),
+            ImageCommand::Inspect { dir, json } => image_cmd::inspect(&dir, json),
+        },
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
