@@ -165,7 +165,8 @@ pub struct Status {
     pub digest_matched: bool,
     /// Sequence of the last digest comparison.
     pub digest_seq: Seq,
-    /// Standby: attached, bulk done, digest matched, lag within the bound.
+    /// Standby: attached, bulk done, digest matched, lag within the bound and
+    /// the active counts it as in sync (for synchronous acknowledgements).
     /// Active: true (an active is in control of its state).
     pub ready: bool,
     /// Active: new mutations are held by a quiesce.
@@ -276,6 +277,8 @@ struct Link {
     native_version: SchemaVersion,
     core: LinkCore,
     out: Mutex<Outbox>,
+    /// Epoch the standby confirmed its promotion at (0: none).
+    promoted: AtomicU64,
 }
 
 impl Link {
@@ -324,7 +327,6 @@ struct LinkState {
     in_sync: bool,
     digest_matched: bool,
     digest_seq: Seq,
-    promoted: Option<Epoch>,
 }
 
 /// Standby side of a link to an active.
@@ -351,6 +353,8 @@ struct FollowState {
     bulk_done: bool,
     digest_matched: bool,
     digest_seq: Seq,
+    /// The active reported this standby in sync (counting for sync acks).
+    in_sync: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -940,8 +944,14 @@ impl Replica {
             };
             return refuse(&mut conn, 0, e);
         }
-        if peer_epoch > self.epoch() {
+        let my_epoch = self.epoch();
+        if peer_epoch > my_epoch {
             self.fence(peer_epoch);
+            let e = SyncError::Fenced {
+                current: my_epoch,
+                newer: peer_epoch,
+            };
+            return refuse(&mut conn, peer_epoch, e);
         }
         let stream_version = match negotiate(
             schema.service(),
@@ -997,6 +1007,7 @@ impl Replica {
                 writing: true,
                 writer: None,
             }),
+            promoted: AtomicU64::new(0),
         });
         // Consistent snapshot: everything after snap_seq is queued to the link.
         let snapshot = st.store.clone();
@@ -1009,7 +1020,6 @@ impl Replica {
             in_sync: false,
             digest_matched: false,
             digest_seq: 0,
-            promoted: None,
         });
         drop(st);
         info!(service = schema.service(), standby = %node, stream_version, snap_seq, "standby attached");
@@ -1194,12 +1204,12 @@ impl Replica {
                         warn!(standby = %link.node, seq, "standby digest mismatch");
                     }
                     self.inner.cond.notify_all();
+                    // Tell the standby at once that it now counts as in sync.
+                    self.heartbeat_to(link);
                 }
                 FrameType::PromoteAck => {
-                    let mut st = self.state();
-                    if let Some(l) = st.links.iter_mut().find(|l| l.link.id == link.id) {
-                        l.promoted = Some(f.epoch);
-                    }
+                    link.promoted.store(f.epoch, Ordering::SeqCst);
+                    let st = self.state();
                     drop(st);
                     self.inner.cond.notify_all();
                     return Ok(());
@@ -1220,6 +1230,23 @@ impl Replica {
         }
     }
 
+    /// Queues a heartbeat to a standby: the active's seq, the standby's lag
+    /// as seen here, and whether the standby counts as in sync.
+    fn heartbeat_to(&self, link: &Link) {
+        let (epoch, seq, lag, in_sync) = {
+            let st = self.state();
+            let l = st.links.iter().find(|l| l.link.id == link.id);
+            let lag = l.map_or(0, |l| st.seq.saturating_sub(l.acked));
+            (st.epoch, st.seq, lag, l.is_some_and(|l| l.in_sync))
+        };
+        let mut payload = lag.to_le_bytes().to_vec();
+        payload.push(in_sync as u8);
+        let hb = wire::encode_frame(FrameType::Heartbeat, epoch, seq, &payload);
+        if link.push(&hb, self.inner.config.max_queue_bytes) {
+            link.flush();
+        }
+    }
+
     fn tick_active(&self, link: &Link) {
         let cfg = &self.inner.config;
         while link.core.sleep(cfg.heartbeat) {
@@ -1228,19 +1255,7 @@ impl Replica {
                 link.core.close();
                 break;
             }
-            let (epoch, seq, lag) = {
-                let st = self.state();
-                let lag = st
-                    .links
-                    .iter()
-                    .find(|l| l.link.id == link.id)
-                    .map_or(0, |l| st.seq.saturating_sub(l.acked));
-                (st.epoch, st.seq, lag)
-            };
-            let hb = wire::encode_frame(FrameType::Heartbeat, epoch, seq, &lag.to_le_bytes());
-            if link.push(&hb, cfg.max_queue_bytes) {
-                link.flush();
-            }
+            self.heartbeat_to(link);
         }
     }
 
@@ -1335,6 +1350,7 @@ impl Replica {
                 bulk_done: false,
                 digest_matched: false,
                 digest_seq: 0,
+                in_sync: false,
             });
         }
         let me = self.clone();
@@ -1637,15 +1653,17 @@ impl Replica {
                     link.send(&Control::DigestResult { seq, matched }.encode(f.epoch, seq))?;
                 }
                 FrameType::Heartbeat => {
-                    let lag = if f.payload.len() == 8 {
-                        u64::from_le_bytes(f.payload[..].try_into().expect("8 bytes"))
-                    } else {
-                        0
-                    };
+                    if f.payload.len() != 9 {
+                        return Err(SyncError::Protocol(
+                            "heartbeat payload is not 9 bytes".into(),
+                        ));
+                    }
+                    let lag = u64::from_le_bytes(f.payload[..8].try_into().expect("8 bytes"));
                     let mut st = self.state();
                     if let Some(fs) = st.follow.as_mut() {
                         fs.active_seq = fs.active_seq.max(f.seq);
                         fs.reported_lag = lag;
+                        fs.in_sync = f.payload[8] == 1;
                     }
                     drop(st);
                     self.inner.cond.notify_all();
@@ -1887,8 +1905,11 @@ impl Replica {
         link.flush();
         let mut st = self.state();
         let result = loop {
+            if link.promoted.load(Ordering::SeqCst) == new_epoch {
+                break Ok(new_epoch);
+            }
             match st.links.iter().find(|l| l.link.id == link.id) {
-                Some(l) if l.promoted == Some(new_epoch) => break Ok(new_epoch),
+                Some(_) => {}
                 None => {
                     break Err(SyncError::Protocol(
                         "the switchover target closed the link before confirming its promotion"
@@ -2028,7 +2049,7 @@ impl Replica {
                         f.bulk_done,
                         f.digest_matched,
                         f.digest_seq,
-                        f.bulk_done && f.digest_matched && lag <= cfg.ready_lag,
+                        f.bulk_done && f.in_sync && f.digest_matched && lag <= cfg.ready_lag,
                     )
                 }
                 (_, Role::Active) => (
