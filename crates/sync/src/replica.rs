@@ -1908,15 +1908,10 @@ impl Replica {
             if link.promoted.load(Ordering::SeqCst) == new_epoch {
                 break Ok(new_epoch);
             }
-            match st.links.iter().find(|l| l.link.id == link.id) {
-                Some(_) => {}
-                None => {
-                    break Err(SyncError::Protocol(
-                        "the switchover target closed the link before confirming its promotion"
-                            .into(),
-                    ))
-                }
-                _ => {}
+            if !st.links.iter().any(|l| l.link.id == link.id) {
+                break Err(SyncError::Protocol(
+                    "the switchover target closed the link before confirming its promotion".into(),
+                ));
             }
             let now = Instant::now();
             if now >= deadline {
