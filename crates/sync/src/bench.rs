@@ -32,7 +32,7 @@ pub struct BenchConfig {
 impl Default for BenchConfig {
     fn default() -> Self {
         BenchConfig {
-            mutations: 4_000_000,
+            mutations: 2_000_000,
             batch: 1024,
             key_len: 16,
             value_len: 16,
@@ -144,7 +144,7 @@ fn throughput(cfg: &BenchConfig, n: usize) -> Result<f64, SyncError> {
     if std::env::var_os("HITLESS_BENCH_TRACE").is_some() {
         eprintln!("submitted in {:?}", start.elapsed());
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(300);
     while a
         .status()
         .standbys
@@ -155,7 +155,7 @@ fn throughput(cfg: &BenchConfig, n: usize) -> Result<f64, SyncError> {
     {
         if Instant::now() > deadline {
             return Err(SyncError::Timeout(
-                Duration::from_secs(60),
+                Duration::from_secs(300),
                 "standbys to acknowledge",
             ));
         }
