@@ -860,7 +860,12 @@ impl Sim {
                     crate::engine::Report::Stuck(s) => {
                         format!("stuck: {} (resume with {})", s.reason, s.resume_with)
                     }
-                    crate::engine::Report::Finished(o) => format!("finished: {o:?}"),
+                    crate::engine::Report::Finished(Outcome::Committed { version }) => {
+                        format!("finished: committed {version}")
+                    }
+                    crate::engine::Report::Finished(Outcome::RolledBack { version, reason }) => {
+                        format!("finished: rolled back to {version} ({reason})")
+                    }
                     crate::engine::Report::ControlMoved { to, epoch, version } => {
                         format!("control -> {to} ({version}) at {epoch}")
                     }
