@@ -4,13 +4,15 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
+use crate::hash::FastState;
+
 use crate::{Digest, Record, Schema, SchemaVersion, TransformError};
 
 /// One table of replicated state. Keys and values are reference-counted
 /// [`Bytes`], so a consistent snapshot for a bulk transfer is a cheap clone.
 #[derive(Clone, Debug, Default)]
 pub struct Table {
-    map: HashMap<Bytes, Bytes>,
+    map: HashMap<Bytes, Bytes, FastState>,
 }
 
 impl Table {
@@ -65,6 +67,11 @@ impl Store {
             .iter_mut()
             .find(|(n, _)| n == name)
             .map(|(_, t)| t)
+    }
+
+    /// Index of table `name` in declaration order.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.tables.iter().position(|(n, _)| n == name)
     }
 
     pub fn table(&self, name: &str) -> Option<&Table> {
