@@ -155,6 +155,27 @@ mod tests {
     }
 
     #[test]
+    fn counter_keys_spread_over_buckets_and_tags() {
+        // Keys that differ only in a big-endian counter at the end.
+        let s = FastState::new();
+        let n = 1usize << 16;
+        let mut buckets = vec![0u32; n];
+        let mut tags = [0u32; 128];
+        for i in 0..n as u64 {
+            let mut k = [b'k'; 16];
+            k[8..].copy_from_slice(&i.to_be_bytes());
+            let x = h(&s, &k);
+            buckets[x as usize & (n - 1)] += 1;
+            tags[(x >> 57) as usize] += 1;
+        }
+        // n draws over n buckets leave about 1/e of them empty.
+        let empty = buckets.iter().filter(|&&c| c == 0).count() as f64 / n as f64;
+        assert!((0.34..0.40).contains(&empty), "{empty}");
+        let (lo, hi) = (tags.iter().min().unwrap(), tags.iter().max().unwrap());
+        assert!(*lo > 350 && *hi < 680, "{lo}..{hi}");
+    }
+
+    #[test]
     fn nearby_keys_do_not_collide_and_spread_over_low_bits() {
         let s = FastState::new();
         let mut all = HashSet::new();

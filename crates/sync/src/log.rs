@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::{Epoch, Seq};
 
@@ -30,7 +30,13 @@ pub(crate) struct ResumeLog {
     bytes: usize,
     max_bytes: usize,
     max_batches: usize,
+    /// Bodies are copied into large shared blocks: one allocation per block
+    /// rather than one per batch.
+    arena: BytesMut,
 }
+
+/// Size of an arena block.
+const ARENA_BLOCK: usize = 1 << 20;
 
 /// Bytes a log entry is charged for besides its body.
 const ENTRY_OVERHEAD: usize = 64;
@@ -44,7 +50,25 @@ impl ResumeLog {
             bytes: 0,
             max_bytes,
             max_batches,
+            arena: BytesMut::new(),
         }
+    }
+
+    /// True if the log keeps nothing (resuming disabled).
+    pub fn disabled(&self) -> bool {
+        self.max_batches == 0 || self.max_bytes == 0
+    }
+
+    /// Copies `body` into the arena.
+    pub fn copy_body(&mut self, body: &[u8]) -> Bytes {
+        if body.len() >= ARENA_BLOCK / 4 {
+            return Bytes::copy_from_slice(body);
+        }
+        if self.arena.capacity() - self.arena.len() < body.len() {
+            self.arena = BytesMut::with_capacity(ARENA_BLOCK);
+        }
+        self.arena.extend_from_slice(body);
+        self.arena.split().freeze()
     }
 
     /// Forgets every entry: the log starts after `(seq, epoch)`.

@@ -823,11 +823,16 @@ impl Replica {
         st.last_epoch = epoch;
         let bytes = scratch.as_bytes();
         let native = &bytes[frames[0].1.clone()];
+        let body = if st.log.disabled() {
+            Bytes::new()
+        } else {
+            st.log.copy_body(&native[wire::HEADER_LEN + 8..])
+        };
         st.log.push(LogEntry {
             first,
             last,
             epoch,
-            body: Bytes::copy_from_slice(&native[wire::HEADER_LEN + 8..]),
+            body,
         });
         let mut targets: Vec<Arc<Link>> = Vec::with_capacity(st.links.len());
         for l in &st.links {
@@ -1694,7 +1699,7 @@ impl Replica {
         let native = self.inner.schema.version();
         let (conv, log_body) = if sv == native {
             self.check_native_tables(&body)?;
-            (None, Bytes::copy_from_slice(raw))
+            (None, None)
         } else {
             let conv = self.to_native(body.iter(), sv)?;
             let mut nb = Vec::with_capacity(raw.len() + 16);
@@ -1709,7 +1714,7 @@ impl Replica {
                 count += 1;
             }
             nb[..4].copy_from_slice(&count.to_le_bytes());
-            (Some(conv), Bytes::from(nb))
+            (Some(conv), Some(Bytes::from(nb)))
         };
         let mut st = self.state();
         if first != st.seq + 1 {
@@ -1743,11 +1748,16 @@ impl Replica {
         }
         st.seq = last;
         st.last_epoch = origin;
+        let body = match log_body {
+            _ if st.log.disabled() => Bytes::new(),
+            Some(b) => b,
+            None => st.log.copy_body(raw),
+        };
         st.log.push(LogEntry {
             first,
             last,
             epoch: origin,
-            body: log_body,
+            body,
         });
         if let Some(fs) = st.follow.as_mut() {
             fs.active_seq = fs.active_seq.max(last);
@@ -1820,7 +1830,7 @@ impl Replica {
                         return Err(SyncError::Protocol("bulk chunk out of place".into()));
                     }
                     let body = BatchRef::parse(FrameType::BulkChunk, f.payload)?;
-                    if body.iter().any(|m| m.value.is_none()) {
+                    if body.deletes() > 0 {
                         return Err(SyncError::Protocol("a bulk chunk holds a delete".into()));
                     }
                     *received += body.len() as u64;

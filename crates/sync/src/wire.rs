@@ -571,12 +571,14 @@ pub struct MutationRef<'a> {
     pub value: Option<&'a [u8]>,
 }
 
-/// Parses the mutation at `*pos`; `i` numbers it for messages.
+/// Parses the mutation at `*pos`; `i` numbers it for messages. `prev` is the
+/// previous mutation's table name: a repeated name is not validated again.
 fn parse_mutation<'a>(
     p: &'a [u8],
     pos: &mut usize,
     i: usize,
     kind: FrameType,
+    prev: &mut &'a str,
 ) -> Result<MutationRef<'a>, FrameError> {
     let bad = |reason: String| FrameError::BadPayload { kind, reason };
     let take = |pos: &mut usize, n: usize, what: &str| -> Result<&'a [u8], FrameError> {
@@ -595,8 +597,15 @@ fn parse_mutation<'a>(
         return Err(bad(format!("mutation {i} has unknown op {op}")));
     }
     let tlen = take(pos, 1, "table length")?[0] as usize;
-    let table = std::str::from_utf8(take(pos, tlen, "table name")?)
-        .map_err(|_| bad(format!("mutation {i} has a table name that is not UTF-8")))?;
+    let tb = take(pos, tlen, "table name")?;
+    let table = if tb == prev.as_bytes() {
+        *prev
+    } else {
+        let t = std::str::from_utf8(tb)
+            .map_err(|_| bad(format!("mutation {i} has a table name that is not UTF-8")))?;
+        *prev = t;
+        t
+    };
     let klen = u32::from_le_bytes(take(pos, 4, "key length")?.try_into().expect("4")) as usize;
     if klen > MAX_KEY {
         return Err(bad(format!(
@@ -620,6 +629,7 @@ fn parse_mutation<'a>(
 pub struct BatchRef<'a> {
     body: &'a [u8],
     count: usize,
+    deletes: usize,
     kind: FrameType,
 }
 
@@ -640,8 +650,15 @@ impl<'a> BatchRef<'a> {
             )));
         }
         let mut pos = 4usize;
+        let mut prev = "";
+        let mut deletes = 0;
         for i in 0..count {
-            parse_mutation(payload, &mut pos, i, kind)?;
+            if parse_mutation(payload, &mut pos, i, kind, &mut prev)?
+                .value
+                .is_none()
+            {
+                deletes += 1;
+            }
         }
         if pos != payload.len() {
             return Err(bad(format!(
@@ -652,6 +669,7 @@ impl<'a> BatchRef<'a> {
         Ok(BatchRef {
             body: payload,
             count,
+            deletes,
             kind,
         })
     }
@@ -659,6 +677,11 @@ impl<'a> BatchRef<'a> {
     /// Number of mutations.
     pub fn len(&self) -> usize {
         self.count
+    }
+
+    /// Number of deletes among the mutations.
+    pub fn deletes(&self) -> usize {
+        self.deletes
     }
 
     /// True if the body holds no mutation.
@@ -670,8 +693,10 @@ impl<'a> BatchRef<'a> {
     pub fn iter(&self) -> impl Iterator<Item = MutationRef<'a>> + 'a {
         let (body, kind) = (self.body, self.kind);
         let mut pos = 4usize;
+        let mut prev = "";
         (0..self.count).map(move |i| {
-            parse_mutation(body, &mut pos, i, kind).expect("validated by BatchRef::parse")
+            parse_mutation(body, &mut pos, i, kind, &mut prev)
+                .expect("validated by BatchRef::parse")
         })
     }
 }
