@@ -18,11 +18,13 @@ fn main() {
         Some("throughput3") => {
             bench::throughput(&cfg, 3).map(|(r, c)| format!("{r:.0}/s {c:.2}s CPU"))
         }
-        Some("ack") => bench::ack_latency(&cfg).map(|l| {
+        Some("ack") => bench::ack_latency(&cfg).map(|(l, r)| {
             format!(
-                "p50 {:.1} p99 {:.1} us",
+                "ack p50 {:.1} p99 {:.1} us, rtt p50 {:.1} p99 {:.1} us",
                 l[l.len() / 2],
-                l[l.len() * 99 / 100]
+                l[l.len() * 99 / 100],
+                r[r.len() / 2],
+                r[r.len() * 99 / 100]
             )
         }),
         Some("bulk") => {

@@ -25,7 +25,8 @@ pub struct BenchConfig {
     pub bulk_bytes: u64,
     /// Value size of the bulk state's records.
     pub bulk_value_len: usize,
-    /// Loopback round-trip samples.
+    /// Loopback round-trip samples of [`loopback_rtt`] (the report's RTT
+    /// figures come from [`ack_latency`], interleaved with the ack samples).
     pub rtt_samples: usize,
 }
 
@@ -76,7 +77,8 @@ pub struct BenchReport {
     pub bulk_mib_per_s: f64,
     /// Bulk state size in MiB.
     pub bulk_mib: f64,
-    /// Loopback TCP round trip p50 (µs), measured in the same run.
+    /// Loopback TCP round trip p50 (µs), measured in the same run,
+    /// interleaved with the ack samples.
     pub loopback_rtt_p50_us: f64,
     /// Loopback TCP round trip p99 (µs).
     pub loopback_rtt_p99_us: f64,
@@ -283,25 +285,97 @@ pub fn throughput(cfg: &BenchConfig, n: usize) -> Result<(f64, f64), SyncError> 
     Ok((cfg.mutations as f64 / secs, cpu.max(0.0)))
 }
 
-/// Synchronous-mode latency of one-mutation applies, in microseconds, sorted.
-pub fn ack_latency(cfg: &BenchConfig) -> Result<Vec<f64>, SyncError> {
+/// Synchronous-mode latency of one-mutation applies, in microseconds,
+/// sorted, and loopback round trips of a 32-byte message interleaved with
+/// them (one of each per round, so both see the same machine load).
+pub fn ack_latency(cfg: &BenchConfig) -> Result<(Vec<f64>, Vec<f64>), SyncError> {
     let (a, _h, standbys) = pair(1, Durability::Sync)?;
     let value = vec![b'v'; cfg.value_len];
+    let mut echo = Echo::start()?;
     let mut lat = Vec::with_capacity(cfg.ack_samples);
+    let mut rtt = Vec::with_capacity(cfg.ack_samples);
     for i in 0..cfg.ack_samples as u64 + 200 {
         let m = vec![Mutation::put("kv", key(i, cfg.key_len), value.clone())];
         let t = Instant::now();
         a.apply(m)?;
+        let ack = t.elapsed().as_secs_f64() * 1e6;
+        let r = echo.round_trip()?;
         if i >= 200 {
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
+            lat.push(ack);
+            rtt.push(r);
         }
     }
+    echo.stop();
     a.shutdown();
     for s in standbys {
         s.shutdown();
     }
     lat.sort_by(f64::total_cmp);
-    Ok(lat)
+    rtt.sort_by(f64::total_cmp);
+    Ok((lat, rtt))
+}
+
+/// A loopback TCP echo of 32-byte messages (`TCP_NODELAY` on both ends).
+struct Echo {
+    client: Option<TcpStream>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    buf: [u8; 32],
+}
+
+impl Echo {
+    fn start() -> Result<Echo, SyncError> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?;
+        let thread = std::thread::spawn(move || -> std::io::Result<()> {
+            let (mut s, _) = l.accept()?;
+            s.set_nodelay(true)?;
+            let mut buf = [0u8; 32];
+            loop {
+                if s.read_exact(&mut buf).is_err() {
+                    return Ok(());
+                }
+                s.write_all(&buf)?;
+            }
+        });
+        let c = TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        Ok(Echo {
+            client: Some(c),
+            thread: Some(thread),
+            buf: [7u8; 32],
+        })
+    }
+
+    /// One round trip, in microseconds.
+    fn round_trip(&mut self) -> Result<f64, SyncError> {
+        let c = self.client.as_mut().expect("running");
+        let t = Instant::now();
+        c.write_all(&self.buf)?;
+        c.read_exact(&mut self.buf)?;
+        Ok(t.elapsed().as_secs_f64() * 1e6)
+    }
+
+    fn stop(&mut self) {
+        self.client.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Loopback TCP round trips of a 32-byte message, microseconds, sorted.
+pub fn loopback_rtt(samples: usize) -> Result<Vec<f64>, SyncError> {
+    let mut echo = Echo::start()?;
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples + 200 {
+        let r = echo.round_trip()?;
+        if i >= 200 {
+            out.push(r);
+        }
+    }
+    echo.stop();
+    out.sort_by(f64::total_cmp);
+    Ok(out)
 }
 
 /// Time for a new standby to receive `bulk_bytes` of state and become ready.
@@ -334,44 +408,10 @@ pub fn bulk(cfg: &BenchConfig) -> Result<(f64, f64, f64), SyncError> {
     Ok((mib / secs, mib, cpu.max(0.0)))
 }
 
-/// Loopback TCP round trips of a 32-byte message, microseconds, sorted.
-pub fn loopback_rtt(samples: usize) -> Result<Vec<f64>, SyncError> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = l.accept()?;
-        s.set_nodelay(true)?;
-        let mut buf = [0u8; 32];
-        loop {
-            if s.read_exact(&mut buf).is_err() {
-                return Ok(());
-            }
-            s.write_all(&buf)?;
-        }
-    });
-    let mut c = TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    let mut buf = [7u8; 32];
-    let mut out = Vec::with_capacity(samples);
-    for i in 0..samples + 200 {
-        let t = Instant::now();
-        c.write_all(&buf)?;
-        c.read_exact(&mut buf)?;
-        if i >= 200 {
-            out.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    drop(c);
-    let _ = echo.join();
-    out.sort_by(f64::total_cmp);
-    Ok(out)
-}
-
 /// Runs the benchmark.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, SyncError> {
     let load_avg_start = load_avg();
-    let rtt = loopback_rtt(cfg.rtt_samples)?;
-    let ack = ack_latency(cfg)?;
+    let (ack, rtt) = ack_latency(cfg)?;
     let (m1, cpu1) = throughput(cfg, 1)?;
     let (m3, cpu3) = throughput(cfg, 3)?;
     let (bulk_rate, bulk_mib, cpub) = bulk(cfg)?;

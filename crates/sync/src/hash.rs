@@ -51,6 +51,14 @@ impl FastState {
         FastState { k0, k1 }
     }
 
+    /// Hash of a byte string (its length is mixed in).
+    #[inline]
+    pub fn hash_bytes(&self, b: &[u8]) -> u64 {
+        let mut h = self.build_hasher();
+        h.write(b);
+        h.finish()
+    }
+
     /// A state with fixed keys (for tests that need repeatable hashes).
     #[cfg(test)]
     pub fn with_keys(k0: u64, k1: u64) -> Self {

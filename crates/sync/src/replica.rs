@@ -906,13 +906,11 @@ impl Replica {
             if Instant::now() < spin_until {
                 let seen = self.inner.acks.load(Ordering::Acquire);
                 drop(st);
-                let mut i = 0u32;
-                while self.inner.acks.load(Ordering::Acquire) == seen {
-                    std::hint::spin_loop();
-                    i = i.wrapping_add(1);
-                    if i & 63 == 0 && Instant::now() >= spin_until {
-                        break;
-                    }
+                // Yielding rather than burning the core: on a busy machine
+                // the threads producing the acknowledgement need it.
+                while self.inner.acks.load(Ordering::Acquire) == seen && Instant::now() < spin_until
+                {
+                    thread::yield_now();
                 }
                 st = self.state();
                 continue;
