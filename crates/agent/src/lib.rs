@@ -1,1 +1,11 @@
-//! placeholder
+//! hitless-agent: the appliance daemon.
+//!
+//! It runs instances through a hypervisor backend, drives the ISSU engine (hitless-core) by
+//! executing its commands and feeding it observations, keeps the engine's journal on disk
+//! and mirrored to the peer appliance, links to the peer agent with heartbeats, serves the
+//! HTTP API used by the CLI, and serves the device's service address (the front).
+
+pub mod config;
+pub mod front;
+pub mod peer;
+pub mod resp;
