@@ -1,17 +1,23 @@
 //! The replica handle: roles, apply, standby attach, follow, fencing, switchover.
 
 use std::fmt;
-use std::io;
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::sync::Arc;
-use std::time::Duration;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
+use tracing::{debug, info, warn};
 
+use crate::schema::negotiate;
+use crate::store::Store;
+use crate::wire::{self, Control, Frame, FrameType, FrameWriter, WireMutation};
 use crate::{
     Conn, Digest, Epoch, Mutation, PreflightFailure, PreflightReport, Record, Schema,
-    SchemaVersion, Seq, SyncError, Table,
+    SchemaVersion, Seq, SyncError, Table, VersionSet,
 };
 
 /// When [`Replica::apply`] returns.
@@ -159,7 +165,8 @@ pub struct Status {
     pub digest_matched: bool,
     /// Sequence of the last digest comparison.
     pub digest_seq: Seq,
-    /// Standby: attached, bulk done, digest matched, lag within the bound.
+    /// Standby: attached, bulk done, digest matched, lag within the bound and
+    /// the active counts it as in sync (for synchronous acknowledgements).
     /// Active: true (an active is in control of its state).
     pub ready: bool,
     /// Active: new mutations are held by a quiesce.
@@ -177,9 +184,181 @@ pub struct Replica {
     inner: Arc<Inner>,
 }
 
+type RoleCallback = Arc<dyn Fn(Role, Epoch) + Send + Sync>;
+
 struct Inner {
     schema: Schema,
     config: ReplicaConfig,
+    state: Mutex<State>,
+    cond: Condvar,
+    next_id: AtomicU64,
+    callbacks: Mutex<Vec<RoleCallback>>,
+}
+
+struct State {
+    role: Role,
+    epoch: Epoch,
+    store: Store,
+    seq: Seq,
+    quiesced: bool,
+    links: Vec<LinkState>,
+    follow: Option<FollowState>,
+    last_error: Option<String>,
+    scratch: FrameWriter,
+}
+
+/// Liveness shared by both ends of a link.
+struct LinkCore {
+    closed: AtomicBool,
+    closer: Option<Arc<dyn Fn() + Send + Sync>>,
+    last_rx: Mutex<Instant>,
+    tick: Mutex<()>,
+    tick_cond: Condvar,
+}
+
+impl LinkCore {
+    fn new(closer: Option<Arc<dyn Fn() + Send + Sync>>) -> Self {
+        LinkCore {
+            closed: AtomicBool::new(false),
+            closer,
+            last_rx: Mutex::new(Instant::now()),
+            tick: Mutex::new(()),
+            tick_cond: Condvar::new(),
+        }
+    }
+
+    fn close(&self) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            if let Some(c) = &self.closer {
+                c();
+            }
+            let _g = lock(&self.tick);
+            self.tick_cond.notify_all();
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn touch(&self) {
+        *lock(&self.last_rx) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        lock(&self.last_rx).elapsed()
+    }
+
+    /// Sleeps up to `d` unless the link closes; returns false once closed.
+    fn sleep(&self, d: Duration) -> bool {
+        let g = lock(&self.tick);
+        if self.is_closed() {
+            return false;
+        }
+        let _ = self.tick_cond.wait_timeout(g, d);
+        !self.is_closed()
+    }
+}
+
+struct Outbox {
+    buf: Vec<u8>,
+    spare: Vec<u8>,
+    writing: bool,
+    writer: Option<Box<dyn Write + Send>>,
+}
+
+/// Active side of a link to one standby.
+struct Link {
+    id: u64,
+    node: String,
+    peer: String,
+    ha: bool,
+    stream_version: SchemaVersion,
+    native_version: SchemaVersion,
+    core: LinkCore,
+    out: Mutex<Outbox>,
+    /// Epoch the standby confirmed its promotion at (0: none).
+    promoted: AtomicU64,
+}
+
+impl Link {
+    /// Appends encoded frames; returns false if the queue bound is exceeded.
+    fn push(&self, bytes: &[u8], max: usize) -> bool {
+        let mut ob = lock(&self.out);
+        ob.buf.extend_from_slice(bytes);
+        ob.buf.len() <= max
+    }
+
+    /// Writes queued frames unless another thread is writing (it will pick
+    /// them up). The caller writes: no thread hop on the ack path.
+    fn flush(&self) {
+        let mut ob = lock(&self.out);
+        while !ob.writing && !ob.buf.is_empty() && !self.core.is_closed() {
+            let Some(mut w) = ob.writer.take() else {
+                return;
+            };
+            let spare = std::mem::take(&mut ob.spare);
+            let mut data = std::mem::replace(&mut ob.buf, spare);
+            ob.writing = true;
+            drop(ob);
+            let r = w.write_all(&data).and_then(|_| w.flush());
+            data.clear();
+            ob = lock(&self.out);
+            ob.writer = Some(w);
+            ob.writing = false;
+            if data.capacity() <= 4 << 20 {
+                ob.spare = data;
+            }
+            if let Err(e) = r {
+                debug!(node = %self.node, error = %e, "write to standby failed");
+                drop(ob);
+                self.core.close();
+                return;
+            }
+        }
+    }
+}
+
+struct LinkState {
+    link: Arc<Link>,
+    snap_seq: Seq,
+    acked: Seq,
+    bulk_done: bool,
+    in_sync: bool,
+    digest_matched: bool,
+    digest_seq: Seq,
+}
+
+/// Standby side of a link to an active.
+struct FLink {
+    id: u64,
+    core: LinkCore,
+    writer: Mutex<Box<dyn Write + Send>>,
+    result: Mutex<Option<Result<(), String>>>,
+}
+
+impl FLink {
+    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut w = lock(&self.writer);
+        w.write_all(bytes)?;
+        w.flush()
+    }
+}
+
+struct FollowState {
+    link: Arc<FLink>,
+    stream_version: SchemaVersion,
+    active_seq: Seq,
+    reported_lag: u64,
+    bulk_done: bool,
+    digest_matched: bool,
+    digest_seq: Seq,
+    /// The active reported this standby in sync (counting for sync acks).
+    in_sync: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl fmt::Debug for Replica {
@@ -195,6 +374,8 @@ impl fmt::Debug for Replica {
 #[derive(Debug)]
 pub struct ServeHandle {
     addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
 }
 
 impl ServeHandle {
@@ -204,37 +385,178 @@ impl ServeHandle {
     }
 
     /// Stops accepting (attached standbys stay attached).
-    pub fn stop(self) {
-        todo!()
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
-/// A running standby link; stops when [`FollowHandle::stop`] is called.
+impl Drop for ServeHandle {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// A running standby link. Dropping the handle leaves the link running;
+/// [`FollowHandle::stop`] ends it.
 #[derive(Debug)]
-pub struct FollowHandle {}
+pub struct FollowHandle {
+    link: Arc<FLink>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl fmt::Debug for FLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FLink").field("id", &self.id).finish()
+    }
+}
 
 impl FollowHandle {
     /// True once the link ended (error, stop, promotion or fencing).
     pub fn is_finished(&self) -> bool {
-        todo!()
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Closes the link and waits for it to end.
-    pub fn stop(self) {
-        todo!()
+    pub fn stop(mut self) {
+        self.link.core.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 
-    /// Waits for the link to end; returns the error that ended it, if any.
-    pub fn join(self) -> Result<(), SyncError> {
-        todo!()
+    /// Waits for the link to end; returns the error that ended it, if any
+    /// (as [`SyncError::Protocol`] carrying the original message).
+    pub fn join(mut self) -> Result<(), SyncError> {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        match lock(&self.link.result).take() {
+            Some(Err(e)) => Err(SyncError::Protocol(e)),
+            _ => Ok(()),
+        }
     }
 }
 
 /// Serves standbys of several replicated services on one listener: each
 /// connection is routed to the replica whose service its hello names.
 pub fn serve(listener: TcpListener, replicas: Vec<Replica>) -> io::Result<ServeHandle> {
-    let _ = (listener, replicas);
-    todo!()
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = thread::Builder::new()
+        .name("sync-accept".into())
+        .spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        let replicas = replicas.clone();
+                        let _ =
+                            thread::Builder::new()
+                                .name("sync-handshake".into())
+                                .spawn(move || {
+                                    if let Err(e) = accept_one(stream, &replicas) {
+                                        debug!(%peer, error = %e, "standby connection refused");
+                                    }
+                                });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        })?;
+    Ok(ServeHandle {
+        addr,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn accept_one(stream: TcpStream, replicas: &[Replica]) -> Result<(), SyncError> {
+    stream.set_nonblocking(false)?;
+    let timeout = replicas
+        .first()
+        .map_or(Duration::from_secs(5), |r| r.inner.config.ack_timeout);
+    stream.set_read_timeout(Some(timeout))?;
+    let mut conn = Conn::tcp(stream.try_clone()?)?;
+    let hello = read_hello(&mut conn)?;
+    let Control::Hello { service, .. } = &hello else {
+        unreachable!()
+    };
+    let Some(r) = replicas
+        .iter()
+        .find(|r| r.inner.schema.service() == service)
+    else {
+        let reason = format!("service {service} is not served here");
+        let _ = conn.writer.write_all(
+            &Control::Refuse {
+                reason: reason.clone(),
+            }
+            .encode(0, 0),
+        );
+        return Err(SyncError::Refused(reason));
+    };
+    stream.set_read_timeout(None)?;
+    r.attach_hello(conn, hello)
+}
+
+fn read_hello(conn: &mut Conn) -> Result<Control, SyncError> {
+    let f = wire::read_frame(&mut conn.reader)?.ok_or_else(|| {
+        SyncError::Protocol("the standby closed the connection before its hello".into())
+    })?;
+    if f.kind != FrameType::Hello {
+        return Err(SyncError::Protocol(format!(
+            "expected a hello, got {:?}",
+            f.kind
+        )));
+    }
+    Ok(Control::decode(&f)?)
+}
+
+/// Calls `closer` unless disarmed within `timeout`: bounds handshakes on
+/// streams without read timeouts.
+struct Watchdog {
+    tx: Option<mpsc::Sender<()>>,
+}
+
+impl Watchdog {
+    fn arm(closer: Option<Arc<dyn Fn() + Send + Sync>>, timeout: Duration) -> Watchdog {
+        let (tx, rx) = mpsc::channel::<()>();
+        if let Some(c) = closer {
+            let _ = thread::Builder::new()
+                .name("sync-watchdog".into())
+                .spawn(move || {
+                    if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
+                        c();
+                    }
+                });
+        }
+        Watchdog { tx: Some(tx) }
+    }
+
+    fn disarm(mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+enum Converted {
+    Put(String, Vec<u8>, Vec<u8>),
+    Delete(String, Vec<u8>),
+    Dropped,
 }
 
 impl Replica {
@@ -242,8 +564,26 @@ impl Replica {
     /// 0 with empty tables. Make it active with [`Replica::activate`] or
     /// attach it to an active with [`Replica::follow`].
     pub fn new(schema: Schema, config: ReplicaConfig) -> Replica {
+        let store = Store::new(schema.tables());
         Replica {
-            inner: Arc::new(Inner { schema, config }),
+            inner: Arc::new(Inner {
+                schema,
+                config,
+                state: Mutex::new(State {
+                    role: Role::Standby,
+                    epoch: 0,
+                    store,
+                    seq: 0,
+                    quiesced: false,
+                    links: Vec::new(),
+                    follow: None,
+                    last_error: None,
+                    scratch: FrameWriter::new(),
+                }),
+                cond: Condvar::new(),
+                next_id: AtomicU64::new(1),
+                callbacks: Mutex::new(Vec::new()),
+            }),
         }
     }
 
@@ -257,21 +597,57 @@ impl Replica {
         &self.inner.config
     }
 
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.inner.state)
+    }
+
+    fn notify_role(&self, role: Role, epoch: Epoch) {
+        let cbs: Vec<RoleCallback> = lock(&self.inner.callbacks).clone();
+        for cb in cbs {
+            cb(role, epoch);
+        }
+    }
+
     /// Takes control at `epoch` (which must be at least the highest epoch
     /// known), keeping the current state: first start, or failover of a
     /// standby whose active died. Stops following, if following.
     pub fn activate(&self, epoch: Epoch) -> Result<(), SyncError> {
-        let _ = epoch;
-        todo!()
+        let mut st = self.state();
+        match st.role {
+            Role::Stopped => return Err(SyncError::Shutdown),
+            Role::Active if st.epoch == epoch => return Ok(()),
+            _ => {}
+        }
+        if epoch < st.epoch {
+            return Err(SyncError::StaleEpoch {
+                frame: epoch,
+                current: st.epoch,
+            });
+        }
+        if let Some(f) = st.follow.take() {
+            f.link.core.close();
+        }
+        for l in st.links.drain(..) {
+            l.link.core.close();
+        }
+        st.role = Role::Active;
+        st.epoch = epoch;
+        st.quiesced = false;
+        drop(st);
+        self.inner.cond.notify_all();
+        info!(service = self.inner.schema.service(), epoch, "active");
+        self.notify_role(Role::Active, epoch);
+        Ok(())
     }
 
     /// Applies `mutations` atomically as one batch, gives them consecutive
     /// sequence numbers, streams them to every standby and returns once they
     /// are durable per the durability mode. Fails, applying nothing, if this
-    /// instance is not active, is fenced, a table is unknown or a mutation is
-    /// too large. In synchronous mode an error after the local apply (ack
-    /// timeout, fencing) means "not acknowledged": the batch may or may not
-    /// survive a failover.
+    /// instance is not active, is fenced, a table is unknown, a mutation is
+    /// too large or a transform to a standby's stream version fails. A batch
+    /// must fit one frame ([`wire::MAX_PAYLOAD`]). In synchronous mode an
+    /// error after the local apply (ack timeout, fencing) means "not
+    /// acknowledged": the batch may or may not survive a failover.
     pub fn apply(&self, mutations: Vec<Mutation>) -> Result<AckToken, SyncError> {
         let t = self.submit(mutations)?;
         self.wait_durable(t)?;
@@ -282,49 +658,240 @@ impl Replica {
     /// locally and queued to standbys, without waiting for acknowledgements
     /// (pipelining: pass the token to [`Replica::wait_durable`] later).
     pub fn submit(&self, mutations: Vec<Mutation>) -> Result<AckToken, SyncError> {
-        let _ = mutations;
-        todo!()
+        let schema = &self.inner.schema;
+        let cfg = &self.inner.config;
+        for m in &mutations {
+            wire::check_mutation(m)?;
+            if !schema.has_table(schema.version(), m.table()) {
+                return Err(SyncError::UnknownTable {
+                    service: schema.service().into(),
+                    version: schema.version(),
+                    table: m.table().into(),
+                });
+            }
+        }
+        let deadline = Instant::now() + cfg.ack_timeout;
+        let mut st = self.state();
+        // Quiesce and asynchronous lag bound: wait, bounded.
+        loop {
+            if st.role != Role::Active {
+                return Err(not_active(&st));
+            }
+            if st.quiesced {
+                st = self.wait_until(st, deadline, "the quiesce to end")?;
+                continue;
+            }
+            if let Durability::Async { max_lag } = cfg.durability {
+                let lag = st
+                    .links
+                    .iter()
+                    .filter(|l| l.link.ha && l.in_sync && !l.link.core.is_closed())
+                    .map(|l| st.seq.saturating_sub(l.acked))
+                    .max()
+                    .unwrap_or(0);
+                if lag > max_lag {
+                    if Instant::now() >= deadline {
+                        return Err(SyncError::LagExceeded {
+                            lag,
+                            bound: max_lag,
+                        });
+                    }
+                    st = self
+                        .wait_until(st, deadline, "the standby lag to shrink")
+                        .map_err(|_| SyncError::LagExceeded {
+                            lag,
+                            bound: max_lag,
+                        })?;
+                    continue;
+                }
+            }
+            break;
+        }
+        if cfg.min_sync_standbys > 0 {
+            let have = st
+                .links
+                .iter()
+                .filter(|l| l.link.ha && l.in_sync && !l.link.core.is_closed())
+                .count();
+            if have < cfg.min_sync_standbys {
+                return Err(SyncError::NotEnoughStandbys {
+                    have,
+                    need: cfg.min_sync_standbys,
+                });
+            }
+        }
+        if mutations.is_empty() {
+            return Ok(AckToken {
+                seq: st.seq,
+                epoch: st.epoch,
+            });
+        }
+        let first = st.seq + 1;
+        let last = st.seq + mutations.len() as u64;
+        let epoch = st.epoch;
+        // Encode one frame per distinct stream version before touching state,
+        // so a transform failure or an oversized batch applies nothing.
+        let mut versions: Vec<SchemaVersion> = Vec::with_capacity(2);
+        for l in &st.links {
+            if !versions.contains(&l.link.stream_version) {
+                versions.push(l.link.stream_version);
+            }
+        }
+        let mut frames: Vec<(SchemaVersion, std::ops::Range<usize>)> =
+            Vec::with_capacity(versions.len());
+        let mut scratch = std::mem::take(&mut st.scratch);
+        scratch.take();
+        let enc = (|| -> Result<(), SyncError> {
+            for &v in &versions {
+                let start = scratch.len();
+                encode_batch(schema, &mut scratch, epoch, first, last, &mutations, v)?;
+                frames.push((v, start..scratch.len()));
+            }
+            Ok(())
+        })();
+        if let Err(e) = enc {
+            scratch.abort();
+            scratch.take();
+            st.scratch = scratch;
+            return Err(e);
+        }
+        // Apply locally.
+        for m in mutations {
+            match m {
+                Mutation::Put { table, key, value } => {
+                    if let Some(t) = st.store.table_mut(&table) {
+                        t.put(Bytes::from(key), Bytes::from(value));
+                    }
+                }
+                Mutation::Delete { table, key } => {
+                    if let Some(t) = st.store.table_mut(&table) {
+                        t.delete(&key);
+                    }
+                }
+            }
+        }
+        st.seq = last;
+        let bytes = scratch.as_bytes();
+        let mut targets: Vec<Arc<Link>> = Vec::with_capacity(st.links.len());
+        for l in &st.links {
+            let (_, range) = frames
+                .iter()
+                .find(|(v, _)| *v == l.link.stream_version)
+                .expect("encoded for every link version");
+            if !l.link.push(&bytes[range.clone()], cfg.max_queue_bytes) {
+                warn!(node = %l.link.node, "standby queue over its bound: disconnecting it");
+                l.link.core.close();
+            } else {
+                targets.push(l.link.clone());
+            }
+        }
+        scratch.take();
+        st.scratch = scratch;
+        drop(st);
+        for l in targets {
+            l.flush();
+        }
+        Ok(AckToken { seq: last, epoch })
+    }
+
+    fn wait_until<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+        deadline: Instant,
+        what: &'static str,
+    ) -> Result<MutexGuard<'a, State>, SyncError> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(SyncError::Timeout(self.inner.config.ack_timeout, what));
+        }
+        let (g, _) = self
+            .inner
+            .cond
+            .wait_timeout(st, deadline - now)
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(g)
     }
 
     /// Waits until the batch of `token` is durable per the durability mode.
     pub fn wait_durable(&self, token: AckToken) -> Result<(), SyncError> {
-        let _ = token;
-        todo!()
+        let deadline = Instant::now() + self.inner.config.ack_timeout;
+        let mut st = self.state();
+        loop {
+            if st.epoch != token.epoch {
+                return Err(SyncError::Fenced {
+                    current: token.epoch,
+                    newer: st.epoch,
+                });
+            }
+            if st.role != Role::Active {
+                return Err(not_active(&st));
+            }
+            if self.inner.config.durability != Durability::Sync {
+                return Ok(());
+            }
+            let done = st
+                .links
+                .iter()
+                .filter(|l| l.link.ha && l.in_sync && !l.link.core.is_closed())
+                .all(|l| l.acked >= token.seq);
+            if done {
+                return Ok(());
+            }
+            st = self.wait_until(st, deadline, "standby acknowledgements")?;
+        }
     }
 
     /// The value at `key` in `table` (any role).
     pub fn get(&self, table: &str, key: &[u8]) -> Result<Option<Bytes>, SyncError> {
-        let _ = (table, key);
-        todo!()
+        self.with_table(table, |t| t.get(key).cloned())
     }
 
     /// Runs `f` over `table` under the state lock (keep it short).
     pub fn with_table<R>(&self, table: &str, f: impl FnOnce(&Table) -> R) -> Result<R, SyncError> {
-        let _ = (table, f);
-        todo!()
+        let st = self.state();
+        match st.store.table(table) {
+            Some(t) => Ok(f(t)),
+            None => Err(SyncError::UnknownTable {
+                service: self.inner.schema.service().into(),
+                version: self.inner.schema.version(),
+                table: table.into(),
+            }),
+        }
     }
 
     /// A copy of every record, sorted, and the sequence it is consistent at.
     pub fn records(&self) -> (Seq, Vec<Record>) {
-        todo!()
+        let (seq, store) = {
+            let st = self.state();
+            (st.seq, st.store.clone())
+        };
+        let mut r = store.records();
+        r.sort();
+        (seq, r)
     }
 
     /// Digest of the state in the native version and its sequence.
     pub fn digest(&self) -> (Seq, Digest) {
-        todo!()
+        let v = self.inner.schema.version();
+        self.digest_in(v)
+            .expect("no transform runs for the native version")
     }
 
     /// Digest of the state converted to `version`, and its sequence.
     pub fn digest_in(&self, version: SchemaVersion) -> Result<(Seq, Digest), SyncError> {
-        let _ = version;
-        todo!()
+        let (seq, store) = {
+            let st = self.state();
+            (st.seq, st.store.clone())
+        };
+        let d = store.digest_in(&self.inner.schema, self.inner.schema.version(), version)?;
+        Ok((seq, d))
     }
 
     /// Pre-flight: converts a copy of the live state to `target` (and back),
     /// reporting success or the first failing record. Live state is untouched.
     pub fn preflight(&self, target: SchemaVersion) -> Result<PreflightReport, PreflightFailure> {
-        let _ = target;
-        todo!()
+        let (_, records) = self.records();
+        self.inner.schema.preflight(target, records.iter())
     }
 
     /// Serves standbys of this service on `listener` (accept loop thread).
@@ -335,18 +902,831 @@ impl Replica {
     /// Active side: runs the handshake on an accepted connection and attaches
     /// the standby (bulk snapshot, then live stream) without stopping writes.
     /// Returns once the handshake is done; the transfer runs on threads.
-    pub fn attach(&self, conn: Conn) -> Result<(), SyncError> {
-        let _ = conn;
-        todo!()
+    pub fn attach(&self, mut conn: Conn) -> Result<(), SyncError> {
+        let dog = Watchdog::arm(conn.closer.clone(), self.inner.config.ack_timeout);
+        let hello = read_hello(&mut conn);
+        dog.disarm();
+        self.attach_hello(conn, hello?)
+    }
+
+    fn attach_hello(&self, mut conn: Conn, hello: Control) -> Result<(), SyncError> {
+        let Control::Hello {
+            service,
+            node,
+            native,
+            reads,
+            writes,
+            ha,
+            epoch: peer_epoch,
+        } = hello
+        else {
+            return Err(SyncError::Protocol("expected a hello".into()));
+        };
+        let schema = &self.inner.schema;
+        let cfg = &self.inner.config;
+        let refuse = |conn: &mut Conn, epoch: Epoch, err: SyncError| -> Result<(), SyncError> {
+            let _ = conn.writer.write_all(
+                &Control::Refuse {
+                    reason: err.to_string(),
+                }
+                .encode(epoch, 0),
+            );
+            let _ = conn.writer.flush();
+            if let Some(c) = &conn.closer {
+                c();
+            }
+            Err(err)
+        };
+        if service != schema.service() {
+            let e = SyncError::ServiceMismatch {
+                local: schema.service().into(),
+                peer: service,
+            };
+            return refuse(&mut conn, 0, e);
+        }
+        let my_epoch = self.epoch();
+        if peer_epoch > my_epoch {
+            self.fence(peer_epoch);
+            let e = SyncError::Fenced {
+                current: my_epoch,
+                newer: peer_epoch,
+            };
+            return refuse(&mut conn, peer_epoch, e);
+        }
+        let stream_version = match negotiate(
+            schema.service(),
+            schema.version(),
+            &schema.writes(),
+            native,
+            &VersionSet(reads),
+            &VersionSet(writes),
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                let epoch = self.epoch();
+                return refuse(&mut conn, epoch, e);
+            }
+        };
+        let mut st = self.state();
+        if st.role != Role::Active {
+            let (e, epoch) = (not_active(&st), st.epoch);
+            drop(st);
+            return refuse(&mut conn, epoch, e);
+        }
+        st.links.retain(|l| !l.link.core.is_closed());
+        if st.links.len() >= cfg.max_standbys.min(3) {
+            let (n, epoch) = (st.links.len(), st.epoch);
+            drop(st);
+            return refuse(&mut conn, epoch, SyncError::TooManyStandbys(n));
+        }
+        if let Some(old) = st.links.iter().find(|l| l.link.node == node) {
+            // A re-attaching standby replaces its previous link.
+            old.link.core.close();
+        }
+        st.links.retain(|l| l.link.node != node);
+        let epoch = st.epoch;
+        let mut w = conn.writer;
+        let welcome = Control::Welcome {
+            node: cfg.node.clone(),
+            native: schema.version(),
+            stream_version,
+            tables: schema.tables_of(stream_version).to_vec(),
+        }
+        .encode(epoch, st.seq);
+        let link = Arc::new(Link {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            node: node.clone(),
+            peer: conn.peer.clone(),
+            ha,
+            stream_version,
+            native_version: native,
+            core: LinkCore::new(conn.closer.clone()),
+            out: Mutex::new(Outbox {
+                buf: Vec::new(),
+                spare: Vec::new(),
+                writing: true,
+                writer: None,
+            }),
+            promoted: AtomicU64::new(0),
+        });
+        // Consistent snapshot: everything after snap_seq is queued to the link.
+        let snapshot = st.store.clone();
+        let snap_seq = st.seq;
+        st.links.push(LinkState {
+            link: link.clone(),
+            snap_seq,
+            acked: 0,
+            bulk_done: false,
+            in_sync: false,
+            digest_matched: false,
+            digest_seq: 0,
+        });
+        drop(st);
+        info!(service = schema.service(), standby = %node, stream_version, snap_seq, "standby attached");
+        if let Err(e) = w.write_all(&welcome).and_then(|_| w.flush()) {
+            link.core.close();
+            self.drop_link(link.id, Some(e.to_string()));
+            return Err(e.into());
+        }
+        let me = self.clone();
+        let l2 = link.clone();
+        thread::Builder::new()
+            .name("sync-bulk".into())
+            .spawn(move || {
+                let r = me.send_bulk(&l2, w, snapshot, snap_seq, epoch);
+                if let Err(e) = r {
+                    warn!(standby = %l2.node, error = %e, "bulk transfer failed");
+                    l2.core.close();
+                }
+            })?;
+        let me = self.clone();
+        let l2 = link.clone();
+        let mut reader = conn.reader;
+        thread::Builder::new()
+            .name("sync-acks".into())
+            .spawn(move || {
+                let r = me.read_acks(&l2, &mut reader);
+                l2.core.close();
+                me.drop_link(l2.id, r.err().map(|e| e.to_string()));
+            })?;
+        let me = self.clone();
+        thread::Builder::new()
+            .name("sync-tick".into())
+            .spawn(move || me.tick_active(&link))?;
+        Ok(())
+    }
+
+    fn drop_link(&self, id: u64, err: Option<String>) {
+        let mut st = self.state();
+        if let Some(pos) = st.links.iter().position(|l| l.link.id == id) {
+            let l = st.links.remove(pos);
+            info!(standby = %l.link.node, error = ?err, "standby detached");
+            if err.is_some() {
+                st.last_error = err;
+            }
+        }
+        drop(st);
+        self.inner.cond.notify_all();
+    }
+
+    fn send_bulk(
+        &self,
+        link: &Link,
+        mut w: Box<dyn Write + Send>,
+        snapshot: Store,
+        snap_seq: Seq,
+        epoch: Epoch,
+    ) -> Result<(), SyncError> {
+        let schema = &self.inner.schema;
+        let native = schema.version();
+        let sv = link.stream_version;
+        let total = snapshot.len() as u64;
+        let mut fw = FrameWriter::new();
+        let begin = Control::BulkBegin {
+            seq: snap_seq,
+            records: total,
+        };
+        w.write_all(&begin.encode(epoch, snap_seq))?;
+        let mut digest = Digest::default();
+        let mut sent = 0u64;
+        let mut count = 0u32;
+        let flush_at = 1 << 20;
+        for (name, table) in &snapshot.tables {
+            for (k, v) in table.iter() {
+                if link.core.is_closed() {
+                    return Err(SyncError::Shutdown);
+                }
+                let converted;
+                let (tn, kk, vv): (&str, &[u8], &[u8]) = if sv == native {
+                    (name, k, v)
+                } else {
+                    let rec = Record::new(name.clone(), k.to_vec(), v.to_vec());
+                    match schema.convert(&rec, native, sv)? {
+                        Some(r) => {
+                            converted = r;
+                            (&converted.table, &converted.key, &converted.value)
+                        }
+                        None => continue,
+                    }
+                };
+                let need = wire::mutation_len(tn, kk, Some(vv));
+                if fw.is_open() && fw.open_payload_len() + need > wire::TARGET_PAYLOAD {
+                    close_chunk(&mut fw, count);
+                    count = 0;
+                    if fw.len() >= flush_at {
+                        w.write_all(&fw.take())?;
+                    }
+                }
+                if !fw.is_open() {
+                    fw.begin(FrameType::BulkChunk, epoch, snap_seq);
+                    fw.payload().extend_from_slice(&0u32.to_le_bytes());
+                }
+                wire::encode_mutation(fw.payload(), tn, kk, Some(vv));
+                digest.add(tn, kk, vv);
+                count += 1;
+                sent += 1;
+            }
+        }
+        if fw.is_open() {
+            close_chunk(&mut fw, count);
+        }
+        let end = Control::BulkEnd {
+            seq: snap_seq,
+            digest,
+        };
+        let mut tail = fw.take();
+        tail.extend_from_slice(&end.encode(epoch, snap_seq));
+        w.write_all(&tail)?;
+        w.flush()?;
+        debug!(standby = %link.node, records = sent, "bulk sent");
+        // Hand the writer to the live stream and send what queued meanwhile.
+        {
+            let mut ob = lock(&link.out);
+            ob.writer = Some(w);
+            ob.writing = false;
+        }
+        link.flush();
+        Ok(())
+    }
+
+    fn read_acks(&self, link: &Link, reader: &mut Box<dyn Read + Send>) -> Result<(), SyncError> {
+        let mut r = io::BufReader::with_capacity(64 << 10, reader);
+        loop {
+            let Some(f) = wire::read_frame(&mut r)? else {
+                return Err(SyncError::Protocol("the standby closed the link".into()));
+            };
+            link.core.touch();
+            let my_epoch = self.epoch();
+            if f.epoch > my_epoch && f.kind != FrameType::PromoteAck {
+                self.fence(f.epoch);
+                return Err(SyncError::Fenced {
+                    current: my_epoch,
+                    newer: f.epoch,
+                });
+            }
+            match f.kind {
+                FrameType::Ack | FrameType::Heartbeat => {
+                    let mut st = self.state();
+                    let seq_now = st.seq;
+                    if let Some(l) = st.links.iter_mut().find(|l| l.link.id == link.id) {
+                        if f.seq > seq_now {
+                            return Err(SyncError::Protocol(format!(
+                                "standby acknowledged {} beyond the last sequence {seq_now}",
+                                f.seq
+                            )));
+                        }
+                        if f.seq > l.acked {
+                            l.acked = f.seq;
+                        }
+                        if l.bulk_done && !l.in_sync && l.acked >= l.snap_seq {
+                            l.in_sync = true;
+                        }
+                    }
+                    drop(st);
+                    self.inner.cond.notify_all();
+                }
+                FrameType::DigestResult => {
+                    let Control::DigestResult { seq, matched } = Control::decode(&f)? else {
+                        unreachable!()
+                    };
+                    let mut st = self.state();
+                    if let Some(l) = st.links.iter_mut().find(|l| l.link.id == link.id) {
+                        if seq == l.snap_seq && !l.bulk_done {
+                            l.bulk_done = true;
+                            l.acked = l.acked.max(seq);
+                            l.in_sync = true;
+                        }
+                        l.digest_matched = matched;
+                        l.digest_seq = seq;
+                    }
+                    drop(st);
+                    if !matched {
+                        warn!(standby = %link.node, seq, "standby digest mismatch");
+                    }
+                    self.inner.cond.notify_all();
+                    // Tell the standby at once that it now counts as in sync.
+                    self.heartbeat_to(link);
+                }
+                FrameType::PromoteAck => {
+                    link.promoted.store(f.epoch, Ordering::SeqCst);
+                    let st = self.state();
+                    drop(st);
+                    self.inner.cond.notify_all();
+                    return Ok(());
+                }
+                FrameType::Refuse => {
+                    let reason = match Control::decode(&f)? {
+                        Control::Refuse { reason } => reason,
+                        _ => unreachable!(),
+                    };
+                    return Err(SyncError::Refused(reason));
+                }
+                k => {
+                    return Err(SyncError::Protocol(format!(
+                        "unexpected {k:?} frame from a standby"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Queues a heartbeat to a standby: the active's seq, the standby's lag
+    /// as seen here, and whether the standby counts as in sync.
+    fn heartbeat_to(&self, link: &Link) {
+        let (epoch, seq, lag, in_sync) = {
+            let st = self.state();
+            let l = st.links.iter().find(|l| l.link.id == link.id);
+            let lag = l.map_or(0, |l| st.seq.saturating_sub(l.acked));
+            (st.epoch, st.seq, lag, l.is_some_and(|l| l.in_sync))
+        };
+        let mut payload = lag.to_le_bytes().to_vec();
+        payload.push(in_sync as u8);
+        let hb = wire::encode_frame(FrameType::Heartbeat, epoch, seq, &payload);
+        if link.push(&hb, self.inner.config.max_queue_bytes) {
+            link.flush();
+        }
+    }
+
+    fn tick_active(&self, link: &Link) {
+        let cfg = &self.inner.config;
+        while link.core.sleep(cfg.heartbeat) {
+            if link.core.idle_for() > cfg.link_timeout {
+                warn!(standby = %link.node, "standby silent for too long: detaching it");
+                link.core.close();
+                break;
+            }
+            self.heartbeat_to(link);
+        }
     }
 
     /// Standby side: connects to an active over `conn`, announces this
     /// instance's versions (`ha`: designated HA standby), receives the bulk
     /// snapshot and then the live stream. The local state is replaced by the
     /// snapshot. Returns once the handshake is done.
-    pub fn follow(&self, conn: Conn, ha: bool) -> Result<FollowHandle, SyncError> {
-        let _ = (conn, ha);
-        todo!()
+    pub fn follow(&self, mut conn: Conn, ha: bool) -> Result<FollowHandle, SyncError> {
+        let schema = &self.inner.schema;
+        let cfg = &self.inner.config;
+        let my_epoch = {
+            let st = self.state();
+            if st.role != Role::Standby {
+                return Err(SyncError::NotStandby { role: st.role });
+            }
+            if st.follow.as_ref().is_some_and(|f| !f.link.core.is_closed()) {
+                return Err(SyncError::Protocol(
+                    "this standby already follows an active".into(),
+                ));
+            }
+            st.epoch
+        };
+        let hello = Control::Hello {
+            service: schema.service().into(),
+            node: cfg.node.clone(),
+            native: schema.version(),
+            reads: schema.reads().0,
+            writes: schema.writes().0,
+            ha,
+            epoch: my_epoch,
+        };
+        let dog = Watchdog::arm(conn.closer.clone(), cfg.ack_timeout);
+        let welcome = (|| -> Result<(Frame, Control), SyncError> {
+            conn.writer.write_all(&hello.encode(my_epoch, 0))?;
+            conn.writer.flush()?;
+            let f = wire::read_frame(&mut conn.reader)?.ok_or_else(|| {
+                SyncError::Protocol("the active closed the connection during the handshake".into())
+            })?;
+            let c = match f.kind {
+                FrameType::Welcome | FrameType::Refuse => Control::decode(&f)?,
+                k => {
+                    return Err(SyncError::Protocol(format!(
+                        "expected a welcome, got {k:?}"
+                    )))
+                }
+            };
+            Ok((f, c))
+        })();
+        dog.disarm();
+        let (frame, welcome) = welcome.inspect_err(|_| {
+            if let Some(c) = &conn.closer {
+                c();
+            }
+        })?;
+        let stream_version = match welcome {
+            Control::Refuse { reason } => return Err(SyncError::Refused(reason)),
+            Control::Welcome { stream_version, .. } => stream_version,
+            _ => unreachable!(),
+        };
+        if !schema.reads().contains(stream_version) {
+            return Err(SyncError::Protocol(format!(
+                "the active chose stream version {stream_version}, which this build cannot read"
+            )));
+        }
+        let link = Arc::new(FLink {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            core: LinkCore::new(conn.closer.clone()),
+            writer: Mutex::new(conn.writer),
+            result: Mutex::new(None),
+        });
+        {
+            let mut st = self.state();
+            if frame.epoch < st.epoch {
+                let e = SyncError::StaleEpoch {
+                    frame: frame.epoch,
+                    current: st.epoch,
+                };
+                drop(st);
+                link.core.close();
+                return Err(e);
+            }
+            if st.role != Role::Standby {
+                link.core.close();
+                return Err(SyncError::NotStandby { role: st.role });
+            }
+            st.epoch = frame.epoch;
+            st.follow = Some(FollowState {
+                link: link.clone(),
+                stream_version,
+                active_seq: frame.seq,
+                reported_lag: 0,
+                bulk_done: false,
+                digest_matched: false,
+                digest_seq: 0,
+                in_sync: false,
+            });
+        }
+        let me = self.clone();
+        let l2 = link.clone();
+        let reader = conn.reader;
+        let thread = thread::Builder::new()
+            .name("sync-follow".into())
+            .spawn(move || {
+                let r = me.receive(&l2, reader, stream_version);
+                let err = r.as_ref().err().map(|e| e.to_string());
+                if let Some(e) = &err {
+                    warn!(error = %e, "standby link ended");
+                }
+                l2.core.close();
+                *lock(&l2.result) = Some(r.map(|_| ()).map_err(|e| e.to_string()));
+                let mut st = me.state();
+                if st.follow.as_ref().is_some_and(|f| f.link.id == l2.id) {
+                    st.follow = None;
+                }
+                if err.is_some() {
+                    st.last_error = err;
+                }
+                drop(st);
+                me.inner.cond.notify_all();
+            })?;
+        let me = self.clone();
+        let l3 = link.clone();
+        thread::Builder::new()
+            .name("sync-follow-tick".into())
+            .spawn(move || me.tick_standby(&l3))?;
+        Ok(FollowHandle {
+            link,
+            thread: Some(thread),
+        })
+    }
+
+    fn tick_standby(&self, link: &FLink) {
+        let cfg = &self.inner.config;
+        while link.core.sleep(cfg.heartbeat) {
+            if link.core.idle_for() > cfg.link_timeout {
+                warn!("active silent for too long: closing the link");
+                link.core.close();
+                break;
+            }
+            let (epoch, seq) = {
+                let st = self.state();
+                (st.epoch, st.seq)
+            };
+            if link
+                .send(&wire::encode_frame(FrameType::Heartbeat, epoch, seq, &[]))
+                .is_err()
+            {
+                link.core.close();
+            }
+        }
+    }
+
+    /// Converts decoded wire mutations from the stream version to native.
+    fn to_native(
+        &self,
+        muts: &[WireMutation],
+        sv: SchemaVersion,
+    ) -> Result<Vec<Converted>, SyncError> {
+        let schema = &self.inner.schema;
+        let native = schema.version();
+        let mut out = Vec::with_capacity(muts.len());
+        for m in muts {
+            let table = m.table_str();
+            if !schema.has_table(sv, table) {
+                return Err(SyncError::UnknownTable {
+                    service: schema.service().into(),
+                    version: sv,
+                    table: table.into(),
+                });
+            }
+            let c = match &m.value {
+                None => {
+                    if schema.has_table(native, table) {
+                        Converted::Delete(table.into(), m.key.to_vec())
+                    } else {
+                        Converted::Dropped
+                    }
+                }
+                Some(v) => {
+                    let rec = Record::new(table, m.key.to_vec(), v.to_vec());
+                    match schema.convert(&rec, sv, native)? {
+                        Some(r) if schema.has_table(native, &r.table) => {
+                            Converted::Put(r.table, r.key, r.value)
+                        }
+                        Some(_) => Converted::Dropped,
+                        None if schema.has_table(native, table) => {
+                            Converted::Delete(rec.table, rec.key)
+                        }
+                        None => Converted::Dropped,
+                    }
+                }
+            };
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    fn check_native_tables(&self, muts: &[WireMutation]) -> Result<(), SyncError> {
+        let schema = &self.inner.schema;
+        for m in muts {
+            if !schema.has_table(schema.version(), m.table_str()) {
+                return Err(SyncError::UnknownTable {
+                    service: schema.service().into(),
+                    version: schema.version(),
+                    table: m.table_str().into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn receive(
+        &self,
+        link: &FLink,
+        reader: Box<dyn Read + Send>,
+        sv: SchemaVersion,
+    ) -> Result<(), SyncError> {
+        let schema = &self.inner.schema;
+        let native = schema.version();
+        let mut r = io::BufReader::with_capacity(1 << 20, reader);
+        let mut bulk: Option<(Seq, u64, u64)> = None; // (snapshot seq, announced, received)
+        let mut bulk_digest = Digest::default();
+        let mut bulk_done = false;
+        let mut acked: Seq = 0;
+        loop {
+            if link.core.is_closed() {
+                return Ok(());
+            }
+            let Some(f) = wire::read_frame(&mut r)? else {
+                if link.core.is_closed() {
+                    return Ok(());
+                }
+                return Err(SyncError::Protocol("the active closed the link".into()));
+            };
+            link.core.touch();
+            let cur = self.epoch();
+            if f.epoch < cur {
+                return Err(SyncError::StaleEpoch {
+                    frame: f.epoch,
+                    current: cur,
+                });
+            }
+            match f.kind {
+                FrameType::BulkBegin => {
+                    let Control::BulkBegin { seq, records } = Control::decode(&f)? else {
+                        unreachable!()
+                    };
+                    if bulk.is_some() || bulk_done {
+                        return Err(SyncError::Protocol("a second bulk snapshot began".into()));
+                    }
+                    let mut st = self.state();
+                    st.store.clear();
+                    st.seq = 0;
+                    bulk = Some((seq, records, 0));
+                }
+                FrameType::BulkChunk => {
+                    let Some((snap, _, received)) = bulk.as_mut() else {
+                        return Err(SyncError::Protocol(
+                            "bulk chunk outside a bulk snapshot".into(),
+                        ));
+                    };
+                    if bulk_done || f.seq != *snap {
+                        return Err(SyncError::Protocol("bulk chunk out of place".into()));
+                    }
+                    let muts = wire::decode_batch(FrameType::BulkChunk, &f.payload)?;
+                    if muts.iter().any(|m| m.value.is_none()) {
+                        return Err(SyncError::Protocol("a bulk chunk holds a delete".into()));
+                    }
+                    *received += muts.len() as u64;
+                    if sv == native {
+                        self.check_native_tables(&muts)?;
+                        let mut st = self.state();
+                        for m in &muts {
+                            let v = m.value.clone().expect("checked");
+                            bulk_digest.add(m.table_str(), &m.key, &v);
+                            if let Some(t) = st.store.table_mut(m.table_str()) {
+                                t.put(m.key.clone(), v);
+                            }
+                        }
+                    } else {
+                        let conv = self.to_native(&muts, sv)?;
+                        let mut st = self.state();
+                        apply_converted(&mut st.store, conv);
+                    }
+                }
+                FrameType::BulkEnd => {
+                    let Control::BulkEnd { seq, digest } = Control::decode(&f)? else {
+                        unreachable!()
+                    };
+                    let Some((snap, announced, received)) = bulk else {
+                        return Err(SyncError::Protocol(
+                            "bulk end without a bulk snapshot".into(),
+                        ));
+                    };
+                    if seq != snap || received > announced {
+                        return Err(SyncError::Protocol(format!(
+                            "bulk snapshot at {snap} ended at {seq} with {received} of {announced} records"
+                        )));
+                    }
+                    let local = if sv == native {
+                        std::mem::take(&mut bulk_digest)
+                    } else {
+                        let st = self.state();
+                        st.store.digest_in(schema, native, sv)?
+                    };
+                    let matched = local == digest;
+                    {
+                        let mut st = self.state();
+                        st.seq = seq;
+                        if let Some(fs) = st.follow.as_mut() {
+                            fs.bulk_done = true;
+                            fs.digest_matched = matched;
+                            fs.digest_seq = seq;
+                            fs.active_seq = fs.active_seq.max(seq);
+                        }
+                    }
+                    self.inner.cond.notify_all();
+                    bulk_done = true;
+                    if !matched {
+                        warn!(
+                            seq,
+                            "digest after bulk snapshot does not match the active's"
+                        );
+                    }
+                    let mut out = Control::DigestResult { seq, matched }.encode(f.epoch, seq);
+                    out.extend_from_slice(&wire::encode_frame(FrameType::Ack, f.epoch, seq, &[]));
+                    link.send(&out)?;
+                    acked = seq;
+                }
+                FrameType::Batch => {
+                    if !bulk_done {
+                        return Err(SyncError::Protocol(
+                            "live mutations before the bulk snapshot ended".into(),
+                        ));
+                    }
+                    let (first, last, muts) = wire::decode_batch_frame(&f)?;
+                    let applied = self.state().seq;
+                    if first != applied + 1 {
+                        return Err(SyncError::Sequence {
+                            expected: applied + 1,
+                            got: first,
+                        });
+                    }
+                    if sv == native {
+                        self.check_native_tables(&muts)?;
+                        let mut st = self.state();
+                        for m in &muts {
+                            if let Some(t) = st.store.table_mut(m.table_str()) {
+                                match &m.value {
+                                    Some(v) => t.put(
+                                        Bytes::copy_from_slice(&m.key),
+                                        Bytes::copy_from_slice(v),
+                                    ),
+                                    None => t.delete(&m.key),
+                                }
+                            }
+                        }
+                        st.seq = last;
+                        if let Some(fs) = st.follow.as_mut() {
+                            fs.active_seq = fs.active_seq.max(last);
+                        }
+                    } else {
+                        let conv = self.to_native(&muts, sv)?;
+                        let mut st = self.state();
+                        apply_converted(&mut st.store, conv);
+                        st.seq = last;
+                        if let Some(fs) = st.follow.as_mut() {
+                            fs.active_seq = fs.active_seq.max(last);
+                        }
+                    }
+                }
+                FrameType::DigestCheck => {
+                    let Control::DigestCheck { digest } = Control::decode(&f)? else {
+                        unreachable!()
+                    };
+                    let (seq, local) = {
+                        let st = self.state();
+                        (st.seq, st.store.digest_in(schema, native, sv)?)
+                    };
+                    if !bulk_done || seq != f.seq {
+                        return Err(SyncError::Protocol(format!(
+                            "digest check at {} arrived at applied sequence {seq}",
+                            f.seq
+                        )));
+                    }
+                    let matched = local == digest;
+                    {
+                        let mut st = self.state();
+                        if let Some(fs) = st.follow.as_mut() {
+                            fs.digest_matched = matched;
+                            fs.digest_seq = seq;
+                        }
+                    }
+                    self.inner.cond.notify_all();
+                    link.send(&Control::DigestResult { seq, matched }.encode(f.epoch, seq))?;
+                }
+                FrameType::Heartbeat => {
+                    if f.payload.len() != 9 {
+                        return Err(SyncError::Protocol(
+                            "heartbeat payload is not 9 bytes".into(),
+                        ));
+                    }
+                    let lag = u64::from_le_bytes(f.payload[..8].try_into().expect("8 bytes"));
+                    let mut st = self.state();
+                    if let Some(fs) = st.follow.as_mut() {
+                        fs.active_seq = fs.active_seq.max(f.seq);
+                        fs.reported_lag = lag;
+                        fs.in_sync = f.payload[8] == 1;
+                    }
+                    drop(st);
+                    self.inner.cond.notify_all();
+                }
+                FrameType::Promote => {
+                    let Control::Promote { last_seq } = Control::decode(&f)? else {
+                        unreachable!()
+                    };
+                    let mut st = self.state();
+                    if f.epoch <= st.epoch || st.seq != last_seq || !bulk_done {
+                        let e = format!(
+                            "promotion to epoch {} at sequence {last_seq} refused: at epoch {}, applied {}",
+                            f.epoch, st.epoch, st.seq
+                        );
+                        drop(st);
+                        let _ =
+                            link.send(&Control::Refuse { reason: e.clone() }.encode(f.epoch, 0));
+                        return Err(SyncError::Protocol(e));
+                    }
+                    st.role = Role::Active;
+                    st.epoch = f.epoch;
+                    st.follow = None;
+                    st.quiesced = false;
+                    let epoch = st.epoch;
+                    drop(st);
+                    info!(epoch, seq = last_seq, "promoted by switchover");
+                    let _ = link.send(&wire::encode_frame(
+                        FrameType::PromoteAck,
+                        epoch,
+                        last_seq,
+                        &[],
+                    ));
+                    link.core.close();
+                    self.inner.cond.notify_all();
+                    self.notify_role(Role::Active, epoch);
+                    return Ok(());
+                }
+                FrameType::Fence => {
+                    self.fence(f.epoch);
+                }
+                FrameType::Refuse => {
+                    let Control::Refuse { reason } = Control::decode(&f)? else {
+                        unreachable!()
+                    };
+                    return Err(SyncError::Refused(reason));
+                }
+                k => {
+                    return Err(SyncError::Protocol(format!(
+                        "unexpected {k:?} frame from the active"
+                    )))
+                }
+            }
+            if bulk_done && r.buffer().is_empty() {
+                let (seq, epoch) = {
+                    let st = self.state();
+                    (st.seq, st.epoch)
+                };
+                if seq > acked {
+                    link.send(&wire::encode_frame(FrameType::Ack, epoch, seq, &[]))?;
+                    acked = seq;
+                }
+            }
+        }
     }
 
     /// [`Replica::follow`] over a new TCP connection to `addr`.
@@ -355,90 +1735,462 @@ impl Replica {
         addr: impl ToSocketAddrs,
         ha: bool,
     ) -> Result<FollowHandle, SyncError> {
-        let _ = (addr, ha);
-        todo!()
+        let stream = TcpStream::connect(addr)?;
+        self.follow(Conn::tcp(stream)?, ha)
     }
 
     /// Active: sends every standby the digest of the current state (in its
     /// stream version) inline in the stream; each standby compares when it
     /// reaches that sequence. Returns the sequence checked.
     pub fn verify_standbys(&self) -> Result<Seq, SyncError> {
-        todo!()
+        let schema = &self.inner.schema;
+        let st = self.state();
+        if st.role != Role::Active {
+            return Err(not_active(&st));
+        }
+        let mut targets = Vec::new();
+        let mut cache: Vec<(SchemaVersion, Vec<u8>)> = Vec::new();
+        for l in &st.links {
+            if !l.bulk_done {
+                continue;
+            }
+            let v = l.link.stream_version;
+            if !cache.iter().any(|(cv, _)| *cv == v) {
+                let d = st.store.digest_in(schema, schema.version(), v)?;
+                cache.push((
+                    v,
+                    Control::DigestCheck { digest: d }.encode(st.epoch, st.seq),
+                ));
+            }
+            let bytes = &cache.iter().find(|(cv, _)| *cv == v).expect("cached").1;
+            if l.link.push(bytes, self.inner.config.max_queue_bytes) {
+                targets.push(l.link.clone());
+            }
+        }
+        let seq = st.seq;
+        drop(st);
+        for l in targets {
+            l.flush();
+        }
+        Ok(seq)
     }
 
     /// Standby: waits until [`Status::ready`].
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), SyncError> {
-        let _ = timeout;
-        todo!()
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.status().ready {
+                return Ok(());
+            }
+            let st = self.state();
+            if Instant::now() >= deadline {
+                return Err(SyncError::Timeout(timeout, "the standby to become ready"));
+            }
+            let _ = self
+                .inner
+                .cond
+                .wait_timeout(st, Duration::from_millis(20).min(deadline - Instant::now()));
+        }
     }
 
     /// Active: waits until at least `n` standbys are ready.
     pub fn wait_standbys_ready(&self, n: usize, timeout: Duration) -> Result<(), SyncError> {
-        let _ = (n, timeout);
-        todo!()
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.status().standbys.iter().filter(|s| s.ready).count() >= n {
+                return Ok(());
+            }
+            let st = self.state();
+            if Instant::now() >= deadline {
+                return Err(SyncError::Timeout(timeout, "standbys to become ready"));
+            }
+            let _ = self
+                .inner
+                .cond
+                .wait_timeout(st, Duration::from_millis(20).min(deadline - Instant::now()));
+        }
     }
 
     /// Active: holds new mutations (they wait, bounded by the ack timeout).
     pub fn quiesce(&self) {
-        todo!()
+        self.state().quiesced = true;
     }
 
     /// Active: releases a quiesce.
     pub fn resume(&self) {
-        todo!()
+        self.state().quiesced = false;
+        self.inner.cond.notify_all();
     }
 
     /// Planned switchover to the attached standby `target`: quiesce, drain
-    /// until it applied the last sequence, promote it at epoch + 1 and fence
-    /// this instance (which then acknowledges nothing; waiting mutations fail
-    /// with [`SyncError::Fenced`] and were never applied). Returns the new
-    /// epoch. On failure before the promotion, the quiesce is released and
-    /// this instance stays active. To keep the old instance as a warm
-    /// fallback, make it [`Replica::follow`] the new active afterwards.
+    /// until it applied the last sequence, promote it at epoch + 1 and demote
+    /// this instance to a detached standby at the new epoch (it then
+    /// acknowledges nothing; mutations held by the quiesce fail with
+    /// [`SyncError::NotActive`] and were never applied). Returns the new
+    /// epoch. If draining fails, the quiesce is released and this instance
+    /// stays active. To keep the old instance as a warm fallback, make it
+    /// [`Replica::follow`] the new active afterwards.
     pub fn switchover(&self, target: &str, timeout: Duration) -> Result<Epoch, SyncError> {
-        let _ = (target, timeout);
-        todo!()
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state();
+        if st.role != Role::Active {
+            return Err(not_active(&st));
+        }
+        if !st
+            .links
+            .iter()
+            .any(|l| l.link.node == target && l.bulk_done)
+        {
+            return Err(SyncError::NoSuchStandby(target.into()));
+        }
+        st.quiesced = true;
+        let last = st.seq;
+        // Drain.
+        loop {
+            let l = st
+                .links
+                .iter()
+                .find(|l| l.link.node == target && !l.link.core.is_closed());
+            match l {
+                None => {
+                    st.quiesced = false;
+                    drop(st);
+                    self.inner.cond.notify_all();
+                    return Err(SyncError::NoSuchStandby(target.into()));
+                }
+                Some(l) if l.acked >= last => break,
+                Some(_) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                st.quiesced = false;
+                drop(st);
+                self.inner.cond.notify_all();
+                return Err(SyncError::Timeout(
+                    timeout,
+                    "the switchover target to drain",
+                ));
+            }
+            st = self
+                .inner
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        // Point of no return: demote first, so nothing more is acknowledged here.
+        let new_epoch = st.epoch + 1;
+        st.role = Role::Standby;
+        st.epoch = new_epoch;
+        st.quiesced = false;
+        let link = st
+            .links
+            .iter()
+            .find(|l| l.link.node == target)
+            .map(|l| l.link.clone())
+            .expect("checked above");
+        let others: Vec<Arc<Link>> = st
+            .links
+            .iter()
+            .filter(|l| l.link.id != link.id)
+            .map(|l| l.link.clone())
+            .collect();
+        drop(st);
+        self.inner.cond.notify_all();
+        for o in others {
+            o.core.close();
+        }
+        let promote = Control::Promote { last_seq: last }.encode(new_epoch, last);
+        link.push(&promote, usize::MAX);
+        link.flush();
+        let mut st = self.state();
+        let result = loop {
+            if link.promoted.load(Ordering::SeqCst) == new_epoch {
+                break Ok(new_epoch);
+            }
+            if !st.links.iter().any(|l| l.link.id == link.id) {
+                break Err(SyncError::Protocol(
+                    "the switchover target closed the link before confirming its promotion".into(),
+                ));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(SyncError::Timeout(
+                    timeout,
+                    "the switchover target to confirm its promotion",
+                ));
+            }
+            st = self
+                .inner
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        };
+        let all: Vec<LinkState> = st.links.drain(..).collect();
+        drop(st);
+        for l in all {
+            l.link.core.close();
+        }
+        info!(
+            service = self.inner.schema.service(),
+            target,
+            epoch = new_epoch,
+            ok = result.is_ok(),
+            "switchover"
+        );
+        self.notify_role(Role::Standby, new_epoch);
+        result
     }
 
     /// Active: steps down to a detached standby (links closed, nothing more
     /// acknowledged), e.g. when the control plane moves control elsewhere.
     pub fn demote(&self) -> Result<(), SyncError> {
-        todo!()
+        let mut st = self.state();
+        if st.role != Role::Active && st.role != Role::Fenced {
+            return Err(not_active(&st));
+        }
+        st.role = Role::Standby;
+        st.quiesced = false;
+        let links: Vec<LinkState> = st.links.drain(..).collect();
+        let epoch = st.epoch;
+        drop(st);
+        for l in links {
+            l.link.core.close();
+        }
+        self.inner.cond.notify_all();
+        self.notify_role(Role::Standby, epoch);
+        Ok(())
     }
 
     /// Tells this instance that `epoch` exists. If it is newer than the
     /// instance's own epoch, an active becomes fenced and a standby records it
     /// (frames of older epochs are then rejected).
     pub fn fence(&self, epoch: Epoch) {
-        let _ = epoch;
-        todo!()
+        let mut st = self.state();
+        if epoch <= st.epoch {
+            return;
+        }
+        st.epoch = epoch;
+        let was_active = st.role == Role::Active;
+        if was_active {
+            st.role = Role::Fenced;
+            st.quiesced = false;
+        }
+        let links: Vec<LinkState> = st.links.drain(..).collect();
+        drop(st);
+        for l in links {
+            l.link.core.close();
+        }
+        self.inner.cond.notify_all();
+        if was_active {
+            warn!(
+                service = self.inner.schema.service(),
+                epoch, "fenced by a newer epoch"
+            );
+            self.notify_role(Role::Fenced, epoch);
+        }
     }
 
     /// Registers a callback run (on a library thread) after every role
     /// change, e.g. a standby promoted by a switchover.
     pub fn on_role_change(&self, f: impl Fn(Role, Epoch) + Send + Sync + 'static) {
-        let _ = f;
-        todo!()
+        lock(&self.inner.callbacks).push(Arc::new(f));
     }
 
     /// Current role.
     pub fn role(&self) -> Role {
-        todo!()
+        self.state().role
     }
 
     /// Highest epoch known.
     pub fn epoch(&self) -> Epoch {
-        todo!()
+        self.state().epoch
     }
 
     /// Status of this service's replication.
     pub fn status(&self) -> Status {
-        todo!()
+        let cfg = &self.inner.config;
+        let st = self.state();
+        let standbys: Vec<StandbyStatus> = st
+            .links
+            .iter()
+            .filter(|l| !l.link.core.is_closed())
+            .map(|l| {
+                let lag = st.seq.saturating_sub(l.acked);
+                StandbyStatus {
+                    node: l.link.node.clone(),
+                    peer: l.link.peer.clone(),
+                    ha: l.link.ha,
+                    stream_version: l.link.stream_version,
+                    native_version: l.link.native_version,
+                    acked_seq: l.acked,
+                    lag,
+                    bulk_done: l.bulk_done,
+                    in_sync: l.in_sync,
+                    digest_matched: l.digest_matched,
+                    ready: l.bulk_done && l.in_sync && l.digest_matched && lag <= cfg.ready_lag,
+                }
+            })
+            .collect();
+        let (stream_version, active_seq, lag, bulk_done, digest_matched, digest_seq, ready) =
+            match (&st.follow, st.role) {
+                (Some(f), Role::Standby) if !f.link.core.is_closed() => {
+                    let lag = f.active_seq.saturating_sub(st.seq).max(f.reported_lag);
+                    (
+                        Some(f.stream_version),
+                        f.active_seq.max(st.seq),
+                        lag,
+                        f.bulk_done,
+                        f.digest_matched,
+                        f.digest_seq,
+                        f.bulk_done && f.in_sync && f.digest_matched && lag <= cfg.ready_lag,
+                    )
+                }
+                (_, Role::Active) => (
+                    None,
+                    st.seq,
+                    standbys.iter().map(|s| s.lag).max().unwrap_or(0),
+                    true,
+                    true,
+                    0,
+                    true,
+                ),
+                _ => (None, st.seq, 0, false, false, 0, false),
+            };
+        Status {
+            service: self.inner.schema.service().into(),
+            node: cfg.node.clone(),
+            role: st.role,
+            epoch: st.epoch,
+            native_version: self.inner.schema.version(),
+            stream_version,
+            applied_seq: st.seq,
+            active_seq,
+            lag,
+            bulk_done,
+            digest_matched,
+            digest_seq,
+            ready,
+            quiesced: st.quiesced,
+            standbys,
+            last_error: st.last_error.clone(),
+        }
     }
 
     /// Stops every link and thread of this replica; further calls fail with
-    /// [`SyncError::Shutdown`].
+    /// [`SyncError::Shutdown`] or [`SyncError::NotActive`].
     pub fn shutdown(&self) {
-        todo!()
+        let mut st = self.state();
+        st.role = Role::Stopped;
+        let links: Vec<LinkState> = st.links.drain(..).collect();
+        let follow = st.follow.take();
+        drop(st);
+        for l in links {
+            l.link.core.close();
+        }
+        if let Some(f) = follow {
+            f.link.core.close();
+        }
+        self.inner.cond.notify_all();
     }
+}
+
+fn not_active(st: &State) -> SyncError {
+    match st.role {
+        Role::Stopped => SyncError::Shutdown,
+        role => SyncError::NotActive { role },
+    }
+}
+
+fn close_chunk(fw: &mut FrameWriter, count: u32) {
+    let len = fw.open_payload_len();
+    let buf = fw.payload();
+    let at = buf.len() - len;
+    buf[at..at + 4].copy_from_slice(&count.to_le_bytes());
+    fw.finish();
+}
+
+fn apply_converted(store: &mut Store, conv: Vec<Converted>) {
+    for c in conv {
+        match c {
+            Converted::Put(t, k, v) => {
+                if let Some(t) = store.table_mut(&t) {
+                    t.put(Bytes::from(k), Bytes::from(v));
+                }
+            }
+            Converted::Delete(t, k) => {
+                if let Some(t) = store.table_mut(&t) {
+                    t.delete(&k);
+                }
+            }
+            Converted::Dropped => {}
+        }
+    }
+}
+
+/// Encodes one batch frame of `muts` (sequences `first..=last`) in stream
+/// version `sv`, converting from the native version when they differ.
+fn encode_batch(
+    schema: &Schema,
+    fw: &mut FrameWriter,
+    epoch: Epoch,
+    first: Seq,
+    last: Seq,
+    muts: &[Mutation],
+    sv: SchemaVersion,
+) -> Result<(), SyncError> {
+    let native = schema.version();
+    fw.begin(FrameType::Batch, epoch, last);
+    let p = fw.payload();
+    p.extend_from_slice(&first.to_le_bytes());
+    let count_at = p.len();
+    p.extend_from_slice(&0u32.to_le_bytes());
+    let mut count = 0u32;
+    for m in muts {
+        if sv == native {
+            match m {
+                Mutation::Put { table, key, value } => {
+                    wire::encode_mutation(fw.payload(), table, key, Some(value))
+                }
+                Mutation::Delete { table, key } => {
+                    wire::encode_mutation(fw.payload(), table, key, None)
+                }
+            }
+            count += 1;
+        } else {
+            let table = m.table();
+            if !schema.has_table(sv, table) {
+                continue;
+            }
+            match m {
+                Mutation::Delete { key, .. } => {
+                    wire::encode_mutation(fw.payload(), table, key, None)
+                }
+                Mutation::Put { key, value, .. } => {
+                    let rec = Record::new(table, key.clone(), value.clone());
+                    match schema.convert(&rec, native, sv)? {
+                        Some(r) => {
+                            wire::encode_mutation(fw.payload(), &r.table, &r.key, Some(&r.value))
+                        }
+                        None => wire::encode_mutation(fw.payload(), table, key, None),
+                    }
+                }
+            }
+            count += 1;
+        }
+        if fw.open_payload_len() > wire::MAX_PAYLOAD {
+            let len = fw.open_payload_len();
+            fw.abort();
+            return Err(SyncError::TooLarge {
+                what: "batch",
+                len,
+                limit: wire::MAX_PAYLOAD,
+            });
+        }
+    }
+    let p = fw.payload();
+    p[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    fw.finish();
+    Ok(())
 }

@@ -41,10 +41,6 @@ impl Table {
     pub(crate) fn delete(&mut self, key: &[u8]) {
         self.map.remove(key);
     }
-
-    pub(crate) fn reserve(&mut self, n: usize) {
-        self.map.reserve(n);
-    }
 }
 
 /// All tables of one service's state, in its native schema version.

@@ -380,6 +380,13 @@ impl FrameWriter {
         self.open.is_some()
     }
 
+    /// Discards the open frame, if any.
+    pub fn abort(&mut self) {
+        if let Some(start) = self.open.take() {
+            self.buf.truncate(start);
+        }
+    }
+
     /// Completes the open frame: fills in its length and CRC.
     pub fn finish(&mut self) {
         let start = self.open.take().expect("no frame is open");
@@ -545,6 +552,40 @@ pub fn decode_batch(kind: FrameType, payload: &Bytes) -> Result<Vec<WireMutation
         )));
     }
     Ok(out)
+}
+
+/// Decodes a [`FrameType::Batch`] frame: its first and last sequence numbers
+/// and its mutations.
+///
+/// Payload layout: first sequence (u64 LE), then a batch body as in
+/// [`decode_batch`]. The header sequence is the last sequence of the batch;
+/// a batch may carry fewer mutations than sequence numbers when records have
+/// no representation in the stream version.
+pub fn decode_batch_frame(frame: &Frame) -> Result<(Seq, Seq, Vec<WireMutation>), FrameError> {
+    let bad = |reason: String| FrameError::BadPayload {
+        kind: FrameType::Batch,
+        reason,
+    };
+    if frame.kind != FrameType::Batch {
+        return Err(bad(format!("frame is a {:?}", frame.kind)));
+    }
+    if frame.payload.len() < 8 {
+        return Err(bad("missing first sequence number".into()));
+    }
+    let first = u64::from_le_bytes(frame.payload[..8].try_into().expect("8 bytes"));
+    let last = frame.seq;
+    if first == 0 || first > last.saturating_add(1) {
+        return Err(bad(format!("sequence range {first}..={last} is invalid")));
+    }
+    let muts = decode_batch(FrameType::Batch, &frame.payload.slice(8..))?;
+    if muts.len() as u64 > last + 1 - first {
+        return Err(bad(format!(
+            "{} mutations for the {} sequence numbers {first}..={last}",
+            muts.len(),
+            last + 1 - first
+        )));
+    }
+    Ok((first, last, muts))
 }
 
 /// Encodes a list of mutations as a batch payload (count then mutations).

@@ -29,7 +29,6 @@ pub struct ExitWatch {
     inner: Arc<(Mutex<State>, Condvar)>,
 }
 
-#[allow(dead_code)] // used by the backends
 impl ExitWatch {
     /// Starts the reaper thread for `pid`, which must be a child of this
     /// process that nothing else waits for.

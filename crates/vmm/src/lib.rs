@@ -38,10 +38,12 @@ use serde::{Deserialize, Serialize};
 
 mod cgroup;
 mod exit;
+mod process;
 mod qemu;
 
 pub use cgroup::{CgroupVersion, InstanceCgroup};
 pub use exit::ExitWatch;
+pub use process::{ProcessBackend, ProcessConfig, ProcessHandle};
 pub use qemu::qmp::{QmpClient, QmpError, RunState};
 
 /// Environment variable through which a process instance learns the path of
@@ -430,7 +432,6 @@ pub enum VmmError {
     AlreadyExited(ExitInfo),
 }
 
-#[allow(dead_code)] // used by the backends
 impl VmmError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         VmmError::Io {

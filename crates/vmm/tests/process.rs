@@ -1,0 +1,284 @@
+//! Process sandbox lifecycle against the real kernel (runs as root).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hitless_vmm::{
+    Backend, CpuQuota, ExitInfo, InstanceSpec, InstanceStatus, Payload, ProcessBackend,
+    ProcessPayload, ResourceLimits, VmmError,
+};
+
+fn spec(dir: &Path, id: &str, script: &str) -> InstanceSpec {
+    InstanceSpec {
+        id: id.into(),
+        payload: Payload::Process(ProcessPayload {
+            binary: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![("GREETING".into(), "hi".into())],
+        }),
+        run_dir: dir.join(id),
+        limits: ResourceLimits::default(),
+        ports: vec![],
+        control_socket: dir.join(id).join("control.sock"),
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!("t-{}-{name}", std::process::id())
+}
+
+/// Waits (bounded) until the console log contains `needle`.
+fn wait_for_log(path: &Path, needle: &str, bound: Duration) -> String {
+    let deadline = Instant::now() + bound;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) || Instant::now() >= deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ns(pid: &str, kind: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+}
+
+#[test]
+fn instance_runs_in_its_own_namespaces_as_pid_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = unique("ns");
+    let s = spec(
+        dir.path(),
+        &id,
+        "echo pid=$$; echo host=$(hostname); echo env=$GREETING; echo ctl=$HITLESS_CONTROL_SOCKET; \
+         echo procs=$(ls /proc | grep -c '^[0-9]'); echo err >&2; exec sleep 30",
+    );
+    let mut h = ProcessBackend::default().start(&s).unwrap();
+    let pid = h.pid().unwrap().to_string();
+    let log = wait_for_log(h.console_log(), "err", Duration::from_secs(5));
+    assert!(log.contains("pid=1\n"), "{log}");
+    assert!(log.contains(&format!("host={id}\n")), "{log}");
+    assert!(log.contains("env=hi\n"), "{log}");
+    assert!(
+        log.contains(&format!("ctl={}\n", s.control_socket.display())),
+        "{log}"
+    );
+    // A fresh /proc shows only the sandbox's own processes (sh, ls, grep, ...).
+    let procs: usize = log
+        .lines()
+        .find_map(|l| l.strip_prefix("procs="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(procs < 10, "{log}");
+    assert!(
+        log.contains("err\n"),
+        "stderr goes to the console log: {log}"
+    );
+    for kind in ["pid_for_children", "uts", "ipc", "mnt"] {
+        let theirs = if kind == "pid_for_children" {
+            ns(&pid, "pid")
+        } else {
+            ns(&pid, kind)
+        };
+        let ours = ns(
+            "self",
+            if kind == "pid_for_children" {
+                "pid"
+            } else {
+                kind
+            },
+        );
+        assert_ne!(theirs, ours, "{kind} namespace is shared");
+    }
+    // The network namespace is shared by default.
+    assert_eq!(ns(&pid, "net"), ns("self", "net"));
+    assert!(h.status().is_running());
+    let e = h.kill().unwrap();
+    assert_eq!(e, ExitInfo::Signal(9));
+}
+
+#[test]
+fn cgroup_limits_are_written_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = unique("cg");
+    let mut s = spec(dir.path(), &id, "exec sleep 30");
+    s.limits = ResourceLimits {
+        memory_bytes: Some(96 << 20),
+        cpu: Some(CpuQuota::from_millicpus(500)),
+        pids_max: Some(64),
+    };
+    let backend = ProcessBackend::default();
+    if backend.config().cgroup.is_none() {
+        eprintln!("skipping: no cgroup hierarchy on this host");
+        return;
+    }
+    let mut h = backend.start(&s).unwrap();
+    let pid = h.pid().unwrap();
+    let info = h.info();
+    assert!(!info.cgroups.is_empty());
+    let mut saw_memory = false;
+    for d in &info.cgroups {
+        let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l == pid.to_string()),
+            "{} lacks {pid}",
+            d.display()
+        );
+        for f in ["memory.limit_in_bytes", "memory.max"] {
+            if let Ok(v) = std::fs::read_to_string(d.join(f)) {
+                assert_eq!(v.trim(), (96u64 << 20).to_string());
+                saw_memory = true;
+            }
+        }
+        if let Ok(q) = std::fs::read_to_string(d.join("cpu.cfs_quota_us")) {
+            assert_eq!(q.trim(), "50000");
+        }
+        if let Ok(q) = std::fs::read_to_string(d.join("cpu.max")) {
+            assert_eq!(q.trim(), "50000 100000");
+        }
+    }
+    assert!(
+        saw_memory,
+        "memory limit file not found in {:?}",
+        info.cgroups
+    );
+    h.stop(Duration::from_millis(200)).unwrap();
+    for d in &info.cgroups {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+}
+
+#[test]
+fn graceful_stop_uses_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        dir.path(),
+        &unique("term"),
+        "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.05; done",
+    );
+    let mut h = ProcessBackend::default().start(&s).unwrap();
+    wait_for_log(h.console_log(), "ready", Duration::from_secs(5));
+    let t = Instant::now();
+    let e = h.stop(Duration::from_secs(10)).unwrap();
+    assert_eq!(e, ExitInfo::Code(3));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(std::fs::read_to_string(h.console_log())
+        .unwrap()
+        .contains("got-term"));
+    assert_eq!(h.status(), InstanceStatus::Exited(ExitInfo::Code(3)));
+    assert_eq!(h.pid(), None);
+    // Stopping again reports the same exit.
+    assert_eq!(h.stop(Duration::from_secs(1)).unwrap(), ExitInfo::Code(3));
+}
+
+#[test]
+fn sigterm_ignorer_is_killed_after_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        dir.path(),
+        &unique("ignore"),
+        "trap '' TERM; echo ready; while :; do sleep 0.05; done",
+    );
+    let mut h = ProcessBackend::default().start(&s).unwrap();
+    wait_for_log(h.console_log(), "ready", Duration::from_secs(5));
+    let t = Instant::now();
+    let e = h.stop(Duration::from_millis(300)).unwrap();
+    assert_eq!(e, ExitInfo::Signal(libc::SIGKILL));
+    assert!(t.elapsed() >= Duration::from_millis(300));
+}
+
+#[test]
+fn external_kill_9_ends_the_whole_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    // PID 1 spawns a grandchild that would outlive a plain process group.
+    let s = spec(
+        dir.path(),
+        &unique("kill9"),
+        "sleep 1000 & echo child=$!; wait",
+    );
+    let mut h = ProcessBackend::default().start(&s).unwrap();
+    let pid = h.pid().unwrap();
+    wait_for_log(h.console_log(), "child=", Duration::from_secs(5));
+    // Find the grandchild's host pid through our /proc.
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let grandchild: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    // SAFETY: plain kill(2) on a pid we own.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let e = h.wait_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(e, Some(ExitInfo::Signal(9)));
+    assert_eq!(h.status(), InstanceStatus::Exited(ExitInfo::Signal(9)));
+    // The grandchild died with the namespace (the kernel reaps it before
+    // PID 1's exit is reported).
+    assert!(
+        !Path::new(&format!("/proc/{grandchild}")).exists()
+            || std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true),
+        "grandchild {grandchild} survived"
+    );
+}
+
+#[test]
+fn exit_watch_notifies_other_threads_and_restart_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(dir.path(), &unique("exit"), "echo run; exit 5");
+    let backend = ProcessBackend::default();
+    let mut h = backend.start(&s).unwrap();
+    let w = h.exit_watch();
+    let t = std::thread::spawn(move || w.wait_timeout(Duration::from_secs(5)));
+    assert_eq!(t.join().unwrap(), Some(ExitInfo::Code(5)));
+    let mut h2 = backend
+        .restart(h.as_mut(), &s, Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(
+        h2.wait_timeout(Duration::from_secs(5)).unwrap(),
+        Some(ExitInfo::Code(5))
+    );
+    // Both runs appended to the same console log.
+    let log = std::fs::read_to_string(h2.console_log()).unwrap();
+    assert_eq!(log.matches("run\n").count(), 2, "{log}");
+}
+
+#[test]
+fn bad_specs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = ProcessBackend::default();
+    let mut s = spec(dir.path(), &unique("bad"), "true");
+    s.payload = Payload::Process(ProcessPayload {
+        binary: "/nonexistent/bin/app".into(),
+        args: vec![],
+        env: vec![],
+    });
+    let err = backend.start(&s).err().unwrap();
+    assert!(matches!(err, VmmError::BadPath { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("/nonexistent/bin/app"), "{msg}");
+
+    // A directory is not a binary.
+    s.payload = Payload::Process(ProcessPayload {
+        binary: "/tmp".into(),
+        args: vec![],
+        env: vec![],
+    });
+    assert!(matches!(backend.start(&s), Err(VmmError::BadPath { .. })));
+
+    // Exec-time failure (a script with a missing interpreter) is reported
+    // with its stage.
+    let script = dir.path().join("noint.sh");
+    std::fs::write(&script, "#!/nonexistent/interp\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    s.payload = Payload::Process(ProcessPayload {
+        binary: script,
+        args: vec![],
+        env: vec![],
+    });
+    let err = backend.start(&s).err().unwrap();
+    assert!(
+        matches!(err, VmmError::Launch { stage, .. } if stage == "executing the payload"),
+        "{err}"
+    );
+
+    s.id = "bad/id".into();
+    assert!(matches!(backend.start(&s), Err(VmmError::InvalidSpec(_))));
+}
