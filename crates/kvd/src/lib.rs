@@ -1,1 +1,282 @@
-//! placeholder
+//! kvd: the reference service of hitless, a RESP (Redis protocol) key-value server whose
+//! state lives in hitless-sync.
+//!
+//! Every write goes through the replica ([`hitless_sync::Replica`]) and is acknowledged to
+//! the client only once the replica reports it durable (in synchronous mode: applied by the
+//! designated HA standby). Roles and epochs come over the control channel
+//! ([`hitless_control`]); an instance that is not in control answers writes with `-READONLY`,
+//! and while a planned switchover quiesces it writes wait rather than fail.
+//!
+//! Two binaries, `kvd-v1` and `kvd-v2`, are built from this crate; they differ in the
+//! replicated schema version ([`SchemaVersion`]), and version 2 carries the transforms to and
+//! from version 1.
+
+pub mod db;
+pub mod node;
+pub mod resp;
+pub mod schema;
+pub mod server;
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser, ValueEnum};
+use hitless_control::{serve as serve_control, serve_unix_listener, ServeOutcome};
+use hitless_sync::{Durability, Replica, ReplicaConfig};
+
+pub use schema::SchemaVersion;
+
+/// Initial role given on the command line (normally the control channel assigns it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StartRole {
+    /// Take control at epoch 1 at once.
+    Active,
+    /// Stand by (following `--follow` if given).
+    Standby,
+}
+
+/// Acknowledgement mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AckMode {
+    /// Acknowledge writes once the designated HA standby has them.
+    Sync,
+    /// Acknowledge writes once applied locally (standbys bounded by `--max-lag`).
+    Async,
+}
+
+/// Command line of `kvd-v1` / `kvd-v2`.
+#[derive(Debug, Parser)]
+#[command(about = "RESP key-value server whose state is replicated by hitless-sync")]
+#[command(group(ArgGroup::new("control").required(true).args(["control_listen", "control_device"])))]
+pub struct Args {
+    /// Identifier of this instance (the agent checks it in Configure).
+    #[arg(long)]
+    pub instance_id: String,
+    /// Address to serve RESP clients on, e.g. 127.0.0.1:6379 (port 0 picks one).
+    #[arg(long)]
+    pub service_listen: String,
+    /// Address to serve standbys' state sync on.
+    #[arg(long)]
+    pub sync_listen: String,
+    /// Unix socket path to serve the control channel on (one agent connection at a time).
+    #[arg(long)]
+    pub control_listen: Option<PathBuf>,
+    /// Character device carrying the control channel (virtio-serial or serial port).
+    #[arg(long)]
+    pub control_device: Option<PathBuf>,
+    /// Initial role; without it the instance waits for Configure and serves no writes.
+    #[arg(long, value_enum)]
+    pub role: Option<StartRole>,
+    /// With `--role standby`: the active's sync address to follow.
+    #[arg(long)]
+    pub follow: Option<String>,
+    /// Image version reported in Hello (default: kvd-vN/<crate version>).
+    #[arg(long)]
+    pub image_version: Option<String>,
+    /// Acknowledgement mode.
+    #[arg(long, value_enum, default_value = "sync")]
+    pub ack: AckMode,
+    /// Lag bound of `--ack async`, in sequence numbers.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_lag: u64,
+    /// Bound on waiting for a write's acknowledgement, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    pub ack_timeout_ms: u64,
+    /// How long a write waits for a quiesce to end before failing with TRYAGAIN, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub hold_ms: u64,
+    /// Most simultaneous client connections.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+}
+
+/// Failure to start kvd.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Starting a service thread failed.
+    #[error("cannot start {what}: {source}")]
+    Start {
+        /// What.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The initial role could not be taken.
+    #[error("cannot take the initial role: {0}")]
+    Role(String),
+    /// The control channel failed beyond recovery.
+    #[error("control channel failed: {0}")]
+    Control(#[from] hitless_control::ControlError),
+}
+
+/// Entry point of the `kvd-v1` and `kvd-v2` binaries.
+pub fn run(version: SchemaVersion) -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let args = Args::parse();
+    match run_with(version, args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "kvd failed");
+            eprintln!("kvd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs kvd with parsed arguments until the agent sends Shutdown.
+pub fn run_with(version: SchemaVersion, args: Args) -> Result<(), StartError> {
+    let bind = |what: &'static str, addr: &str| {
+        TcpListener::bind(addr).map_err(|source| StartError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+    };
+    let service = bind("clients", &args.service_listen)?;
+    let sync = bind("state sync", &args.sync_listen)?;
+    let service_addr = service.local_addr().map_err(|source| StartError::Start {
+        what: "clients",
+        source,
+    })?;
+    let sync_addr = sync.local_addr().map_err(|source| StartError::Start {
+        what: "state sync",
+        source,
+    })?;
+
+    let mut rc = ReplicaConfig::new(args.instance_id.clone());
+    rc.durability = match args.ack {
+        AckMode::Sync => Durability::Sync,
+        AckMode::Async => Durability::Async {
+            max_lag: args.max_lag,
+        },
+    };
+    rc.ack_timeout = Duration::from_millis(args.ack_timeout_ms);
+    let replica = Replica::new(version.schema(), rc);
+    let _sync_handle = replica.serve(sync).map_err(|source| StartError::Start {
+        what: "state sync",
+        source,
+    })?;
+    let db = Arc::new(db::Db::new(
+        replica,
+        version,
+        Duration::from_millis(args.hold_ms),
+    ));
+
+    let kernel_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|_| args.control_device.is_some());
+    let node = node::Node::start(
+        db.clone(),
+        node::NodeConfig {
+            instance_id: args.instance_id.clone(),
+            image_version: args.image_version.clone().unwrap_or_else(|| {
+                format!("kvd-v{}/{}", version.number(), env!("CARGO_PKG_VERSION"))
+            }),
+            service_addr: service_addr.to_string(),
+            sync_addr: sync_addr.to_string(),
+            kernel_release,
+        },
+    );
+    match args.role {
+        Some(StartRole::Active) => node.start_active(1).map_err(StartError::Role)?,
+        Some(StartRole::Standby) => node
+            .start_standby(args.follow.clone(), 0)
+            .map_err(StartError::Role)?,
+        None => {}
+    }
+    tracing::info!(
+        instance = %args.instance_id,
+        schema = version.number(),
+        service = %service_addr,
+        sync = %sync_addr,
+        "kvd started"
+    );
+
+    let info_node = node.clone();
+    let info: server::InfoFn = Arc::new(move || info_node.info());
+    let cfg = server::ServerConfig {
+        max_connections: args.max_connections,
+        ..server::ServerConfig::default()
+    };
+    std::thread::Builder::new()
+        .name("kvd-accept".into())
+        .spawn(move || server::serve(service, db, info, cfg))
+        .map_err(|source| StartError::Start {
+            what: "clients",
+            source,
+        })?;
+
+    let mut handler = node::NodeControl(node.clone());
+    let result = if let Some(path) = &args.control_listen {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(|source| StartError::Bind {
+            what: "the control channel",
+            addr: path.display().to_string(),
+            source,
+        })?;
+        let r = serve_unix_listener(&listener, &mut handler);
+        let _ = std::fs::remove_file(path);
+        r.map_err(StartError::from)
+    } else {
+        let path = args
+            .control_device
+            .clone()
+            .expect("clap requires one control option");
+        serve_device(&path, &mut handler)
+    };
+    node.stop();
+    tracing::info!("kvd stopped");
+    result
+}
+
+/// Serves the control channel on a character device, reopening it after the host end goes
+/// away or the stream loses framing, until Shutdown.
+fn serve_device(path: &std::path::Path, handler: &mut node::NodeControl) -> Result<(), StartError> {
+    let mut failures = 0u32;
+    loop {
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .and_then(|f| Ok((f.try_clone()?, f)));
+        match opened {
+            Ok((reader, writer)) => match serve_control(reader, writer, handler) {
+                Ok(ServeOutcome::Shutdown) => return Ok(()),
+                Ok(ServeOutcome::Disconnected) => {
+                    tracing::info!("control device closed by the host");
+                    failures = failures.saturating_add(1);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control device stream failed; reopening");
+                    failures = failures.saturating_add(1);
+                }
+            },
+            Err(e) => {
+                tracing::warn!(device = %path.display(), error = %e, "cannot open the control device");
+                failures = failures.saturating_add(1);
+            }
+        }
+        std::thread::sleep(Duration::from_millis((50u64 << failures.min(5)).min(1000)));
+    }
+}

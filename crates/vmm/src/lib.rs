@@ -45,6 +45,10 @@ pub use cgroup::{CgroupVersion, InstanceCgroup};
 pub use exit::ExitWatch;
 pub use process::{ProcessBackend, ProcessConfig, ProcessHandle};
 pub use qemu::qmp::{QmpClient, QmpError, RunState};
+pub use qemu::{
+    find_binary, kernel_release, probe_kvm, ControlDevice, KvmVerdict, MachineType, QemuBackend,
+    QemuConfig, QemuHandle,
+};
 
 /// Environment variable through which a process instance learns the path of
 /// the unix socket it should listen on for the control channel.
@@ -502,6 +506,12 @@ pub trait InstanceHandle: Send {
 
     /// Descriptive facts.
     fn info(&self) -> InstanceInfo;
+
+    /// The VM run state over QMP (`query-status`); `None` for backends
+    /// without a VM monitor, whose health is simply [`InstanceHandle::status`].
+    fn vm_run_state(&mut self) -> Option<Result<RunState, VmmError>> {
+        None
+    }
 }
 
 #[cfg(test)]

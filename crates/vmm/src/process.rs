@@ -62,7 +62,7 @@ use crate::{
 };
 
 /// How long `kill` and the SIGKILL step of `stop` wait for the exit.
-const KILL_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long the agent waits for the child to exec or report a failure.
 const LAUNCH_WAIT_MS: u16 = 10_000;
 /// Stack for the cloned child until it execs.
@@ -255,7 +255,7 @@ fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
     })
 }
 
-fn on_spawner<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) fn on_spawner<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = mpsc::sync_channel(1);
     let job: Job = Box::new(move || {
         let _ = tx.send(f());
@@ -355,7 +355,6 @@ fn read_launch_report(err_r: &OwnedFd) -> Result<(), (usize, std::io::Error)> {
         Ok(_) => {}
         Err(e) => return Err((1, e.into())),
     }
-    // SAFETY: dup gives us an fd we own for the File wrapper.
     let mut f = File::from(err_r.try_clone().map_err(|e| (1, e))?);
     let mut buf = Vec::with_capacity(5);
     (&mut f)
