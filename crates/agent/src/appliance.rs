@@ -89,6 +89,7 @@ pub enum OpOk {
     Status(Box<InstanceStatus>),
     Stopped { exit: String },
     Described(Box<Description>),
+    Added { image: ImageRef },
 }
 
 /// What an appliance reports about itself.
@@ -257,9 +258,16 @@ impl Appliance {
                 Ok(OpOk::Done)
             }
             Op::AddImage { dir } => {
-                let mut cat = self.catalog.lock().expect("catalog lock");
-                cat.add(&dir).map_err(|e| e.to_string())?;
-                Ok(OpOk::Done)
+                // Verifying digests reads every file: keep it off the async workers.
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut cat = me.catalog.lock().expect("catalog lock");
+                    cat.add(&dir)
+                        .map(|image| OpOk::Added { image })
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| format!("image task failed: {e}"))?
             }
             Op::Describe => Ok(OpOk::Described(Box::new(self.describe()))),
         }

@@ -83,9 +83,9 @@ fn make_backend(config: &AgentConfig) -> Result<Arc<dyn hitless_vmm::Backend>, A
         BackendKind::Process => Ok(Arc::new(hitless_vmm::ProcessBackend::new(
             hitless_vmm::ProcessConfig::default(),
         ))),
-        BackendKind::Qemu => hitless_vmm::QemuBackend::new(hitless_vmm::QemuConfig::default())
-            .map(|b| Arc::new(b) as Arc<dyn hitless_vmm::Backend>)
-            .map_err(|e| AgentError::Backend(e.to_string())),
+        BackendKind::Qemu => Ok(Arc::new(hitless_vmm::QemuBackend::new(
+            hitless_vmm::QemuConfig::default(),
+        ))),
     }
 }
 
@@ -115,7 +115,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let driving = Arc::new(AtomicBool::new(false));
     let epoch = Arc::new(AtomicU64::new(0));
     let (hb_driving, hb_epoch) = (driving.clone(), epoch.clone());
-    let (link, mut peer_rx) = PeerLink::<PeerMsg>::start(
+    let (link, peer_rx) = PeerLink::<PeerMsg>::start(
         config.peer_listen,
         config.peer_addr,
         Duration::from_millis(config.heartbeat.interval_ms),
@@ -128,6 +128,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     )
     .await?;
     let remote = Remote::new(link.clone(), me.other());
+    // Requests from the peer and responses to ours are handled here, never behind the main
+    // loop (which may itself be waiting for a response).
+    let mut peer_rx = dispatch_peer(&appliance, &remote, peer_rx);
     let apps = Appliances {
         local: appliance.clone(),
         remote: remote.clone(),
@@ -191,10 +194,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     "the secondary appliance's agent did not come up within 60 s".into(),
                 ));
             }
-            // Serve the peer's requests while bootstrapping (the bootstrap runs ops there).
-            let serving = spawn_peer_pump(&appliance, &remote, peer_rx);
             driver.bootstrap(initial).await.map_err(AgentError::Bootstrap)?;
-            peer_rx = serving.stop().await;
         }
     }
     driving.store(driver.driving(), Ordering::Release);
@@ -203,7 +203,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let mut tick = tokio::time::interval(timing.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for e in pre_events {
-        handle_peer(&mut driver, &appliance, &remote, e).await;
+        handle_peer(&mut driver, &appliance, e).await;
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");
@@ -224,7 +224,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     warn!("cannot report an observation to the driving agent: {e}");
                 }
             }
-            Some(e) = peer_rx.recv() => handle_peer(&mut driver, &appliance, &remote, e).await,
+            Some(e) = peer_rx.recv() => handle_peer(&mut driver, &appliance, e).await,
             _ = term.recv() => {
                 info!("SIGTERM: stopping this appliance's instances");
                 appliance.kill_all();
@@ -243,7 +243,6 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
 async fn handle_peer(
     driver: &mut Driver,
     appliance: &Arc<Appliance>,
-    remote: &Remote,
     e: PeerEvent<PeerMsg>,
 ) {
     match e {
@@ -257,15 +256,9 @@ async fn handle_peer(
                     }
                 }
             }
-            PeerMsg::Request { id, op } => {
-                let a = appliance.clone();
-                let r = remote.clone();
-                tokio::spawn(async move {
-                    let result = a.exec(op).await;
-                    let _ = r.link().send(PeerMsg::Response { id, result });
-                });
+            PeerMsg::Request { .. } | PeerMsg::Response { .. } => {
+                // Handled by the dispatcher.
             }
-            PeerMsg::Response { id, result } => remote.complete(id, result),
             PeerMsg::Observed { observation } => {
                 if let Err(e) = driver
                     .input(Input::Observation(appliance.id().other(), observation))
@@ -289,7 +282,6 @@ async fn handle_peer(
             }
         },
         PeerEvent::Lost => {
-            remote.fail_all();
             if let Err(e) = driver.input(Input::PeerLost).await {
                 error!("{e}");
             }
@@ -303,46 +295,41 @@ async fn handle_peer(
     }
 }
 
-/// Serves the peer's requests and responses while the main loop is busy (bootstrap).
-struct Pump {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<mpsc::Receiver<PeerEvent<PeerMsg>>>,
-}
-
-impl Pump {
-    async fn stop(self) -> mpsc::Receiver<PeerEvent<PeerMsg>> {
-        let _ = self.stop.send(());
-        self.task.await.expect("peer pump task")
-    }
-}
-
-fn spawn_peer_pump(
+/// Handles the peer's requests and the responses to ours as they arrive; passes everything
+/// else on to the main loop.
+fn dispatch_peer(
     appliance: &Arc<Appliance>,
     remote: &Remote,
     mut rx: mpsc::Receiver<PeerEvent<PeerMsg>>,
-) -> Pump {
-    let (stop, mut stop_rx) = tokio::sync::oneshot::channel();
+) -> mpsc::Receiver<PeerEvent<PeerMsg>> {
+    let (tx, out) = mpsc::channel(4096);
     let a = appliance.clone();
     let r = remote.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = &mut stop_rx => return rx,
-                e = rx.recv() => match e {
-                    Some(PeerEvent::Message(PeerMsg::Response { id, result })) => r.complete(id, result),
-                    Some(PeerEvent::Message(PeerMsg::Request { id, op })) => {
-                        let a = a.clone();
-                        let r = r.clone();
-                        tokio::spawn(async move {
-                            let result = a.exec(op).await;
-                            let _ = r.link().send(PeerMsg::Response { id, result });
-                        });
+    tokio::spawn(async move {
+        while let Some(e) = rx.recv().await {
+            match e {
+                PeerEvent::Message(PeerMsg::Response { id, result }) => r.complete(id, result),
+                PeerEvent::Message(PeerMsg::Request { id, op }) => {
+                    let a = a.clone();
+                    let r = r.clone();
+                    tokio::spawn(async move {
+                        let result = a.exec(op).await;
+                        let _ = r.link().send(PeerMsg::Response { id, result });
+                    });
+                }
+                PeerEvent::Lost => {
+                    r.fail_all();
+                    if tx.send(PeerEvent::Lost).await.is_err() {
+                        return;
                     }
-                    Some(_) => {}
-                    None => return rx,
+                }
+                other => {
+                    if tx.send(other).await.is_err() {
+                        return;
+                    }
                 }
             }
         }
     });
-    Pump { stop, task }
+    out
 }

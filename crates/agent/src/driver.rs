@@ -472,22 +472,20 @@ impl Driver {
         }
         match request {
             OperatorRequest::Upgrade { image_dir } => {
-                let catalog_ref = {
-                    let mut cat = self.apps.local.catalog();
-                    cat.add(&image_dir).map_err(|e| e.to_string())?
-                };
-                // Both appliances need the image in their catalogs.
-                for app in ApplianceId::ALL {
-                    self.apps
-                        .exec(
-                            app,
-                            Op::AddImage {
-                                dir: image_dir.clone(),
-                            },
-                        )
-                        .await
-                        .map_err(|e| format!("the {app} appliance cannot use the image: {e}"))?;
+                // Both appliances verify the image and add it to their catalogs.
+                let (p, s) = tokio::join!(
+                    self.apps.exec(ApplianceId::Primary, Op::AddImage { dir: image_dir.clone() }),
+                    self.apps.exec(ApplianceId::Secondary, Op::AddImage { dir: image_dir.clone() })
+                );
+                let mut catalog_ref = None;
+                for (app, r) in [(ApplianceId::Primary, p), (ApplianceId::Secondary, s)] {
+                    match r {
+                        Ok(OpOk::Added { image }) => catalog_ref = Some(image),
+                        Ok(other) => return Err(format!("unexpected answer {other:?}")),
+                        Err(e) => return Err(format!("the {app} appliance cannot use the image: {e}")),
+                    }
                 }
+                let catalog_ref = catalog_ref.expect("both appliances answered");
                 let engine = self.engine.as_ref().expect("driving");
                 let running = engine
                     .state()

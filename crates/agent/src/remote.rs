@@ -71,6 +71,8 @@ impl Remote {
         let bound = match &op {
             Op::Start { .. } => Duration::from_secs(200),
             Op::Stop { .. } | Op::Kill { .. } => Duration::from_secs(60),
+            // Verifying an image reads every byte of it.
+            Op::AddImage { .. } => Duration::from_secs(300),
             Op::FrontHold { bound_ms } => Duration::from_millis(*bound_ms) + Duration::from_secs(2),
             _ => Duration::from_secs(15),
         };

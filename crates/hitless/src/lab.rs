@@ -58,10 +58,17 @@ fn kvd_binary(version: u32) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// What each kvd build understands: v1 reads and writes schema 1; v2 stores schema 2 and,
+/// through its registered transforms, reads and writes schema 1 too.
 fn schemas(native: u32) -> anyhow::Result<BTreeMap<String, SchemaDecl>> {
-    let mut m = BTreeMap::new();
-    m.insert("kvd".to_owned(), SchemaDecl::new(native, [1, 2])?);
-    Ok(m)
+    let versions: std::collections::BTreeSet<u32> = (1..=native).collect();
+    let decl = SchemaDecl {
+        reads: versions.clone(),
+        writes: versions,
+        native,
+    };
+    decl.validate("kvd")?;
+    Ok(BTreeMap::from([("kvd".to_owned(), decl)]))
 }
 
 /// Builds the lab's two images (kvd v1 and v2) in `dir/images`.
@@ -560,7 +567,7 @@ impl Benchmark {
                 "-c",
                 "4",
                 "-n",
-                "20000",
+                "2000",
                 "-r",
                 "10000",
                 "-l",

@@ -45,7 +45,7 @@ fn api_error(e: ureq::Error) -> anyhow::Error {
     }
 }
 
-fn agent() -> ureq::Agent {
+fn http() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(2))
         .timeout(Duration::from_secs(40))
@@ -54,14 +54,14 @@ fn agent() -> ureq::Agent {
 
 /// GET a JSON document.
 pub fn get<T: serde::de::DeserializeOwned>(api: &str, path: &str) -> anyhow::Result<T> {
-    let r = agent().get(&agent_url(api, path)).call().map_err(api_error)?;
+    let r = http().get(&agent_url(api, path)).call().map_err(api_error)?;
     r.into_json()
         .with_context(|| format!("the agent at {api} sent an undecodable answer"))
 }
 
 /// POST a JSON body; returns the agent's `ok` message.
 pub fn post(api: &str, path: &str, body: serde_json::Value) -> anyhow::Result<String> {
-    let r = agent()
+    let r = http()
         .post(&agent_url(api, path))
         .send_json(body)
         .map_err(api_error)?;
@@ -181,7 +181,6 @@ pub fn status(api: &ApiArgs, json: bool) -> anyhow::Result<()> {
 pub struct UpgradeEnd {
     pub outcome: Outcome,
     pub switchovers: u64,
-    pub lines: Vec<ProgressLine>,
 }
 
 /// Follows the progress of the running ISSU until it finishes (bounded), printing each line
@@ -197,7 +196,6 @@ pub fn follow(
     let start = Instant::now();
     let mut next = since;
     let mut switchovers = 0;
-    let mut lines = Vec::new();
     let mut api = api.to_owned();
     let mut committed = false;
     while start.elapsed() < bound {
@@ -227,17 +225,16 @@ pub fn follow(
                     committed = true;
                 }
                 Report::Finished(o) if since <= l.seq => {
-                    let outcome = o.clone();
-                    lines.push(l);
                     return Ok(UpgradeEnd {
-                        outcome,
+                        outcome: o.clone(),
                         switchovers,
-                        lines,
                     });
+                }
+                Report::Step { step, .. } if !auto_commit && step.name() == "await-commit" => {
+                    bail!("waiting for the operator's commit");
                 }
                 _ => {}
             }
-            lines.push(l);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -267,8 +264,10 @@ pub fn describe(l: &ProgressLine) -> String {
     }
 }
 
-/// `hitless upgrade --to IMAGE`.
-pub fn upgrade(api: &ApiArgs, to: &Path) -> anyhow::Result<()> {
+/// `hitless upgrade --to IMAGE`: commits once every instance runs the target unless
+/// `no_commit`, which leaves the pair waiting for `hitless commit` or `hitless rollback`
+/// (the rollback timer reverts it if neither comes).
+pub fn upgrade(api: &ApiArgs, to: &Path, no_commit: bool) -> anyhow::Result<()> {
     let image = std::fs::canonicalize(to)
         .with_context(|| format!("the image directory {} does not exist", to.display()))?;
     let (api, _) = driving_status(api)?;
@@ -277,13 +276,32 @@ pub fn upgrade(api: &ApiArgs, to: &Path) -> anyhow::Result<()> {
     let msg = post(&api, "/v1/upgrade", serde_json::json!({ "image": image }))?;
     println!("{msg}");
     let bar = indicatif::ProgressBar::new_spinner();
-    bar.enable_steady_tick(Duration::from_millis(100));
-    let end = follow(&api, since, Duration::from_secs(3600), false, |l| {
-        bar.println(describe(l));
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if tty {
+        bar.enable_steady_tick(Duration::from_millis(100));
+    }
+    let started = Instant::now();
+    let mut waiting = false;
+    let end = follow(&api, since, Duration::from_secs(3600), !no_commit, |l| {
+        let line = format!("{:>8.3} s  {}", started.elapsed().as_secs_f64(), describe(l));
+        if tty {
+            bar.println(line);
+        } else {
+            eprintln!("{line}");
+        }
         if let Report::Step { step, .. } = &l.report {
             bar.set_message(format!("step {}", step.name()));
+            if no_commit && step.name() == "await-commit" {
+                waiting = true;
+            }
         }
-    })?;
+    });
+    if waiting {
+        bar.finish_and_clear();
+        println!("every instance runs the target; accept with `hitless commit` or revert with `hitless rollback`");
+        return Ok(());
+    }
+    let end = end?;
     bar.finish_and_clear();
     match end.outcome {
         Outcome::Committed { version } => {
