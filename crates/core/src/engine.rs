@@ -719,7 +719,12 @@ impl Engine {
                 _ => {}
             }
         }
-        if let Some(p) = &self.st.pending {
+        let pending = self
+            .st
+            .pending
+            .as_ref()
+            .filter(|p| self.inst(p.to).is_some_and(|t| t.state.is_up()));
+        if let Some(p) = pending {
             match (p.planned, p.from) {
                 (true, Some(from)) => out.push(Command::SwitchControl {
                     from,
@@ -979,7 +984,17 @@ impl Engine {
             // Outcome of the control change is unknown: move control, with a fresh epoch, to a
             // synchronous standby, which holds every acknowledged write whichever side won.
             self.st.pending = None;
-            let candidate = self.failover_candidate(&[Some(p.to), p.from]);
+            // Without one, a planned switch whose target is gone is resolved by re-asserting
+            // the source at a higher epoch: the target cannot serve, and whatever only it held
+            // has no other copy.
+            let candidate = self.failover_candidate(&[Some(p.to), p.from]).or_else(|| {
+                p.from.filter(|f| {
+                    p.planned
+                        && self.st.pair.in_control == Some(*f)
+                        && self.inst(*f).is_some_and(|i| i.state.is_up())
+                        && self.inst(p.to).is_none_or(|t| !t.state.is_up())
+                })
+            });
             match candidate {
                 Some(to) => {
                     let epoch = self.alloc_epoch();
@@ -996,6 +1011,14 @@ impl Engine {
                         epoch,
                         planned: false,
                     });
+                    self.begin_rollback_if_forward(
+                        format!(
+                            "control change to {} at {} was not confirmed",
+                            p.to, p.epoch
+                        ),
+                        out,
+                    );
+                    return;
                 }
                 None => {
                     self.set_stuck(
@@ -1343,6 +1366,10 @@ impl Engine {
         }
         let version = self.inst(to).map(|i| i.version()).expect("exists");
         out.push(report(Report::ControlMoved { to, epoch, version }));
+        if self.st.pair.control().is_some() && self.st.stuck.take().is_some() {
+            // A late confirmation restored control: the engine can go on by itself.
+            self.st.retried = false;
+        }
         if let Some(old) = old.filter(|o| *o != to) {
             if let Some(i) = self.inst_mut(old) {
                 if p.planned && i.state.is_up() {
@@ -1434,11 +1461,14 @@ impl Engine {
         } else if self.st.pair.control().is_some() {
             return;
         }
-        let pending = self.st.pending.take();
+        // Keep a superseded control change recorded until a failover replaces it: if no
+        // standby can take over, a late confirmation of it must still be applied.
+        let pending = self.st.pending.clone();
         let failed = self.st.pair.in_control;
         let exclude = [failed, pending.as_ref().map(|p| p.to)];
         match self.failover_candidate(&exclude) {
             Some(to) => {
+                self.st.pending = None;
                 let epoch = self.alloc_epoch();
                 for f in exclude.into_iter().flatten() {
                     if f != to {

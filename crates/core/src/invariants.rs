@@ -137,6 +137,8 @@ impl Checker {
                     self.epoch_owner.insert(epoch.0, *to);
                     let target = pair.get(*to);
                     let ok = match cmd {
+                        // Re-asserting the instance in control at a higher epoch moves nothing.
+                        Command::Failover { .. } if pair.in_control == Some(*to) => true,
                         Command::Failover { .. } => target.is_some_and(|t| {
                             t.role == Role::HaStandby && t.state == InstanceState::Ready
                         }),

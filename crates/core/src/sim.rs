@@ -860,7 +860,12 @@ impl Sim {
                     crate::engine::Report::Stuck(s) => {
                         format!("stuck: {} (resume with {})", s.reason, s.resume_with)
                     }
-                    crate::engine::Report::Finished(o) => format!("finished: {o:?}"),
+                    crate::engine::Report::Finished(Outcome::Committed { version }) => {
+                        format!("finished: committed {version}")
+                    }
+                    crate::engine::Report::Finished(Outcome::RolledBack { version, reason }) => {
+                        format!("finished: rolled back to {version} ({reason})")
+                    }
                     crate::engine::Report::ControlMoved { to, epoch, version } => {
                         format!("control -> {to} ({version}) at {epoch}")
                     }
@@ -1114,25 +1119,24 @@ pub fn run_with(opts: &SimOptions) -> SimReport {
     // Report.
     let st = sim.engine.state().clone();
     let (result, reason) = match (&st.issu, &st.last_outcome, &st.stuck) {
-        (None, Some(Outcome::Committed { .. }), _) if started => ("committed", None),
-        (None, Some(Outcome::RolledBack { reason, .. }), _) if started => {
-            ("rolled_back", Some(reason.clone()))
-        }
         (_, _, Some(s)) => (
             "incomplete",
             Some(format!("{} (resume with {})", s.reason, s.resume_with)),
         ),
+        (None, Some(Outcome::Committed { .. }), _) if started => ("committed", None),
+        (None, Some(Outcome::RolledBack { reason, .. }), _) if started => {
+            ("rolled_back", Some(reason.clone()))
+        }
         _ => (
             "incomplete",
             Some("did not finish within the tick bound".to_string()),
         ),
     };
     let control = st.pair.control().cloned();
-    if control.as_ref().map(|c| c.id) != sim.world.control {
+    if st.pair.in_control != sim.world.control {
         sim.violations.push(format!(
             "engine believes {:?} is in control, the world says {:?}",
-            control.as_ref().map(|c| c.id),
-            sim.world.control
+            st.pair.in_control, sim.world.control
         ));
     }
     let mut acked_lost = sim.world.acked_lost;

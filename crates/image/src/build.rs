@@ -256,6 +256,9 @@ pub fn vm_image_with(
     opts: &VmOptions,
 ) -> Result<Image> {
     let entry = format!("bin/{}", binary_name(out_dir, binary)?);
+    if entry == "bin/busybox" {
+        return Err(build_err(out_dir, "the service binary of a VM image may not be named busybox (that name holds the guest's busybox)"));
+    }
     let mut manifest = base_manifest(out_dir, name, version, Kind::Vm, &entry, args, schemas)?;
     let kernel = match &opts.kernel {
         Some(k) => k.clone(),
@@ -462,7 +465,7 @@ pub fn newest_kernel(boot_dir: &Path) -> Option<PathBuf> {
 pub fn kernel_release(kernel: &Path) -> Option<String> {
     let from_header = || -> Option<String> {
         let mut f = File::open(kernel).ok()?;
-        let mut head = vec![0u8; 0x4000];
+        let mut head = vec![0u8; 0x10200];
         let n = read_up_to(&mut f, &mut head);
         head.truncate(n);
         if head.get(0x202..0x206)? != b"HdrS" {

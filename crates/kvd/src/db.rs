@@ -254,6 +254,7 @@ impl Db {
             seq: self.last_seq.load(Ordering::Acquire) + 1,
             muts: Vec::new(),
             overlay: HashMap::new(),
+            known: HashMap::new(),
         };
         let reply = match f(&mut tx) {
             Ok(r) => r,
@@ -501,7 +502,7 @@ impl Db {
                     return Err(Reply::err("syntax error"));
                 }
                 self.write(|tx| {
-                    let exists = tx.load(&a[1])?.is_some();
+                    let exists = tx.current(&a[1])?.is_some();
                     if (nx && exists) || (xx && !exists) {
                         return Ok(Reply::nil());
                     }
@@ -851,23 +852,40 @@ struct Tx<'a> {
     db: &'a Db,
     seq: u64,
     muts: Vec<Mutation>,
+    /// Values this command wrote (or deleted), for read-your-writes within the command.
     overlay: HashMap<Vec<u8>, Option<(Value, Meta)>>,
+    /// Kind and metadata of keys already read, so a store does not decode them again.
+    known: HashMap<Vec<u8>, Option<(Kind, Meta)>>,
 }
 
 impl Tx<'_> {
-    fn load(&self, key: &[u8]) -> Result<Option<(Value, Meta)>, Reply> {
-        match self.overlay.get(key) {
-            Some(v) => Ok(v.clone()),
-            None => self.db.read_any(key),
+    fn load(&mut self, key: &[u8]) -> Result<Option<(Value, Meta)>, Reply> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
         }
+        let v = self.db.read_any(key)?;
+        self.known
+            .insert(key.to_vec(), v.as_ref().map(|(v, m)| (v.kind(), *m)));
+        Ok(v)
     }
 
-    fn load_kind(&self, key: &[u8], kind: Kind) -> Result<Option<Value>, Reply> {
+    fn load_kind(&mut self, key: &[u8], kind: Kind) -> Result<Option<Value>, Reply> {
         match self.load(key)? {
             None => Ok(None),
             Some((v, _)) if v.kind() == kind => Ok(Some(v)),
             Some(_) => Err(Reply::Error(WRONGTYPE.into())),
         }
+    }
+
+    /// Kind and metadata of the current value at `key`.
+    fn current(&mut self, key: &[u8]) -> Result<Option<(Kind, Meta)>, Reply> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.as_ref().map(|(v, m)| (v.kind(), *m)));
+        }
+        if let Some(k) = self.known.get(key) {
+            return Ok(*k);
+        }
+        Ok(self.load(key)?.map(|(v, m)| (v.kind(), m)))
     }
 
     /// Writes `value` at `key` (replacing a value of any kind); an empty collection deletes.
@@ -876,9 +894,9 @@ impl Tx<'_> {
             self.delete(key)?;
             return Ok(());
         }
-        let old = self.load(key)?;
-        let meta = match &old {
-            Some((v, m)) if v.kind() == value.kind() => Meta {
+        let old = self.current(key)?;
+        let meta = match old {
+            Some((k, m)) if k == value.kind() => Meta {
                 created_seq: m.created_seq,
                 updated_seq: self.seq,
                 version: m.version + 1,
@@ -889,10 +907,9 @@ impl Tx<'_> {
                 version: 1,
             },
         };
-        if let Some((v, _)) = &old {
-            if v.kind() != value.kind() {
-                self.muts
-                    .push(Mutation::delete(v.kind().table(), key.to_vec()));
+        if let Some((k, _)) = old {
+            if k != value.kind() {
+                self.muts.push(Mutation::delete(k.table(), key.to_vec()));
             }
         }
         let bytes = encode(self.db.version, &value, meta);
@@ -904,11 +921,10 @@ impl Tx<'_> {
 
     /// Deletes `key`; true if it existed.
     fn delete(&mut self, key: &[u8]) -> Result<bool, Reply> {
-        let Some((v, _)) = self.load(key)? else {
+        let Some((k, _)) = self.current(key)? else {
             return Ok(false);
         };
-        self.muts
-            .push(Mutation::delete(v.kind().table(), key.to_vec()));
+        self.muts.push(Mutation::delete(k.table(), key.to_vec()));
         self.overlay.insert(key.to_vec(), None);
         Ok(true)
     }

@@ -229,14 +229,14 @@ pub fn run_with(version: SchemaVersion, args: Args) -> Result<(), StartError> {
 
     let mut handler = node::NodeControl(node.clone());
     let result = if let Some(path) = &args.control_listen {
-        let _ = std::fs::remove_file(path);
+        remove_stale_socket(path);
         let listener = UnixListener::bind(path).map_err(|source| StartError::Bind {
             what: "the control channel",
             addr: path.display().to_string(),
             source,
         })?;
         let r = serve_unix_listener(&listener, &mut handler);
-        let _ = std::fs::remove_file(path);
+        remove_stale_socket(path);
         r.map_err(StartError::from)
     } else {
         let path = args
@@ -248,6 +248,14 @@ pub fn run_with(version: SchemaVersion, args: Args) -> Result<(), StartError> {
     node.stop();
     tracing::info!("kvd stopped");
     result
+}
+
+/// Removes a unix socket left at `path` by an earlier run (never any other kind of file).
+fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Serves the control channel on a character device, reopening it after the host end goes

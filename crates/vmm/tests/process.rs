@@ -282,3 +282,80 @@ fn bad_specs_are_clear_errors() {
     s.id = "bad/id".into();
     assert!(matches!(backend.start(&s), Err(VmmError::InvalidSpec(_))));
 }
+
+/// Helper mode of `agent_death_kills_its_instances`: start an instance,
+/// report its pid, then linger until killed.
+fn agent_stand_in() {
+    let dir = PathBuf::from(std::env::var("HITLESS_VMM_AGENT_DIR").unwrap());
+    let s = spec(&dir, &unique("orphan"), "exec sleep 60");
+    let h = ProcessBackend::default().start(&s).unwrap();
+    println!("instance-pid={}", h.pid().unwrap());
+    std::mem::forget(h);
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn agent_death_kills_its_instances() {
+    if std::env::var_os("HITLESS_VMM_AGENT_DIR").is_some() {
+        agent_stand_in();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "agent_death_kills_its_instances",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("HITLESS_VMM_AGENT_DIR", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(agent.stdout.take().unwrap());
+    let mut pid = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid.is_none() && Instant::now() < deadline {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
+            break;
+        }
+        // libtest prints "test <name> ... " on the same line first.
+        pid = line
+            .trim()
+            .split_once("instance-pid=")
+            .map(|(_, p)| p.parse::<u32>().unwrap());
+    }
+    let pid = pid.expect("the stand-in agent reported its instance");
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    let agent_pid = agent.id();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // The instance got SIGKILL from PR_SET_PDEATHSIG; once its parent is
+    // gone it is reaped by init, so /proc/<pid> disappears.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+    assert!(
+        state.as_deref().is_none_or(|s| s.contains(") Z ")),
+        "instance {pid} outlived its agent: {state:?}"
+    );
+    // The dead agent could not remove the instance cgroup; a restarted agent
+    // would reuse it. Clean it up here.
+    let id = format!("t-{agent_pid}-orphan");
+    for base in [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/pids",
+    ] {
+        let d = Path::new(base).join("hitless").join(&id);
+        // A zombie still pins a v1 cgroup until the host's init reaps it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while d.exists() && std::fs::remove_dir(&d).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Random interleavings: delay jitter and sequences of faults at random ticks.
+
+use hitless_core::sim::{self, FaultKind, ScheduledFault, SimOptions, Trigger};
+use proptest::prelude::*;
+
+fn kind() -> impl Strategy<Value = FaultKind> {
+    prop::sample::select(FaultKind::ALL.to_vec())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// With delay jitter only, every run commits.
+    #[test]
+    fn jitter_alone_commits(seed in 1u64..u64::MAX) {
+        let r = sim::run_with(&SimOptions { seed, ..SimOptions::default() });
+        prop_assert_eq!(r.result.as_str(), "committed", "{:?}", r.reason);
+        prop_assert_eq!(r.invariant_violations, 0, "{:?}", r.violations);
+        prop_assert_eq!(r.acked_lost, 0);
+        prop_assert!(r.final_layout_ok);
+    }
+
+    /// Up to three faults at random ticks, with jitter: invariants always hold, nothing
+    /// acknowledged is lost, and the run either ends committed / rolled back with a proper
+    /// layout, or says it is stuck and how to resume.
+    #[test]
+    fn random_fault_sequences_keep_the_invariants(
+        seed in 0u64..u64::MAX,
+        faults in prop::collection::vec((kind(), 1u64..90), 1..=3),
+    ) {
+        let opts = SimOptions {
+            seed,
+            faults: faults
+                .iter()
+                .map(|(k, t)| ScheduledFault { kind: *k, trigger: Trigger::AtTick(*t) })
+                .collect(),
+            ..SimOptions::default()
+        };
+        let r = sim::run_with(&opts);
+        prop_assert_eq!(r.invariant_violations, 0, "{:?}", r.violations);
+        prop_assert_eq!(r.acked_lost, 0);
+        match r.result.as_str() {
+            "committed" | "rolled_back" => {
+                prop_assert!(r.final_layout_ok, "{:#?}", r.steps);
+                let want = if r.result == "committed" { "1.1.0" } else { "1.0.0" };
+                prop_assert_eq!(r.final_control.version.as_str(), want);
+            }
+            _ => {
+                let reason = r.reason.clone().unwrap_or_default();
+                prop_assert!(reason.contains("resume with"), "incomplete without a stuck report: {reason}\n{:#?}", r.steps);
+            }
+        }
+    }
+}
