@@ -72,17 +72,16 @@ pub async fn serve(
     view: SharedView,
     apps: Appliances,
 ) -> std::io::Result<()> {
-    let ctx = Ctx {
-        inputs,
-        view,
-        apps,
-    };
+    let ctx = Ctx { inputs, view, apps };
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/progress", get(progress))
         .route("/v1/upgrade", post(upgrade))
         .route("/v1/abort", post(|s| operator(s, OperatorRequest::Abort)))
-        .route("/v1/rollback", post(|s| operator(s, OperatorRequest::Rollback)))
+        .route(
+            "/v1/rollback",
+            post(|s| operator(s, OperatorRequest::Rollback)),
+        )
         .route("/v1/commit", post(|s| operator(s, OperatorRequest::Commit)))
         .route("/v1/resume", post(|s| operator(s, OperatorRequest::Resume)))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API path; see /v1/status") })
@@ -116,7 +115,10 @@ async fn status(State(ctx): State<Ctx>) -> Response {
         Ok(Ok(OpOk::Described(d))) => (Some(*d), None),
         Ok(Ok(other)) => (None, Some(format!("unexpected answer {other:?}"))),
         Ok(Err(e)) => (None, Some(e)),
-        Err(_) => (None, Some("the peer agent did not answer within 2 s".into())),
+        Err(_) => (
+            None,
+            Some("the peer agent did not answer within 2 s".into()),
+        ),
     };
     Json(StatusAnswer {
         appliance: ctx.apps.local.id(),
@@ -146,12 +148,12 @@ async fn progress(State(ctx): State<Ctx>, Query(q): Query<Since>) -> Response {
 async fn upgrade(State(ctx): State<Ctx>, body: Bytes) -> Response {
     let req: UpgradeRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("the upgrade request is not valid JSON of the form {{\"image\": \"/path\"}}: {e}"),
-            )
-        }
+        Err(e) => return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the upgrade request is not valid JSON of the form {{\"image\": \"/path\"}}: {e}"
+            ),
+        ),
     };
     operator(
         State(ctx),

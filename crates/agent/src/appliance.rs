@@ -30,6 +30,8 @@ use crate::images::{ImageCatalog, ImageKind};
 pub const GUEST_SERVICE_PORT: u16 = 6379;
 /// The port state sync listens on inside a VM guest.
 pub const GUEST_SYNC_PORT: u16 = 7000;
+/// The guest device of the control channel (the QEMU backend's second serial port).
+pub const GUEST_CONTROL_DEVICE: &str = "ttyS1";
 /// The address of the host's loopback as seen from a QEMU user-networking guest.
 pub const GUEST_HOST_ADDR: &str = "10.0.2.2";
 
@@ -379,9 +381,19 @@ impl Appliance {
                     format!("{loopback}:{sync_port}"),
                 )
             }
-            (BackendKind::Qemu, ImageKind::Vm { kernel, initramfs }) => {
+            (
+                BackendKind::Qemu,
+                ImageKind::Vm {
+                    kernel,
+                    initramfs,
+                    cmdline: base,
+                },
+            ) => {
+                // The guest's init exports every hitless.<key>= parameter as HITLESS_<KEY>,
+                // which kvd reads for what differs per instance. The control channel is the
+                // guest's second serial port (the QEMU backend's default).
                 let cmdline = format!(
-                    "console=ttyS0 panic=-1 quiet hitless.instance={id} hitless.service=0.0.0.0:{GUEST_SERVICE_PORT} hitless.sync=0.0.0.0:{GUEST_SYNC_PORT}"
+                    "{base} quiet hitless.instance={id} hitless.service=0.0.0.0:{GUEST_SERVICE_PORT} hitless.sync=0.0.0.0:{GUEST_SYNC_PORT} hitless.control_device=/dev/{GUEST_CONTROL_DEVICE}"
                 );
                 (
                     Payload::Vm(VmPayload {
@@ -421,7 +433,8 @@ impl Appliance {
             BackendKind::Process => Duration::from_secs(15),
             BackendKind::Qemu => Duration::from_secs(180),
         };
-        let (control, hello) = match connect_control(&control_socket, boot_bound) {
+        let endpoint = handle.control_endpoint().path().to_owned();
+        let (control, hello) = match connect_control(&endpoint, boot_bound) {
             Ok(x) => x,
             Err(e) => {
                 let mut h = handle;

@@ -104,14 +104,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let backend = make_backend(&config)?;
     let front = Front::new(FrontLimits::default());
     let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(1024);
-    let appliance = Appliance::new(
-        me,
-        config.clone(),
-        backend,
-        catalog,
-        front,
-        obs_tx,
-    );
+    let appliance = Appliance::new(me, config.clone(), backend, catalog, front, obs_tx);
     let driving = Arc::new(AtomicBool::new(false));
     let epoch = Arc::new(AtomicU64::new(0));
     let (hb_driving, hb_epoch) = (driving.clone(), epoch.clone());
@@ -178,7 +171,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         if driver.restore().map_err(AgentError::Bootstrap)? {
             // This agent drove before and was restarted: its instances did not survive it.
             warn!("resuming the pair from the journal; this appliance's instances are gone");
-            driver.resume_after_restart().map_err(AgentError::Bootstrap)?;
+            driver
+                .resume_after_restart()
+                .map_err(AgentError::Bootstrap)?;
         } else if me == ApplianceId::Primary {
             // A new pair: the primary brings it up once the peer is reachable.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -194,7 +189,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     "the secondary appliance's agent did not come up within 60 s".into(),
                 ));
             }
-            driver.bootstrap(initial).await.map_err(AgentError::Bootstrap)?;
+            driver
+                .bootstrap(initial)
+                .await
+                .map_err(AgentError::Bootstrap)?;
         }
     }
     driving.store(driver.driving(), Ordering::Release);
@@ -240,14 +238,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
 }
 
-async fn handle_peer(
-    driver: &mut Driver,
-    appliance: &Arc<Appliance>,
-    e: PeerEvent<PeerMsg>,
-) {
+async fn handle_peer(driver: &mut Driver, appliance: &Arc<Appliance>, e: PeerEvent<PeerMsg>) {
     match e {
         PeerEvent::Message(m) => match m {
-            PeerMsg::Heartbeat { driving, epoch, from } => {
+            PeerMsg::Heartbeat {
+                driving,
+                epoch,
+                from,
+            } => {
                 if driving && driver.driving() {
                     // Two drivers (after a partition): the higher epoch wins, the primary on a tie.
                     let mine = driver.epoch();

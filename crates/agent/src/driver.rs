@@ -404,11 +404,14 @@ impl Driver {
                 self.publish();
                 self.feed(Event::InstanceStarted { instance: id })
             }
-            Input::Observation(_, Observation::Exited {
-                instance,
-                reason,
-                expected,
-            }) => {
+            Input::Observation(
+                _,
+                Observation::Exited {
+                    instance,
+                    reason,
+                    expected,
+                },
+            ) => {
                 if expected || self.stopping.remove(&instance).is_some() {
                     self.feed(Event::InstanceStopped { instance })
                 } else {
@@ -445,7 +448,11 @@ impl Driver {
                                 for s in d.instances {
                                     let r = self.apps.remote.clone();
                                     tokio::spawn(async move {
-                                        let _ = r.exec(Op::Kill { instance: s.instance }).await;
+                                        let _ = r
+                                            .exec(Op::Kill {
+                                                instance: s.instance,
+                                            })
+                                            .await;
                                     });
                                 }
                             }
@@ -474,15 +481,27 @@ impl Driver {
             OperatorRequest::Upgrade { image_dir } => {
                 // Both appliances verify the image and add it to their catalogs.
                 let (p, s) = tokio::join!(
-                    self.apps.exec(ApplianceId::Primary, Op::AddImage { dir: image_dir.clone() }),
-                    self.apps.exec(ApplianceId::Secondary, Op::AddImage { dir: image_dir.clone() })
+                    self.apps.exec(
+                        ApplianceId::Primary,
+                        Op::AddImage {
+                            dir: image_dir.clone()
+                        }
+                    ),
+                    self.apps.exec(
+                        ApplianceId::Secondary,
+                        Op::AddImage {
+                            dir: image_dir.clone()
+                        }
+                    )
                 );
                 let mut catalog_ref = None;
                 for (app, r) in [(ApplianceId::Primary, p), (ApplianceId::Secondary, s)] {
                     match r {
                         Ok(OpOk::Added { image }) => catalog_ref = Some(image),
                         Ok(other) => return Err(format!("unexpected answer {other:?}")),
-                        Err(e) => return Err(format!("the {app} appliance cannot use the image: {e}")),
+                        Err(e) => {
+                            return Err(format!("the {app} appliance cannot use the image: {e}"))
+                        }
                     }
                 }
                 let catalog_ref = catalog_ref.expect("both appliances answered");
@@ -509,8 +528,12 @@ impl Driver {
                 self.feed(Event::Start {
                     target: catalog_ref.clone(),
                 })?;
-                self.check_rejected("start")
-                    .map(|_| format!("upgrade to {} {} started", catalog_ref.name, catalog_ref.version))
+                self.check_rejected("start").map(|_| {
+                    format!(
+                        "upgrade to {} {} started",
+                        catalog_ref.name, catalog_ref.version
+                    )
+                })
             }
             OperatorRequest::Abort => self.simple(Event::Abort, "abort"),
             OperatorRequest::Rollback => self.simple(Event::Rollback, "rollback"),
@@ -521,7 +544,8 @@ impl Driver {
 
     fn simple(&mut self, e: Event, name: &str) -> Result<String, String> {
         self.feed(e)?;
-        self.check_rejected(name).map(|_| format!("{name} accepted"))
+        self.check_rejected(name)
+            .map(|_| format!("{name} accepted"))
     }
 
     /// Whether the last progress line is a rejection of `request`.
@@ -554,9 +578,13 @@ impl Driver {
             match c {
                 Command::Report { progress } => {
                     match &progress {
-                        Report::Stuck(s) => warn!(reason = %s.reason, resume = %s.resume_with, "ISSU needs the operator"),
+                        Report::Stuck(s) => {
+                            warn!(reason = %s.reason, resume = %s.resume_with, "ISSU needs the operator")
+                        }
                         Report::Finished(o) => info!(?o, "ISSU finished"),
-                        Report::Rejected { request, reason } => warn!(%request, %reason, "request rejected"),
+                        Report::Rejected { request, reason } => {
+                            warn!(%request, %reason, "request rejected")
+                        }
                         other => info!(report = ?other, "progress"),
                     }
                     self.progress(progress);
@@ -586,7 +614,10 @@ impl Driver {
                         self.instance_appliance(standby),
                         self.instances.get(&active).cloned(),
                     ) else {
-                        self.fail_async(standby, format!("cannot attach {standby} to {active}: unknown instance"));
+                        self.fail_async(
+                            standby,
+                            format!("cannot attach {standby} to {active}: unknown instance"),
+                        );
                         continue;
                     };
                     let epoch = self.epoch();
@@ -599,13 +630,19 @@ impl Driver {
                                 s_app,
                                 Op::Control {
                                     instance: standby,
-                                    command: standby_config(standby, epoch, &a.sync_addr, designated_ha),
+                                    command: standby_config(
+                                        standby,
+                                        epoch,
+                                        &a.sync_addr,
+                                        designated_ha,
+                                    ),
                                 },
                             )
                             .await;
                         let ev = match r {
-                            Err(reason) => Event::StandbyOutOfSync { instance: standby }
-                                .with_log(&reason),
+                            Err(reason) => {
+                                Event::StandbyOutOfSync { instance: standby }.with_log(&reason)
+                            }
                             Ok(_) => ready_event(&apps, s_app, standby, poll, &tx).await,
                         };
                         let _ = tx.send(Input::Event(ev)).await;
@@ -779,7 +816,12 @@ async fn ready_event(
                 }
                 if last_report.elapsed() >= Duration::from_millis(250) {
                     last_report = tokio::time::Instant::now();
-                    let applied = s.services.values().map(|x| x.applied_seq).min().unwrap_or(0);
+                    let applied = s
+                        .services
+                        .values()
+                        .map(|x| x.applied_seq)
+                        .min()
+                        .unwrap_or(0);
                     let lag = s.services.values().map(|x| x.lag).max().unwrap_or(0);
                     let _ = tx
                         .send(Input::Event(Event::SyncProgress {
@@ -962,6 +1004,7 @@ async fn switchover(
     let to_app = ctx.app(to)?;
     let target = ctx.started(to)?.clone();
     let bound_ms = timing.drain_bound.as_millis() as u64;
+    let t0 = tokio::time::Instant::now();
     // 1. Hold both fronts; wait for in-flight requests to be answered.
     let (a, b) = tokio::join!(
         apps.exec(ApplianceId::Primary, Op::FrontHold { bound_ms }),
@@ -971,6 +1014,7 @@ async fn switchover(
     if let Err(e) = b {
         warn!("secondary front did not drain: {e}");
     }
+    let t_held = t0.elapsed();
     // 2. Quiesce the old active: nothing new is applied.
     apps.exec(
         from_app,
@@ -1017,6 +1061,7 @@ async fn switchover(
         }
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
+    let t_caught_up = t0.elapsed();
     // 4. Promote the target at the new epoch.
     apps.exec(
         to_app,
@@ -1042,7 +1087,45 @@ async fn switchover(
     {
         warn!(%from, "demotion failed (it is fenced by the new epoch regardless): {e}");
     }
-    // 6. Every other standby follows the target; 7. clients go to the target.
+    let t_promoted = t0.elapsed();
+    // 6. Every other standby follows the target.
     repoint_standbys(apps, ctx, to, &target, epoch, Some(from)).await;
-    route_to(apps, epoch, &target).await
+    // 7. The target acknowledges nothing a failover could lose: clients wait until the
+    //    designated HA standby is attached to it and in sync (bounded; past the bound the
+    //    pair runs degraded and says so).
+    for (s, ha) in &ctx.standbys {
+        if !*ha || *s == to || *s == from {
+            continue;
+        }
+        let Ok(app) = ctx.app(*s) else { continue };
+        let deadline = tokio::time::Instant::now() + timing.drain_bound;
+        loop {
+            match as_status(apps.exec(app, Op::Status { instance: *s }).await) {
+                Ok(st) if st.ready && st.epoch >= epoch => break,
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(standby = %s, "HA standby unreachable after the switchover: {e}");
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(standby = %s, "HA standby not in sync with {to} within {:?}; continuing degraded", timing.drain_bound);
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+    let t_ha = t0.elapsed();
+    // 8. Clients go to the target.
+    route_to(apps, epoch, &target).await?;
+    info!(
+        %from, %to, epoch,
+        held_ms = t_held.as_secs_f64() * 1e3,
+        caught_up_ms = t_caught_up.as_secs_f64() * 1e3,
+        promoted_ms = t_promoted.as_secs_f64() * 1e3,
+        ha_in_sync_ms = t_ha.as_secs_f64() * 1e3,
+        released_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "planned switchover done"
+    );
+    Ok(())
 }

@@ -14,7 +14,9 @@ pub enum CatalogError {
     Image(#[from] hitless_image::ImageError),
     #[error("image {name} {version} is not registered on this appliance")]
     Unknown { name: String, version: Version },
-    #[error("image {name} has version {version:?}, which is not MAJOR.MINOR.PATCH with small numbers")]
+    #[error(
+        "image {name} has version {version:?}, which is not MAJOR.MINOR.PATCH with small numbers"
+    )]
     BadVersion { name: String, version: String },
     #[error("a different image {name} {version} is already registered from {existing}")]
     Conflict {
@@ -30,7 +32,11 @@ pub enum ImageKind {
     /// A service binary run in the process sandbox.
     Process,
     /// A bootable VM: kernel and initramfs.
-    Vm { kernel: PathBuf, initramfs: PathBuf },
+    Vm {
+        kernel: PathBuf,
+        initramfs: PathBuf,
+        cmdline: String,
+    },
 }
 
 /// A registered image.
@@ -69,9 +75,13 @@ impl ImageCatalog {
         let m = &img.manifest;
         let version = core_version(&m.name, &m.version)?;
         let image = ImageRef::new(m.name.clone(), version);
-        let kind = match img.boot_paths() {
-            Some((kernel, initramfs)) => ImageKind::Vm { kernel, initramfs },
-            None => ImageKind::Process,
+        let kind = match (img.boot_paths(), &m.vm) {
+            (Some((kernel, initramfs)), Some(vm)) => ImageKind::Vm {
+                kernel,
+                initramfs,
+                cmdline: vm.cmdline.clone(),
+            },
+            _ => ImageKind::Process,
         };
         let spec = ImageSpec {
             image: image.clone(),

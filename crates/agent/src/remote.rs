@@ -35,11 +35,14 @@ pub enum PeerMsg {
     Journal { index: u64, envelope: String },
 }
 
+/// Requests sent to the peer, waiting for their result.
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<OpOk, String>>>>>;
+
 /// The peer appliance, as seen from this agent. Cheap to clone.
 #[derive(Clone)]
 pub struct Remote {
     link: PeerLink<PeerMsg>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Result<OpOk, String>>>>>,
+    pending: Pending,
     next: Arc<AtomicU64>,
     peer: ApplianceId,
 }
@@ -114,12 +117,7 @@ impl Remote {
 
     /// Fails every waiting request (the peer was lost).
     pub fn fail_all(&self) {
-        let all: Vec<_> = self
-            .pending
-            .lock()
-            .expect("pending lock")
-            .drain()
-            .collect();
+        let all: Vec<_> = self.pending.lock().expect("pending lock").drain().collect();
         for (_, tx) in all {
             let _ = tx.send(Err(format!("the {} appliance was lost", self.peer)));
         }

@@ -80,9 +80,14 @@ fn build_images(dir: &Path, backend: Backend) -> anyhow::Result<[PathBuf; 2]> {
         let img_dir = dir.join("images").join(format!("kvd-{version}"));
         let _ = std::fs::remove_dir_all(&img_dir);
         let image = match backend {
-            Backend::Process => {
-                hitless_image::build::process_image(&img_dir, "kvd", &version, &bin, &[], &schemas(v)?)
-            }
+            Backend::Process => hitless_image::build::process_image(
+                &img_dir,
+                "kvd",
+                &version,
+                &bin,
+                &[],
+                &schemas(v)?,
+            ),
             Backend::Qemu => hitless_image::build::vm_image(
                 &img_dir,
                 "kvd",
@@ -99,9 +104,10 @@ fn build_images(dir: &Path, backend: Backend) -> anyhow::Result<[PathBuf; 2]> {
     Ok([out[0].clone(), out[1].clone()])
 }
 
-/// Arguments of kvd inside a VM guest (the rest comes from `hitless.*` kernel parameters).
+/// Arguments of kvd inside a VM guest: none; what differs per instance comes from the
+/// `hitless.*` kernel parameters the agent sets.
 fn vm_args() -> Vec<String> {
-    vec!["--control-device".into(), "auto".into()]
+    Vec::new()
 }
 
 fn write_config(dir: &Path, i: usize, backend: Backend, image: &Path) -> anyhow::Result<PathBuf> {
@@ -153,7 +159,10 @@ fn spawn_agent(dir: &Path, i: usize) -> anyhow::Result<u32> {
     let child = Command::new(exe)
         .args(["agent", "--config"])
         .arg(dir.join(format!("{}.toml", NAMES[i])))
-        .env("HITLESS_LOG", std::env::var("HITLESS_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "HITLESS_LOG",
+            std::env::var("HITLESS_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -175,9 +184,19 @@ fn pid_of(dir: &Path, i: usize) -> Option<i32> {
         .ok()
 }
 
+/// Whether `pid` runs (a zombie, ended but not yet reaped, does not).
 fn alive(pid: i32) -> bool {
     // SAFETY: kill(2) with signal 0 only checks that the process exists; no memory is shared.
-    unsafe { libc::kill(pid, 0) == 0 }
+    let exists = unsafe { libc::kill(pid, 0) == 0 };
+    if !exists {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the parenthesised command name.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X'))
 }
 
 fn signal(pid: i32, sig: i32) {
@@ -198,9 +217,10 @@ fn wait_pair(bound: Duration) -> anyhow::Result<StatusAnswer> {
         match ops::driving_status(&ApiArgs { api: None }) {
             Ok((_, s)) => {
                 if let Some(e) = &s.engine {
-                    let ha_ready = e.instances.iter().any(|r| {
-                        r.role == Role::HaStandby && format!("{:?}", r.state) == "Ready"
-                    });
+                    let ha_ready = e
+                        .instances
+                        .iter()
+                        .any(|r| r.role == Role::HaStandby && format!("{:?}", r.state) == "Ready");
                     if e.in_control.is_some() && ha_ready {
                         return Ok(s);
                     }
@@ -260,23 +280,24 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
 
 /// `hitless lab down`.
 pub fn down(dir: &Path) -> anyhow::Result<()> {
-    let mut stopped = 0;
-    for i in 0..2 {
-        if let Some(pid) = pid_of(dir, i) {
-            if alive(pid) {
-                signal(pid, SIGTERM);
-                let start = Instant::now();
-                while alive(pid) && start.elapsed() < Duration::from_secs(10) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                if alive(pid) {
-                    signal(pid, SIGKILL);
-                }
-                stopped += 1;
-            }
+    // Both at once: stopping one first would look like an appliance loss to the other.
+    let pids: Vec<i32> = (0..2)
+        .filter_map(|i| pid_of(dir, i))
+        .filter(|p| alive(*p))
+        .collect();
+    for p in &pids {
+        signal(*p, SIGTERM);
+    }
+    let start = Instant::now();
+    while pids.iter().any(|p| alive(*p)) && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in &pids {
+        if alive(*p) {
+            signal(*p, SIGKILL);
         }
     }
-    // Reap zombies of agents this process started.
+    let stopped = pids.len();
     println!(
         "lab down: {stopped} agent(s) stopped; logs kept in {}",
         dir.display()
@@ -287,7 +308,10 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
 /// `hitless lab status`.
 pub fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
     if !dir.exists() {
-        bail!("no lab in {} (start one with `hitless lab up`)", dir.display());
+        bail!(
+            "no lab in {} (start one with `hitless lab up`)",
+            dir.display()
+        );
     }
     ops::status(&ApiArgs { api: None }, json)
 }
@@ -457,7 +481,9 @@ fn writer(
                     stats.max_gap_ns.fetch_max(now - prev, Ordering::AcqRel);
                 }
                 if now >= stats.mark_ns.load(Ordering::Acquire) {
-                    stats.first_ack_after_mark_ns.fetch_min(now, Ordering::AcqRel);
+                    stats
+                        .first_ack_after_mark_ns
+                        .fetch_min(now, Ordering::AcqRel);
                 }
                 stats.acked.fetch_add(1, Ordering::Relaxed);
                 acked.push((key, val));
@@ -689,9 +715,9 @@ fn inject(dir: &Path, kind: &str) -> anyhow::Result<String> {
 
 fn parse_fault(f: &str) -> anyhow::Result<(String, String)> {
     let catalog = hitless_core::sim::fault_catalog();
-    let (kind, step) = f
-        .split_once('@')
-        .with_context(|| format!("fault {f:?} is not KIND@STEP (see `hitless sim issu --list-faults`)"))?;
+    let (kind, step) = f.split_once('@').with_context(|| {
+        format!("fault {f:?} is not KIND@STEP (see `hitless sim issu --list-faults`)")
+    })?;
     if !catalog.iter().any(|c| c.to_string() == f) {
         bail!("unknown fault {f:?}; `hitless sim issu --list-faults` lists the accepted ones");
     }
@@ -706,7 +732,10 @@ pub fn issu(args: &LabIssuArgs) -> anyhow::Result<()> {
     let fault = args.fault.as_deref().map(parse_fault).transpose()?;
     let dir = args.up.dir.clone();
     if !args.json {
-        eprintln!("bringing the lab up ({} backend)...", backend_name(args.up.backend));
+        eprintln!(
+            "bringing the lab up ({} backend)...",
+            backend_name(args.up.backend)
+        );
     }
     let result = run_issu(args, fault.as_ref());
     if !args.keep {
@@ -758,7 +787,11 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         Backend::Qemu => Duration::from_secs(1800),
     };
     let end = ops::follow(&api, since, bound, true, |l| {
-        let line = format!("{:>7.3} s  {}", issu_start.elapsed().as_secs_f64(), ops::describe(l));
+        let line = format!(
+            "{:>7.3} s  {}",
+            issu_start.elapsed().as_secs_f64(),
+            ops::describe(l)
+        );
         if !args.json {
             eprintln!("{line}");
         }
@@ -769,13 +802,16 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
                     injected = true;
                     // Let the step get under way before the fault.
                     std::thread::sleep(Duration::from_millis(100));
-                    checker
-                        .stats
-                        .mark_ns
-                        .store(checker.stats.origin.elapsed().as_nanos() as u64, Ordering::Release);
+                    checker.stats.mark_ns.store(
+                        checker.stats.origin.elapsed().as_nanos() as u64,
+                        Ordering::Release,
+                    );
                     match inject(dir, kind) {
                         Ok(what) => {
-                            let line = format!("{:>7.3} s  fault: {what}", issu_start.elapsed().as_secs_f64());
+                            let line = format!(
+                                "{:>7.3} s  fault: {what}",
+                                issu_start.elapsed().as_secs_f64()
+                            );
                             if !args.json {
                                 eprintln!("{line}");
                             }
@@ -821,13 +857,20 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
     }
     let (_, after) = ops::driving_status(&ApiArgs { api: None })?;
     let engine = after.engine.clone().unwrap_or_else(|| {
-        before.engine.clone().expect("engine status before the ISSU")
+        before
+            .engine
+            .clone()
+            .expect("engine status before the ISSU")
     });
     let control = engine
         .in_control
         .and_then(|id| engine.instances.iter().find(|r| r.id == id));
     let (result, detail, to_version) = match &end.outcome {
-        Outcome::Committed { version } => ("committed", format!("all instances on {version}"), version.to_string()),
+        Outcome::Committed { version } => (
+            "committed",
+            format!("all instances on {version}"),
+            version.to_string(),
+        ),
         Outcome::RolledBack { version, reason } => ("rolled_back", reason.clone(), {
             let _ = version;
             "2.0.0".to_owned()
@@ -864,8 +907,15 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
 
 fn print_report(r: &IssuReport) {
     println!();
-    println!("hitless lab issu: {} ({} backend)", r.result.replace('_', " "), r.backend);
-    println!("  upgrade            {} -> {}", r.from_version, r.to_version);
+    println!(
+        "hitless lab issu: {} ({} backend)",
+        r.result.replace('_', " "),
+        r.backend
+    );
+    println!(
+        "  upgrade            {} -> {}",
+        r.from_version, r.to_version
+    );
     if let Some(f) = &r.fault {
         println!("  fault              {f} (injected: {})", r.fault_injected);
     }
@@ -874,7 +924,10 @@ fn print_report(r: &IssuReport) {
         "  in control now     {} appliance, version {}, epoch {}",
         r.final_control.appliance, r.final_control.version, r.final_control.epoch
     );
-    println!("  acknowledged writes {} verified, {} lost", r.acked_writes, r.acked_lost);
+    println!(
+        "  acknowledged writes {} verified, {} lost",
+        r.acked_writes, r.acked_lost
+    );
     println!("  client errors      {}", r.client_errors);
     println!("  longest ack gap    {:.1} ms", r.max_gap_ms);
     if let Some(f) = r.failover_ms {

@@ -54,7 +54,10 @@ fn http() -> ureq::Agent {
 
 /// GET a JSON document.
 pub fn get<T: serde::de::DeserializeOwned>(api: &str, path: &str) -> anyhow::Result<T> {
-    let r = http().get(&agent_url(api, path)).call().map_err(api_error)?;
+    let r = http()
+        .get(&agent_url(api, path))
+        .call()
+        .map_err(api_error)?;
     r.into_json()
         .with_context(|| format!("the agent at {api} sent an undecodable answer"))
 }
@@ -102,8 +105,16 @@ pub fn print_status(s: &StatusAnswer) {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(vec![
-        "instance", "appliance", "version", "state", "role", "applied seq", "lag", "pid",
-        "kernel", "backend",
+        "instance",
+        "appliance",
+        "version",
+        "state",
+        "role",
+        "applied seq",
+        "lag",
+        "pid",
+        "kernel",
+        "backend",
     ]);
     let engine = s.engine.as_ref();
     let mut all = s.local.instances.clone();
@@ -122,8 +133,11 @@ pub fn print_status(s: &StatusAnswer) {
                 format!("{:?}", row.role),
                 applied,
                 String::new(),
-                live.and_then(|l| l.pid).map(|p| p.to_string()).unwrap_or_default(),
-                live.and_then(|l| l.kernel_release.clone()).unwrap_or_default(),
+                live.and_then(|l| l.pid)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                live.and_then(|l| l.kernel_release.clone())
+                    .unwrap_or_default(),
                 live.map(|l| l.backend.clone()).unwrap_or_default(),
             ]);
         }
@@ -137,13 +151,21 @@ pub fn print_status(s: &StatusAnswer) {
         println!(
             "phase: {}{}   epoch: {}   in control: {} ({})",
             e.phase,
-            e.step.as_ref().map(|st| format!(" / step {st}")).unwrap_or_default(),
+            e.step
+                .as_ref()
+                .map(|st| format!(" / step {st}"))
+                .unwrap_or_default(),
             e.epoch.0,
-            e.in_control.map(|i| i.to_string()).unwrap_or_else(|| "none".into()),
+            e.in_control
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "none".into()),
             e.control_version.map(|v| v.to_string()).unwrap_or_default(),
         );
         if let Some(st) = &e.stuck {
-            println!("NEEDS THE OPERATOR: {} -> run `hitless {}`", st.reason, st.resume_with);
+            println!(
+                "NEEDS THE OPERATOR: {} -> run `hitless {}`",
+                st.reason, st.resume_with
+            );
         }
     }
     println!("{t}");
@@ -253,8 +275,13 @@ pub fn describe(l: &ProgressLine) -> String {
                 .map(|p| format!(" (procedure step {p})"))
                 .unwrap_or_default()
         ),
-        Report::Stuck(s) => format!("needs the operator: {} (resume with `hitless {}`)", s.reason, s.resume_with),
-        Report::Finished(Outcome::Committed { version }) => format!("committed: all instances on {version}"),
+        Report::Stuck(s) => format!(
+            "needs the operator: {} (resume with `hitless {}`)",
+            s.reason, s.resume_with
+        ),
+        Report::Finished(Outcome::Committed { version }) => {
+            format!("committed: all instances on {version}")
+        }
         Report::Finished(Outcome::RolledBack { version, reason }) => {
             format!("rolled back to {version}: {reason}")
         }
@@ -283,7 +310,11 @@ pub fn upgrade(api: &ApiArgs, to: &Path, no_commit: bool) -> anyhow::Result<()> 
     let started = Instant::now();
     let mut waiting = false;
     let end = follow(&api, since, Duration::from_secs(3600), !no_commit, |l| {
-        let line = format!("{:>8.3} s  {}", started.elapsed().as_secs_f64(), describe(l));
+        let line = format!(
+            "{:>8.3} s  {}",
+            started.elapsed().as_secs_f64(),
+            describe(l)
+        );
         if tty {
             bar.println(line);
         } else {
@@ -305,7 +336,10 @@ pub fn upgrade(api: &ApiArgs, to: &Path, no_commit: bool) -> anyhow::Result<()> 
     bar.finish_and_clear();
     match end.outcome {
         Outcome::Committed { version } => {
-            println!("upgrade committed: every instance runs {version} ({} control moves)", end.switchovers);
+            println!(
+                "upgrade committed: every instance runs {version} ({} control moves)",
+                end.switchovers
+            );
             Ok(())
         }
         Outcome::RolledBack { version, reason } => {
