@@ -148,12 +148,14 @@ async fn progress(State(ctx): State<Ctx>, Query(q): Query<Since>) -> Response {
 async fn upgrade(State(ctx): State<Ctx>, body: Bytes) -> Response {
     let req: UpgradeRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return error(
-            StatusCode::BAD_REQUEST,
-            format!(
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
                 "the upgrade request is not valid JSON of the form {{\"image\": \"/path\"}}: {e}"
             ),
-        ),
+            )
+        }
     };
     operator(
         State(ctx),

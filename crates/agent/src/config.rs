@@ -169,10 +169,8 @@ impl AgentConfig {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.message().to_owned()
-                + &e.span()
-                    .map(|s| format!(" (at byte {})", s.start))
-                    .unwrap_or_default(),
+            // The full report quotes the offending line, which names the field.
+            message: e.to_string().trim_end().replace('\n', "\n    "),
         })?;
         config.validate(path)?;
         Ok(config)

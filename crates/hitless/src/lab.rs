@@ -280,6 +280,16 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
 
 /// `hitless lab down`.
 pub fn down(dir: &Path) -> anyhow::Result<()> {
+    let stopped = stop_agents(dir);
+    println!(
+        "lab down: {stopped} agent(s) stopped; logs kept in {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Stops the lab's agents (gracefully, then by force); returns how many were running.
+fn stop_agents(dir: &Path) -> usize {
     // Both at once: stopping one first would look like an appliance loss to the other.
     let pids: Vec<i32> = (0..2)
         .filter_map(|i| pid_of(dir, i))
@@ -297,12 +307,7 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
             signal(*p, SIGKILL);
         }
     }
-    let stopped = pids.len();
-    println!(
-        "lab down: {stopped} agent(s) stopped; logs kept in {}",
-        dir.display()
-    );
-    Ok(())
+    pids.len()
 }
 
 /// `hitless lab status`.
@@ -333,6 +338,10 @@ pub struct IssuReport {
     pub failover_ms: Option<f64>,
     pub switchovers: u64,
     pub issu_seconds: f64,
+    /// Most instances running at once during the ISSU (both appliances).
+    pub peak_instances: u64,
+    /// Kernel releases reported by VM guests.
+    pub guest_kernels: Vec<String>,
     pub benchmark: BenchSummary,
     pub outcome_detail: String,
     pub timeline: Vec<String>,
@@ -370,9 +379,11 @@ struct CheckerStats {
     /// Longest interval without an acknowledged write while gaps are measured.
     max_gap_ns: AtomicU64,
     measuring: AtomicBool,
-    /// Acks after this mark (ns since origin) are candidates for the failover figure.
+    /// When a fault was injected (ns since origin).
     mark_ns: AtomicU64,
-    first_ack_after_mark_ns: AtomicU64,
+    /// Longest interval without an acknowledged write that ended within 5 s after the mark:
+    /// the outage the fault caused.
+    max_gap_after_mark_ns: AtomicU64,
     error_samples: Mutex<Vec<String>>,
 }
 
@@ -417,7 +428,7 @@ impl Checker {
             max_gap_ns: AtomicU64::new(0),
             measuring: AtomicBool::new(false),
             mark_ns: AtomicU64::new(u64::MAX),
-            first_ack_after_mark_ns: AtomicU64::new(u64::MAX),
+            max_gap_after_mark_ns: AtomicU64::new(0),
             error_samples: Mutex::new(Vec::new()),
         });
         let threads = (0..writers)
@@ -480,10 +491,11 @@ fn writer(
                 if stats.measuring.load(Ordering::Acquire) && prev > 0 && now > prev {
                     stats.max_gap_ns.fetch_max(now - prev, Ordering::AcqRel);
                 }
-                if now >= stats.mark_ns.load(Ordering::Acquire) {
+                let mark = stats.mark_ns.load(Ordering::Acquire);
+                if now >= mark && now - mark < 5_000_000_000 && prev > 0 {
                     stats
-                        .first_ack_after_mark_ns
-                        .fetch_min(now, Ordering::AcqRel);
+                        .max_gap_after_mark_ns
+                        .fetch_max(now.saturating_sub(prev), Ordering::AcqRel);
                 }
                 stats.acked.fetch_add(1, Ordering::Relaxed);
                 acked.push((key, val));
@@ -552,6 +564,46 @@ fn verify(addr: SocketAddr, acked: &[(String, String)]) -> anyhow::Result<(u64, 
         }
     }
     Ok((lost, samples))
+}
+
+// ---------------------------------------------------------------------------------------------
+// What runs during the ISSU, sampled from the agents' status.
+
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, Vec<String>)>,
+}
+
+impl Sampler {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0u64;
+            let mut kernels = std::collections::BTreeSet::new();
+            // Bounded by the ISSU's own bound; stops when told.
+            while !s.load(Ordering::Acquire) {
+                if let Ok((_, st)) = ops::driving_status(&ApiArgs { api: None }) {
+                    let all: Vec<_> = st
+                        .local
+                        .instances
+                        .iter()
+                        .chain(st.peer.iter().flat_map(|p| p.instances.iter()))
+                        .collect();
+                    peak = peak.max(all.len() as u64);
+                    kernels.extend(all.iter().filter_map(|i| i.kernel_release.clone()));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (peak, kernels.into_iter().collect())
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().unwrap_or_default()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -739,7 +791,7 @@ pub fn issu(args: &LabIssuArgs) -> anyhow::Result<()> {
     }
     let result = run_issu(args, fault.as_ref());
     if !args.keep {
-        let _ = down(&dir);
+        stop_agents(&dir);
     }
     let report = result?;
     if args.json {
@@ -777,6 +829,7 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         .map(|l| l.seq + 1)
         .unwrap_or(0);
     checker.stats.measuring.store(true, Ordering::Release);
+    let sampler = Sampler::start();
     let issu_start = Instant::now();
     ops::post(&api, "/v1/upgrade", serde_json::json!({ "image": target }))?;
     let mut injected = false;
@@ -834,6 +887,7 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
     });
     let issu_seconds = issu_start.elapsed().as_secs_f64();
     checker.stats.measuring.store(false, Ordering::Release);
+    let (peak_instances, guest_kernels) = sampler.finish();
     // Let the load run a moment on the final instance in control.
     std::thread::sleep(Duration::from_millis(300));
     let errors_during = checker.stats.errors.load(Ordering::Relaxed);
@@ -876,10 +930,8 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
             "2.0.0".to_owned()
         }),
     };
-    let mark = stats.mark_ns.load(Ordering::Acquire);
-    let first = stats.first_ack_after_mark_ns.load(Ordering::Acquire);
-    let failover_ms = (injected && first != u64::MAX && mark != u64::MAX)
-        .then(|| (first.saturating_sub(mark)) as f64 / 1e6);
+    let outage = stats.max_gap_after_mark_ns.load(Ordering::Acquire);
+    let failover_ms = (injected && outage > 0).then(|| outage as f64 / 1e6);
     Ok(IssuReport {
         result: result.into(),
         from_version,
@@ -899,6 +951,8 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         failover_ms,
         switchovers: end.switchovers,
         issu_seconds,
+        peak_instances,
+        guest_kernels,
         benchmark: bench_summary,
         outcome_detail: detail,
         timeline,
@@ -931,10 +985,16 @@ fn print_report(r: &IssuReport) {
     println!("  client errors      {}", r.client_errors);
     println!("  longest ack gap    {:.1} ms", r.max_gap_ms);
     if let Some(f) = r.failover_ms {
-        println!("  fault to next ack  {f:.1} ms");
+        println!(
+            "  outage at fault    {f:.1} ms (longest gap between acknowledged writes around it)"
+        );
     }
     println!("  control moves      {}", r.switchovers);
     println!("  ISSU duration      {:.2} s", r.issu_seconds);
+    println!("  peak instances     {}", r.peak_instances);
+    if !r.guest_kernels.is_empty() {
+        println!("  guest kernels      {}", r.guest_kernels.join(", "));
+    }
     if !r.benchmark.tests.is_empty() {
         let tests: Vec<String> = r
             .benchmark
