@@ -1,4 +1,5 @@
-//! Runs the replication benchmark: `cargo run --release -p hitless-sync --example bench_sync [-- --json] [--quick]`.
+//! Runs the replication benchmark:
+//! `cargo run --release -p hitless-sync --example bench_sync [-- --json] [--quick]`.
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -10,10 +11,11 @@ fn main() {
         cfg.bulk_bytes = 64 << 20;
     }
     match hitless_sync::bench::run(&cfg) {
-        Ok(r) => println!(
+        Ok(r) if args.iter().any(|a| a == "--json") => println!(
             "{}",
             serde_json::to_string_pretty(&r).expect("report serializes")
         ),
+        Ok(r) => print!("{}", r.human()),
         Err(e) => {
             eprintln!("bench failed: {e}");
             std::process::exit(1);

@@ -25,7 +25,8 @@ pub struct BenchConfig {
     pub bulk_bytes: u64,
     /// Value size of the bulk state's records.
     pub bulk_value_len: usize,
-    /// Loopback round-trip samples.
+    /// Loopback round-trip samples of [`loopback_rtt`] (the report's RTT
+    /// figures come from [`ack_latency`], interleaved with the ack samples).
     pub rtt_samples: usize,
 }
 
@@ -44,6 +45,23 @@ impl Default for BenchConfig {
     }
 }
 
+/// One target and whether the run met it.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetCheck {
+    /// What is measured.
+    pub figure: String,
+    /// Measured value.
+    pub value: f64,
+    /// Target value.
+    pub target: f64,
+    /// Unit of both.
+    pub unit: String,
+    /// `true` if the value must be at least the target, `false` if at most.
+    pub at_least: bool,
+    /// Whether the target is met.
+    pub met: bool,
+}
+
 /// Benchmark figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
@@ -59,7 +77,8 @@ pub struct BenchReport {
     pub bulk_mib_per_s: f64,
     /// Bulk state size in MiB.
     pub bulk_mib: f64,
-    /// Loopback TCP round trip p50 (µs), measured in the same run.
+    /// Loopback TCP round trip p50 (µs), measured in the same run,
+    /// interleaved with the ack samples.
     pub loopback_rtt_p50_us: f64,
     /// Loopback TCP round trip p99 (µs).
     pub loopback_rtt_p99_us: f64,
@@ -71,6 +90,101 @@ pub struct BenchReport {
     pub key_len: usize,
     /// Value length.
     pub value_len: usize,
+    /// Process CPU time (all threads, both ends, the benchmark's own
+    /// building of mutations included) per replicated mutation, one
+    /// standby, in microseconds: a figure that load on the machine changes
+    /// far less than the rates.
+    pub cpu_us_per_mutation_1_standby: f64,
+    /// The same with three standbys.
+    pub cpu_us_per_mutation_3_standbys: f64,
+    /// Process CPU time per bulk MiB, in milliseconds.
+    pub cpu_ms_per_bulk_mib: f64,
+    /// Online CPUs.
+    pub cpus: usize,
+    /// One-minute load average when the run started.
+    pub load_avg_start: f64,
+    /// One-minute load average when the run ended.
+    pub load_avg_end: f64,
+    /// The targets and whether they are met.
+    pub targets: Vec<TargetCheck>,
+}
+
+impl BenchReport {
+    /// The figures and targets as a human-readable table.
+    pub fn human(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "hitless bench sync (loopback TCP, {} mutations of {}+{} bytes in batches of {}; \
+             {} CPUs, load average {:.1} -> {:.1})",
+            self.mutations,
+            self.key_len,
+            self.value_len,
+            self.batch,
+            self.cpus,
+            self.load_avg_start,
+            self.load_avg_end
+        );
+        let _ = writeln!(
+            o,
+            "  loopback RTT p50 / p99        {:>10.1} / {:.1} us",
+            self.loopback_rtt_p50_us, self.loopback_rtt_p99_us
+        );
+        let _ = writeln!(
+            o,
+            "  sync ack p50 / p99            {:>10.1} / {:.1} us",
+            self.ack_p50_us, self.ack_p99_us
+        );
+        let _ = writeln!(
+            o,
+            "  mutations/s, 1 standby        {:>10.0}   ({:.2} us CPU per mutation)",
+            self.mutations_per_s_1_standby, self.cpu_us_per_mutation_1_standby
+        );
+        let _ = writeln!(
+            o,
+            "  mutations/s, 3 standbys       {:>10.0}   ({:.2} us CPU per mutation)",
+            self.mutations_per_s_3_standbys, self.cpu_us_per_mutation_3_standbys
+        );
+        let _ = writeln!(
+            o,
+            "  bulk transfer                 {:>10.0} MiB/s ({:.0} MiB state, {:.2} ms CPU per MiB)",
+            self.bulk_mib_per_s, self.bulk_mib, self.cpu_ms_per_bulk_mib
+        );
+        let _ = writeln!(o, "targets:");
+        for t in &self.targets {
+            let _ = writeln!(
+                o,
+                "  {:<34} {:>10.1} {} target {:.1} {:<7} {}",
+                t.figure,
+                t.value,
+                if t.at_least { ">=" } else { "<=" },
+                t.target,
+                t.unit,
+                if t.met { "met" } else { "MISSED" }
+            );
+        }
+        o
+    }
+}
+
+/// Process CPU time (user + system, all threads) in seconds, if known.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some((utime + stime) / 100.0)
+}
+
+fn load_avg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split(' ').next().and_then(|x| x.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -122,10 +236,11 @@ fn key(i: u64, len: usize) -> Vec<u8> {
 /// Replicated mutations per second to `n` standbys: batches submitted
 /// back to back (asynchronous mode with a bounded lag for back-pressure),
 /// timed until every standby acknowledged the last one.
-fn throughput(cfg: &BenchConfig, n: usize) -> Result<f64, SyncError> {
+pub fn throughput(cfg: &BenchConfig, n: usize) -> Result<(f64, f64), SyncError> {
     let (a, _h, standbys) = pair(n, Durability::Async { max_lag: 1 << 20 })?;
     let value = vec![b'v'; cfg.value_len];
     let keyspace = 1u64 << 20;
+    let cpu0 = cpu_seconds().unwrap_or(0.0);
     let start = Instant::now();
     let mut done = 0u64;
     let mut last = 0;
@@ -162,36 +277,109 @@ fn throughput(cfg: &BenchConfig, n: usize) -> Result<f64, SyncError> {
         std::thread::sleep(Duration::from_micros(200));
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().unwrap_or(0.0) - cpu0;
     a.shutdown();
     for s in standbys {
         s.shutdown();
     }
-    Ok(cfg.mutations as f64 / secs)
+    Ok((cfg.mutations as f64 / secs, cpu.max(0.0)))
 }
 
-/// Synchronous-mode latency of one-mutation applies, in microseconds, sorted.
-fn ack_latency(cfg: &BenchConfig) -> Result<Vec<f64>, SyncError> {
+/// Synchronous-mode latency of one-mutation applies, in microseconds,
+/// sorted, and loopback round trips of a 32-byte message interleaved with
+/// them (one of each per round, so both see the same machine load).
+pub fn ack_latency(cfg: &BenchConfig) -> Result<(Vec<f64>, Vec<f64>), SyncError> {
     let (a, _h, standbys) = pair(1, Durability::Sync)?;
     let value = vec![b'v'; cfg.value_len];
+    let mut echo = Echo::start()?;
     let mut lat = Vec::with_capacity(cfg.ack_samples);
+    let mut rtt = Vec::with_capacity(cfg.ack_samples);
     for i in 0..cfg.ack_samples as u64 + 200 {
         let m = vec![Mutation::put("kv", key(i, cfg.key_len), value.clone())];
         let t = Instant::now();
         a.apply(m)?;
+        let ack = t.elapsed().as_secs_f64() * 1e6;
+        let r = echo.round_trip()?;
         if i >= 200 {
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
+            lat.push(ack);
+            rtt.push(r);
         }
     }
+    echo.stop();
     a.shutdown();
     for s in standbys {
         s.shutdown();
     }
     lat.sort_by(f64::total_cmp);
-    Ok(lat)
+    rtt.sort_by(f64::total_cmp);
+    Ok((lat, rtt))
+}
+
+/// A loopback TCP echo of 32-byte messages (`TCP_NODELAY` on both ends).
+struct Echo {
+    client: Option<TcpStream>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    buf: [u8; 32],
+}
+
+impl Echo {
+    fn start() -> Result<Echo, SyncError> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?;
+        let thread = std::thread::spawn(move || -> std::io::Result<()> {
+            let (mut s, _) = l.accept()?;
+            s.set_nodelay(true)?;
+            let mut buf = [0u8; 32];
+            loop {
+                if s.read_exact(&mut buf).is_err() {
+                    return Ok(());
+                }
+                s.write_all(&buf)?;
+            }
+        });
+        let c = TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        Ok(Echo {
+            client: Some(c),
+            thread: Some(thread),
+            buf: [7u8; 32],
+        })
+    }
+
+    /// One round trip, in microseconds.
+    fn round_trip(&mut self) -> Result<f64, SyncError> {
+        let c = self.client.as_mut().expect("running");
+        let t = Instant::now();
+        c.write_all(&self.buf)?;
+        c.read_exact(&mut self.buf)?;
+        Ok(t.elapsed().as_secs_f64() * 1e6)
+    }
+
+    fn stop(&mut self) {
+        self.client.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Loopback TCP round trips of a 32-byte message, microseconds, sorted.
+pub fn loopback_rtt(samples: usize) -> Result<Vec<f64>, SyncError> {
+    let mut echo = Echo::start()?;
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples + 200 {
+        let r = echo.round_trip()?;
+        if i >= 200 {
+            out.push(r);
+        }
+    }
+    echo.stop();
+    out.sort_by(f64::total_cmp);
+    Ok(out)
 }
 
 /// Time for a new standby to receive `bulk_bytes` of state and become ready.
-fn bulk(cfg: &BenchConfig) -> Result<(f64, f64), SyncError> {
+pub fn bulk(cfg: &BenchConfig) -> Result<(f64, f64, f64), SyncError> {
     let (a, h, _) = pair(0, Durability::Async { max_lag: u64::MAX })?;
     let value = vec![b'b'; cfg.bulk_value_len];
     let records = (cfg.bulk_bytes / cfg.bulk_value_len as u64).max(1);
@@ -208,68 +396,75 @@ fn bulk(cfg: &BenchConfig) -> Result<(f64, f64), SyncError> {
     }
     let bytes = records * (cfg.bulk_value_len as u64 + 16);
     let s = Replica::new(schema(), config("bench-bulk", Durability::Sync));
+    let cpu0 = cpu_seconds().unwrap_or(0.0);
     let start = Instant::now();
     s.follow_tcp(h.local_addr(), true)?;
     s.wait_ready(Duration::from_secs(120))?;
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().unwrap_or(0.0) - cpu0;
     a.shutdown();
     s.shutdown();
     let mib = bytes as f64 / (1u64 << 20) as f64;
-    Ok((mib / secs, mib))
-}
-
-/// Loopback TCP round trips of a 32-byte message, microseconds, sorted.
-fn loopback_rtt(samples: usize) -> Result<Vec<f64>, SyncError> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = l.accept()?;
-        s.set_nodelay(true)?;
-        let mut buf = [0u8; 32];
-        loop {
-            if s.read_exact(&mut buf).is_err() {
-                return Ok(());
-            }
-            s.write_all(&buf)?;
-        }
-    });
-    let mut c = TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    let mut buf = [7u8; 32];
-    let mut out = Vec::with_capacity(samples);
-    for i in 0..samples + 200 {
-        let t = Instant::now();
-        c.write_all(&buf)?;
-        c.read_exact(&mut buf)?;
-        if i >= 200 {
-            out.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    drop(c);
-    let _ = echo.join();
-    out.sort_by(f64::total_cmp);
-    Ok(out)
+    Ok((mib / secs, mib, cpu.max(0.0)))
 }
 
 /// Runs the benchmark.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, SyncError> {
-    let rtt = loopback_rtt(cfg.rtt_samples)?;
-    let ack = ack_latency(cfg)?;
-    let m1 = throughput(cfg, 1)?;
-    let m3 = throughput(cfg, 3)?;
-    let (bulk_rate, bulk_mib) = bulk(cfg)?;
+    let load_avg_start = load_avg();
+    let (ack, rtt) = ack_latency(cfg)?;
+    let (m1, cpu1) = throughput(cfg, 1)?;
+    let (m3, cpu3) = throughput(cfg, 3)?;
+    let (bulk_rate, bulk_mib, cpub) = bulk(cfg)?;
+    let rtt_p99 = percentile(&rtt, 0.99);
+    let ack_p99 = percentile(&ack, 0.99);
+    let check = |figure: &str, value: f64, target: f64, unit: &str, at_least: bool| TargetCheck {
+        figure: figure.into(),
+        value,
+        target,
+        unit: unit.into(),
+        at_least,
+        met: if at_least {
+            value >= target
+        } else {
+            value <= target
+        },
+    };
+    let targets = vec![
+        check("mutations/s to 1 standby", m1, 1_000_000.0, "/s", true),
+        check(
+            "sync ack p99 (3 x loopback RTT p99)",
+            ack_p99,
+            3.0 * rtt_p99,
+            "us",
+            false,
+        ),
+        check(
+            &format!("bulk MiB/s ({bulk_mib:.0} MiB state)"),
+            bulk_rate,
+            500.0,
+            "MiB/s",
+            true,
+        ),
+    ];
     Ok(BenchReport {
         mutations_per_s_1_standby: m1,
         mutations_per_s_3_standbys: m3,
         ack_p50_us: percentile(&ack, 0.50),
-        ack_p99_us: percentile(&ack, 0.99),
+        ack_p99_us: ack_p99,
         bulk_mib_per_s: bulk_rate,
         bulk_mib,
         loopback_rtt_p50_us: percentile(&rtt, 0.50),
-        loopback_rtt_p99_us: percentile(&rtt, 0.99),
+        loopback_rtt_p99_us: rtt_p99,
         mutations: cfg.mutations,
         batch: cfg.batch,
         key_len: cfg.key_len,
         value_len: cfg.value_len,
+        cpu_us_per_mutation_1_standby: cpu1 * 1e6 / cfg.mutations as f64,
+        cpu_us_per_mutation_3_standbys: cpu3 * 1e6 / cfg.mutations as f64,
+        cpu_ms_per_bulk_mib: cpub * 1e3 / bulk_mib.max(1e-9),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_avg_start,
+        load_avg_end: load_avg(),
+        targets,
     })
 }

@@ -32,15 +32,39 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Values at least this long are CRC'd once and the result spliced into
+/// both lanes with `crc32c_combine` instead of being read twice.
+const COMBINE_AT: usize = 4096;
+
 /// Hash of one record's key and value.
 pub fn record_hash(key: &[u8], value: &[u8]) -> u64 {
     let kl = (key.len() as u32).to_le_bytes();
-    let a = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&kl), key), value);
+    let (a, b) = if value.len() >= COMBINE_AT {
+        let cv = crc32c::crc32c(value);
+        let a = crc32c::crc32c_combine(
+            crc32c::crc32c_append(crc32c::crc32c(&kl), key),
+            cv,
+            value.len(),
+        );
+        let b = crc32c::crc32c_append(
+            crc32c::crc32c_combine(crc32c::crc32c_append(0x5bd1_e995, &kl), cv, value.len()),
+            key,
+        );
+        (a, b)
+    } else {
+        lanes(&kl, key, value)
+    };
+    mix(((a as u64) << 32 | b as u64) ^ (value.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// The two CRC lanes, each reading the key and the value.
+fn lanes(kl: &[u8], key: &[u8], value: &[u8]) -> (u32, u32) {
+    let a = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(kl), key), value);
     let b = crc32c::crc32c_append(
-        crc32c::crc32c_append(crc32c::crc32c_append(0x5bd1_e995, &kl), value),
+        crc32c::crc32c_append(crc32c::crc32c_append(0x5bd1_e995, kl), value),
         key,
     );
-    mix(((a as u64) << 32 | b as u64) ^ (value.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    (a, b)
 }
 
 impl Digest {
@@ -95,5 +119,19 @@ mod tests {
         d.add("t", b"k1v", b"1");
         d.add("t", b"k2", b"v2");
         assert_ne!(a, d);
+    }
+
+    #[test]
+    fn large_values_hash_as_if_read_twice() {
+        for len in [COMBINE_AT - 1, COMBINE_AT, COMBINE_AT + 1, 65_536, 100_003] {
+            let value: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            for key in [&b""[..], b"k", b"a longer key of some bytes"] {
+                let kl = (key.len() as u32).to_le_bytes();
+                let (a, b) = lanes(&kl, key, &value);
+                let expect = mix(((a as u64) << 32 | b as u64)
+                    ^ (value.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                assert_eq!(record_hash(key, &value), expect, "len {len}");
+            }
+        }
     }
 }

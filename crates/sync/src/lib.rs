@@ -40,12 +40,16 @@ pub mod bench;
 mod conn;
 mod digest;
 mod error;
+mod hash;
+mod log;
 mod replica;
 mod schema;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod wire;
+
+pub use wire::ResumePoint;
 
 pub use conn::Conn;
 pub use digest::{Digest, TableDigest};

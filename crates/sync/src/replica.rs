@@ -12,9 +12,10 @@ use bytes::Bytes;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+use crate::log::{LogEntry, ResumeLog};
 use crate::schema::negotiate;
 use crate::store::Store;
-use crate::wire::{self, Control, Frame, FrameType, FrameWriter, WireMutation};
+use crate::wire::{self, BatchRef, Control, FrameType, FrameWriter, MutationRef, ResumePoint};
 use crate::{
     Conn, Digest, Epoch, Mutation, PreflightFailure, PreflightReport, Record, Schema,
     SchemaVersion, Seq, SyncError, Table, VersionSet,
@@ -57,11 +58,21 @@ pub struct ReplicaConfig {
     pub heartbeat: Duration,
     /// A link with no frame for this long is considered dead.
     pub link_timeout: Duration,
+    /// Synchronous mode: how long `apply` spins waiting for standby acks
+    /// before it sleeps (a bounded busy wait that saves a thread wake-up on
+    /// the ack path; zero sleeps at once).
+    pub ack_spin: Duration,
+    /// Bytes of recent batches kept to resume re-attaching standbys without
+    /// a snapshot (0 disables resuming).
+    pub resume_log_bytes: usize,
+    /// Most batches kept in the resume log (0 disables resuming).
+    pub resume_log_batches: usize,
 }
 
 impl ReplicaConfig {
     /// Defaults for node `node`: synchronous, 5 s ack timeout, ready lag
-    /// 1000, 3 standbys, 256 MiB queue, 200 ms heartbeat, 3 s link timeout.
+    /// 1000, 3 standbys, 256 MiB queue, 200 ms heartbeat, 3 s link timeout,
+    /// 50 µs ack spin, resume log of 64 MiB / 65,536 batches.
     pub fn new(node: impl Into<String>) -> Self {
         ReplicaConfig {
             node: node.into(),
@@ -73,6 +84,9 @@ impl ReplicaConfig {
             max_queue_bytes: 256 << 20,
             heartbeat: Duration::from_millis(200),
             link_timeout: Duration::from_secs(3),
+            ack_spin: Duration::from_micros(50),
+            resume_log_bytes: 64 << 20,
+            resume_log_batches: 1 << 16,
         }
     }
 }
@@ -136,6 +150,8 @@ pub struct StandbyStatus {
     pub digest_matched: bool,
     /// bulk_done, in_sync, digest matched and lag within the bound.
     pub ready: bool,
+    /// The standby was resumed from the log instead of sent a snapshot.
+    pub resumed: bool,
 }
 
 /// State of one replicated service on this instance.
@@ -175,6 +191,14 @@ pub struct Status {
     pub standbys: Vec<StandbyStatus>,
     /// The error that ended the last link, if any.
     pub last_error: Option<String>,
+    /// Full snapshots this instance sent to attaching standbys.
+    pub snapshots_sent: u64,
+    /// Attaching standbys this instance resumed from its log instead.
+    pub resumes_sent: u64,
+    /// Full snapshots this instance received as a standby.
+    pub snapshots_received: u64,
+    /// Resumes from an active's log this instance completed as a standby.
+    pub resumes_received: u64,
 }
 
 /// A replicated service's state and its replication machinery. Cheap to
@@ -192,6 +216,9 @@ struct Inner {
     state: Mutex<State>,
     cond: Condvar,
     next_id: AtomicU64,
+    /// Bumped (under the state lock) whenever a standby acknowledgement is
+    /// recorded: what a spinning `apply` watches.
+    acks: AtomicU64,
     callbacks: Mutex<Vec<RoleCallback>>,
 }
 
@@ -205,6 +232,16 @@ struct State {
     follow: Option<FollowState>,
     last_error: Option<String>,
     scratch: FrameWriter,
+    /// Epoch the batch at `seq` was applied in (0: unknown).
+    last_epoch: Epoch,
+    /// The state is a whole prefix of a history (not a partial snapshot).
+    history_ok: bool,
+    /// Recent batches, for resuming standbys.
+    log: ResumeLog,
+    snapshots_sent: u64,
+    resumes_sent: u64,
+    snapshots_received: u64,
+    resumes_received: u64,
 }
 
 /// Liveness shared by both ends of a link.
@@ -321,6 +358,7 @@ impl Link {
 
 struct LinkState {
     link: Arc<Link>,
+    resumed: bool,
     snap_seq: Seq,
     acked: Seq,
     bulk_done: bool,
@@ -565,6 +603,7 @@ impl Replica {
     /// attach it to an active with [`Replica::follow`].
     pub fn new(schema: Schema, config: ReplicaConfig) -> Replica {
         let store = Store::new(schema.tables());
+        let log = ResumeLog::new(config.resume_log_bytes, config.resume_log_batches);
         Replica {
             inner: Arc::new(Inner {
                 schema,
@@ -579,9 +618,17 @@ impl Replica {
                     follow: None,
                     last_error: None,
                     scratch: FrameWriter::new(),
+                    last_epoch: 0,
+                    history_ok: true,
+                    log,
+                    snapshots_sent: 0,
+                    resumes_sent: 0,
+                    snapshots_received: 0,
+                    resumes_received: 0,
                 }),
                 cond: Condvar::new(),
                 next_id: AtomicU64::new(1),
+                acks: AtomicU64::new(0),
                 callbacks: Mutex::new(Vec::new()),
             }),
         }
@@ -730,8 +777,10 @@ impl Replica {
         let last = st.seq + mutations.len() as u64;
         let epoch = st.epoch;
         // Encode one frame per distinct stream version before touching state,
-        // so a transform failure or an oversized batch applies nothing.
+        // so a transform failure or an oversized batch applies nothing. The
+        // native one comes first: it is also what the resume log keeps.
         let mut versions: Vec<SchemaVersion> = Vec::with_capacity(2);
+        versions.push(schema.version());
         for l in &st.links {
             if !versions.contains(&l.link.stream_version) {
                 versions.push(l.link.stream_version);
@@ -771,7 +820,20 @@ impl Replica {
             }
         }
         st.seq = last;
+        st.last_epoch = epoch;
         let bytes = scratch.as_bytes();
+        let native = &bytes[frames[0].1.clone()];
+        let body = if st.log.disabled() {
+            Bytes::new()
+        } else {
+            st.log.copy_body(&native[wire::HEADER_LEN + 8..])
+        };
+        st.log.push(LogEntry {
+            first,
+            last,
+            epoch,
+            body,
+        });
         let mut targets: Vec<Arc<Link>> = Vec::with_capacity(st.links.len());
         for l in &st.links {
             let (_, range) = frames
@@ -814,7 +876,9 @@ impl Replica {
 
     /// Waits until the batch of `token` is durable per the durability mode.
     pub fn wait_durable(&self, token: AckToken) -> Result<(), SyncError> {
-        let deadline = Instant::now() + self.inner.config.ack_timeout;
+        let start = Instant::now();
+        let deadline = start + self.inner.config.ack_timeout;
+        let spin_until = start + self.inner.config.ack_spin;
         let mut st = self.state();
         loop {
             if st.epoch != token.epoch {
@@ -836,6 +900,20 @@ impl Replica {
                 .all(|l| l.acked >= token.seq);
             if done {
                 return Ok(());
+            }
+            // Spin (bounded) while acknowledgements may be a few microseconds
+            // away; every decision is still taken under the lock above.
+            if Instant::now() < spin_until {
+                let seen = self.inner.acks.load(Ordering::Acquire);
+                drop(st);
+                // Yielding rather than burning the core: on a busy machine
+                // the threads producing the acknowledgement need it.
+                while self.inner.acks.load(Ordering::Acquire) == seen && Instant::now() < spin_until
+                {
+                    thread::yield_now();
+                }
+                st = self.state();
+                continue;
             }
             st = self.wait_until(st, deadline, "standby acknowledgements")?;
         }
@@ -918,6 +996,7 @@ impl Replica {
             writes,
             ha,
             epoch: peer_epoch,
+            resume,
         } = hello
         else {
             return Err(SyncError::Protocol("expected a hello".into()));
@@ -1012,8 +1091,20 @@ impl Replica {
         // Consistent snapshot: everything after snap_seq is queued to the link.
         let snapshot = st.store.clone();
         let snap_seq = st.seq;
+        let snap_epoch = st.last_epoch;
+        // Resume instead of a snapshot if the standby's position is on this
+        // instance's history and the log still holds every batch after it.
+        let replay = resume
+            .filter(|p| p.seq > 0 && p.seq <= snap_seq)
+            .and_then(|p| Some((p.seq, st.log.after(p.seq, p.epoch)?)));
+        if replay.is_some() {
+            st.resumes_sent += 1;
+        } else {
+            st.snapshots_sent += 1;
+        }
         st.links.push(LinkState {
             link: link.clone(),
+            resumed: replay.is_some(),
             snap_seq,
             acked: 0,
             bulk_done: false,
@@ -1022,7 +1113,14 @@ impl Replica {
             digest_seq: 0,
         });
         drop(st);
-        info!(service = schema.service(), standby = %node, stream_version, snap_seq, "standby attached");
+        info!(
+            service = schema.service(),
+            standby = %node,
+            stream_version,
+            snap_seq,
+            resume_from = ?replay.as_ref().map(|r| r.0),
+            "standby attached"
+        );
         if let Err(e) = w.write_all(&welcome).and_then(|_| w.flush()) {
             link.core.close();
             self.drop_link(link.id, Some(e.to_string()));
@@ -1033,7 +1131,12 @@ impl Replica {
         thread::Builder::new()
             .name("sync-bulk".into())
             .spawn(move || {
-                let r = me.send_bulk(&l2, w, snapshot, snap_seq, epoch);
+                let r = match replay {
+                    Some((from, entries)) => {
+                        me.send_resume(&l2, w, snapshot, from, entries, snap_seq, snap_epoch, epoch)
+                    }
+                    None => me.send_bulk(&l2, w, snapshot, snap_seq, snap_epoch, epoch),
+                };
                 if let Err(e) = r {
                     warn!(standby = %l2.node, error = %e, "bulk transfer failed");
                     l2.core.close();
@@ -1069,12 +1172,14 @@ impl Replica {
         self.inner.cond.notify_all();
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send_bulk(
         &self,
         link: &Link,
         mut w: Box<dyn Write + Send>,
         snapshot: Store,
         snap_seq: Seq,
+        snap_epoch: Epoch,
         epoch: Epoch,
     ) -> Result<(), SyncError> {
         let schema = &self.inner.schema;
@@ -1090,7 +1195,6 @@ impl Replica {
         let mut digest = Digest::default();
         let mut sent = 0u64;
         let mut count = 0u32;
-        let flush_at = 1 << 20;
         for (name, table) in &snapshot.tables {
             for (k, v) in table.iter() {
                 if link.core.is_closed() {
@@ -1110,12 +1214,12 @@ impl Replica {
                     }
                 };
                 let need = wire::mutation_len(tn, kk, Some(vv));
-                if fw.is_open() && fw.open_payload_len() + need > wire::TARGET_PAYLOAD {
+                if fw.is_open() && fw.open_payload_len() + need > wire::BULK_PAYLOAD {
+                    // Large frames, each written as soon as it is complete.
                     close_chunk(&mut fw, count);
                     count = 0;
-                    if fw.len() >= flush_at {
-                        w.write_all(&fw.take())?;
-                    }
+                    w.write_all(fw.as_bytes())?;
+                    fw.clear();
                 }
                 if !fw.is_open() {
                     fw.begin(FrameType::BulkChunk, epoch, snap_seq);
@@ -1133,27 +1237,123 @@ impl Replica {
         let end = Control::BulkEnd {
             seq: snap_seq,
             digest,
+            last_epoch: snap_epoch,
         };
         let mut tail = fw.take();
         tail.extend_from_slice(&end.encode(epoch, snap_seq));
         w.write_all(&tail)?;
         w.flush()?;
         debug!(standby = %link.node, records = sent, "bulk sent");
-        // Hand the writer to the live stream and send what queued meanwhile.
+        self.hand_over(link, w);
+        Ok(())
+    }
+
+    /// Hands the writer to the live stream and sends what queued meanwhile.
+    fn hand_over(&self, link: &Link, w: Box<dyn Write + Send>) {
         {
             let mut ob = lock(&link.out);
             ob.writer = Some(w);
             ob.writing = false;
         }
         link.flush();
+    }
+
+    /// Resumes a standby at `from`: replays the logged batches up to
+    /// `snap_seq`, then the digest of `snapshot` (the state at `snap_seq`).
+    #[allow(clippy::too_many_arguments)]
+    fn send_resume(
+        &self,
+        link: &Link,
+        mut w: Box<dyn Write + Send>,
+        snapshot: Store,
+        from: Seq,
+        entries: Vec<LogEntry>,
+        snap_seq: Seq,
+        snap_epoch: Epoch,
+        epoch: Epoch,
+    ) -> Result<(), SyncError> {
+        let schema = &self.inner.schema;
+        let native = schema.version();
+        let sv = link.stream_version;
+        let mut fw = FrameWriter::new();
+        fw.frame(
+            FrameType::ResumeBegin,
+            epoch,
+            snap_seq,
+            &serde_json::to_vec(&Control::ResumeBegin {
+                from,
+                seq: snap_seq,
+                batches: entries.len() as u64,
+            })
+            .expect("control messages serialize"),
+        );
+        let mut muts = Vec::new();
+        for e in &entries {
+            if link.core.is_closed() {
+                return Err(SyncError::Shutdown);
+            }
+            if sv == native {
+                fw.begin(FrameType::ReplayBatch, epoch, e.last);
+                let p = fw.payload();
+                p.extend_from_slice(&e.epoch.to_le_bytes());
+                p.extend_from_slice(&e.first.to_le_bytes());
+                p.extend_from_slice(&e.body);
+                fw.finish();
+            } else {
+                muts.clear();
+                let body = BatchRef::parse(FrameType::Batch, &e.body)?;
+                muts.extend(body.iter().map(|m| match m.value {
+                    Some(v) => Mutation::put(m.table, m.key, v),
+                    None => Mutation::delete(m.table, m.key),
+                }));
+                encode_frame_body(
+                    schema,
+                    &mut fw,
+                    FrameType::ReplayBatch,
+                    epoch,
+                    Some(e.epoch),
+                    e.first,
+                    e.last,
+                    &muts,
+                    sv,
+                )?;
+            }
+            if fw.len() >= wire::BULK_PAYLOAD {
+                w.write_all(fw.as_bytes())?;
+                fw.clear();
+            }
+        }
+        let digest = snapshot.digest_in(schema, native, sv)?;
+        let end = Control::ResumeEnd {
+            seq: snap_seq,
+            last_epoch: snap_epoch,
+            digest,
+        };
+        fw.frame(
+            FrameType::ResumeEnd,
+            epoch,
+            snap_seq,
+            &serde_json::to_vec(&end).expect("control messages serialize"),
+        );
+        w.write_all(fw.as_bytes())?;
+        w.flush()?;
+        debug!(standby = %link.node, from, to = snap_seq, batches = entries.len(), "resume sent");
+        self.hand_over(link, w);
         Ok(())
     }
 
     fn read_acks(&self, link: &Link, reader: &mut Box<dyn Read + Send>) -> Result<(), SyncError> {
         let mut r = io::BufReader::with_capacity(64 << 10, reader);
+        let mut payload = Vec::new();
         loop {
-            let Some(f) = wire::read_frame(&mut r)? else {
+            let Some(h) = wire::read_frame_into(&mut r, &mut payload)? else {
                 return Err(SyncError::Protocol("the standby closed the link".into()));
+            };
+            let f = Incoming {
+                kind: h.kind,
+                epoch: h.epoch,
+                seq: h.seq,
+                payload: &payload,
             };
             link.core.touch();
             let my_epoch = self.epoch();
@@ -1182,11 +1382,12 @@ impl Replica {
                             l.in_sync = true;
                         }
                     }
+                    self.inner.acks.fetch_add(1, Ordering::Release);
                     drop(st);
                     self.inner.cond.notify_all();
                 }
                 FrameType::DigestResult => {
-                    let Control::DigestResult { seq, matched } = Control::decode(&f)? else {
+                    let Control::DigestResult { seq, matched } = f.control()? else {
                         unreachable!()
                     };
                     let mut st = self.state();
@@ -1199,6 +1400,7 @@ impl Replica {
                         l.digest_matched = matched;
                         l.digest_seq = seq;
                     }
+                    self.inner.acks.fetch_add(1, Ordering::Release);
                     drop(st);
                     if !matched {
                         warn!(standby = %link.node, seq, "standby digest mismatch");
@@ -1215,7 +1417,7 @@ impl Replica {
                     return Ok(());
                 }
                 FrameType::Refuse => {
-                    let reason = match Control::decode(&f)? {
+                    let reason = match f.control()? {
                         Control::Refuse { reason } => reason,
                         _ => unreachable!(),
                     };
@@ -1266,7 +1468,7 @@ impl Replica {
     pub fn follow(&self, mut conn: Conn, ha: bool) -> Result<FollowHandle, SyncError> {
         let schema = &self.inner.schema;
         let cfg = &self.inner.config;
-        let my_epoch = {
+        let (my_epoch, resume) = {
             let st = self.state();
             if st.role != Role::Standby {
                 return Err(SyncError::NotStandby { role: st.role });
@@ -1276,7 +1478,12 @@ impl Replica {
                     "this standby already follows an active".into(),
                 ));
             }
-            st.epoch
+            let resume =
+                (st.history_ok && st.seq > 0 && st.last_epoch > 0).then_some(ResumePoint {
+                    seq: st.seq,
+                    epoch: st.last_epoch,
+                });
+            (st.epoch, resume)
         };
         let hello = Control::Hello {
             service: schema.service().into(),
@@ -1286,9 +1493,10 @@ impl Replica {
             writes: schema.writes().0,
             ha,
             epoch: my_epoch,
+            resume,
         };
         let dog = Watchdog::arm(conn.closer.clone(), cfg.ack_timeout);
-        let welcome = (|| -> Result<(Frame, Control), SyncError> {
+        let welcome = (|| -> Result<(wire::Frame, Control), SyncError> {
             conn.writer.write_all(&hello.encode(my_epoch, 0))?;
             conn.writer.flush()?;
             let f = wire::read_frame(&mut conn.reader)?.ok_or_else(|| {
@@ -1408,17 +1616,17 @@ impl Replica {
         }
     }
 
-    /// Converts decoded wire mutations from the stream version to native.
-    fn to_native(
+    /// Converts borrowed stream-version mutations to native ones.
+    fn to_native<'a>(
         &self,
-        muts: &[WireMutation],
+        muts: impl Iterator<Item = MutationRef<'a>>,
         sv: SchemaVersion,
     ) -> Result<Vec<Converted>, SyncError> {
         let schema = &self.inner.schema;
         let native = schema.version();
-        let mut out = Vec::with_capacity(muts.len());
+        let mut out = Vec::new();
         for m in muts {
-            let table = m.table_str();
+            let table = m.table;
             if !schema.has_table(sv, table) {
                 return Err(SyncError::UnknownTable {
                     service: schema.service().into(),
@@ -1426,7 +1634,7 @@ impl Replica {
                     table: table.into(),
                 });
             }
-            let c = match &m.value {
+            let c = match m.value {
                 None => {
                     if schema.has_table(native, table) {
                         Converted::Delete(table.into(), m.key.to_vec())
@@ -1435,7 +1643,7 @@ impl Replica {
                     }
                 }
                 Some(v) => {
-                    let rec = Record::new(table, m.key.to_vec(), v.to_vec());
+                    let rec = Record::new(table, m.key, v);
                     match schema.convert(&rec, sv, native)? {
                         Some(r) if schema.has_table(native, &r.table) => {
                             Converted::Put(r.table, r.key, r.value)
@@ -1453,16 +1661,104 @@ impl Replica {
         Ok(out)
     }
 
-    fn check_native_tables(&self, muts: &[WireMutation]) -> Result<(), SyncError> {
+    /// Checks that every table a native-version body names is declared.
+    fn check_native_tables(&self, body: &BatchRef<'_>) -> Result<(), SyncError> {
         let schema = &self.inner.schema;
-        for m in muts {
-            if !schema.has_table(schema.version(), m.table_str()) {
+        let mut last: Option<&str> = None;
+        for m in body.iter() {
+            if last == Some(m.table) {
+                continue;
+            }
+            if !schema.has_table(schema.version(), m.table) {
                 return Err(SyncError::UnknownTable {
                     service: schema.service().into(),
                     version: schema.version(),
-                    table: m.table_str().into(),
+                    table: m.table.into(),
                 });
             }
+            last = Some(m.table);
+        }
+        Ok(())
+    }
+
+    /// Applies one streamed batch (live or replayed) as a whole: everything
+    /// is checked and converted first, then applied and logged under the
+    /// lock. `raw` is the body as received (count, then mutations).
+    #[allow(clippy::too_many_arguments)]
+    fn apply_stream_batch(
+        &self,
+        sv: SchemaVersion,
+        first: Seq,
+        last: Seq,
+        origin: Epoch,
+        body: BatchRef<'_>,
+        raw: &[u8],
+    ) -> Result<(), SyncError> {
+        let native = self.inner.schema.version();
+        let (conv, log_body) = if sv == native {
+            self.check_native_tables(&body)?;
+            (None, None)
+        } else {
+            let conv = self.to_native(body.iter(), sv)?;
+            let mut nb = Vec::with_capacity(raw.len() + 16);
+            let mut count = 0u32;
+            nb.extend_from_slice(&0u32.to_le_bytes());
+            for c in &conv {
+                match c {
+                    Converted::Put(t, k, v) => wire::encode_mutation(&mut nb, t, k, Some(v)),
+                    Converted::Delete(t, k) => wire::encode_mutation(&mut nb, t, k, None),
+                    Converted::Dropped => continue,
+                }
+                count += 1;
+            }
+            nb[..4].copy_from_slice(&count.to_le_bytes());
+            (Some(conv), Some(Bytes::from(nb)))
+        };
+        let mut st = self.state();
+        if first != st.seq + 1 {
+            return Err(SyncError::Sequence {
+                expected: st.seq + 1,
+                got: first,
+            });
+        }
+        match conv {
+            None => {
+                let mut cache: Option<(&str, usize)> = None;
+                for m in body.iter() {
+                    let idx = match cache {
+                        Some((n, i)) if n == m.table => i,
+                        _ => {
+                            let Some(i) = st.store.index_of(m.table) else {
+                                continue;
+                            };
+                            cache = Some((m.table, i));
+                            i
+                        }
+                    };
+                    let t = &mut st.store.tables[idx].1;
+                    match m.value {
+                        Some(v) => t.put(Bytes::copy_from_slice(m.key), Bytes::copy_from_slice(v)),
+                        None => t.delete(m.key),
+                    }
+                }
+            }
+            Some(conv) => apply_converted(&mut st.store, conv),
+        }
+        st.seq = last;
+        st.last_epoch = origin;
+        let body = match log_body {
+            _ if st.log.disabled() => Bytes::new(),
+            Some(b) => b,
+            None => st.log.copy_body(raw),
+        };
+        st.log.push(LogEntry {
+            first,
+            last,
+            epoch: origin,
+            body,
+        });
+        if let Some(fs) = st.follow.as_mut() {
+            fs.active_seq = fs.active_seq.max(last);
         }
         Ok(())
     }
@@ -1476,19 +1772,27 @@ impl Replica {
         let schema = &self.inner.schema;
         let native = schema.version();
         let mut r = io::BufReader::with_capacity(1 << 20, reader);
+        let mut payload = Vec::new();
         let mut bulk: Option<(Seq, u64, u64)> = None; // (snapshot seq, announced, received)
         let mut bulk_digest = Digest::default();
+        let mut resume: Option<(Seq, Seq)> = None; // (from, to)
         let mut bulk_done = false;
         let mut acked: Seq = 0;
         loop {
             if link.core.is_closed() {
                 return Ok(());
             }
-            let Some(f) = wire::read_frame(&mut r)? else {
+            let Some(h) = wire::read_frame_into(&mut r, &mut payload)? else {
                 if link.core.is_closed() {
                     return Ok(());
                 }
                 return Err(SyncError::Protocol("the active closed the link".into()));
+            };
+            let f = Incoming {
+                kind: h.kind,
+                epoch: h.epoch,
+                seq: h.seq,
+                payload: &payload,
             };
             link.core.touch();
             let cur = self.epoch();
@@ -1500,15 +1804,18 @@ impl Replica {
             }
             match f.kind {
                 FrameType::BulkBegin => {
-                    let Control::BulkBegin { seq, records } = Control::decode(&f)? else {
+                    let Control::BulkBegin { seq, records } = f.control()? else {
                         unreachable!()
                     };
-                    if bulk.is_some() || bulk_done {
+                    if bulk.is_some() || bulk_done || resume.is_some() {
                         return Err(SyncError::Protocol("a second bulk snapshot began".into()));
                     }
                     let mut st = self.state();
                     st.store.clear();
                     st.seq = 0;
+                    st.last_epoch = 0;
+                    st.history_ok = false;
+                    st.log.reset(0, 0);
                     bulk = Some((seq, records, 0));
                 }
                 FrameType::BulkChunk => {
@@ -1520,29 +1827,34 @@ impl Replica {
                     if bulk_done || f.seq != *snap {
                         return Err(SyncError::Protocol("bulk chunk out of place".into()));
                     }
-                    let muts = wire::decode_batch(FrameType::BulkChunk, &f.payload)?;
-                    if muts.iter().any(|m| m.value.is_none()) {
+                    let body = BatchRef::parse(FrameType::BulkChunk, f.payload)?;
+                    if body.deletes() > 0 {
                         return Err(SyncError::Protocol("a bulk chunk holds a delete".into()));
                     }
-                    *received += muts.len() as u64;
+                    *received += body.len() as u64;
                     if sv == native {
-                        self.check_native_tables(&muts)?;
+                        self.check_native_tables(&body)?;
                         let mut st = self.state();
-                        for m in &muts {
-                            let v = m.value.clone().expect("checked");
-                            bulk_digest.add(m.table_str(), &m.key, &v);
-                            if let Some(t) = st.store.table_mut(m.table_str()) {
-                                t.put(m.key.clone(), v);
+                        for m in body.iter() {
+                            let v = m.value.expect("checked");
+                            bulk_digest.add(m.table, m.key, v);
+                            if let Some(t) = st.store.table_mut(m.table) {
+                                t.put(Bytes::copy_from_slice(m.key), Bytes::copy_from_slice(v));
                             }
                         }
                     } else {
-                        let conv = self.to_native(&muts, sv)?;
+                        let conv = self.to_native(body.iter(), sv)?;
                         let mut st = self.state();
                         apply_converted(&mut st.store, conv);
                     }
                 }
                 FrameType::BulkEnd => {
-                    let Control::BulkEnd { seq, digest } = Control::decode(&f)? else {
+                    let Control::BulkEnd {
+                        seq,
+                        digest,
+                        last_epoch,
+                    } = f.control()?
+                    else {
                         unreachable!()
                     };
                     let Some((snap, announced, received)) = bulk else {
@@ -1565,6 +1877,10 @@ impl Replica {
                     {
                         let mut st = self.state();
                         st.seq = seq;
+                        st.last_epoch = last_epoch;
+                        st.history_ok = matched;
+                        st.log.reset(seq, last_epoch);
+                        st.snapshots_received += 1;
                         if let Some(fs) = st.follow.as_mut() {
                             fs.bulk_done = true;
                             fs.digest_matched = matched;
@@ -1585,50 +1901,116 @@ impl Replica {
                     link.send(&out)?;
                     acked = seq;
                 }
+                FrameType::ResumeBegin => {
+                    let Control::ResumeBegin { from, seq, .. } = f.control()? else {
+                        unreachable!()
+                    };
+                    if bulk.is_some() || bulk_done || resume.is_some() || seq < from {
+                        return Err(SyncError::Protocol("resume out of place".into()));
+                    }
+                    let st = self.state();
+                    if st.seq != from || !st.history_ok {
+                        return Err(SyncError::Protocol(format!(
+                            "the active offered a resume from sequence {from}, but this standby is at {}",
+                            st.seq
+                        )));
+                    }
+                    resume = Some((from, seq));
+                }
+                FrameType::ReplayBatch => {
+                    let Some((_, to)) = resume else {
+                        return Err(SyncError::Protocol(
+                            "replayed batch outside a resume".into(),
+                        ));
+                    };
+                    if f.payload.len() < 8 {
+                        return Err(wire::FrameError::BadPayload {
+                            kind: FrameType::ReplayBatch,
+                            reason: "missing origin epoch".into(),
+                        }
+                        .into());
+                    }
+                    let origin = u64::from_le_bytes(f.payload[..8].try_into().expect("8 bytes"));
+                    if origin == 0 || origin > f.epoch || f.seq > to {
+                        return Err(SyncError::Protocol(format!(
+                            "replayed batch ending at {} of epoch {origin} does not fit a resume to {to} at epoch {}",
+                            f.seq, f.epoch
+                        )));
+                    }
+                    let (first, body) =
+                        wire::parse_batch_payload(f.seq, &f.payload[8..]).map_err(|e| match e {
+                            wire::FrameError::BadPayload { reason, .. } => {
+                                wire::FrameError::BadPayload {
+                                    kind: FrameType::ReplayBatch,
+                                    reason,
+                                }
+                            }
+                            e => e,
+                        })?;
+                    self.apply_stream_batch(sv, first, f.seq, origin, body, &f.payload[16..])?;
+                }
+                FrameType::ResumeEnd => {
+                    let Control::ResumeEnd {
+                        seq,
+                        last_epoch,
+                        digest,
+                    } = f.control()?
+                    else {
+                        unreachable!()
+                    };
+                    let Some((from, to)) = resume.take() else {
+                        return Err(SyncError::Protocol("resume end without a resume".into()));
+                    };
+                    let (applied, mine, store) = {
+                        let st = self.state();
+                        (st.seq, st.last_epoch, st.store.clone())
+                    };
+                    if seq != to || applied != to {
+                        return Err(SyncError::Protocol(format!(
+                            "resume to {to} ended at {seq} with {applied} applied"
+                        )));
+                    }
+                    let local = store.digest_in(schema, native, sv)?;
+                    let matched = local == digest && mine == last_epoch;
+                    {
+                        let mut st = self.state();
+                        st.history_ok = matched;
+                        if matched {
+                            st.resumes_received += 1;
+                        }
+                        if let Some(fs) = st.follow.as_mut() {
+                            fs.bulk_done = matched;
+                            fs.digest_matched = matched;
+                            fs.digest_seq = seq;
+                            fs.active_seq = fs.active_seq.max(seq);
+                        }
+                    }
+                    self.inner.cond.notify_all();
+                    let mut out = Control::DigestResult { seq, matched }.encode(f.epoch, seq);
+                    if !matched {
+                        let _ = link.send(&out);
+                        return Err(SyncError::Protocol(format!(
+                            "after resuming from {from} to {seq} the state differs from the active's; \
+                             the next attach transfers a full snapshot"
+                        )));
+                    }
+                    info!(from, to = seq, "resumed from the active's log");
+                    out.extend_from_slice(&wire::encode_frame(FrameType::Ack, f.epoch, seq, &[]));
+                    link.send(&out)?;
+                    bulk_done = true;
+                    acked = seq;
+                }
                 FrameType::Batch => {
                     if !bulk_done {
                         return Err(SyncError::Protocol(
                             "live mutations before the bulk snapshot ended".into(),
                         ));
                     }
-                    let (first, last, muts) = wire::decode_batch_frame(&f)?;
-                    let applied = self.state().seq;
-                    if first != applied + 1 {
-                        return Err(SyncError::Sequence {
-                            expected: applied + 1,
-                            got: first,
-                        });
-                    }
-                    if sv == native {
-                        self.check_native_tables(&muts)?;
-                        let mut st = self.state();
-                        for m in &muts {
-                            if let Some(t) = st.store.table_mut(m.table_str()) {
-                                match &m.value {
-                                    Some(v) => t.put(
-                                        Bytes::copy_from_slice(&m.key),
-                                        Bytes::copy_from_slice(v),
-                                    ),
-                                    None => t.delete(&m.key),
-                                }
-                            }
-                        }
-                        st.seq = last;
-                        if let Some(fs) = st.follow.as_mut() {
-                            fs.active_seq = fs.active_seq.max(last);
-                        }
-                    } else {
-                        let conv = self.to_native(&muts, sv)?;
-                        let mut st = self.state();
-                        apply_converted(&mut st.store, conv);
-                        st.seq = last;
-                        if let Some(fs) = st.follow.as_mut() {
-                            fs.active_seq = fs.active_seq.max(last);
-                        }
-                    }
+                    let (first, body) = wire::parse_batch_payload(f.seq, f.payload)?;
+                    self.apply_stream_batch(sv, first, f.seq, f.epoch, body, &f.payload[8..])?;
                 }
                 FrameType::DigestCheck => {
-                    let Control::DigestCheck { digest } = Control::decode(&f)? else {
+                    let Control::DigestCheck { digest } = f.control()? else {
                         unreachable!()
                     };
                     let (seq, local) = {
@@ -1669,7 +2051,7 @@ impl Replica {
                     self.inner.cond.notify_all();
                 }
                 FrameType::Promote => {
-                    let Control::Promote { last_seq } = Control::decode(&f)? else {
+                    let Control::Promote { last_seq } = f.control()? else {
                         unreachable!()
                     };
                     let mut st = self.state();
@@ -1705,7 +2087,7 @@ impl Replica {
                     self.fence(f.epoch);
                 }
                 FrameType::Refuse => {
-                    let Control::Refuse { reason } = Control::decode(&f)? else {
+                    let Control::Refuse { reason } = f.control()? else {
                         unreachable!()
                     };
                     return Err(SyncError::Refused(reason));
@@ -2030,6 +2412,7 @@ impl Replica {
                     in_sync: l.in_sync,
                     digest_matched: l.digest_matched,
                     ready: l.bulk_done && l.in_sync && l.digest_matched && lag <= cfg.ready_lag,
+                    resumed: l.resumed,
                 }
             })
             .collect();
@@ -2075,6 +2458,10 @@ impl Replica {
             quiesced: st.quiesced,
             standbys,
             last_error: st.last_error.clone(),
+            snapshots_sent: st.snapshots_sent,
+            resumes_sent: st.resumes_sent,
+            snapshots_received: st.snapshots_received,
+            resumes_received: st.resumes_received,
         }
     }
 
@@ -2093,6 +2480,20 @@ impl Replica {
             f.link.core.close();
         }
         self.inner.cond.notify_all();
+    }
+}
+
+/// A received frame whose payload borrows the reader's reusable buffer.
+struct Incoming<'a> {
+    kind: FrameType,
+    epoch: Epoch,
+    seq: Seq,
+    payload: &'a [u8],
+}
+
+impl Incoming<'_> {
+    fn control(&self) -> Result<Control, SyncError> {
+        Ok(Control::decode_payload(self.kind, self.payload)?)
     }
 }
 
@@ -2140,9 +2541,39 @@ fn encode_batch(
     muts: &[Mutation],
     sv: SchemaVersion,
 ) -> Result<(), SyncError> {
+    encode_frame_body(
+        schema,
+        fw,
+        FrameType::Batch,
+        epoch,
+        None,
+        first,
+        last,
+        muts,
+        sv,
+    )
+}
+
+/// Encodes a batch-shaped frame of type `kind`: the origin epoch if given
+/// (replayed batches), the first sequence, then the mutations in `sv`.
+#[allow(clippy::too_many_arguments)]
+fn encode_frame_body(
+    schema: &Schema,
+    fw: &mut FrameWriter,
+    kind: FrameType,
+    epoch: Epoch,
+    origin: Option<Epoch>,
+    first: Seq,
+    last: Seq,
+    muts: &[Mutation],
+    sv: SchemaVersion,
+) -> Result<(), SyncError> {
     let native = schema.version();
-    fw.begin(FrameType::Batch, epoch, last);
+    fw.begin(kind, epoch, last);
     let p = fw.payload();
+    if let Some(o) = origin {
+        p.extend_from_slice(&o.to_le_bytes());
+    }
     p.extend_from_slice(&first.to_le_bytes());
     let count_at = p.len();
     p.extend_from_slice(&0u32.to_le_bytes());

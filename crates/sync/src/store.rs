@@ -1,22 +1,35 @@
 //! In-memory replicated state: named tables of byte keys to byte values.
 
-use std::collections::HashMap;
-
 use bytes::Bytes;
+use hashbrown::hash_table::{Entry as Slot, HashTable};
 
+use crate::hash::FastState;
 use crate::{Digest, Record, Schema, SchemaVersion, TransformError};
+
+#[derive(Clone, Debug)]
+struct Entry {
+    hash: u64,
+    key: Bytes,
+    value: Bytes,
+}
 
 /// One table of replicated state. Keys and values are reference-counted
 /// [`Bytes`], so a consistent snapshot for a bulk transfer is a cheap clone.
+/// Each entry keeps its key's hash (keyed per table, see the `hash` module),
+/// so growing the table never reads the keys again.
 #[derive(Clone, Debug, Default)]
 pub struct Table {
-    map: HashMap<Bytes, Bytes>,
+    map: HashTable<Entry>,
+    state: FastState,
 }
 
 impl Table {
     /// The value at `key`.
     pub fn get(&self, key: &[u8]) -> Option<&Bytes> {
-        self.map.get(key)
+        let h = self.state.hash_bytes(key);
+        self.map
+            .find(h, |e| e.hash == h && e.key == key)
+            .map(|e| &e.value)
     }
 
     /// Number of records.
@@ -31,15 +44,35 @@ impl Table {
 
     /// All records, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
-        self.map.iter()
+        self.map.iter().map(|e| (&e.key, &e.value))
     }
 
     pub(crate) fn put(&mut self, key: Bytes, value: Bytes) {
-        self.map.insert(key, value);
+        let h = self.state.hash_bytes(&key);
+        match self
+            .map
+            .entry(h, |e| e.hash == h && e.key == key, |e| e.hash)
+        {
+            Slot::Occupied(mut o) => o.get_mut().value = value,
+            Slot::Vacant(v) => {
+                v.insert(Entry {
+                    hash: h,
+                    key,
+                    value,
+                });
+            }
+        }
     }
 
     pub(crate) fn delete(&mut self, key: &[u8]) {
-        self.map.remove(key);
+        let h = self.state.hash_bytes(key);
+        if let Ok(o) = self.map.find_entry(h, |e| e.hash == h && e.key == key) {
+            o.remove();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
     }
 }
 
@@ -67,13 +100,18 @@ impl Store {
             .map(|(_, t)| t)
     }
 
+    /// Index of table `name` in declaration order.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.tables.iter().position(|(n, _)| n == name)
+    }
+
     pub fn table(&self, name: &str) -> Option<&Table> {
         self.tables.iter().find(|(n, _)| n == name).map(|(_, t)| t)
     }
 
     pub fn clear(&mut self) {
         for (_, t) in &mut self.tables {
-            t.map.clear();
+            t.clear();
         }
     }
 

@@ -45,6 +45,9 @@ pub const MAX_KEY: usize = 64 << 10;
 pub const MAX_VALUE: usize = MAX_PAYLOAD - MAX_KEY - MAX_TABLE_NAME - 64;
 /// Payload size at which an encoder starts a new frame.
 pub const TARGET_PAYLOAD: usize = 256 << 10;
+/// Payload size at which a bulk snapshot starts a new chunk: large frames
+/// keep the per-frame costs (syscalls, headers, wake-ups) negligible.
+pub const BULK_PAYLOAD: usize = 4 << 20;
 
 /// Type of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -78,6 +81,16 @@ pub enum FrameType {
     Fence = 13,
     /// Either way: keepalive, header seq is the sender's applied seq.
     Heartbeat = 14,
+    /// Active -> standby: the standby's state is resumed from the active's
+    /// log instead of a snapshot ([`Control::ResumeBegin`]).
+    ResumeBegin = 15,
+    /// Active -> standby: a logged batch replayed during a resume. Payload:
+    /// the epoch the batch was first applied in (u64 LE), then a
+    /// [`FrameType::Batch`] payload; header seq is the batch's last sequence.
+    ReplayBatch = 16,
+    /// Active -> standby: resume complete, with the digest at its sequence
+    /// ([`Control::ResumeEnd`]).
+    ResumeEnd = 17,
 }
 
 impl FrameType {
@@ -99,6 +112,9 @@ impl FrameType {
             12 => PromoteAck,
             13 => Fence,
             14 => Heartbeat,
+            15 => ResumeBegin,
+            16 => ReplayBatch,
+            17 => ResumeEnd,
             _ => return None,
         })
     }
@@ -305,6 +321,63 @@ pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, crate::S
     }))
 }
 
+/// Reads one whole frame from a byte stream into `payload` (a buffer reused
+/// across calls, so the steady state allocates nothing) and returns its
+/// header.
+///
+/// Returns `Ok(None)` on a clean end of stream before any byte of a frame.
+/// The CRC is checked before returning: on an error `payload` holds nothing
+/// that may be applied.
+pub fn read_frame_into<R: Read + ?Sized>(
+    r: &mut R,
+    payload: &mut Vec<u8>,
+) -> Result<Option<Header>, crate::SyncError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    needed: HEADER_LEN,
+                    have: got,
+                }
+                .into())
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let h = decode_header(&header)?;
+    payload.clear();
+    payload.resize(h.len, 0);
+    let mut got = 0;
+    while got < h.len {
+        match r.read(&mut payload[got..]) {
+            Ok(0) => {
+                payload.clear();
+                return Err(FrameError::Truncated {
+                    needed: HEADER_LEN + h.len,
+                    have: HEADER_LEN + got,
+                }
+                .into());
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                payload.clear();
+                return Err(e.into());
+            }
+        }
+    }
+    if let Err(e) = check_crc(&h, &header, payload) {
+        payload.clear();
+        return Err(e.into());
+    }
+    Ok(Some(h))
+}
+
 /// Builds frames into one contiguous output buffer (frames are batched by
 /// appending several to the same buffer before one write).
 #[derive(Debug, Default)]
@@ -333,6 +406,12 @@ impl FrameWriter {
     /// True if nothing is buffered.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
+    }
+
+    /// Discards everything buffered, keeping the allocation.
+    pub fn clear(&mut self) {
+        self.open = None;
+        self.buf.clear();
     }
 
     /// Takes the buffered bytes, leaving the writer empty.
@@ -481,77 +560,190 @@ impl WireMutation {
     }
 }
 
+/// A mutation borrowed from a validated batch payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MutationRef<'a> {
+    /// Table name.
+    pub table: &'a str,
+    /// Key.
+    pub key: &'a [u8],
+    /// Value, `None` for a delete.
+    pub value: Option<&'a [u8]>,
+}
+
+/// Parses the mutation at `*pos`; `i` numbers it for messages. `prev` is the
+/// previous mutation's table name: a repeated name is not validated again.
+fn parse_mutation<'a>(
+    p: &'a [u8],
+    pos: &mut usize,
+    i: usize,
+    kind: FrameType,
+    prev: &mut &'a str,
+) -> Result<MutationRef<'a>, FrameError> {
+    let bad = |reason: String| FrameError::BadPayload { kind, reason };
+    let take = |pos: &mut usize, n: usize, what: &str| -> Result<&'a [u8], FrameError> {
+        if p.len() - *pos < n {
+            return Err(FrameError::BadPayload {
+                kind,
+                reason: format!("{what} runs past the end of the payload"),
+            });
+        }
+        let r = &p[*pos..*pos + n];
+        *pos += n;
+        Ok(r)
+    };
+    let op = take(pos, 1, "op")?[0];
+    if op != OP_PUT && op != OP_DELETE {
+        return Err(bad(format!("mutation {i} has unknown op {op}")));
+    }
+    let tlen = take(pos, 1, "table length")?[0] as usize;
+    let tb = take(pos, tlen, "table name")?;
+    let table = if tb == prev.as_bytes() {
+        *prev
+    } else {
+        let t = std::str::from_utf8(tb)
+            .map_err(|_| bad(format!("mutation {i} has a table name that is not UTF-8")))?;
+        *prev = t;
+        t
+    };
+    let klen = u32::from_le_bytes(take(pos, 4, "key length")?.try_into().expect("4")) as usize;
+    if klen > MAX_KEY {
+        return Err(bad(format!(
+            "mutation {i} key of {klen} bytes exceeds {MAX_KEY}"
+        )));
+    }
+    let key = take(pos, klen, "key")?;
+    let value = if op == OP_PUT {
+        let vlen =
+            u32::from_le_bytes(take(pos, 4, "value length")?.try_into().expect("4")) as usize;
+        Some(take(pos, vlen, "value")?)
+    } else {
+        None
+    };
+    Ok(MutationRef { table, key, value })
+}
+
+/// A validated batch or bulk-chunk body: iterating it borrows each mutation
+/// from the payload without allocating.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchRef<'a> {
+    body: &'a [u8],
+    count: usize,
+    deletes: usize,
+    kind: FrameType,
+}
+
+impl<'a> BatchRef<'a> {
+    /// Validates a whole body (mutation count, then exactly that many
+    /// well-formed mutations); any defect fails the whole body.
+    pub fn parse(kind: FrameType, payload: &'a [u8]) -> Result<BatchRef<'a>, FrameError> {
+        let bad = |reason: String| FrameError::BadPayload { kind, reason };
+        if payload.len() < 4 {
+            return Err(bad("missing mutation count".into()));
+        }
+        let count = u32::from_le_bytes(payload[0..4].try_into().expect("4 bytes")) as usize;
+        // Every mutation takes at least 6 bytes.
+        if count > (payload.len() - 4) / 6 {
+            return Err(bad(format!(
+                "count {count} does not fit in {} bytes",
+                payload.len()
+            )));
+        }
+        let mut pos = 4usize;
+        let mut prev = "";
+        let mut deletes = 0;
+        for i in 0..count {
+            if parse_mutation(payload, &mut pos, i, kind, &mut prev)?
+                .value
+                .is_none()
+            {
+                deletes += 1;
+            }
+        }
+        if pos != payload.len() {
+            return Err(bad(format!(
+                "{} trailing bytes after {count} mutations",
+                payload.len() - pos
+            )));
+        }
+        Ok(BatchRef {
+            body: payload,
+            count,
+            deletes,
+            kind,
+        })
+    }
+
+    /// Number of mutations.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Number of deletes among the mutations.
+    pub fn deletes(&self) -> usize {
+        self.deletes
+    }
+
+    /// True if the body holds no mutation.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The mutations, in order.
+    pub fn iter(&self) -> impl Iterator<Item = MutationRef<'a>> + 'a {
+        let (body, kind) = (self.body, self.kind);
+        let mut pos = 4usize;
+        let mut prev = "";
+        (0..self.count).map(move |i| {
+            parse_mutation(body, &mut pos, i, kind, &mut prev)
+                .expect("validated by BatchRef::parse")
+        })
+    }
+}
+
 /// Decodes a whole batch or bulk-chunk payload of `count` mutations.
 ///
 /// The payload must hold exactly `count` well-formed mutations; any defect
 /// fails the whole payload.
 pub fn decode_batch(kind: FrameType, payload: &Bytes) -> Result<Vec<WireMutation>, FrameError> {
-    let bad = |reason: String| FrameError::BadPayload { kind, reason };
-    let p = &payload[..];
-    if p.len() < 4 {
-        return Err(bad("missing mutation count".into()));
+    let b = BatchRef::parse(kind, payload)?;
+    let base = payload.as_ptr() as usize;
+    let slice = |s: &[u8]| {
+        let at = s.as_ptr() as usize - base;
+        payload.slice(at..at + s.len())
+    };
+    Ok(b.iter()
+        .map(|m| WireMutation {
+            table: slice(m.table.as_bytes()),
+            key: slice(m.key),
+            value: m.value.map(slice),
+        })
+        .collect())
+}
+
+/// Validates a [`FrameType::Batch`] payload whose header sequence is `last`:
+/// returns the first sequence number and the borrowed body.
+pub fn parse_batch_payload(last: Seq, payload: &[u8]) -> Result<(Seq, BatchRef<'_>), FrameError> {
+    let bad = |reason: String| FrameError::BadPayload {
+        kind: FrameType::Batch,
+        reason,
+    };
+    if payload.len() < 8 {
+        return Err(bad("missing first sequence number".into()));
     }
-    let count = u32::from_le_bytes(p[0..4].try_into().expect("4 bytes")) as usize;
-    // Every mutation takes at least 6 bytes: bound the allocation by the input.
-    if count > (p.len() - 4) / 6 {
+    let first = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+    if first == 0 || first > last.saturating_add(1) {
+        return Err(bad(format!("sequence range {first}..={last} is invalid")));
+    }
+    let body = BatchRef::parse(FrameType::Batch, &payload[8..])?;
+    if body.len() as u64 > last + 1 - first {
         return Err(bad(format!(
-            "count {count} does not fit in {} bytes",
-            p.len()
+            "{} mutations for the {} sequence numbers {first}..={last}",
+            body.len(),
+            last + 1 - first
         )));
     }
-    let mut out = Vec::with_capacity(count);
-    let mut pos = 4usize;
-    let take =
-        |pos: &mut usize, n: usize, what: &str| -> Result<std::ops::Range<usize>, FrameError> {
-            if p.len() - *pos < n {
-                return Err(bad(format!("{what} runs past the end of the payload")));
-            }
-            let r = *pos..*pos + n;
-            *pos += n;
-            Ok(r)
-        };
-    for i in 0..count {
-        let op = p[take(&mut pos, 1, "op")?][0];
-        if op != OP_PUT && op != OP_DELETE {
-            return Err(bad(format!("mutation {i} has unknown op {op}")));
-        }
-        let tlen = p[take(&mut pos, 1, "table length")?][0] as usize;
-        let tr = take(&mut pos, tlen, "table name")?;
-        if std::str::from_utf8(&p[tr.clone()]).is_err() {
-            return Err(bad(format!(
-                "mutation {i} has a table name that is not UTF-8"
-            )));
-        }
-        let klen =
-            u32::from_le_bytes(p[take(&mut pos, 4, "key length")?].try_into().expect("4")) as usize;
-        if klen > MAX_KEY {
-            return Err(bad(format!(
-                "mutation {i} key of {klen} bytes exceeds {MAX_KEY}"
-            )));
-        }
-        let kr = take(&mut pos, klen, "key")?;
-        let value = if op == OP_PUT {
-            let vlen =
-                u32::from_le_bytes(p[take(&mut pos, 4, "value length")?].try_into().expect("4"))
-                    as usize;
-            let vr = take(&mut pos, vlen, "value")?;
-            Some(payload.slice(vr))
-        } else {
-            None
-        };
-        out.push(WireMutation {
-            table: payload.slice(tr),
-            key: payload.slice(kr),
-            value,
-        });
-    }
-    if pos != p.len() {
-        return Err(bad(format!(
-            "{} trailing bytes after {count} mutations",
-            p.len() - pos
-        )));
-    }
-    Ok(out)
+    Ok((first, body))
 }
 
 /// Decodes a [`FrameType::Batch`] frame: its first and last sequence numbers
@@ -562,30 +754,15 @@ pub fn decode_batch(kind: FrameType, payload: &Bytes) -> Result<Vec<WireMutation
 /// a batch may carry fewer mutations than sequence numbers when records have
 /// no representation in the stream version.
 pub fn decode_batch_frame(frame: &Frame) -> Result<(Seq, Seq, Vec<WireMutation>), FrameError> {
-    let bad = |reason: String| FrameError::BadPayload {
-        kind: FrameType::Batch,
-        reason,
-    };
     if frame.kind != FrameType::Batch {
-        return Err(bad(format!("frame is a {:?}", frame.kind)));
+        return Err(FrameError::BadPayload {
+            kind: FrameType::Batch,
+            reason: format!("frame is a {:?}", frame.kind),
+        });
     }
-    if frame.payload.len() < 8 {
-        return Err(bad("missing first sequence number".into()));
-    }
-    let first = u64::from_le_bytes(frame.payload[..8].try_into().expect("8 bytes"));
-    let last = frame.seq;
-    if first == 0 || first > last.saturating_add(1) {
-        return Err(bad(format!("sequence range {first}..={last} is invalid")));
-    }
+    let (first, _) = parse_batch_payload(frame.seq, &frame.payload)?;
     let muts = decode_batch(FrameType::Batch, &frame.payload.slice(8..))?;
-    if muts.len() as u64 > last + 1 - first {
-        return Err(bad(format!(
-            "{} mutations for the {} sequence numbers {first}..={last}",
-            muts.len(),
-            last + 1 - first
-        )));
-    }
-    Ok((first, last, muts))
+    Ok((first, frame.seq, muts))
 }
 
 /// Encodes a list of mutations as a batch payload (count then mutations).
@@ -601,6 +778,17 @@ pub fn encode_batch_payload(muts: &[Mutation]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// A position in a replicated history: the last applied sequence and the
+/// epoch its batch was applied in. Within one epoch a single active numbers
+/// batches, so two instances at the same position hold the same history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    /// Last applied sequence.
+    pub seq: Seq,
+    /// Epoch the batch at `seq` was applied in.
+    pub epoch: Epoch,
 }
 
 /// JSON payloads of the control frames.
@@ -623,6 +811,10 @@ pub enum Control {
         ha: bool,
         /// Highest epoch the standby knows.
         epoch: Epoch,
+        /// Where the standby's state stands, if it holds a complete state it
+        /// would like to resume from instead of receiving a snapshot.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<ResumePoint>,
     },
     /// Active's acceptance.
     Welcome {
@@ -652,6 +844,28 @@ pub enum Control {
         /// Sequence number of the snapshot.
         seq: Seq,
         /// Digest of the snapshot in the stream version.
+        digest: crate::Digest,
+        /// Epoch the batch at `seq` was applied in (0: unknown, which rules
+        /// out a later resume from this snapshot).
+        #[serde(default)]
+        last_epoch: Epoch,
+    },
+    /// Resume begins: replayed batches follow, from `from + 1` to `seq`.
+    ResumeBegin {
+        /// The standby's applied sequence the replay continues from.
+        from: Seq,
+        /// Sequence the replay ends at.
+        seq: Seq,
+        /// Number of replayed batches that follow.
+        batches: u64,
+    },
+    /// Resume ends.
+    ResumeEnd {
+        /// Sequence reached.
+        seq: Seq,
+        /// Epoch the batch at `seq` was applied in.
+        last_epoch: Epoch,
+        /// Digest of the active's state at `seq`, in the stream version.
         digest: crate::Digest,
     },
     /// Digest of the active's state at the header seq, in the stream version.
@@ -685,6 +899,8 @@ impl Control {
             Control::DigestCheck { .. } => FrameType::DigestCheck,
             Control::DigestResult { .. } => FrameType::DigestResult,
             Control::Promote { .. } => FrameType::Promote,
+            Control::ResumeBegin { .. } => FrameType::ResumeBegin,
+            Control::ResumeEnd { .. } => FrameType::ResumeEnd,
         }
     }
 
@@ -696,14 +912,18 @@ impl Control {
 
     /// Decodes the JSON payload of a control frame, checking it matches the frame type.
     pub fn decode(frame: &Frame) -> Result<Control, FrameError> {
-        let c: Control =
-            serde_json::from_slice(&frame.payload).map_err(|e| FrameError::BadPayload {
-                kind: frame.kind,
-                reason: e.to_string(),
-            })?;
-        if c.frame_type() != frame.kind {
+        Control::decode_payload(frame.kind, &frame.payload)
+    }
+
+    /// Decodes the JSON payload of a control frame of type `kind`.
+    pub fn decode_payload(kind: FrameType, payload: &[u8]) -> Result<Control, FrameError> {
+        let c: Control = serde_json::from_slice(payload).map_err(|e| FrameError::BadPayload {
+            kind,
+            reason: e.to_string(),
+        })?;
+        if c.frame_type() != kind {
             return Err(FrameError::BadPayload {
-                kind: frame.kind,
+                kind,
                 reason: format!("payload is a {:?} message", c.frame_type()),
             });
         }

@@ -101,6 +101,7 @@ pub fn empty_bulk(epoch: u64) -> Vec<Vec<u8>> {
         Control::BulkEnd {
             seq: 0,
             digest: Digest::default(),
+            last_epoch: 0,
         }
         .encode(epoch, 0),
     ]

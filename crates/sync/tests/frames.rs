@@ -38,6 +38,7 @@ fn feed(bad: Vec<u8>, close_after: bool) -> (u64, Vec<hitless_sync::Record>, Str
             Control::BulkEnd {
                 seq: 0,
                 digest: Digest::default(),
+                last_epoch: 0,
             }
             .encode(1, 0),
         );
