@@ -1,1 +1,20 @@
-//! placeholder
+//! hitless-agent: the appliance daemon.
+//!
+//! It runs instances through a hypervisor backend, drives the ISSU engine (hitless-core) by
+//! executing its commands and feeding it observations, keeps the engine's journal on disk
+//! and mirrored to the peer appliance, links to the peer agent with heartbeats, serves the
+//! HTTP API used by the CLI, and serves the device's service address (the front).
+
+pub mod api;
+pub mod appliance;
+pub mod config;
+pub mod daemon;
+pub mod driver;
+pub mod front;
+pub mod images;
+pub mod peer;
+pub mod remote;
+pub mod resp;
+
+pub use config::AgentConfig;
+pub use daemon::run;

@@ -48,6 +48,10 @@ enum Command {
         /// The target image directory (holding manifest.toml).
         #[arg(long)]
         to: PathBuf,
+        /// Stop before the commit: the pair waits for `hitless commit` or `hitless rollback`
+        /// (the rollback timer reverts it if neither comes).
+        #[arg(long)]
+        no_commit: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -211,8 +215,10 @@ fn init_tracing(filter: Option<&str>) {
         .map(str::to_owned)
         .or_else(|| std::env::var("HITLESS_LOG").ok())
         .unwrap_or_else(|| "info".to_owned());
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -229,7 +235,7 @@ fn main() {
             LabCommand::Issu(args) => lab::issu(&args),
         },
         Command::Status { api, json } => ops::status(&api, json),
-        Command::Upgrade { to, api } => ops::upgrade(&api, &to),
+        Command::Upgrade { to, no_commit, api } => ops::upgrade(&api, &to, no_commit),
         Command::Abort { api } => ops::operator(&api, "abort"),
         Command::Rollback { api } => ops::operator(&api, "rollback"),
         Command::Commit { api } => ops::operator(&api, "commit"),

@@ -1,17 +1,357 @@
-//! Operator commands against a running agent's API.
+//! The agent daemon entry point and operator commands against a running agent's API.
+
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use hitless_agent::api::StatusAnswer;
+use hitless_agent::driver::ProgressLine;
+use hitless_core::{Outcome, Report};
 
 use crate::ApiArgs;
 
-pub fn agent(_config: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("the agent is not built into this binary yet")
+/// API addresses of the lab's agents (primary first).
+pub const LAB_APIS: [&str; 2] = ["127.0.0.1:47701", "127.0.0.1:47702"];
+
+/// `hitless agent --config FILE`.
+pub fn agent(config: &Path) -> anyhow::Result<()> {
+    let config = hitless_agent::AgentConfig::load(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(hitless_agent::run(config))?;
+    Ok(())
 }
-pub fn status(_api: &ApiArgs, _json: bool) -> anyhow::Result<()> {
-    anyhow::bail!("the agent API client is not built into this binary yet")
+
+fn agent_url(api: &str, path: &str) -> String {
+    format!("http://{api}{path}")
 }
-pub fn upgrade(_api: &ApiArgs, _to: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("the agent API client is not built into this binary yet")
+
+fn api_error(e: ureq::Error) -> anyhow::Error {
+    match e {
+        ureq::Error::Status(code, resp) => {
+            let body: serde_json::Value = resp.into_json().unwrap_or_default();
+            let msg = body
+                .get("error")
+                .and_then(|m| m.as_str())
+                .unwrap_or("no detail")
+                .to_owned();
+            anyhow::anyhow!("the agent refused the request (HTTP {code}): {msg}")
+        }
+        ureq::Error::Transport(t) => anyhow::anyhow!("cannot reach the agent: {t}"),
+    }
 }
-pub fn operator(_api: &ApiArgs, _what: &str) -> anyhow::Result<()> {
-    anyhow::bail!("the agent API client is not built into this binary yet")
+
+fn http() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(2))
+        .timeout(Duration::from_secs(40))
+        .build()
+}
+
+/// GET a JSON document.
+pub fn get<T: serde::de::DeserializeOwned>(api: &str, path: &str) -> anyhow::Result<T> {
+    let r = http()
+        .get(&agent_url(api, path))
+        .call()
+        .map_err(api_error)?;
+    r.into_json()
+        .with_context(|| format!("the agent at {api} sent an undecodable answer"))
+}
+
+/// POST a JSON body; returns the agent's `ok` message.
+pub fn post(api: &str, path: &str, body: serde_json::Value) -> anyhow::Result<String> {
+    let r = http()
+        .post(&agent_url(api, path))
+        .send_json(body)
+        .map_err(api_error)?;
+    let v: serde_json::Value = r.into_json()?;
+    Ok(v.get("ok")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// The status of the agent that drives the pair: `--api` if given, else the lab's agents.
+pub fn driving_status(api: &ApiArgs) -> anyhow::Result<(String, StatusAnswer)> {
+    let candidates: Vec<String> = match &api.api {
+        Some(a) => vec![a.clone()],
+        None => LAB_APIS.iter().map(|s| s.to_string()).collect(),
+    };
+    let mut first: Option<(String, StatusAnswer)> = None;
+    let mut errors = Vec::new();
+    for a in candidates {
+        match get::<StatusAnswer>(&a, "/v1/status") {
+            Ok(s) if s.driving => return Ok((a, s)),
+            Ok(s) => {
+                first.get_or_insert((a, s));
+            }
+            Err(e) => errors.push(format!("{a}: {e:#}")),
+        }
+    }
+    first.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no agent answered ({}); is the lab up (`hitless lab up`) or --api right?",
+            errors.join("; ")
+        )
+    })
+}
+
+/// Prints a status as tables.
+pub fn print_status(s: &StatusAnswer) {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec![
+        "instance",
+        "appliance",
+        "version",
+        "state",
+        "role",
+        "applied seq",
+        "lag",
+        "pid",
+        "kernel",
+        "backend",
+    ]);
+    let engine = s.engine.as_ref();
+    let mut all = s.local.instances.clone();
+    if let Some(p) = &s.peer {
+        all.extend(p.instances.clone());
+    }
+    if let Some(e) = engine {
+        for row in &e.instances {
+            let live = all.iter().find(|x| x.instance == row.id);
+            let applied = live.map(|_| String::new()).unwrap_or_default();
+            t.add_row(vec![
+                row.id.to_string(),
+                row.appliance.to_string(),
+                row.version.to_string(),
+                format!("{:?}", row.state),
+                format!("{:?}", row.role),
+                applied,
+                String::new(),
+                live.and_then(|l| l.pid)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                live.and_then(|l| l.kernel_release.clone())
+                    .unwrap_or_default(),
+                live.map(|l| l.backend.clone()).unwrap_or_default(),
+            ]);
+        }
+    }
+    println!(
+        "appliance answering: {} ({})",
+        s.appliance,
+        if s.driving { "driving" } else { "following" }
+    );
+    if let Some(e) = engine {
+        println!(
+            "phase: {}{}   epoch: {}   in control: {} ({})",
+            e.phase,
+            e.step
+                .as_ref()
+                .map(|st| format!(" / step {st}"))
+                .unwrap_or_default(),
+            e.epoch.0,
+            e.in_control
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "none".into()),
+            e.control_version.map(|v| v.to_string()).unwrap_or_default(),
+        );
+        if let Some(st) = &e.stuck {
+            println!(
+                "NEEDS THE OPERATOR: {} -> run `hitless {}`",
+                st.reason, st.resume_with
+            );
+        }
+    }
+    println!("{t}");
+    for (name, d) in [("local", Some(&s.local)), ("peer", s.peer.as_ref())] {
+        if let Some(d) = d {
+            println!(
+                "front on {} ({name}): listening={} connections={} in-flight={} forwarded={} replayed={}",
+                d.appliance.map(|a| a.to_string()).unwrap_or_default(),
+                d.front.listening,
+                d.front.connections,
+                d.front.inflight,
+                d.front.forwarded,
+                d.front.replayed
+            );
+        }
+    }
+    if let Some(e) = &s.peer_error {
+        println!("peer: {e}");
+    }
+}
+
+/// `hitless status`.
+pub fn status(api: &ApiArgs, json: bool) -> anyhow::Result<()> {
+    let (_, s) = driving_status(api)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print_status(&s);
+    }
+    Ok(())
+}
+
+/// How an upgrade ended, as seen through the API.
+#[derive(Debug, Clone)]
+pub struct UpgradeEnd {
+    pub outcome: Outcome,
+    pub switchovers: u64,
+}
+
+/// Follows the progress of the running ISSU until it finishes (bounded), printing each line
+/// when `print` is set and calling `on_line` for each. Commits automatically when the engine
+/// waits for the operator's acceptance if `auto_commit`.
+pub fn follow(
+    api: &str,
+    since: u64,
+    bound: Duration,
+    auto_commit: bool,
+    mut on_line: impl FnMut(&ProgressLine),
+) -> anyhow::Result<UpgradeEnd> {
+    let start = Instant::now();
+    let mut next = since;
+    let mut switchovers = 0;
+    let mut api = api.to_owned();
+    let mut committed = false;
+    while start.elapsed() < bound {
+        let batch: Vec<ProgressLine> = match get(&api, &format!("/v1/progress?since={next}")) {
+            Ok(b) => b,
+            Err(_) => {
+                // The driving agent may have changed (its appliance was lost).
+                if let Ok((a, _)) = driving_status(&ApiArgs { api: None }) {
+                    if a != api {
+                        api = a;
+                        next = 0;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        for l in batch {
+            next = l.seq + 1;
+            on_line(&l);
+            match &l.report {
+                Report::ControlMoved { .. } => switchovers += 1,
+                Report::Step { step, .. }
+                    if auto_commit && !committed && step.name() == "await-commit" =>
+                {
+                    post(&api, "/v1/commit", serde_json::json!({}))?;
+                    committed = true;
+                }
+                Report::Finished(o) if since <= l.seq => {
+                    return Ok(UpgradeEnd {
+                        outcome: o.clone(),
+                        switchovers,
+                    });
+                }
+                Report::Step { step, .. } if !auto_commit && step.name() == "await-commit" => {
+                    bail!("waiting for the operator's commit");
+                }
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("the upgrade did not finish within {bound:?}; see `hitless status`")
+}
+
+/// Describes a progress line in one sentence.
+pub fn describe(l: &ProgressLine) -> String {
+    match &l.report {
+        Report::Accepted { request } => format!("accepted: {request}"),
+        Report::Rejected { request, reason } => format!("rejected: {request}: {reason}"),
+        Report::Step { step, detail } => format!(
+            "step {}{}: {detail}",
+            step.name(),
+            step.procedure_step()
+                .map(|p| format!(" (procedure step {p})"))
+                .unwrap_or_default()
+        ),
+        Report::Stuck(s) => format!(
+            "needs the operator: {} (resume with `hitless {}`)",
+            s.reason, s.resume_with
+        ),
+        Report::Finished(Outcome::Committed { version }) => {
+            format!("committed: all instances on {version}")
+        }
+        Report::Finished(Outcome::RolledBack { version, reason }) => {
+            format!("rolled back to {version}: {reason}")
+        }
+        Report::ControlMoved { to, epoch, version } => {
+            format!("control moved to {to} ({version}) at epoch {}", epoch.0)
+        }
+    }
+}
+
+/// `hitless upgrade --to IMAGE`: commits once every instance runs the target unless
+/// `no_commit`, which leaves the pair waiting for `hitless commit` or `hitless rollback`
+/// (the rollback timer reverts it if neither comes).
+pub fn upgrade(api: &ApiArgs, to: &Path, no_commit: bool) -> anyhow::Result<()> {
+    let image = std::fs::canonicalize(to)
+        .with_context(|| format!("the image directory {} does not exist", to.display()))?;
+    let (api, _) = driving_status(api)?;
+    let lines: Vec<ProgressLine> = get(&api, "/v1/progress")?;
+    let since = lines.last().map(|l| l.seq + 1).unwrap_or(0);
+    let msg = post(&api, "/v1/upgrade", serde_json::json!({ "image": image }))?;
+    println!("{msg}");
+    let bar = indicatif::ProgressBar::new_spinner();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if tty {
+        bar.enable_steady_tick(Duration::from_millis(100));
+    }
+    let started = Instant::now();
+    let mut waiting = false;
+    let end = follow(&api, since, Duration::from_secs(3600), !no_commit, |l| {
+        let line = format!(
+            "{:>8.3} s  {}",
+            started.elapsed().as_secs_f64(),
+            describe(l)
+        );
+        if tty {
+            bar.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+        if let Report::Step { step, .. } = &l.report {
+            bar.set_message(format!("step {}", step.name()));
+            if no_commit && step.name() == "await-commit" {
+                waiting = true;
+            }
+        }
+    });
+    if waiting {
+        bar.finish_and_clear();
+        println!("every instance runs the target; accept with `hitless commit` or revert with `hitless rollback`");
+        return Ok(());
+    }
+    let end = end?;
+    bar.finish_and_clear();
+    match end.outcome {
+        Outcome::Committed { version } => {
+            println!(
+                "upgrade committed: every instance runs {version} ({} control moves)",
+                end.switchovers
+            );
+            Ok(())
+        }
+        Outcome::RolledBack { version, reason } => {
+            bail!("the upgrade rolled back to {version}: {reason}")
+        }
+    }
+}
+
+/// `hitless abort|rollback|commit`.
+pub fn operator(api: &ApiArgs, what: &str) -> anyhow::Result<()> {
+    let (api, _) = driving_status(api)?;
+    let msg = post(&api, &format!("/v1/{what}"), serde_json::json!({}))?;
+    println!("{msg}");
+    Ok(())
 }

@@ -15,10 +15,9 @@ pub fn run(fault: Option<String>, json: bool, list_faults: bool) -> anyhow::Resu
         return Ok(());
     }
     let spec = match fault.as_deref() {
-        Some(text) => Some(
-            FaultSpec::parse(text)
-                .with_context(|| format!("invalid --fault {text:?}"))?,
-        ),
+        Some(text) => {
+            Some(FaultSpec::parse(text).with_context(|| format!("invalid --fault {text:?}"))?)
+        }
         None => None,
     };
     let report = sim::run(spec.as_ref());
@@ -44,7 +43,14 @@ fn print_table(r: &SimReport) {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL);
     t.set_header(vec![
-        "tick", "step", "in control", "version", "epoch", "primary", "secondary", "event",
+        "tick",
+        "step",
+        "in control",
+        "version",
+        "epoch",
+        "primary",
+        "secondary",
+        "event",
     ]);
     for s in &r.steps {
         t.add_row(vec![

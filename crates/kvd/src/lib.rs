@@ -53,20 +53,22 @@ pub enum AckMode {
 #[command(about = "RESP key-value server whose state is replicated by hitless-sync")]
 #[command(group(ArgGroup::new("control").required(true).args(["control_listen", "control_device"])))]
 pub struct Args {
-    /// Identifier of this instance (the agent checks it in Configure).
-    #[arg(long)]
+    /// Identifier of this instance (the agent checks it in Configure). In a VM guest it comes
+    /// from the `hitless.instance=` kernel parameter.
+    #[arg(long, env = "HITLESS_INSTANCE")]
     pub instance_id: String,
     /// Address to serve RESP clients on, e.g. 127.0.0.1:6379 (port 0 picks one).
-    #[arg(long)]
+    #[arg(long, env = "HITLESS_SERVICE")]
     pub service_listen: String,
     /// Address to serve standbys' state sync on.
-    #[arg(long)]
+    #[arg(long, env = "HITLESS_SYNC")]
     pub sync_listen: String,
     /// Unix socket path to serve the control channel on (one agent connection at a time).
     #[arg(long)]
     pub control_listen: Option<PathBuf>,
-    /// Character device carrying the control channel (virtio-serial or serial port).
-    #[arg(long)]
+    /// Character device carrying the control channel (virtio-serial or serial port); a
+    /// terminal device is switched to raw mode.
+    #[arg(long, env = "HITLESS_CONTROL_DEVICE")]
     pub control_device: Option<PathBuf>,
     /// Initial role; without it the instance waits for Configure and serves no writes.
     #[arg(long, value_enum)]
@@ -258,6 +260,30 @@ fn remove_stale_socket(path: &std::path::Path) {
     }
 }
 
+/// Switches a terminal device (a serial port) to raw mode, so that control frames pass
+/// unchanged: no echo, no line editing, no CR/LF translation. Other devices are left as they are.
+fn raw_mode(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: isatty only inspects the descriptor, which `file` keeps open.
+    if unsafe { libc::isatty(fd) } != 1 {
+        return Ok(());
+    }
+    // SAFETY: termios is plain data that tcgetattr fills in completely before it is read.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is open for the duration of the call and `t` is a valid termios to write.
+    if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: cfmakeraw only modifies the termios value it is given.
+    unsafe { libc::cfmakeraw(&mut t) };
+    // SAFETY: fd is open and `t` is a fully initialised termios.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Serves the control channel on a character device, reopening it after the host end goes
 /// away or the stream loses framing, until Shutdown.
 fn serve_device(path: &std::path::Path, handler: &mut node::NodeControl) -> Result<(), StartError> {
@@ -269,7 +295,12 @@ fn serve_device(path: &std::path::Path, handler: &mut node::NodeControl) -> Resu
             .open(path)
             .and_then(|f| Ok((f.try_clone()?, f)));
         match opened {
-            Ok((reader, writer)) => match serve_control(reader, writer, handler) {
+            Ok((reader, writer)) => match raw_mode(&writer)
+                .map_err(|e| tracing::warn!(device = %path.display(), error = %e, "cannot switch the control device to raw mode"))
+                .ok()
+                .map(|_| serve_control(reader, writer, handler))
+                .unwrap_or(Ok(ServeOutcome::Disconnected))
+            {
                 Ok(ServeOutcome::Shutdown) => return Ok(()),
                 Ok(ServeOutcome::Disconnected) => {
                     tracing::info!("control device closed by the host");

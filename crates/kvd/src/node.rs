@@ -100,9 +100,10 @@ impl Node {
     fn supervise(&self) {
         let mut last_verify = Instant::now() - Duration::from_secs(60);
         while !self.stopping.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(50));
+            // A short period: a new standby link and its first digest check gate a switchover.
+            std::thread::sleep(Duration::from_millis(2));
             self.tend_follow();
-            if last_verify.elapsed() >= Duration::from_millis(500) && self.verify_due(last_verify) {
+            if self.verify_due(last_verify) {
                 last_verify = Instant::now();
                 if let Err(e) = self.db.replica().verify_standbys() {
                     tracing::debug!(error = %e, "digest verification of standbys failed");
@@ -111,8 +112,8 @@ impl Node {
         }
     }
 
-    /// An active verifies standbys whose digest has not matched yet, and all of them every
-    /// 10 s.
+    /// An active verifies standbys whose digest has not matched yet as soon as their bulk is
+    /// done, and all of them every 10 s.
     fn verify_due(&self, last: Instant) -> bool {
         let r = self.db.replica();
         if r.role() != hitless_sync::Role::Active {

@@ -1,0 +1,562 @@
+//! The local appliance: instances on this host, their control channels, and the front.
+//!
+//! The driver (see [`crate::driver`]) composes engine commands into [`Op`]s addressed to an
+//! appliance; the ops for this appliance run here, those for the peer travel over the peer
+//! link and run in the peer agent's `Appliance`. Observations (an instance exited) flow back
+//! the same way.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hitless_control::{AgentCommand, Configure, ControlClient, Hello, InstanceStatus};
+use hitless_core::{ApplianceId, ImageRef, InstanceId};
+use hitless_vmm::{
+    Backend, InstanceHandle, InstanceSpec, Payload, PortForward, ProcessPayload, ResourceLimits,
+    VmPayload,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::{AgentConfig, BackendKind};
+use crate::front::{Front, Listening, Route};
+use crate::images::{ImageCatalog, ImageKind};
+
+/// The port a service listens on inside a VM guest.
+pub const GUEST_SERVICE_PORT: u16 = 6379;
+/// The port state sync listens on inside a VM guest.
+pub const GUEST_SYNC_PORT: u16 = 7000;
+/// The guest device of the control channel (the QEMU backend's second serial port).
+pub const GUEST_CONTROL_DEVICE: &str = "ttyS1";
+/// The address of the host's loopback as seen from a QEMU user-networking guest.
+pub const GUEST_HOST_ADDR: &str = "10.0.2.2";
+
+/// An operation on one appliance.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Op {
+    /// Start an instance of an image.
+    Start {
+        instance: InstanceId,
+        image: ImageRef,
+    },
+    /// Send a control command to an instance.
+    Control {
+        instance: InstanceId,
+        command: AgentCommand,
+    },
+    /// Ask an instance for its status.
+    Status { instance: InstanceId },
+    /// Stop an instance gracefully (then kill after the grace period).
+    Stop { instance: InstanceId },
+    /// Kill an instance now (fault injection and fencing of a hung instance).
+    Kill { instance: InstanceId },
+    /// Hold the front and wait for requests in flight to be answered.
+    FrontHold { bound_ms: u64 },
+    /// Set the front's route; `listen` says whether this appliance owns the service address.
+    FrontRoute { route: Route, listen: bool },
+    /// Register an image directory in the catalog.
+    AddImage { dir: PathBuf },
+    /// Describe this appliance.
+    Describe,
+}
+
+/// Facts about a started instance.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Started {
+    pub instance: InstanceId,
+    pub appliance: ApplianceId,
+    pub image: ImageRef,
+    /// Where the front reaches the service.
+    pub service_addr: SocketAddr,
+    /// Where a standby of the same backend attaches for state sync.
+    pub sync_addr: String,
+    pub pid: Option<u32>,
+    pub kernel_release: Option<String>,
+    pub hello: Hello,
+    pub console_log: PathBuf,
+    pub backend: String,
+}
+
+/// A successful op's result.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum OpOk {
+    Started(Box<Started>),
+    Done,
+    Status(Box<InstanceStatus>),
+    Stopped { exit: String },
+    Described(Box<Description>),
+    Added { image: ImageRef },
+}
+
+/// What an appliance reports about itself.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Description {
+    pub appliance: Option<ApplianceId>,
+    pub instances: Vec<Started>,
+    pub front: crate::front::FrontStats,
+}
+
+/// Something that happened on an appliance without being asked.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "observation", rename_all = "kebab-case")]
+pub enum Observation {
+    /// An instance ended. `expected` when it ended because of a `Stop`/`Kill` op.
+    Exited {
+        instance: InstanceId,
+        reason: String,
+        expected: bool,
+    },
+}
+
+struct Local {
+    started: Started,
+    handle: Mutex<Box<dyn InstanceHandle>>,
+    control: Mutex<ControlClient<std::os::unix::net::UnixStream>>,
+    stopping: AtomicBool,
+    slot: u16,
+}
+
+/// This appliance.
+pub struct Appliance {
+    me: ApplianceId,
+    config: AgentConfig,
+    backend: Arc<dyn Backend>,
+    catalog: Mutex<ImageCatalog>,
+    instances: Mutex<HashMap<InstanceId, Arc<Local>>>,
+    front: Front,
+    listening: Mutex<Option<Listening>>,
+    observations: mpsc::Sender<Observation>,
+}
+
+/// Bound of one control request.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Appliance {
+    /// The local appliance.
+    pub fn new(
+        me: ApplianceId,
+        config: AgentConfig,
+        backend: Arc<dyn Backend>,
+        catalog: ImageCatalog,
+        front: Front,
+        observations: mpsc::Sender<Observation>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            me,
+            config,
+            backend,
+            catalog: Mutex::new(catalog),
+            instances: Mutex::new(HashMap::new()),
+            front,
+            listening: Mutex::new(None),
+            observations,
+        })
+    }
+
+    /// This appliance's id.
+    pub fn id(&self) -> ApplianceId {
+        self.me
+    }
+
+    /// The image catalog.
+    pub fn catalog(&self) -> ImageCatalog {
+        self.catalog.lock().expect("catalog lock").clone()
+    }
+
+    /// Runs one op.
+    pub async fn exec(self: &Arc<Self>, op: Op) -> Result<OpOk, String> {
+        match op {
+            Op::Start { instance, image } => {
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.start(instance, image))
+                    .await
+                    .map_err(|e| format!("start task failed: {e}"))?
+            }
+            Op::Control { instance, command } => {
+                let local = self.get(instance)?;
+                tokio::task::spawn_blocking(move || {
+                    let mut c = local.control.lock().expect("control lock");
+                    match c.request(command, CONTROL_TIMEOUT) {
+                        Ok(_) => Ok(OpOk::Done),
+                        Err(e) => Err(format!("instance {instance}: {e}")),
+                    }
+                })
+                .await
+                .map_err(|e| format!("control task failed: {e}"))?
+            }
+            Op::Status { instance } => {
+                let local = self.get(instance)?;
+                tokio::task::spawn_blocking(move || {
+                    let mut c = local.control.lock().expect("control lock");
+                    match c.status(CONTROL_TIMEOUT) {
+                        Ok(s) => Ok(OpOk::Status(Box::new(s))),
+                        Err(e) => Err(format!("instance {instance}: {e}")),
+                    }
+                })
+                .await
+                .map_err(|e| format!("status task failed: {e}"))?
+            }
+            Op::Stop { instance } | Op::Kill { instance } => {
+                let kill = matches!(op, Op::Kill { .. });
+                let Ok(local) = self.get(instance) else {
+                    // Unknown or already gone: stopping is idempotent.
+                    return Ok(OpOk::Stopped {
+                        exit: "not running".into(),
+                    });
+                };
+                local.stopping.store(true, Ordering::Release);
+                let grace = Duration::from_millis(self.config.instances.stop_grace_ms);
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    if !kill {
+                        // Ask nicely first over the control channel, then through the backend.
+                        if let Ok(mut c) = local.control.try_lock() {
+                            let _ = c.shutdown(Duration::from_millis(500));
+                        }
+                    }
+                    let mut h = local.handle.lock().expect("handle lock");
+                    let exit = if kill { h.kill() } else { h.stop(grace) };
+                    me.instances
+                        .lock()
+                        .expect("instances lock")
+                        .remove(&instance);
+                    match exit {
+                        Ok(e) => Ok(OpOk::Stopped {
+                            exit: e.to_string(),
+                        }),
+                        Err(e) => Err(format!("stopping instance {instance}: {e}")),
+                    }
+                })
+                .await
+                .map_err(|e| format!("stop task failed: {e}"))?
+            }
+            Op::FrontHold { bound_ms } => self
+                .front
+                .hold_and_drain(Duration::from_millis(bound_ms))
+                .await
+                .map(|_| OpOk::Done)
+                .map_err(|e| e.to_string()),
+            Op::FrontRoute { route, listen } => {
+                self.front.set_route(route);
+                let mut l = self.listening.lock().expect("listening lock");
+                if listen && l.is_none() {
+                    *l = Some(
+                        self.front
+                            .listen(self.config.service_addr)
+                            .map_err(|e| e.to_string())?,
+                    );
+                } else if !listen {
+                    if let Some(old) = l.take() {
+                        old.stop();
+                        info!(addr = %self.config.service_addr, "service address released");
+                    }
+                }
+                Ok(OpOk::Done)
+            }
+            Op::AddImage { dir } => {
+                // Verifying digests reads every file: keep it off the async workers.
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut cat = me.catalog.lock().expect("catalog lock");
+                    cat.add(&dir)
+                        .map(|image| OpOk::Added { image })
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| format!("image task failed: {e}"))?
+            }
+            Op::Describe => Ok(OpOk::Described(Box::new(self.describe()))),
+        }
+    }
+
+    /// The instances running here and the front's state.
+    pub fn describe(&self) -> Description {
+        let mut instances: Vec<Started> = self
+            .instances
+            .lock()
+            .expect("instances lock")
+            .values()
+            .map(|l| l.started.clone())
+            .collect();
+        instances.sort_by_key(|s| s.instance);
+        let listening = self.listening.lock().expect("listening lock").is_some();
+        Description {
+            appliance: Some(self.me),
+            instances,
+            front: self.front.stats(listening),
+        }
+    }
+
+    /// Kills every instance (the agent is going away; instances share its fate).
+    pub fn kill_all(&self) {
+        let all: Vec<_> = self
+            .instances
+            .lock()
+            .expect("instances lock")
+            .drain()
+            .collect();
+        for (_, l) in all {
+            l.stopping.store(true, Ordering::Release);
+            if let Ok(mut h) = l.handle.lock() {
+                let _ = h.kill();
+            }
+        }
+    }
+
+    fn get(&self, id: InstanceId) -> Result<Arc<Local>, String> {
+        self.instances
+            .lock()
+            .expect("instances lock")
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| format!("instance {id} is not running on the {} appliance", self.me))
+    }
+
+    fn free_slot(&self) -> Result<u16, String> {
+        let used: Vec<u16> = self
+            .instances
+            .lock()
+            .expect("instances lock")
+            .values()
+            .map(|l| l.slot)
+            .collect();
+        (0..16u16)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| "no free instance slot (16 instances already)".to_owned())
+    }
+
+    fn start(self: &Arc<Self>, id: InstanceId, image: ImageRef) -> Result<OpOk, String> {
+        if let Ok(existing) = self.get(id) {
+            // Idempotent: a re-executed start of a running instance reports it again.
+            return Ok(OpOk::Started(Box::new(existing.started.clone())));
+        }
+        let img = self
+            .catalog
+            .lock()
+            .expect("catalog lock")
+            .get(&image)
+            .map_err(|e| e.to_string())?;
+        let slot = self.free_slot()?;
+        let port = self.config.instances.port_base + slot * 2;
+        let (service_port, sync_port) = (port, port + 1);
+        let name = format!("{}-{id}", self.me.name());
+        let run_dir = self.config.data_dir.join("instances").join(id.to_string());
+        std::fs::create_dir_all(&run_dir)
+            .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+        let control_socket = run_dir.join("control.sock");
+        let _ = std::fs::remove_file(&control_socket);
+        let limits = ResourceLimits {
+            memory_bytes: Some(self.config.instances.memory_mib * 1024 * 1024),
+            cpu: Some(hitless_vmm::CpuQuota::from_millicpus(
+                u64::from(self.config.instances.cpu_percent) * 10,
+            )),
+            pids_max: Some(256),
+        };
+        let loopback = std::net::Ipv4Addr::LOCALHOST;
+        let (payload, ports, sync_addr) = match (self.config.backend, &img.kind) {
+            (BackendKind::Process, _) => {
+                let args = vec![
+                    "--instance-id".into(),
+                    id.to_string(),
+                    "--service-listen".into(),
+                    format!("{loopback}:{service_port}"),
+                    "--sync-listen".into(),
+                    format!("{loopback}:{sync_port}"),
+                    "--control-listen".into(),
+                    control_socket.display().to_string(),
+                ];
+                (
+                    Payload::Process(ProcessPayload {
+                        binary: img.binary.clone(),
+                        args,
+                        env: vec![("RUST_LOG".into(), "info".into())],
+                    }),
+                    vec![],
+                    format!("{loopback}:{sync_port}"),
+                )
+            }
+            (
+                BackendKind::Qemu,
+                ImageKind::Vm {
+                    kernel,
+                    initramfs,
+                    cmdline: base,
+                },
+            ) => {
+                // The guest's init exports every hitless.<key>= parameter as HITLESS_<KEY>,
+                // which kvd reads for what differs per instance. The control channel is the
+                // guest's second serial port (the QEMU backend's default).
+                let cmdline = format!(
+                    "{base} quiet hitless.instance={id} hitless.service=0.0.0.0:{GUEST_SERVICE_PORT} hitless.sync=0.0.0.0:{GUEST_SYNC_PORT} hitless.control_device=/dev/{GUEST_CONTROL_DEVICE}"
+                );
+                (
+                    Payload::Vm(VmPayload {
+                        kernel: kernel.clone(),
+                        initramfs: Some(initramfs.clone()),
+                        cmdline,
+                        memory_mib: self.config.instances.memory_mib as u32,
+                        vcpus: self.config.instances.vcpus,
+                    }),
+                    vec![
+                        PortForward::loopback(service_port, GUEST_SERVICE_PORT),
+                        PortForward::loopback(sync_port, GUEST_SYNC_PORT),
+                    ],
+                    format!("{GUEST_HOST_ADDR}:{sync_port}"),
+                )
+            }
+            (BackendKind::Qemu, ImageKind::Process) => {
+                return Err(format!(
+                    "image {} {} is a process image; the QEMU backend needs a VM image (hitless image build --kind vm)",
+                    image.name, image.version
+                ))
+            }
+        };
+        let spec = InstanceSpec {
+            id: name.clone(),
+            payload,
+            run_dir: run_dir.clone(),
+            limits,
+            ports,
+            control_socket: control_socket.clone(),
+        };
+        let handle = self
+            .backend
+            .start(&spec)
+            .map_err(|e| format!("starting instance {id}: {e}"))?;
+        let boot_bound = match self.config.backend {
+            BackendKind::Process => Duration::from_secs(15),
+            BackendKind::Qemu => Duration::from_secs(180),
+        };
+        let endpoint = handle.control_endpoint().path().to_owned();
+        let (control, hello) = match connect_control(&endpoint, boot_bound) {
+            Ok(x) => x,
+            Err(e) => {
+                let mut h = handle;
+                let _ = h.kill();
+                return Err(format!(
+                    "instance {id} did not answer on its control channel: {e} (console log: {})",
+                    spec.console_log_path().display()
+                ));
+            }
+        };
+        let info = handle.info();
+        let started = Started {
+            instance: id,
+            appliance: self.me,
+            image,
+            service_addr: SocketAddr::from((loopback, service_port)),
+            sync_addr,
+            pid: handle.pid(),
+            kernel_release: hello.kernel_release.clone().or(info.kernel_release),
+            hello,
+            console_log: handle.console_log().to_owned(),
+            backend: format!("{}", self.backend.kind()),
+        };
+        info!(instance = %id, pid = ?started.pid, service = %started.service_addr, "instance started");
+        let watch = handle.exit_watch();
+        let local = Arc::new(Local {
+            started: started.clone(),
+            handle: Mutex::new(handle),
+            control: Mutex::new(control),
+            stopping: AtomicBool::new(false),
+            slot,
+        });
+        self.instances
+            .lock()
+            .expect("instances lock")
+            .insert(id, local.clone());
+        // Watch for the instance's end; every wait is bounded and the loop ends with it.
+        let me = Arc::downgrade(self);
+        let tx = self.observations.clone();
+        std::thread::Builder::new()
+            .name(format!("exit-{id}"))
+            .spawn(move || loop {
+                if let Some(exit) = watch.wait_timeout(Duration::from_millis(500)) {
+                    let expected = local.stopping.load(Ordering::Acquire);
+                    if let Some(me) = me.upgrade() {
+                        me.instances.lock().expect("instances lock").remove(&id);
+                    }
+                    if !expected {
+                        warn!(instance = %id, %exit, "instance exited unexpectedly");
+                    }
+                    let _ = tx.blocking_send(Observation::Exited {
+                        instance: id,
+                        reason: exit.to_string(),
+                        expected,
+                    });
+                    return;
+                }
+                if me.strong_count() == 0 {
+                    return;
+                }
+            })
+            .map_err(|e| format!("cannot spawn the exit watcher: {e}"))?;
+        Ok(OpOk::Started(Box::new(started)))
+    }
+}
+
+/// Connects to an instance's control socket (retrying while it boots) and waits for its Hello.
+fn connect_control(
+    path: &std::path::Path,
+    bound: Duration,
+) -> Result<(ControlClient<std::os::unix::net::UnixStream>, Hello), String> {
+    let deadline = Instant::now() + bound;
+    let mut last = String::from("no attempt");
+    while Instant::now() < deadline {
+        match ControlClient::connect_unix(path) {
+            Ok(mut c) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match c.wait_hello(left.max(Duration::from_millis(100))) {
+                    Ok(h) => return Ok((c, h)),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("no hello within {bound:?} (last error: {last})"))
+}
+
+/// Builds the Configure command for a standby following `active_sync_addr`.
+pub fn standby_config(
+    instance: InstanceId,
+    epoch: u64,
+    active_sync_addr: &str,
+    designated_ha: bool,
+) -> AgentCommand {
+    AgentCommand::Configure(Configure {
+        instance_id: instance.to_string(),
+        role: hitless_control::Role::Standby,
+        epoch,
+        active_sync_addr: Some(active_sync_addr.to_owned()),
+        designated_ha,
+        sync_mode: hitless_control::SyncMode::Synchronous,
+    })
+}
+
+/// Builds the Configure command for the instance in control.
+pub fn active_config(instance: InstanceId, epoch: u64) -> AgentCommand {
+    AgentCommand::Configure(Configure {
+        instance_id: instance.to_string(),
+        role: hitless_control::Role::Active,
+        epoch,
+        active_sync_addr: None,
+        designated_ha: false,
+        sync_mode: hitless_control::SyncMode::Synchronous,
+    })
+}
+
+/// Reads a status reply.
+pub fn as_status(r: Result<OpOk, String>) -> Result<InstanceStatus, String> {
+    match r? {
+        OpOk::Status(s) => Ok(*s),
+        other => Err(format!("expected a status, got {other:?}")),
+    }
+}

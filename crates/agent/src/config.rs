@@ -1,0 +1,291 @@
+//! The agent's TOML configuration.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The largest configuration file accepted.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// A configuration that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the configuration file {path} is {size} bytes, over the limit of {MAX_CONFIG_BYTES}")]
+    TooLarge { path: PathBuf, size: u64 },
+    #[error("the configuration file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("the configuration file {path} is not valid: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// Which appliance of the pair this agent runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplianceRole {
+    Primary,
+    Secondary,
+}
+
+impl ApplianceRole {
+    /// The other appliance.
+    pub fn peer(self) -> Self {
+        match self {
+            Self::Primary => Self::Secondary,
+            Self::Secondary => Self::Primary,
+        }
+    }
+
+    /// "primary" or "secondary".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Secondary => "secondary",
+        }
+    }
+}
+
+/// The hypervisor backend instances run under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Process,
+    Qemu,
+}
+
+/// Peer failure detection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    /// Interval between heartbeats to the peer agent.
+    pub interval_ms: u64,
+    /// Heartbeats missed before the peer is declared lost.
+    pub misses: u32,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 50,
+            misses: 3,
+        }
+    }
+}
+
+/// Resources and addresses of instances.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstanceConfig {
+    /// First loopback port for instances on this appliance; each instance slot uses two
+    /// (service, sync).
+    pub port_base: u16,
+    /// Memory limit of one instance in MiB.
+    pub memory_mib: u64,
+    /// CPU limit of one instance, in percent of one CPU.
+    pub cpu_percent: u32,
+    /// Virtual CPUs of a VM instance.
+    pub vcpus: u32,
+    /// Grace period of a stop before the instance is killed, in milliseconds.
+    pub stop_grace_ms: u64,
+}
+
+impl Default for InstanceConfig {
+    fn default() -> Self {
+        Self {
+            port_base: 17800,
+            memory_mib: 512,
+            cpu_percent: 100,
+            vcpus: 1,
+            stop_grace_ms: 3000,
+        }
+    }
+}
+
+/// The agent configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This appliance.
+    pub appliance: ApplianceRole,
+    /// The HTTP API address.
+    pub api_listen: SocketAddr,
+    /// Where this agent accepts the peer agent's link.
+    pub peer_listen: SocketAddr,
+    /// The peer agent's link address.
+    pub peer_addr: SocketAddr,
+    /// The device's service address (bound by the appliance in control).
+    pub service_addr: SocketAddr,
+    /// State directory: journal, instance run directories and logs.
+    pub data_dir: PathBuf,
+    /// The image the pair runs when first started.
+    pub image: PathBuf,
+    /// Hypervisor backend.
+    #[serde(default = "default_backend")]
+    pub backend: BackendKind,
+    /// Peer failure detection.
+    #[serde(default)]
+    pub heartbeat: HeartbeatConfig,
+    /// Instance resources.
+    #[serde(default)]
+    pub instances: InstanceConfig,
+}
+
+fn default_backend() -> BackendKind {
+    BackendKind::Process
+}
+
+impl AgentConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+                size: meta.len(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            // The full report quotes the offending line, which names the field.
+            message: e.to_string().trim_end().replace('\n', "\n    "),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        if self.heartbeat.interval_ms == 0 || self.heartbeat.interval_ms > 10_000 {
+            return Err(invalid(
+                "heartbeat.interval_ms",
+                format!("{} is outside 1..=10000", self.heartbeat.interval_ms),
+            ));
+        }
+        if self.heartbeat.misses == 0 || self.heartbeat.misses > 100 {
+            return Err(invalid(
+                "heartbeat.misses",
+                format!("{} is outside 1..=100", self.heartbeat.misses),
+            ));
+        }
+        let addrs = [
+            ("api_listen", self.api_listen),
+            ("peer_listen", self.peer_listen),
+            ("peer_addr", self.peer_addr),
+            ("service_addr", self.service_addr),
+        ];
+        for (i, (a, x)) in addrs.iter().enumerate() {
+            for (b, y) in &addrs[i + 1..] {
+                if x == y {
+                    return Err(invalid(a, format!("{x} is also used as {b}")));
+                }
+            }
+        }
+        if self.instances.port_base < 1024 || self.instances.port_base > 65000 {
+            return Err(invalid(
+                "instances.port_base",
+                format!("{} is outside 1024..=65000", self.instances.port_base),
+            ));
+        }
+        if !(16..=65536).contains(&self.instances.memory_mib) {
+            return Err(invalid(
+                "instances.memory_mib",
+                format!("{} is outside 16..=65536", self.instances.memory_mib),
+            ));
+        }
+        if !(1..=6400).contains(&self.instances.cpu_percent) {
+            return Err(invalid(
+                "instances.cpu_percent",
+                format!("{} is outside 1..=6400", self.instances.cpu_percent),
+            ));
+        }
+        if !(1..=64).contains(&self.instances.vcpus) {
+            return Err(invalid(
+                "instances.vcpus",
+                format!("{} is outside 1..=64", self.instances.vcpus),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "is empty".into()));
+        }
+        Ok(())
+    }
+
+    /// How long without a heartbeat before the peer is declared lost.
+    pub fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat.interval_ms * u64::from(self.heartbeat.misses))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+appliance = "primary"
+api_listen = "127.0.0.1:7701"
+peer_listen = "127.0.0.1:7711"
+peer_addr = "127.0.0.1:7712"
+service_addr = "127.0.0.1:6380"
+data_dir = "/tmp/x"
+image = "/tmp/img"
+"#;
+
+    #[test]
+    fn defaults_are_50ms_heartbeats_and_3_misses() {
+        let c = AgentConfig::parse(Path::new("a.toml"), GOOD).unwrap();
+        assert_eq!(c.heartbeat.interval_ms, 50);
+        assert_eq!(c.heartbeat.misses, 3);
+        assert_eq!(c.peer_timeout(), Duration::from_millis(150));
+        assert_eq!(c.backend, BackendKind::Process);
+    }
+
+    #[test]
+    fn unknown_field_is_refused_by_name() {
+        let text = format!("{GOOD}\nbogus = 1\n");
+        let e = AgentConfig::parse(Path::new("a.toml"), &text).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        assert!(e.to_string().contains("a.toml"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_field() {
+        let e = AgentConfig::parse(
+            Path::new("a.toml"),
+            &format!("{GOOD}\n[heartbeat]\nmisses = 0\n"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("heartbeat.misses"), "{e}");
+        let dup = GOOD.replace("127.0.0.1:7712", "127.0.0.1:7711");
+        let e = AgentConfig::parse(Path::new("a.toml"), &dup).unwrap_err();
+        assert!(e.to_string().contains("peer_listen"), "{e}");
+        let e = AgentConfig::parse(Path::new("a.toml"), "appliance = \"tertiary\"").unwrap_err();
+        assert!(e.to_string().contains("tertiary"), "{e}");
+    }
+}

@@ -1,0 +1,333 @@
+//! The agent process: wires the appliance, the peer link, the driver and the API together.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hitless_core::{ApplianceId, EngineConfig};
+use hitless_journal::Journal;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::appliance::{Appliance, Observation};
+use crate::config::{AgentConfig, ApplianceRole, BackendKind};
+use crate::driver::{Appliances, Driver, DriverTiming, Input, SharedView, Transition};
+use crate::front::{Front, FrontLimits};
+use crate::images::ImageCatalog;
+use crate::peer::{PeerEvent, PeerLink};
+use crate::remote::{PeerMsg, Remote};
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the journal: {0}")]
+    Journal(#[from] hitless_journal::JournalError),
+    #[error("cannot use the initial image: {0}")]
+    Image(String),
+    #[error("cannot start the hypervisor backend: {0}")]
+    Backend(String),
+    #[error(transparent)]
+    Peer(#[from] crate::peer::PeerError),
+    #[error("cannot serve the API on {addr}: {source}")]
+    Api {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("bootstrap of the pair failed: {0}")]
+    Bootstrap(String),
+}
+
+/// The appliance id of a configured role.
+pub fn appliance_id(r: ApplianceRole) -> ApplianceId {
+    match r {
+        ApplianceRole::Primary => ApplianceId::Primary,
+        ApplianceRole::Secondary => ApplianceId::Secondary,
+    }
+}
+
+/// Engine bounds for a backend, in ticks of [`DriverTiming::tick`] (100 ms).
+pub fn engine_config(backend: BackendKind) -> EngineConfig {
+    let base = EngineConfig {
+        soak_ticks: 2,
+        max_lag: 1000,
+        ..EngineConfig::default()
+    };
+    match backend {
+        BackendKind::Process => EngineConfig {
+            start_timeout: 150,
+            sync_timeout: 300,
+            switch_timeout: 50,
+            stop_timeout: 100,
+            verify_timeout: 100,
+            ..base
+        },
+        BackendKind::Qemu => EngineConfig {
+            start_timeout: 1800,
+            sync_timeout: 600,
+            switch_timeout: 100,
+            stop_timeout: 300,
+            verify_timeout: 300,
+            ..base
+        },
+    }
+}
+
+fn make_backend(config: &AgentConfig) -> Result<Arc<dyn hitless_vmm::Backend>, AgentError> {
+    match config.backend {
+        BackendKind::Process => Ok(Arc::new(hitless_vmm::ProcessBackend::new(
+            hitless_vmm::ProcessConfig::default(),
+        ))),
+        BackendKind::Qemu => Ok(Arc::new(hitless_vmm::QemuBackend::new(
+            hitless_vmm::QemuConfig::default(),
+        ))),
+    }
+}
+
+/// Runs the agent until the process is stopped.
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let me = appliance_id(config.appliance);
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let journal: Journal<Transition> = Journal::open(config.data_dir.join("journal.redb"))?;
+    let mut catalog = ImageCatalog::default();
+    let initial = catalog
+        .add(&config.image)
+        .map_err(|e| AgentError::Image(e.to_string()))?;
+    let backend = make_backend(&config)?;
+    let front = Front::new(FrontLimits::default());
+    let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(1024);
+    let appliance = Appliance::new(me, config.clone(), backend, catalog, front, obs_tx);
+    let driving = Arc::new(AtomicBool::new(false));
+    let epoch = Arc::new(AtomicU64::new(0));
+    let (hb_driving, hb_epoch) = (driving.clone(), epoch.clone());
+    let (link, peer_rx) = PeerLink::<PeerMsg>::start(
+        config.peer_listen,
+        config.peer_addr,
+        Duration::from_millis(config.heartbeat.interval_ms),
+        config.heartbeat.misses,
+        move || PeerMsg::Heartbeat {
+            from: me,
+            driving: hb_driving.load(Ordering::Acquire),
+            epoch: hb_epoch.load(Ordering::Acquire),
+        },
+    )
+    .await?;
+    let remote = Remote::new(link.clone(), me.other());
+    // Requests from the peer and responses to ours are handled here, never behind the main
+    // loop (which may itself be waiting for a response).
+    let mut peer_rx = dispatch_peer(&appliance, &remote, peer_rx);
+    let apps = Appliances {
+        local: appliance.clone(),
+        remote: remote.clone(),
+    };
+    let (in_tx, mut in_rx) = mpsc::channel::<Input>(4096);
+    let view: SharedView = Default::default();
+    let timing = DriverTiming::default();
+    let mut driver = Driver::new(
+        me,
+        journal,
+        apps.clone(),
+        in_tx.clone(),
+        view.clone(),
+        timing.clone(),
+        engine_config(config.backend),
+    );
+    crate::api::serve(config.api_listen, in_tx.clone(), view.clone(), apps.clone())
+        .await
+        .map_err(|source| AgentError::Api {
+            addr: config.api_listen,
+            source,
+        })?;
+    info!(appliance = %me, api = %config.api_listen, "agent running");
+
+    // Who drives: wait a little for the peer's first heartbeat.
+    let mut peer_driving = false;
+    let wait_peer = tokio::time::sleep(config.peer_timeout() * 4 + Duration::from_millis(500));
+    tokio::pin!(wait_peer);
+    let mut pre_events = Vec::new();
+    loop {
+        tokio::select! {
+            _ = &mut wait_peer => break,
+            ev = peer_rx.recv() => match ev {
+                Some(PeerEvent::Message(PeerMsg::Heartbeat { driving, .. })) => {
+                    peer_driving = driving;
+                    if link.is_up() { break; }
+                }
+                Some(PeerEvent::Up) => { pre_events.push(PeerEvent::Up); if peer_driving { break; } }
+                Some(other) => pre_events.push(other),
+                None => break,
+            }
+        }
+    }
+    if !peer_driving {
+        if driver.restore().map_err(AgentError::Bootstrap)? {
+            // This agent drove before and was restarted: its instances did not survive it.
+            warn!("resuming the pair from the journal; this appliance's instances are gone");
+            driver
+                .resume_after_restart()
+                .map_err(AgentError::Bootstrap)?;
+        } else if me == ApplianceId::Primary {
+            // A new pair: the primary brings it up once the peer is reachable.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while !link.is_up() && tokio::time::Instant::now() < deadline {
+                match tokio::time::timeout(Duration::from_millis(100), peer_rx.recv()).await {
+                    Ok(Some(e)) => pre_events.push(e),
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+            }
+            if !link.is_up() {
+                return Err(AgentError::Bootstrap(
+                    "the secondary appliance's agent did not come up within 60 s".into(),
+                ));
+            }
+            driver
+                .bootstrap(initial)
+                .await
+                .map_err(AgentError::Bootstrap)?;
+        }
+    }
+    driving.store(driver.driving(), Ordering::Release);
+    epoch.store(driver.epoch(), Ordering::Release);
+
+    let mut tick = tokio::time::interval(timing.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for e in pre_events {
+        handle_peer(&mut driver, &appliance, e).await;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if driver.driving() {
+                    if let Err(e) = driver.input(Input::Tick).await { error!("{e}"); }
+                }
+            }
+            Some(i) = in_rx.recv() => {
+                if let Err(e) = driver.input(i).await { error!("{e}"); }
+            }
+            Some(o) = obs_rx.recv() => {
+                if driver.driving() {
+                    if let Err(e) = driver.input(Input::Observation(me, o)).await { error!("{e}"); }
+                } else if let Err(e) = link.send(PeerMsg::Observed { observation: o }) {
+                    warn!("cannot report an observation to the driving agent: {e}");
+                }
+            }
+            Some(e) = peer_rx.recv() => handle_peer(&mut driver, &appliance, e).await,
+            _ = term.recv() => {
+                info!("SIGTERM: stopping this appliance's instances");
+                appliance.kill_all();
+                return Ok(());
+            }
+            _ = tokio::signal::ctrl_c() => {
+                appliance.kill_all();
+                return Ok(());
+            }
+        }
+        driving.store(driver.driving(), Ordering::Release);
+        epoch.store(driver.epoch(), Ordering::Release);
+    }
+}
+
+async fn handle_peer(driver: &mut Driver, appliance: &Arc<Appliance>, e: PeerEvent<PeerMsg>) {
+    match e {
+        PeerEvent::Message(m) => match m {
+            PeerMsg::Heartbeat {
+                driving,
+                epoch,
+                from,
+            } => {
+                if driving && driver.driving() {
+                    // Two drivers (after a partition): the higher epoch wins, the primary on a tie.
+                    let mine = driver.epoch();
+                    if epoch > mine || (epoch == mine && from == ApplianceId::Primary) {
+                        driver.step_down();
+                    }
+                }
+            }
+            PeerMsg::Request { .. } | PeerMsg::Response { .. } => {
+                // Handled by the dispatcher.
+            }
+            PeerMsg::Observed { observation } => {
+                if let Err(e) = driver
+                    .input(Input::Observation(appliance.id().other(), observation))
+                    .await
+                {
+                    error!("{e}");
+                }
+            }
+            PeerMsg::Journal { index, envelope } => {
+                if driver.driving() {
+                    return;
+                }
+                match hex::decode(&envelope) {
+                    Ok(bytes) => {
+                        if let Err(e) = driver.journal_mut().import(index, &bytes) {
+                            warn!(index, "journal mirror refused a record: {e}");
+                        }
+                    }
+                    Err(e) => warn!("undecodable journal record from the peer: {e}"),
+                }
+            }
+        },
+        PeerEvent::Lost => {
+            if let Err(e) = driver.input(Input::PeerLost).await {
+                error!("{e}");
+            }
+        }
+        PeerEvent::Up => {
+            if let Err(e) = driver.input(Input::PeerUp).await {
+                error!("{e}");
+            }
+        }
+        PeerEvent::Malformed(m) => warn!("peer link: {m}"),
+    }
+}
+
+/// Handles the peer's requests and the responses to ours as they arrive; passes everything
+/// else on to the main loop.
+fn dispatch_peer(
+    appliance: &Arc<Appliance>,
+    remote: &Remote,
+    mut rx: mpsc::Receiver<PeerEvent<PeerMsg>>,
+) -> mpsc::Receiver<PeerEvent<PeerMsg>> {
+    let (tx, out) = mpsc::channel(4096);
+    let a = appliance.clone();
+    let r = remote.clone();
+    tokio::spawn(async move {
+        while let Some(e) = rx.recv().await {
+            match e {
+                PeerEvent::Message(PeerMsg::Response { id, result }) => r.complete(id, result),
+                PeerEvent::Message(PeerMsg::Request { id, op }) => {
+                    let a = a.clone();
+                    let r = r.clone();
+                    tokio::spawn(async move {
+                        let result = a.exec(op).await;
+                        let _ = r.link().send(PeerMsg::Response { id, result });
+                    });
+                }
+                PeerEvent::Lost => {
+                    r.fail_all();
+                    if tx.send(PeerEvent::Lost).await.is_err() {
+                        return;
+                    }
+                }
+                other => {
+                    if tx.send(other).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    out
+}

@@ -1,0 +1,140 @@
+//! The images an appliance can run, verified on registration.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hitless_core::{CompatVerdict, ImageRef, Version};
+use hitless_image::Image;
+use thiserror::Error;
+
+/// Errors of the catalog.
+#[derive(Debug, Error)]
+pub enum CatalogError {
+    #[error("{0}")]
+    Image(#[from] hitless_image::ImageError),
+    #[error("image {name} {version} is not registered on this appliance")]
+    Unknown { name: String, version: Version },
+    #[error(
+        "image {name} has version {version:?}, which is not MAJOR.MINOR.PATCH with small numbers"
+    )]
+    BadVersion { name: String, version: String },
+    #[error("a different image {name} {version} is already registered from {existing}")]
+    Conflict {
+        name: String,
+        version: Version,
+        existing: PathBuf,
+    },
+}
+
+/// What kind of instance an image makes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    /// A service binary run in the process sandbox.
+    Process,
+    /// A bootable VM: kernel and initramfs.
+    Vm {
+        kernel: PathBuf,
+        initramfs: PathBuf,
+        cmdline: String,
+    },
+}
+
+/// A registered image.
+#[derive(Clone, Debug)]
+pub struct ImageSpec {
+    pub image: ImageRef,
+    pub dir: PathBuf,
+    pub kind: ImageKind,
+    /// The service binary (inside the image directory).
+    pub binary: PathBuf,
+    pub manifest: hitless_image::manifest::Manifest,
+}
+
+/// Images by name and version.
+#[derive(Clone, Debug, Default)]
+pub struct ImageCatalog {
+    images: BTreeMap<(String, Version), ImageSpec>,
+}
+
+fn core_version(name: &str, v: &hitless_image::manifest::Version) -> Result<Version, CatalogError> {
+    let bad = || CatalogError::BadVersion {
+        name: name.to_owned(),
+        version: format!("{v:?}"),
+    };
+    Ok(Version {
+        major: u32::try_from(v.major).map_err(|_| bad())?,
+        minor: u32::try_from(v.minor).map_err(|_| bad())?,
+        patch: u32::try_from(v.patch).map_err(|_| bad())?,
+    })
+}
+
+impl ImageCatalog {
+    /// Verifies the image in `dir` (manifest, digests, signature) and registers it.
+    pub fn add(&mut self, dir: &Path) -> Result<ImageRef, CatalogError> {
+        let img = Image::open(dir)?;
+        let m = &img.manifest;
+        let version = core_version(&m.name, &m.version)?;
+        let image = ImageRef::new(m.name.clone(), version);
+        let kind = match (img.boot_paths(), &m.vm) {
+            (Some((kernel, initramfs)), Some(vm)) => ImageKind::Vm {
+                kernel,
+                initramfs,
+                cmdline: vm.cmdline.clone(),
+            },
+            _ => ImageKind::Process,
+        };
+        let spec = ImageSpec {
+            image: image.clone(),
+            dir: img.dir.clone(),
+            kind,
+            binary: img.entrypoint_path(),
+            manifest: img.manifest.clone(),
+        };
+        let key = (image.name.clone(), image.version);
+        if let Some(existing) = self.images.get(&key) {
+            if existing.manifest != spec.manifest {
+                return Err(CatalogError::Conflict {
+                    name: image.name,
+                    version: image.version,
+                    existing: existing.dir.clone(),
+                });
+            }
+        }
+        self.images.insert(key, spec);
+        Ok(image)
+    }
+
+    /// A registered image.
+    pub fn get(&self, image: &ImageRef) -> Result<ImageSpec, CatalogError> {
+        self.images
+            .get(&(image.name.clone(), image.version))
+            .cloned()
+            .ok_or_else(|| CatalogError::Unknown {
+                name: image.name.clone(),
+                version: image.version,
+            })
+    }
+
+    /// Whether state flows both ways between two registered images.
+    pub fn compat(
+        &self,
+        running: &ImageRef,
+        target: &ImageRef,
+    ) -> Result<CompatVerdict, CatalogError> {
+        let r = self.get(running)?;
+        let t = self.get(target)?;
+        let report = hitless_image::compat::check(&r.manifest, &t.manifest);
+        let blockers = report.blockers();
+        Ok(CompatVerdict {
+            from: running.version,
+            to: target.version,
+            upgrade_ok: report.forward_ok(),
+            downgrade_ok: report.backward_ok(),
+            detail: if blockers.is_empty() {
+                "state converts in both directions for every replicated service".into()
+            } else {
+                blockers.join("; ")
+            },
+        })
+    }
+}

@@ -1,0 +1,158 @@
+//! The service front moves clients between instances without client errors.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hitless_agent::front::{Front, FrontLimits, Route};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A RESP backend that answers every request with `+<name>` (so a reply names who served it).
+/// With `swallow_first`, it closes the connection on its first request without replying.
+async fn backend(name: &'static str, swallow_first: bool) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Ok(Some(len)) = hitless_agent::resp::message_len(&buf) {
+                        buf.drain(..len);
+                        if swallow_first {
+                            return;
+                        }
+                        let reply = format!("+{name}\r\n");
+                        if s.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn request(c: &mut TcpStream) -> String {
+    c.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut byte))
+            .await
+            .expect("a reply within 5 s")
+            .unwrap();
+        assert!(n > 0, "the front closed the client connection");
+        buf.push(byte[0]);
+    }
+    String::from_utf8(buf).unwrap()
+}
+
+#[tokio::test]
+async fn planned_switch_moves_an_open_connection_to_the_new_instance() {
+    let a = backend("a", false).await;
+    let b = backend("b", false).await;
+    let front = Front::new(FrontLimits::default());
+    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    front.set_route(Route {
+        epoch: 1,
+        backend: Some(a),
+        hold: false,
+    });
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    assert_eq!(request(&mut client).await, "+a\r\n");
+    front
+        .hold_and_drain(Duration::from_secs(1))
+        .await
+        .expect("nothing in flight to drain");
+    assert_eq!(front.inflight(), 0);
+    front.set_route(Route {
+        epoch: 2,
+        backend: Some(b),
+        hold: false,
+    });
+    assert_eq!(request(&mut client).await, "+b\r\n");
+    assert_eq!(request(&mut client).await, "+b\r\n");
+}
+
+#[tokio::test]
+async fn requests_sent_during_a_hold_wait_and_then_reach_the_new_instance() {
+    let a = backend("a", false).await;
+    let b = backend("b", false).await;
+    let front = Front::new(FrontLimits::default());
+    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    front.set_route(Route {
+        epoch: 1,
+        backend: Some(a),
+        hold: false,
+    });
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    assert_eq!(request(&mut client).await, "+a\r\n");
+    front.hold_and_drain(Duration::from_secs(1)).await.unwrap();
+    let waiter = tokio::spawn(async move {
+        let r = request(&mut client).await;
+        (r, client)
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "a held request must not be answered");
+    front.set_route(Route {
+        epoch: 2,
+        backend: Some(b),
+        hold: false,
+    });
+    let (reply, _) = waiter.await.unwrap();
+    assert_eq!(reply, "+b\r\n");
+}
+
+#[tokio::test]
+async fn an_unanswered_request_is_replayed_to_the_successor_after_a_crash() {
+    let dying = backend("dying", true).await;
+    let successor = backend("successor", false).await;
+    let front = Front::new(FrontLimits::default());
+    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    front.set_route(Route {
+        epoch: 1,
+        backend: Some(dying),
+        hold: false,
+    });
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    let waiter = tokio::spawn(async move { request(&mut client).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    front.set_route(Route {
+        epoch: 2,
+        backend: Some(successor),
+        hold: false,
+    });
+    assert_eq!(waiter.await.unwrap(), "+successor\r\n");
+    assert_eq!(front.stats(true).replayed, 1);
+}
+
+#[tokio::test]
+async fn malformed_client_input_gets_an_error_and_a_closed_connection() {
+    let a = backend("a", false).await;
+    let front = Front::new(FrontLimits::default());
+    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    front.set_route(Route {
+        epoch: 1,
+        backend: Some(a),
+        hold: false,
+    });
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    client.write_all(b"$x\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("-ERR protocol error"), "{text}");
+    assert_eq!(front.inflight(), 0);
+}
