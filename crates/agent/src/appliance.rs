@@ -119,7 +119,6 @@ struct Local {
     handle: Mutex<Box<dyn InstanceHandle>>,
     control: Mutex<ControlClient<std::os::unix::net::UnixStream>>,
     stopping: AtomicBool,
-    slot: u16,
 }
 
 /// This appliance.
@@ -129,6 +128,8 @@ pub struct Appliance {
     backend: Arc<dyn Backend>,
     catalog: Mutex<ImageCatalog>,
     instances: Mutex<HashMap<InstanceId, Arc<Local>>>,
+    /// Port slots by owner, claimed while an instance boots and held while it runs.
+    slots: Mutex<HashMap<u16, InstanceId>>,
     front: Front,
     listening: Mutex<Option<Listening>>,
     observations: mpsc::Sender<Observation>,
@@ -153,6 +154,7 @@ impl Appliance {
             backend,
             catalog: Mutex::new(catalog),
             instances: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
             front,
             listening: Mutex::new(None),
             observations,
@@ -222,10 +224,7 @@ impl Appliance {
                     }
                     let mut h = local.handle.lock().expect("handle lock");
                     let exit = if kill { h.kill() } else { h.stop(grace) };
-                    me.instances
-                        .lock()
-                        .expect("instances lock")
-                        .remove(&instance);
+                    me.forget(instance);
                     match exit {
                         Ok(e) => Ok(OpOk::Stopped {
                             exit: e.to_string(),
@@ -318,17 +317,32 @@ impl Appliance {
             .ok_or_else(|| format!("instance {id} is not running on the {} appliance", self.me))
     }
 
-    fn free_slot(&self) -> Result<u16, String> {
-        let used: Vec<u16> = self
-            .instances
+    /// Claims a free port slot for `id` (slots are claimed from the start of a boot, not only
+    /// once the instance answers, so two boots never share ports).
+    fn claim_slot(&self, id: InstanceId) -> Result<u16, String> {
+        let mut slots = self.slots.lock().expect("slots lock");
+        if let Some((s, _)) = slots.iter().find(|(_, owner)| **owner == id) {
+            return Ok(*s);
+        }
+        let slot = (0..16u16)
+            .find(|s| !slots.contains_key(s))
+            .ok_or_else(|| "no free instance slot (16 instances already)".to_owned())?;
+        slots.insert(slot, id);
+        Ok(slot)
+    }
+
+    /// Releases the slot of `id`.
+    fn release_slot(&self, id: InstanceId) {
+        self.slots
             .lock()
-            .expect("instances lock")
-            .values()
-            .map(|l| l.slot)
-            .collect();
-        (0..16u16)
-            .find(|s| !used.contains(s))
-            .ok_or_else(|| "no free instance slot (16 instances already)".to_owned())
+            .expect("slots lock")
+            .retain(|_, owner| *owner != id);
+    }
+
+    /// Forgets an instance that ended.
+    fn forget(&self, id: InstanceId) {
+        self.instances.lock().expect("instances lock").remove(&id);
+        self.release_slot(id);
     }
 
     fn start(self: &Arc<Self>, id: InstanceId, image: ImageRef) -> Result<OpOk, String> {
@@ -336,13 +350,21 @@ impl Appliance {
             // Idempotent: a re-executed start of a running instance reports it again.
             return Ok(OpOk::Started(Box::new(existing.started.clone())));
         }
+        let slot = self.claim_slot(id)?;
+        let r = self.boot(id, image, slot);
+        if r.is_err() {
+            self.release_slot(id);
+        }
+        r
+    }
+
+    fn boot(self: &Arc<Self>, id: InstanceId, image: ImageRef, slot: u16) -> Result<OpOk, String> {
         let img = self
             .catalog
             .lock()
             .expect("catalog lock")
             .get(&image)
             .map_err(|e| e.to_string())?;
-        let slot = self.free_slot()?;
         let port = self.config.instances.port_base + slot * 2;
         let (service_port, sync_port) = (port, port + 1);
         let name = format!("{}-{id}", self.me.name());
@@ -351,8 +373,14 @@ impl Appliance {
             .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
         let control_socket = run_dir.join("control.sock");
         let _ = std::fs::remove_file(&control_socket);
+        // A VM's cgroup holds the whole QEMU process: guest memory plus the emulator's own
+        // (device models, bounded translation cache).
+        let overhead_mib = match self.config.backend {
+            BackendKind::Process => 0,
+            BackendKind::Qemu => 384,
+        };
         let limits = ResourceLimits {
-            memory_bytes: Some(self.config.instances.memory_mib * 1024 * 1024),
+            memory_bytes: Some((self.config.instances.memory_mib + overhead_mib) * 1024 * 1024),
             cpu: Some(hitless_vmm::CpuQuota::from_millicpus(
                 u64::from(self.config.instances.cpu_percent) * 10,
             )),
@@ -458,6 +486,11 @@ impl Appliance {
             console_log: handle.console_log().to_owned(),
             backend: format!("{}", self.backend.kind()),
         };
+        if self.config.backend == BackendKind::Qemu {
+            if let Some(pid) = started.pid {
+                deprioritise(pid);
+            }
+        }
         info!(instance = %id, pid = ?started.pid, service = %started.service_addr, "instance started");
         let watch = handle.exit_watch();
         let local = Arc::new(Local {
@@ -465,7 +498,6 @@ impl Appliance {
             handle: Mutex::new(handle),
             control: Mutex::new(control),
             stopping: AtomicBool::new(false),
-            slot,
         });
         self.instances
             .lock()
@@ -480,7 +512,7 @@ impl Appliance {
                 if let Some(exit) = watch.wait_timeout(Duration::from_millis(500)) {
                     let expected = local.stopping.load(Ordering::Acquire);
                     if let Some(me) = me.upgrade() {
-                        me.instances.lock().expect("instances lock").remove(&id);
+                        me.forget(id);
                     }
                     if !expected {
                         warn!(instance = %id, %exit, "instance exited unexpectedly");
@@ -498,6 +530,26 @@ impl Appliance {
             })
             .map_err(|e| format!("cannot spawn the exit watcher: {e}"))?;
         Ok(OpOk::Started(Box::new(started)))
+    }
+}
+
+/// Lowers the scheduling priority of a VM's process, so that the control plane (heartbeats,
+/// the front, the driver) keeps its deadlines when software-emulated guests saturate the CPUs.
+fn deprioritise(pid: u32) {
+    // Linux applies a nice value per thread: every thread of the process (vCPUs included).
+    let tasks: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![pid]);
+    for tid in tasks {
+        // SAFETY: setpriority takes plain integers and touches no memory of ours.
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 5) };
+        if r != 0 {
+            warn!(pid, tid, "cannot lower the VM's priority: {}", std::io::Error::last_os_error());
+        }
     }
 }
 

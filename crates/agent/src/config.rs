@@ -88,7 +88,9 @@ impl Default for HeartbeatConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct InstanceConfig {
     /// First loopback port for instances on this appliance; each instance slot uses two
-    /// (service, sync).
+    /// (service, sync). Keep it outside the ephemeral port range (see
+    /// /proc/sys/net/ipv4/ip_local_port_range), or an outgoing connection may hold a port an
+    /// instance needs.
     pub port_base: u16,
     /// Memory limit of one instance in MiB.
     pub memory_mib: u64,

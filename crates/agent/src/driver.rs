@@ -801,7 +801,18 @@ async fn ready_event(
     while tokio::time::Instant::now() < deadline {
         match as_status(apps.exec(app, Op::Status { instance: standby }).await) {
             Ok(s) => {
+                let applied = s.services.values().map(|x| x.applied_seq).min().unwrap_or(0);
+                let lag = s.services.values().map(|x| x.lag).max().unwrap_or(0);
                 if s.ready {
+                    // The engine judges sufficient state on the latest lag it was told:
+                    // report the lag at the moment of readiness first.
+                    let _ = tx
+                        .send(Input::Event(Event::SyncProgress {
+                            instance: standby,
+                            applied_seq: applied,
+                            lag,
+                        }))
+                        .await;
                     let seq = s
                         .services
                         .values()

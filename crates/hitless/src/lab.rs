@@ -22,10 +22,13 @@ use crate::{ApiArgs, Backend, LabIssuArgs, LabUpArgs};
 
 /// The lab's default run directory.
 pub const DEFAULT_DIR: &str = "/tmp/hitless-lab";
+// Every lab port is below Linux's ephemeral range (32768-60999), so that no outgoing
+// connection can hold one when an instance or agent needs to bind it.
+
 /// The device's service address in the lab.
-pub const SERVICE_ADDR: &str = "127.0.0.1:46380";
-const PEER_ADDRS: [&str; 2] = ["127.0.0.1:47711", "127.0.0.1:47712"];
-const PORT_BASES: [u16; 2] = [47800, 47900];
+pub const SERVICE_ADDR: &str = "127.0.0.1:26380";
+const PEER_ADDRS: [&str; 2] = ["127.0.0.1:27711", "127.0.0.1:27712"];
+const PORT_BASES: [u16; 2] = [27800, 27900];
 const NAMES: [&str; 2] = ["primary", "secondary"];
 
 fn backend_name(b: Backend) -> &'static str {
@@ -123,8 +126,8 @@ image = "{image}"
 backend = "{backend}"
 
 [heartbeat]
-interval_ms = 50
-misses = 3
+interval_ms = {hb_interval}
+misses = {hb_misses}
 
 [instances]
 port_base = {port_base}
@@ -143,6 +146,10 @@ stop_grace_ms = 3000
         backend = backend_name(backend),
         port_base = PORT_BASES[i],
         mem = if backend == Backend::Qemu { 256 } else { 512 },
+        // Software-emulated guests saturate the CPUs; the peer's failure detection allows
+        // for it (processes use the defaults: 50 ms x 3).
+        hb_interval = if backend == Backend::Qemu { 100 } else { 50 },
+        hb_misses = if backend == Backend::Qemu { 20 } else { 3 },
     );
     let path = dir.join(format!("{}.toml", NAMES[i]));
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;

@@ -12,7 +12,7 @@ use hitless_core::{Outcome, Report};
 use crate::ApiArgs;
 
 /// API addresses of the lab's agents (primary first).
-pub const LAB_APIS: [&str; 2] = ["127.0.0.1:47701", "127.0.0.1:47702"];
+pub const LAB_APIS: [&str; 2] = ["127.0.0.1:27701", "127.0.0.1:27702"];
 
 /// `hitless agent --config FILE`.
 pub fn agent(config: &Path) -> anyhow::Result<()> {

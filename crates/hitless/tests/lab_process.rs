@@ -146,7 +146,7 @@ fn malformed_api_requests_are_refused_and_change_nothing() {
         "{}",
         String::from_utf8_lossy(&up.stderr)
     );
-    let api = "127.0.0.1:47701";
+    let api = "127.0.0.1:27701";
     let (_, before) = http(api, "GET", "/v1/status", "");
     let before: Value = serde_json::from_str(&before).unwrap();
     let cases = [

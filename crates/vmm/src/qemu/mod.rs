@@ -264,7 +264,9 @@ impl QemuBackend {
         push(&["-M", machine]);
         match accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-            Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+            // The translation cache would otherwise grow to 1 GiB by default: bound it, so a
+            // guest's memory use (and its cgroup limit) stays predictable.
+            Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
         }
         push(&[
             "-m",
@@ -723,7 +725,7 @@ mod tests {
             .join(" ");
         for want in [
             "-M q35",
-            "-accel tcg -cpu max",
+            "-accel tcg,tb-size=64 -cpu max",
             "-m 256 -smp 2",
             "-initrd /tmp/i.cpio",
             "-append quiet console=ttyS0 panic=-1 hitless.control=ttyS1",
