@@ -350,7 +350,7 @@ pub fn read_frame_into<R: Read + ?Sized>(
         }
     }
     let h = decode_header(&header)?;
-    payload.clear();
+    // Every byte up to h.len is read over below: only growth is zeroed.
     payload.resize(h.len, 0);
     let mut got = 0;
     while got < h.len {
