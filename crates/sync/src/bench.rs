@@ -26,7 +26,7 @@ pub struct BenchConfig {
     /// Value size of the bulk state's records.
     pub bulk_value_len: usize,
     /// Loopback round-trip samples of [`loopback_rtt`] (the report's RTT
-    /// figures come from [`ack_latency`], interleaved with the ack samples).
+    /// figures come from [`ack_latency`], alternating with the ack samples).
     pub rtt_samples: usize,
 }
 
@@ -77,8 +77,8 @@ pub struct BenchReport {
     pub bulk_mib_per_s: f64,
     /// Bulk state size in MiB.
     pub bulk_mib: f64,
-    /// Loopback TCP round trip p50 (µs), measured in the same run,
-    /// interleaved with the ack samples.
+    /// Loopback TCP round trip p50 (µs), measured in the same run, in
+    /// blocks alternating with the ack samples.
     pub loopback_rtt_p50_us: f64,
     /// Loopback TCP round trip p99 (µs).
     pub loopback_rtt_p99_us: f64,
@@ -286,23 +286,36 @@ pub fn throughput(cfg: &BenchConfig, n: usize) -> Result<(f64, f64), SyncError> 
 }
 
 /// Synchronous-mode latency of one-mutation applies, in microseconds,
-/// sorted, and loopback round trips of a 32-byte message interleaved with
-/// them (one of each per round, so both see the same machine load).
+/// sorted, and loopback round trips of a 32-byte message measured in
+/// alternating blocks of 100 with them, so both see the same machine load.
 pub fn ack_latency(cfg: &BenchConfig) -> Result<(Vec<f64>, Vec<f64>), SyncError> {
+    const BLOCK: usize = 100;
     let (a, _h, standbys) = pair(1, Durability::Sync)?;
     let value = vec![b'v'; cfg.value_len];
     let mut echo = Echo::start()?;
     let mut lat = Vec::with_capacity(cfg.ack_samples);
     let mut rtt = Vec::with_capacity(cfg.ack_samples);
-    for i in 0..cfg.ack_samples as u64 + 200 {
-        let m = vec![Mutation::put("kv", key(i, cfg.key_len), value.clone())];
-        let t = Instant::now();
-        a.apply(m)?;
-        let ack = t.elapsed().as_secs_f64() * 1e6;
-        let r = echo.round_trip()?;
-        if i >= 200 {
-            lat.push(ack);
-            rtt.push(r);
+    let mut i = 0u64;
+    // Warm-up rounds of both.
+    for _ in 0..200 {
+        echo.round_trip()?;
+        a.apply(vec![Mutation::put(
+            "kv",
+            key(i, cfg.key_len),
+            value.clone(),
+        )])?;
+        i += 1;
+    }
+    while lat.len() < cfg.ack_samples {
+        for _ in 0..BLOCK {
+            rtt.push(echo.round_trip()?);
+        }
+        for _ in 0..BLOCK {
+            let m = vec![Mutation::put("kv", key(i, cfg.key_len), value.clone())];
+            i += 1;
+            let t = Instant::now();
+            a.apply(m)?;
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
         }
     }
     echo.stop();

@@ -707,15 +707,28 @@ impl Replica {
     pub fn submit(&self, mutations: Vec<Mutation>) -> Result<AckToken, SyncError> {
         let schema = &self.inner.schema;
         let cfg = &self.inner.config;
+        // Table index of each mutation (runs of one table resolved once).
+        let native_tables = schema.tables();
+        let mut table_of: Vec<usize> = Vec::with_capacity(mutations.len());
+        let mut last: Option<(&str, usize)> = None;
         for m in &mutations {
             wire::check_mutation(m)?;
-            if !schema.has_table(schema.version(), m.table()) {
-                return Err(SyncError::UnknownTable {
-                    service: schema.service().into(),
-                    version: schema.version(),
-                    table: m.table().into(),
-                });
-            }
+            let name = m.table();
+            let idx = match last {
+                Some((n, i)) if n == name => i,
+                _ => {
+                    let Some(i) = native_tables.iter().position(|t| t == name) else {
+                        return Err(SyncError::UnknownTable {
+                            service: schema.service().into(),
+                            version: schema.version(),
+                            table: name.into(),
+                        });
+                    };
+                    last = Some((name, i));
+                    i
+                }
+            };
+            table_of.push(idx);
         }
         let deadline = Instant::now() + cfg.ack_timeout;
         let mut st = self.state();
@@ -804,19 +817,12 @@ impl Replica {
             st.scratch = scratch;
             return Err(e);
         }
-        // Apply locally.
-        for m in mutations {
+        // Apply locally (the store's tables are the native ones, in order).
+        for (m, idx) in mutations.into_iter().zip(table_of) {
+            let t = &mut st.store.tables[idx].1;
             match m {
-                Mutation::Put { table, key, value } => {
-                    if let Some(t) = st.store.table_mut(&table) {
-                        t.put(Bytes::from(key), Bytes::from(value));
-                    }
-                }
-                Mutation::Delete { table, key } => {
-                    if let Some(t) = st.store.table_mut(&table) {
-                        t.delete(&key);
-                    }
-                }
+                Mutation::Put { key, value, .. } => t.put(Bytes::from(key), Bytes::from(value)),
+                Mutation::Delete { key, .. } => t.delete(&key),
             }
         }
         st.seq = last;
@@ -1664,6 +1670,16 @@ impl Replica {
     /// Checks that every table a native-version body names is declared.
     fn check_native_tables(&self, body: &BatchRef<'_>) -> Result<(), SyncError> {
         let schema = &self.inner.schema;
+        if let Some(t) = body.single_table() {
+            if !schema.has_table(schema.version(), t) {
+                return Err(SyncError::UnknownTable {
+                    service: schema.service().into(),
+                    version: schema.version(),
+                    table: t.into(),
+                });
+            }
+            return Ok(());
+        }
         let mut last: Option<&str> = None;
         for m in body.iter() {
             if last == Some(m.table) {

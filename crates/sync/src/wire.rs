@@ -623,6 +623,38 @@ fn parse_mutation<'a>(
     Ok(MutationRef { table, key, value })
 }
 
+/// Reads the mutation at `*pos` of a body that [`BatchRef::parse`] validated
+/// (so no bound or UTF-8 check can fail here).
+#[inline]
+fn next_validated<'a>(p: &'a [u8], pos: &mut usize, prev: &mut &'a str) -> MutationRef<'a> {
+    let at = *pos;
+    let op = p[at];
+    let tlen = p[at + 1] as usize;
+    let t0 = at + 2;
+    let tb = &p[t0..t0 + tlen];
+    let table = if tb == prev.as_bytes() {
+        *prev
+    } else {
+        let t = std::str::from_utf8(tb).expect("validated by BatchRef::parse");
+        *prev = t;
+        t
+    };
+    let k0 = t0 + tlen;
+    let klen = u32::from_le_bytes(p[k0..k0 + 4].try_into().expect("4 bytes")) as usize;
+    let key = &p[k0 + 4..k0 + 4 + klen];
+    let mut end = k0 + 4 + klen;
+    let value = if op == OP_PUT {
+        let vlen = u32::from_le_bytes(p[end..end + 4].try_into().expect("4 bytes")) as usize;
+        let v = &p[end + 4..end + 4 + vlen];
+        end += 4 + vlen;
+        Some(v)
+    } else {
+        None
+    };
+    *pos = end;
+    MutationRef { table, key, value }
+}
+
 /// A validated batch or bulk-chunk body: iterating it borrows each mutation
 /// from the payload without allocating.
 #[derive(Clone, Copy, Debug)]
@@ -630,7 +662,8 @@ pub struct BatchRef<'a> {
     body: &'a [u8],
     count: usize,
     deletes: usize,
-    kind: FrameType,
+    /// The one table every mutation names, if they all name the same.
+    single_table: Option<&'a str>,
 }
 
 impl<'a> BatchRef<'a> {
@@ -652,13 +685,29 @@ impl<'a> BatchRef<'a> {
         let mut pos = 4usize;
         let mut prev = "";
         let mut deletes = 0;
+        let mut single_table = None;
+        let mut mixed = false;
         for i in 0..count {
-            if parse_mutation(payload, &mut pos, i, kind, &mut prev)?
-                .value
-                .is_none()
-            {
+            let m = parse_mutation(payload, &mut pos, i, kind, &mut prev)?;
+            if m.value.is_none() {
                 deletes += 1;
             }
+            match single_table {
+                None => single_table = Some(m.table),
+                // A repeated name is the same slice: compare contents only
+                // when it is not.
+                Some(t)
+                    if !(mixed
+                        || t.as_ptr() == m.table.as_ptr() && t.len() == m.table.len()
+                        || t == m.table) =>
+                {
+                    mixed = true
+                }
+                _ => {}
+            }
+        }
+        if mixed {
+            single_table = None;
         }
         if pos != payload.len() {
             return Err(bad(format!(
@@ -670,13 +719,19 @@ impl<'a> BatchRef<'a> {
             body: payload,
             count,
             deletes,
-            kind,
+            single_table,
         })
     }
 
     /// Number of mutations.
     pub fn len(&self) -> usize {
         self.count
+    }
+
+    /// The table every mutation names, if they all name the same one
+    /// (`None` for an empty body or several tables).
+    pub fn single_table(&self) -> Option<&'a str> {
+        self.single_table
     }
 
     /// Number of deletes among the mutations.
@@ -691,13 +746,10 @@ impl<'a> BatchRef<'a> {
 
     /// The mutations, in order.
     pub fn iter(&self) -> impl Iterator<Item = MutationRef<'a>> + 'a {
-        let (body, kind) = (self.body, self.kind);
+        let body = self.body;
         let mut pos = 4usize;
         let mut prev = "";
-        (0..self.count).map(move |i| {
-            parse_mutation(body, &mut pos, i, kind, &mut prev)
-                .expect("validated by BatchRef::parse")
-        })
+        (0..self.count).map(move |_| next_validated(body, &mut pos, &mut prev))
     }
 }
 
