@@ -1753,7 +1753,7 @@ impl Replica {
                     };
                     let t = &mut st.store.tables[idx].1;
                     match m.value {
-                        Some(v) => t.put(Bytes::copy_from_slice(m.key), Bytes::copy_from_slice(v)),
+                        Some(v) => t.put_slice(m.key, v),
                         None => t.delete(m.key),
                     }
                 }
@@ -1855,7 +1855,7 @@ impl Replica {
                             let v = m.value.expect("checked");
                             bulk_digest.add(m.table, m.key, v);
                             if let Some(t) = st.store.table_mut(m.table) {
-                                t.put(Bytes::copy_from_slice(m.key), Bytes::copy_from_slice(v));
+                                t.put_slice(m.key, v);
                             }
                         }
                     } else {
