@@ -58,9 +58,9 @@ pub struct ReplicaConfig {
     pub heartbeat: Duration,
     /// A link with no frame for this long is considered dead.
     pub link_timeout: Duration,
-    /// Synchronous mode: how long `apply` spins waiting for standby acks
-    /// before it sleeps (a bounded busy wait that saves a thread wake-up on
-    /// the ack path; zero sleeps at once).
+    /// Synchronous mode: how long `apply` keeps checking for standby acks,
+    /// yielding the CPU between checks, before it sleeps on a condition
+    /// variable (saves a thread wake-up on the ack path; zero sleeps at once).
     pub ack_spin: Duration,
     /// Bytes of recent batches kept to resume re-attaching standbys without
     /// a snapshot (0 disables resuming).

@@ -350,26 +350,23 @@ pub fn read_frame_into<R: Read + ?Sized>(
         }
     }
     let h = decode_header(&header)?;
-    // Every byte up to h.len is read over below: only growth is zeroed.
-    payload.resize(h.len, 0);
-    let mut got = 0;
-    while got < h.len {
-        match r.read(&mut payload[got..]) {
-            Ok(0) => {
-                payload.clear();
-                return Err(FrameError::Truncated {
-                    needed: HEADER_LEN + h.len,
-                    have: HEADER_LEN + got,
-                }
-                .into());
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                payload.clear();
-                return Err(e.into());
-            }
+    // Read straight into the buffer's spare capacity: nothing is zeroed.
+    payload.clear();
+    payload.reserve(h.len);
+    let got = match Read::take(&mut *r, h.len as u64).read_to_end(payload) {
+        Ok(n) => n,
+        Err(e) => {
+            payload.clear();
+            return Err(e.into());
         }
+    };
+    if got < h.len {
+        payload.clear();
+        return Err(FrameError::Truncated {
+            needed: HEADER_LEN + h.len,
+            have: HEADER_LEN + got,
+        }
+        .into());
     }
     if let Err(e) = check_crc(&h, &header, payload) {
         payload.clear();
