@@ -63,7 +63,7 @@ pub use conn::Conn;
 pub use digest::{Digest, TableDigest};
 pub use error::{SyncError, TransformError};
 pub use replica::{
-    serve, AckToken, Durability, FollowHandle, Replica, ReplicaConfig, Role, ServeHandle,
+    serve, AckToken, Batch, Durability, FollowHandle, Replica, ReplicaConfig, Role, ServeHandle,
     StandbyStatus, Status,
 };
 pub use schema::{negotiate, PreflightFailure, PreflightReport, Schema, TransformFn, VersionSet};
