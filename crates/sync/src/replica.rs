@@ -663,8 +663,11 @@ impl Batch {
         if self.count == u32::MAX {
             return Err(too("batch", self.count as usize, u32::MAX as usize - 1));
         }
-        if self.tables.last().is_none_or(|t| t != table) && !self.tables.iter().any(|t| t == table)
-        {
+        let known = match self.tables.last() {
+            Some(t) if t.len() == table.len() && t == table => true,
+            _ => self.tables.iter().any(|t| t == table),
+        };
+        if !known {
             self.tables.push(table.to_string());
         }
         wire::encode_mutation(&mut self.buf, table, key, value);
@@ -697,9 +700,8 @@ impl Batch {
     }
 
     fn iter(&self) -> impl Iterator<Item = MutationRef<'_>> {
-        BatchRef::parse(FrameType::Batch, &self.buf)
-            .expect("a batch is built well-formed")
-            .iter()
+        // Built by `push` only: well-formed by construction.
+        BatchRef::trusted(&self.buf).iter()
     }
 
     /// The mutations as owned [`Mutation`]s.

@@ -720,6 +720,17 @@ impl<'a> BatchRef<'a> {
         })
     }
 
+    /// A body this crate encoded itself (a [`crate::Batch`]), not validated
+    /// again; only [`BatchRef::iter`] and [`BatchRef::len`] are meaningful.
+    pub(crate) fn trusted(payload: &'a [u8]) -> BatchRef<'a> {
+        BatchRef {
+            body: payload,
+            count: u32::from_le_bytes(payload[0..4].try_into().expect("4 bytes")) as usize,
+            deletes: 0,
+            single_table: None,
+        }
+    }
+
     /// Number of mutations.
     pub fn len(&self) -> usize {
         self.count
