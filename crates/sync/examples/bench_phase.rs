@@ -1,5 +1,5 @@
 //! Runs one phase of the replication benchmark, for profiling:
-//! `bench_phase throughput1|throughput3|ack|bulk [mutations]`.
+//! `bench_phase throughput1|owned1|throughput3|ack|bulk [n]`.
 
 use hitless_sync::bench::{self, BenchConfig};
 
@@ -13,10 +13,13 @@ fn main() {
     }
     let r = match args.get(1).map(String::as_str) {
         Some("throughput1") => {
-            bench::throughput(&cfg, 1).map(|(r, c)| format!("{r:.0}/s {c:.2}s CPU"))
+            bench::throughput(&cfg, 1, false).map(|(r, c)| format!("{r:.0}/s {c:.2}s CPU"))
+        }
+        Some("owned1") => {
+            bench::throughput(&cfg, 1, true).map(|(r, c)| format!("{r:.0}/s {c:.2}s CPU"))
         }
         Some("throughput3") => {
-            bench::throughput(&cfg, 3).map(|(r, c)| format!("{r:.0}/s {c:.2}s CPU"))
+            bench::throughput(&cfg, 3, false).map(|(r, c)| format!("{r:.0}/s {c:.2}s CPU"))
         }
         Some("ack") => bench::ack_latency(&cfg).map(|(l, r)| {
             format!(

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::{Durability, Mutation, Replica, ReplicaConfig, Schema, ServeHandle, SyncError};
+use crate::{Batch, Durability, Mutation, Replica, ReplicaConfig, Schema, ServeHandle, SyncError};
 
 /// Benchmark parameters.
 #[derive(Clone, Debug)]
@@ -26,7 +26,7 @@ pub struct BenchConfig {
     /// Value size of the bulk state's records.
     pub bulk_value_len: usize,
     /// Loopback round-trip samples of [`loopback_rtt`] (the report's RTT
-    /// figures come from [`ack_latency`], interleaved with the ack samples).
+    /// figures come from [`ack_latency`], alternating with the ack samples).
     pub rtt_samples: usize,
 }
 
@@ -65,9 +65,15 @@ pub struct TargetCheck {
 /// Benchmark figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
-    /// Replicated mutations per second, one standby.
+    /// Replicated mutations per second, one standby ([`Batch`] API).
     pub mutations_per_s_1_standby: f64,
-    /// Replicated mutations per second, three standbys.
+    /// Replicated mutations per second, one standby, with the mutations
+    /// given as a `Vec<Mutation>` (one allocation per key, value and table
+    /// name on the caller's side).
+    pub mutations_per_s_1_standby_owned: f64,
+    /// Process CPU time per mutation of that run, in microseconds.
+    pub cpu_us_per_mutation_1_standby_owned: f64,
+    /// Replicated mutations per second, three standbys ([`Batch`] API).
     pub mutations_per_s_3_standbys: f64,
     /// Synchronous-mode ack latency p50 (µs) of a one-mutation apply.
     pub ack_p50_us: f64,
@@ -77,8 +83,8 @@ pub struct BenchReport {
     pub bulk_mib_per_s: f64,
     /// Bulk state size in MiB.
     pub bulk_mib: f64,
-    /// Loopback TCP round trip p50 (µs), measured in the same run,
-    /// interleaved with the ack samples.
+    /// Loopback TCP round trip p50 (µs), measured in the same run, in
+    /// blocks alternating with the ack samples.
     pub loopback_rtt_p50_us: f64,
     /// Loopback TCP round trip p99 (µs).
     pub loopback_rtt_p99_us: f64,
@@ -140,6 +146,11 @@ impl BenchReport {
             o,
             "  mutations/s, 1 standby        {:>10.0}   ({:.2} us CPU per mutation)",
             self.mutations_per_s_1_standby, self.cpu_us_per_mutation_1_standby
+        );
+        let _ = writeln!(
+            o,
+            "  mutations/s, 1 standby, Vec   {:>10.0}   ({:.2} us CPU per mutation)",
+            self.mutations_per_s_1_standby_owned, self.cpu_us_per_mutation_1_standby_owned
         );
         let _ = writeln!(
             o,
@@ -236,28 +247,37 @@ fn key(i: u64, len: usize) -> Vec<u8> {
 /// Replicated mutations per second to `n` standbys: batches submitted
 /// back to back (asynchronous mode with a bounded lag for back-pressure),
 /// timed until every standby acknowledged the last one.
-pub fn throughput(cfg: &BenchConfig, n: usize) -> Result<(f64, f64), SyncError> {
+///
+/// With `owned`, batches are `Vec<Mutation>`s given to [`Replica::submit`];
+/// otherwise [`Batch`]es given to [`Replica::submit_batch`]. Returns the
+/// rate and the process CPU seconds spent.
+pub fn throughput(cfg: &BenchConfig, n: usize, owned: bool) -> Result<(f64, f64), SyncError> {
     let (a, _h, standbys) = pair(n, Durability::Async { max_lag: 1 << 20 })?;
     let value = vec![b'v'; cfg.value_len];
     let keyspace = 1u64 << 20;
+    let mut k = vec![b'k'; cfg.key_len.max(8)];
+    let kn = k.len();
+    let mut batch = Batch::with_capacity(cfg.batch * (cfg.key_len + cfg.value_len + 16));
     let cpu0 = cpu_seconds().unwrap_or(0.0);
     let start = Instant::now();
     let mut done = 0u64;
     let mut last = 0;
     while done < cfg.mutations {
         let b = (cfg.batch as u64).min(cfg.mutations - done);
-        let batch: Vec<Mutation> = (done..done + b)
-            .map(|i| Mutation::put("kv", key(i % keyspace, cfg.key_len), value.clone()))
-            .collect();
-        last = a.submit(batch)?.seq;
+        if owned {
+            let muts: Vec<Mutation> = (done..done + b)
+                .map(|i| Mutation::put("kv", key(i % keyspace, cfg.key_len), value.clone()))
+                .collect();
+            last = a.submit(muts)?.seq;
+        } else {
+            batch.clear();
+            for i in done..done + b {
+                k[kn - 8..].copy_from_slice(&(i % keyspace).to_be_bytes());
+                batch.put("kv", &k, &value)?;
+            }
+            last = a.submit_batch(&batch)?.seq;
+        }
         done += b;
-    }
-    tracing::debug!(
-        submit_s = start.elapsed().as_secs_f64(),
-        "all batches submitted"
-    );
-    if std::env::var_os("HITLESS_BENCH_TRACE").is_some() {
-        eprintln!("submitted in {:?}", start.elapsed());
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     while a
@@ -286,23 +306,36 @@ pub fn throughput(cfg: &BenchConfig, n: usize) -> Result<(f64, f64), SyncError> 
 }
 
 /// Synchronous-mode latency of one-mutation applies, in microseconds,
-/// sorted, and loopback round trips of a 32-byte message interleaved with
-/// them (one of each per round, so both see the same machine load).
+/// sorted, and loopback round trips of a 32-byte message measured in
+/// alternating blocks of 100 with them, so both see the same machine load.
 pub fn ack_latency(cfg: &BenchConfig) -> Result<(Vec<f64>, Vec<f64>), SyncError> {
+    const BLOCK: usize = 100;
     let (a, _h, standbys) = pair(1, Durability::Sync)?;
     let value = vec![b'v'; cfg.value_len];
     let mut echo = Echo::start()?;
     let mut lat = Vec::with_capacity(cfg.ack_samples);
     let mut rtt = Vec::with_capacity(cfg.ack_samples);
-    for i in 0..cfg.ack_samples as u64 + 200 {
-        let m = vec![Mutation::put("kv", key(i, cfg.key_len), value.clone())];
-        let t = Instant::now();
-        a.apply(m)?;
-        let ack = t.elapsed().as_secs_f64() * 1e6;
-        let r = echo.round_trip()?;
-        if i >= 200 {
-            lat.push(ack);
-            rtt.push(r);
+    let mut i = 0u64;
+    // Warm-up rounds of both.
+    for _ in 0..200 {
+        echo.round_trip()?;
+        a.apply(vec![Mutation::put(
+            "kv",
+            key(i, cfg.key_len),
+            value.clone(),
+        )])?;
+        i += 1;
+    }
+    while lat.len() < cfg.ack_samples {
+        for _ in 0..BLOCK {
+            rtt.push(echo.round_trip()?);
+        }
+        for _ in 0..BLOCK {
+            let m = vec![Mutation::put("kv", key(i, cfg.key_len), value.clone())];
+            i += 1;
+            let t = Instant::now();
+            a.apply(m)?;
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
         }
     }
     echo.stop();
@@ -412,8 +445,9 @@ pub fn bulk(cfg: &BenchConfig) -> Result<(f64, f64, f64), SyncError> {
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, SyncError> {
     let load_avg_start = load_avg();
     let (ack, rtt) = ack_latency(cfg)?;
-    let (m1, cpu1) = throughput(cfg, 1)?;
-    let (m3, cpu3) = throughput(cfg, 3)?;
+    let (m1, cpu1) = throughput(cfg, 1, false)?;
+    let (m1o, cpu1o) = throughput(cfg, 1, true)?;
+    let (m3, cpu3) = throughput(cfg, 3, false)?;
     let (bulk_rate, bulk_mib, cpub) = bulk(cfg)?;
     let rtt_p99 = percentile(&rtt, 0.99);
     let ack_p99 = percentile(&ack, 0.99);
@@ -448,6 +482,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, SyncError> {
     ];
     Ok(BenchReport {
         mutations_per_s_1_standby: m1,
+        mutations_per_s_1_standby_owned: m1o,
+        cpu_us_per_mutation_1_standby_owned: cpu1o * 1e6 / cfg.mutations as f64,
         mutations_per_s_3_standbys: m3,
         ack_p50_us: percentile(&ack, 0.50),
         ack_p99_us: ack_p99,

@@ -22,6 +22,14 @@
 //!   under the configured bound and a per-table order-independent
 //!   [`Digest`] computed at a sequence number (over the state as converted to
 //!   the negotiated version) matches the active's;
+//! * a standby that re-attaches (to the same active, or to a new active that
+//!   was a standby of the same history, e.g. after a planned switchover;
+//!   sequence numbers continue across it) is *resumed*: if its last applied
+//!   sequence and the epoch of that batch are on the active's history and the
+//!   active's bounded log ([`ReplicaConfig::resume_log_bytes`]) still holds
+//!   every batch after it, only those are replayed, then the digests at the
+//!   resume point are compared; otherwise it receives a full snapshot
+//!   ([`Status::resumes_sent`], [`Status::snapshots_sent`] count both);
 //! * every frame carries the control epoch: stale frames are rejected, an
 //!   instance that learns of a newer epoch is fenced and stops acknowledging.
 //!   [`Replica::switchover`] performs a planned switchover (quiesce, drain,
@@ -55,7 +63,7 @@ pub use conn::Conn;
 pub use digest::{Digest, TableDigest};
 pub use error::{SyncError, TransformError};
 pub use replica::{
-    serve, AckToken, Durability, FollowHandle, Replica, ReplicaConfig, Role, ServeHandle,
+    serve, AckToken, Batch, Durability, FollowHandle, Replica, ReplicaConfig, Role, ServeHandle,
     StandbyStatus, Status,
 };
 pub use schema::{negotiate, PreflightFailure, PreflightReport, Schema, TransformFn, VersionSet};

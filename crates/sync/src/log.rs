@@ -195,4 +195,45 @@ mod tests {
         assert!(l.after(4, 0).is_none());
         assert_eq!(l.after(6, 1).unwrap().len(), 0);
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the bounds and batch shapes, `after` hands back exactly
+        /// the contiguous batches from the asked position to the end, and
+        /// only for positions the log really passed through.
+        #[test]
+        fn after_returns_contiguous_tails(
+            batches in proptest::collection::vec((1u64..4, 1u64..3, 0usize..300), 1..80),
+            max_bytes in 0usize..8_000,
+            max_batches in 0usize..40,
+        ) {
+            let mut l = ResumeLog::new(max_bytes, max_batches);
+            let mut seq = 0u64;
+            let mut history = Vec::new(); // (last, epoch) of every batch
+            let mut epoch = 1u64;
+            for (n, bump, size) in batches {
+                epoch += bump - 1;
+                l.push(e(seq + 1, seq + n, epoch, size));
+                seq += n;
+                history.push((seq, epoch));
+            }
+            prop_assert_eq!(l.end(), seq);
+            for &(last, ep) in &history {
+                if let Some(tail) = l.after(last, ep) {
+                    let mut next = last + 1;
+                    for t in &tail {
+                        prop_assert_eq!(t.first, next);
+                        next = t.last + 1;
+                    }
+                    prop_assert_eq!(next, seq + 1);
+                }
+                // A position with another epoch is never on the history.
+                prop_assert!(l.after(last, ep + 100).is_none());
+            }
+            // The end of the log is always resumable (with nothing to send).
+            let (last, ep) = *history.last().unwrap();
+            prop_assert!(l.after(last, ep).is_some_and(|t| t.is_empty()));
+        }
+    }
 }

@@ -58,9 +58,9 @@ pub struct ReplicaConfig {
     pub heartbeat: Duration,
     /// A link with no frame for this long is considered dead.
     pub link_timeout: Duration,
-    /// Synchronous mode: how long `apply` spins waiting for standby acks
-    /// before it sleeps (a bounded busy wait that saves a thread wake-up on
-    /// the ack path; zero sleeps at once).
+    /// Synchronous mode: how long `apply` keeps checking for standby acks,
+    /// yielding the CPU between checks, before it sleeps on a condition
+    /// variable (saves a thread wake-up on the ack path; zero sleeps at once).
     pub ack_spin: Duration,
     /// Bytes of recent batches kept to resume re-attaching standbys without
     /// a snapshot (0 disables resuming).
@@ -591,6 +591,130 @@ impl Watchdog {
     }
 }
 
+/// What `submit_inner` replicates.
+enum Input<'a> {
+    /// Owned mutations and the index of each one's table.
+    Owned(Vec<Mutation>, Vec<usize>),
+    /// A batch already in the wire format.
+    Encoded(&'a Batch),
+}
+
+/// A batch of mutations encoded in the wire format as it is built, for
+/// [`Replica::apply_batch`] / [`Replica::submit_batch`]: building it copies
+/// each key and value once into one buffer, which can be reused after
+/// [`Batch::clear`].
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// Mutation count (u32 LE), then the mutations.
+    buf: Vec<u8>,
+    count: u32,
+    /// Distinct table names, in first-use order.
+    tables: Vec<String>,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch::with_capacity(0)
+    }
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty batch with room for `bytes` of encoded mutations.
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(4 + bytes);
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        Batch {
+            buf,
+            count: 0,
+            tables: Vec::new(),
+        }
+    }
+
+    /// Adds a put of `value` at `key` in `table`; fails, adding nothing, if
+    /// a size exceeds the wire limits.
+    pub fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), SyncError> {
+        self.push(table, key, Some(value))
+    }
+
+    /// Adds a delete of `key` in `table`; fails, adding nothing, if a size
+    /// exceeds the wire limits.
+    pub fn delete(&mut self, table: &str, key: &[u8]) -> Result<(), SyncError> {
+        self.push(table, key, None)
+    }
+
+    fn push(&mut self, table: &str, key: &[u8], value: Option<&[u8]>) -> Result<(), SyncError> {
+        let too = |what, len, limit| SyncError::TooLarge { what, len, limit };
+        if table.len() > wire::MAX_TABLE_NAME {
+            return Err(too("table name", table.len(), wire::MAX_TABLE_NAME));
+        }
+        if key.len() > wire::MAX_KEY {
+            return Err(too("key", key.len(), wire::MAX_KEY));
+        }
+        if let Some(v) = value {
+            if v.len() > wire::MAX_VALUE {
+                return Err(too("value", v.len(), wire::MAX_VALUE));
+            }
+        }
+        if self.count == u32::MAX {
+            return Err(too("batch", self.count as usize, u32::MAX as usize - 1));
+        }
+        let known = match self.tables.last() {
+            Some(t) if t.len() == table.len() && t == table => true,
+            _ => self.tables.iter().any(|t| t == table),
+        };
+        if !known {
+            self.tables.push(table.to_string());
+        }
+        wire::encode_mutation(&mut self.buf, table, key, value);
+        self.count += 1;
+        self.buf[..4].copy_from_slice(&self.count.to_le_bytes());
+        Ok(())
+    }
+
+    /// Number of mutations.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// True if the batch holds no mutation.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Encoded size in bytes.
+    pub fn encoded_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Empties the batch, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.buf.truncate(4);
+        self.buf[..4].copy_from_slice(&0u32.to_le_bytes());
+        self.count = 0;
+        self.tables.clear();
+    }
+
+    fn iter(&self) -> impl Iterator<Item = MutationRef<'_>> {
+        // Built by `push` only: well-formed by construction.
+        BatchRef::trusted(&self.buf).iter()
+    }
+
+    /// The mutations as owned [`Mutation`]s.
+    pub fn to_mutations(&self) -> Vec<Mutation> {
+        self.iter()
+            .map(|m| match m.value {
+                Some(v) => Mutation::put(m.table, m.key, v),
+                None => Mutation::delete(m.table, m.key),
+            })
+            .collect()
+    }
+}
+
 enum Converted {
     Put(String, Vec<u8>, Vec<u8>),
     Delete(String, Vec<u8>),
@@ -706,17 +830,70 @@ impl Replica {
     /// (pipelining: pass the token to [`Replica::wait_durable`] later).
     pub fn submit(&self, mutations: Vec<Mutation>) -> Result<AckToken, SyncError> {
         let schema = &self.inner.schema;
-        let cfg = &self.inner.config;
+        // Table index of each mutation (runs of one table resolved once).
+        let native_tables = schema.tables();
+        let mut table_of: Vec<usize> = Vec::with_capacity(mutations.len());
+        let mut last: Option<(&str, usize)> = None;
         for m in &mutations {
             wire::check_mutation(m)?;
-            if !schema.has_table(schema.version(), m.table()) {
+            let name = m.table();
+            let idx = match last {
+                Some((n, i)) if n == name => i,
+                _ => {
+                    let Some(i) = native_tables.iter().position(|t| t == name) else {
+                        return Err(SyncError::UnknownTable {
+                            service: schema.service().into(),
+                            version: schema.version(),
+                            table: name.into(),
+                        });
+                    };
+                    last = Some((name, i));
+                    i
+                }
+            };
+            table_of.push(idx);
+        }
+        self.submit_inner(Input::Owned(mutations, table_of))
+    }
+
+    /// Like [`Replica::apply`] for a [`Batch`] built in the wire format: no
+    /// per-mutation allocation on the way, a key is copied only when it is
+    /// new to its table.
+    pub fn apply_batch(&self, batch: &Batch) -> Result<AckToken, SyncError> {
+        let t = self.submit_batch(batch)?;
+        self.wait_durable(t)?;
+        Ok(t)
+    }
+
+    /// Like [`Replica::submit`] for a [`Batch`] (see [`Replica::apply_batch`]).
+    pub fn submit_batch(&self, batch: &Batch) -> Result<AckToken, SyncError> {
+        let schema = &self.inner.schema;
+        for t in &batch.tables {
+            if !schema.has_table(schema.version(), t) {
                 return Err(SyncError::UnknownTable {
                     service: schema.service().into(),
                     version: schema.version(),
-                    table: m.table().into(),
+                    table: t.clone(),
                 });
             }
         }
+        if wire::HEADER_LEN + 8 + batch.buf.len() > wire::MAX_PAYLOAD {
+            return Err(SyncError::TooLarge {
+                what: "batch",
+                len: 8 + batch.buf.len(),
+                limit: wire::MAX_PAYLOAD,
+            });
+        }
+        self.submit_inner(Input::Encoded(batch))
+    }
+
+    fn submit_inner(&self, input: Input<'_>) -> Result<AckToken, SyncError> {
+        let schema = &self.inner.schema;
+        let cfg = &self.inner.config;
+        let count = match &input {
+            Input::Owned(m, _) => m.len(),
+            Input::Encoded(b) => b.len(),
+        };
         let deadline = Instant::now() + cfg.ack_timeout;
         let mut st = self.state();
         // Quiesce and asynchronous lag bound: wait, bounded.
@@ -767,14 +944,14 @@ impl Replica {
                 });
             }
         }
-        if mutations.is_empty() {
+        if count == 0 {
             return Ok(AckToken {
                 seq: st.seq,
                 epoch: st.epoch,
             });
         }
         let first = st.seq + 1;
-        let last = st.seq + mutations.len() as u64;
+        let last = st.seq + count as u64;
         let epoch = st.epoch;
         // Encode one frame per distinct stream version before touching state,
         // so a transform failure or an oversized batch applies nothing. The
@@ -790,10 +967,28 @@ impl Replica {
             Vec::with_capacity(versions.len());
         let mut scratch = std::mem::take(&mut st.scratch);
         scratch.take();
+        let native_version = schema.version();
+        let mut decoded: Option<Vec<Mutation>> = None;
         let enc = (|| -> Result<(), SyncError> {
             for &v in &versions {
                 let start = scratch.len();
-                encode_batch(schema, &mut scratch, epoch, first, last, &mutations, v)?;
+                match &input {
+                    Input::Encoded(b) if v == native_version => {
+                        // Already in the wire format: one copy into the frame.
+                        scratch.begin(FrameType::Batch, epoch, last);
+                        let p = scratch.payload();
+                        p.extend_from_slice(&first.to_le_bytes());
+                        p.extend_from_slice(&b.buf);
+                        scratch.finish();
+                    }
+                    Input::Encoded(b) => {
+                        let muts = decoded.get_or_insert_with(|| b.to_mutations());
+                        encode_batch(schema, &mut scratch, epoch, first, last, muts, v)?;
+                    }
+                    Input::Owned(muts, _) => {
+                        encode_batch(schema, &mut scratch, epoch, first, last, muts, v)?;
+                    }
+                }
                 frames.push((v, start..scratch.len()));
             }
             Ok(())
@@ -804,17 +999,34 @@ impl Replica {
             st.scratch = scratch;
             return Err(e);
         }
-        // Apply locally.
-        for m in mutations {
-            match m {
-                Mutation::Put { table, key, value } => {
-                    if let Some(t) = st.store.table_mut(&table) {
-                        t.put(Bytes::from(key), Bytes::from(value));
+        // Apply locally (the store's tables are the native ones, in order).
+        match input {
+            Input::Owned(mutations, table_of) => {
+                for (m, idx) in mutations.into_iter().zip(table_of) {
+                    let t = &mut st.store.tables[idx].1;
+                    match m {
+                        Mutation::Put { key, value, .. } => {
+                            t.put(Bytes::from(key), Bytes::from(value))
+                        }
+                        Mutation::Delete { key, .. } => t.delete(&key),
                     }
                 }
-                Mutation::Delete { table, key } => {
-                    if let Some(t) = st.store.table_mut(&table) {
-                        t.delete(&key);
+            }
+            Input::Encoded(b) => {
+                let mut cache: Option<(&str, usize)> = None;
+                for m in b.iter() {
+                    let idx = match cache {
+                        Some((n, i)) if n == m.table => i,
+                        _ => {
+                            let i = st.store.index_of(m.table).expect("tables checked");
+                            cache = Some((m.table, i));
+                            i
+                        }
+                    };
+                    let t = &mut st.store.tables[idx].1;
+                    match m.value {
+                        Some(v) => t.put_slice(m.key, v),
+                        None => t.delete(m.key),
                     }
                 }
             }
@@ -1664,6 +1876,16 @@ impl Replica {
     /// Checks that every table a native-version body names is declared.
     fn check_native_tables(&self, body: &BatchRef<'_>) -> Result<(), SyncError> {
         let schema = &self.inner.schema;
+        if let Some(t) = body.single_table() {
+            if !schema.has_table(schema.version(), t) {
+                return Err(SyncError::UnknownTable {
+                    service: schema.service().into(),
+                    version: schema.version(),
+                    table: t.into(),
+                });
+            }
+            return Ok(());
+        }
         let mut last: Option<&str> = None;
         for m in body.iter() {
             if last == Some(m.table) {
@@ -1737,7 +1959,7 @@ impl Replica {
                     };
                     let t = &mut st.store.tables[idx].1;
                     match m.value {
-                        Some(v) => t.put(Bytes::copy_from_slice(m.key), Bytes::copy_from_slice(v)),
+                        Some(v) => t.put_slice(m.key, v),
                         None => t.delete(m.key),
                     }
                 }
@@ -1839,7 +2061,7 @@ impl Replica {
                             let v = m.value.expect("checked");
                             bulk_digest.add(m.table, m.key, v);
                             if let Some(t) = st.store.table_mut(m.table) {
-                                t.put(Bytes::copy_from_slice(m.key), Bytes::copy_from_slice(v));
+                                t.put_slice(m.key, v);
                             }
                         }
                     } else {

@@ -64,6 +64,30 @@ impl Table {
         }
     }
 
+    /// Puts copies of `key` and `value`: the key is copied only if it is
+    /// new, and an overwritten value of the same length that nothing else
+    /// references is overwritten in place (no allocation either way).
+    pub(crate) fn put_slice(&mut self, key: &[u8], value: &[u8]) {
+        let h = self.state.hash_bytes(key);
+        match self
+            .map
+            .entry(h, |e| e.hash == h && e.key == key, |e| e.hash)
+        {
+            Slot::Occupied(mut o) => {
+                let e = o.get_mut();
+                let old = std::mem::take(&mut e.value);
+                e.value = reuse_or_copy(old, value);
+            }
+            Slot::Vacant(v) => {
+                v.insert(Entry {
+                    hash: h,
+                    key: Bytes::copy_from_slice(key),
+                    value: Bytes::copy_from_slice(value),
+                });
+            }
+        }
+    }
+
     pub(crate) fn delete(&mut self, key: &[u8]) {
         let h = self.state.hash_bytes(key);
         if let Ok(o) = self.map.find_entry(h, |e| e.hash == h && e.key == key) {
@@ -74,6 +98,17 @@ impl Table {
     fn clear(&mut self) {
         self.map.clear();
     }
+}
+
+/// `v` as [`Bytes`], in `old`'s allocation when that is possible.
+fn reuse_or_copy(old: Bytes, v: &[u8]) -> Bytes {
+    if old.len() == v.len() && !v.is_empty() {
+        if let Ok(mut m) = old.try_into_mut() {
+            m.copy_from_slice(v);
+            return m.freeze();
+        }
+    }
+    Bytes::copy_from_slice(v)
 }
 
 /// All tables of one service's state, in its native schema version.
@@ -151,5 +186,34 @@ impl Store {
             }
         }
         Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_slice_overwrites_in_place_only_when_nothing_else_holds_the_value() {
+        let mut t = Table::default();
+        t.put_slice(b"k", b"aaaa");
+        let p1 = t.get(b"k").unwrap().as_ptr();
+        t.put_slice(b"k", b"bbbb");
+        assert_eq!(t.get(b"k").unwrap().as_ref(), b"bbbb");
+        assert_eq!(t.get(b"k").unwrap().as_ptr(), p1, "reused in place");
+        // A reader holds the value: it must keep seeing the old bytes.
+        let held = t.get(b"k").unwrap().clone();
+        t.put_slice(b"k", b"cccc");
+        assert_eq!(held.as_ref(), b"bbbb");
+        assert_eq!(t.get(b"k").unwrap().as_ref(), b"cccc");
+        // Another length: a fresh allocation.
+        t.put_slice(b"k", b"dd");
+        assert_eq!(t.get(b"k").unwrap().as_ref(), b"dd");
+        assert_eq!(t.len(), 1);
+        t.put(Bytes::from_static(b"s"), Bytes::from_static(b"static"));
+        t.put_slice(b"s", b"STATIC");
+        assert_eq!(t.get(b"s").unwrap().as_ref(), b"STATIC");
+        t.delete(b"k");
+        assert!(t.get(b"k").is_none());
     }
 }

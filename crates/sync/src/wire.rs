@@ -350,26 +350,23 @@ pub fn read_frame_into<R: Read + ?Sized>(
         }
     }
     let h = decode_header(&header)?;
+    // Read straight into the buffer's spare capacity: nothing is zeroed.
     payload.clear();
-    payload.resize(h.len, 0);
-    let mut got = 0;
-    while got < h.len {
-        match r.read(&mut payload[got..]) {
-            Ok(0) => {
-                payload.clear();
-                return Err(FrameError::Truncated {
-                    needed: HEADER_LEN + h.len,
-                    have: HEADER_LEN + got,
-                }
-                .into());
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                payload.clear();
-                return Err(e.into());
-            }
+    payload.reserve(h.len);
+    let got = match Read::take(&mut *r, h.len as u64).read_to_end(payload) {
+        Ok(n) => n,
+        Err(e) => {
+            payload.clear();
+            return Err(e.into());
         }
+    };
+    if got < h.len {
+        payload.clear();
+        return Err(FrameError::Truncated {
+            needed: HEADER_LEN + h.len,
+            have: HEADER_LEN + got,
+        }
+        .into());
     }
     if let Err(e) = check_crc(&h, &header, payload) {
         payload.clear();
@@ -623,6 +620,38 @@ fn parse_mutation<'a>(
     Ok(MutationRef { table, key, value })
 }
 
+/// Reads the mutation at `*pos` of a body that [`BatchRef::parse`] validated
+/// (so no bound or UTF-8 check can fail here).
+#[inline]
+fn next_validated<'a>(p: &'a [u8], pos: &mut usize, prev: &mut &'a str) -> MutationRef<'a> {
+    let at = *pos;
+    let op = p[at];
+    let tlen = p[at + 1] as usize;
+    let t0 = at + 2;
+    let tb = &p[t0..t0 + tlen];
+    let table = if tb == prev.as_bytes() {
+        *prev
+    } else {
+        let t = std::str::from_utf8(tb).expect("validated by BatchRef::parse");
+        *prev = t;
+        t
+    };
+    let k0 = t0 + tlen;
+    let klen = u32::from_le_bytes(p[k0..k0 + 4].try_into().expect("4 bytes")) as usize;
+    let key = &p[k0 + 4..k0 + 4 + klen];
+    let mut end = k0 + 4 + klen;
+    let value = if op == OP_PUT {
+        let vlen = u32::from_le_bytes(p[end..end + 4].try_into().expect("4 bytes")) as usize;
+        let v = &p[end + 4..end + 4 + vlen];
+        end += 4 + vlen;
+        Some(v)
+    } else {
+        None
+    };
+    *pos = end;
+    MutationRef { table, key, value }
+}
+
 /// A validated batch or bulk-chunk body: iterating it borrows each mutation
 /// from the payload without allocating.
 #[derive(Clone, Copy, Debug)]
@@ -630,7 +659,8 @@ pub struct BatchRef<'a> {
     body: &'a [u8],
     count: usize,
     deletes: usize,
-    kind: FrameType,
+    /// The one table every mutation names, if they all name the same.
+    single_table: Option<&'a str>,
 }
 
 impl<'a> BatchRef<'a> {
@@ -652,13 +682,29 @@ impl<'a> BatchRef<'a> {
         let mut pos = 4usize;
         let mut prev = "";
         let mut deletes = 0;
+        let mut single_table = None;
+        let mut mixed = false;
         for i in 0..count {
-            if parse_mutation(payload, &mut pos, i, kind, &mut prev)?
-                .value
-                .is_none()
-            {
+            let m = parse_mutation(payload, &mut pos, i, kind, &mut prev)?;
+            if m.value.is_none() {
                 deletes += 1;
             }
+            match single_table {
+                None => single_table = Some(m.table),
+                // A repeated name is the same slice: compare contents only
+                // when it is not.
+                Some(t)
+                    if !(mixed
+                        || t.as_ptr() == m.table.as_ptr() && t.len() == m.table.len()
+                        || t == m.table) =>
+                {
+                    mixed = true
+                }
+                _ => {}
+            }
+        }
+        if mixed {
+            single_table = None;
         }
         if pos != payload.len() {
             return Err(bad(format!(
@@ -670,13 +716,30 @@ impl<'a> BatchRef<'a> {
             body: payload,
             count,
             deletes,
-            kind,
+            single_table,
         })
+    }
+
+    /// A body this crate encoded itself (a [`crate::Batch`]), not validated
+    /// again; only [`BatchRef::iter`] and [`BatchRef::len`] are meaningful.
+    pub(crate) fn trusted(payload: &'a [u8]) -> BatchRef<'a> {
+        BatchRef {
+            body: payload,
+            count: u32::from_le_bytes(payload[0..4].try_into().expect("4 bytes")) as usize,
+            deletes: 0,
+            single_table: None,
+        }
     }
 
     /// Number of mutations.
     pub fn len(&self) -> usize {
         self.count
+    }
+
+    /// The table every mutation names, if they all name the same one
+    /// (`None` for an empty body or several tables).
+    pub fn single_table(&self) -> Option<&'a str> {
+        self.single_table
     }
 
     /// Number of deletes among the mutations.
@@ -691,13 +754,10 @@ impl<'a> BatchRef<'a> {
 
     /// The mutations, in order.
     pub fn iter(&self) -> impl Iterator<Item = MutationRef<'a>> + 'a {
-        let (body, kind) = (self.body, self.kind);
+        let body = self.body;
         let mut pos = 4usize;
         let mut prev = "";
-        (0..self.count).map(move |i| {
-            parse_mutation(body, &mut pos, i, kind, &mut prev)
-                .expect("validated by BatchRef::parse")
-        })
+        (0..self.count).map(move |_| next_validated(body, &mut pos, &mut prev))
     }
 }
 

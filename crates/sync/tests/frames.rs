@@ -196,3 +196,48 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn control_messages_round_trip_and_older_ones_still_decode() {
+    for c in [
+        Control::ResumeBegin {
+            from: 7,
+            seq: 9,
+            batches: 2,
+        },
+        Control::ResumeEnd {
+            seq: 9,
+            last_epoch: 2,
+            digest: Digest::default(),
+        },
+        Control::Hello {
+            service: "kv".into(),
+            node: "n".into(),
+            native: 1,
+            reads: vec![1],
+            writes: vec![1],
+            ha: true,
+            epoch: 3,
+            resume: Some(hitless_sync::ResumePoint { seq: 9, epoch: 2 }),
+        },
+    ] {
+        let (f, _) = wire::decode_frame(&c.encode(3, 9)).unwrap();
+        assert_eq!(Control::decode(&f).unwrap(), c);
+    }
+    // As a build without resumes writes them: no resume point, no last epoch.
+    let hello = br#"{"t":"hello","service":"kv","node":"n","native":1,"reads":[1],"writes":[1],"ha":true,"epoch":3}"#;
+    match Control::decode_payload(FrameType::Hello, hello).unwrap() {
+        Control::Hello { resume, .. } => assert_eq!(resume, None),
+        c => panic!("{c:?}"),
+    }
+    let end = br#"{"t":"bulk_end","seq":5,"digest":{"tables":{}}}"#;
+    match Control::decode_payload(FrameType::BulkEnd, end).unwrap() {
+        Control::BulkEnd { last_epoch, .. } => assert_eq!(last_epoch, 0),
+        c => panic!("{c:?}"),
+    }
+    // A payload of another message type is refused.
+    assert!(Control::decode_payload(FrameType::ResumeEnd, end).is_err());
+    for t in [15u8, 16, 17] {
+        assert_eq!(FrameType::from_u8(t).map(|k| k as u8), Some(t));
+    }
+}

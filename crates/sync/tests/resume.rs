@@ -2,12 +2,14 @@
 //! full snapshot, when their history matches; otherwise they get a snapshot.
 mod common;
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hitless_sync::{Replica, Status};
+use hitless_sync::wire::{self, Control, FrameType};
+use hitless_sync::{Digest, Replica, ResumePoint, Status};
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -222,4 +224,115 @@ fn resume_across_planned_switchover_keeps_state_identical() {
     drop(ha);
     a.shutdown();
     b.shutdown();
+}
+
+/// A fake active on loopback: reads the hello, answers with `frames`, then
+/// waits for the standby to close. Returns the address and the hello.
+fn fake_active(
+    frames: impl FnOnce(&Control) -> Vec<u8> + Send + 'static,
+) -> (std::net::SocketAddr, thread::JoinHandle<Control>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let hello = wire::read_frame(&mut s).unwrap().unwrap();
+        let hello = Control::decode(&hello).unwrap();
+        let mut out = Control::Welcome {
+            node: "fake".into(),
+            native: 1,
+            stream_version: 1,
+            tables: vec!["kv".into()],
+        }
+        .encode(1, 0);
+        out.extend(frames(&hello));
+        s.write_all(&out).unwrap();
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        let mut buf = [0u8; 4096];
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        hello
+    });
+    (addr, t)
+}
+
+/// A standby that followed a real active to sequence 20, then detached.
+fn detached_standby() -> (Replica, Replica, hitless_sync::ServeHandle) {
+    let (a, h) = active(1, "a");
+    let s = standby(1, "s");
+    let f = s.follow_tcp(h.local_addr(), true).unwrap();
+    s.wait_ready(Duration::from_secs(5)).unwrap();
+    for i in 0..20 {
+        a.apply(vec![put(i, "real")]).unwrap();
+    }
+    f.stop();
+    wait_detached(&a);
+    (a, s, h)
+}
+
+#[test]
+fn replayed_batch_outside_a_resume_is_refused_without_applying() {
+    let (a, s, _h) = detached_standby();
+    let before = s.records();
+    let (addr, t) = fake_active(|_| {
+        // A bulk snapshot was not asked for, no resume was offered: a
+        // replayed batch is out of place.
+        let mut p = 1u64.to_le_bytes().to_vec();
+        p.extend_from_slice(&21u64.to_le_bytes());
+        p.extend_from_slice(&wire::encode_batch_payload(&[put(1, "bad")]));
+        wire::encode_frame(FrameType::ReplayBatch, 1, 21, &p)
+    });
+    let f = s.follow_tcp(addr, true).unwrap();
+    let err = f.join().unwrap_err().to_string();
+    assert!(err.contains("outside a resume"), "{err}");
+    assert_eq!(s.records(), before);
+    t.join().unwrap();
+    a.shutdown();
+    s.shutdown();
+}
+
+#[test]
+fn resume_ending_in_a_digest_mismatch_is_dropped_and_next_attach_takes_a_snapshot() {
+    let (a, s, h) = detached_standby();
+    let (addr, t) = fake_active(|hello| {
+        let Control::Hello {
+            resume: Some(p), ..
+        } = hello
+        else {
+            panic!("the standby did not offer a resume point: {hello:?}");
+        };
+        let mut out = Control::ResumeBegin {
+            from: p.seq,
+            seq: p.seq,
+            batches: 0,
+        }
+        .encode(1, p.seq);
+        out.extend(
+            Control::ResumeEnd {
+                seq: p.seq,
+                last_epoch: p.epoch,
+                digest: Digest::default(),
+            }
+            .encode(1, p.seq),
+        );
+        out
+    });
+    let f = s.follow_tcp(addr, true).unwrap();
+    let err = f.join().unwrap_err().to_string();
+    assert!(err.contains("differs from the active's"), "{err}");
+    let hello = t.join().unwrap();
+    assert!(matches!(
+        hello,
+        Control::Hello {
+            resume: Some(ResumePoint { seq: 20, epoch: 1 }),
+            ..
+        }
+    ));
+    assert_eq!(s.status().resumes_received, 0);
+    // Its state is no longer trusted: the next attach is a full snapshot.
+    let _f = s.follow_tcp(h.local_addr(), true).unwrap();
+    s.wait_ready(Duration::from_secs(5)).unwrap();
+    assert_eq!(counters(&a.status()), (2, 0, 0, 0));
+    assert_eq!(s.status().snapshots_received, 2);
+    assert_eq!(a.records(), s.records());
+    a.shutdown();
+    s.shutdown();
 }
