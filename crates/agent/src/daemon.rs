@@ -68,6 +68,8 @@ pub fn engine_config(backend: BackendKind) -> EngineConfig {
             ..base
         },
         BackendKind::Qemu => EngineConfig {
+            // Software-emulated guests boot in tens of seconds: an ISSU takes minutes.
+            rollback_timer: Some(6000),
             start_timeout: 1800,
             sync_timeout: 600,
             switch_timeout: 100,
