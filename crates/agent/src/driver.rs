@@ -641,7 +641,8 @@ impl Driver {
                             .await;
                         let ev = match r {
                             Err(reason) => {
-                                Event::StandbyOutOfSync { instance: standby }.with_log(&reason)
+                                warn!(%standby, %reason, "standby attach failed");
+                                Event::StandbyOutOfSync { instance: standby }
                             }
                             Ok(_) => ready_event(&apps, s_app, standby, poll, &tx).await,
                         };
@@ -710,17 +711,6 @@ impl Driver {
             }
         }
         ctx
-    }
-}
-
-trait WithLog {
-    fn with_log(self, reason: &str) -> Self;
-}
-
-impl WithLog for Event {
-    fn with_log(self, reason: &str) -> Self {
-        warn!(%reason, "standby attach failed");
-        self
     }
 }
 
