@@ -548,7 +548,12 @@ fn deprioritise(pid: u32) {
         // SAFETY: setpriority takes plain integers and touches no memory of ours.
         let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 5) };
         if r != 0 {
-            warn!(pid, tid, "cannot lower the VM's priority: {}", std::io::Error::last_os_error());
+            warn!(
+                pid,
+                tid,
+                "cannot lower the VM's priority: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

@@ -801,7 +801,12 @@ async fn ready_event(
     while tokio::time::Instant::now() < deadline {
         match as_status(apps.exec(app, Op::Status { instance: standby }).await) {
             Ok(s) => {
-                let applied = s.services.values().map(|x| x.applied_seq).min().unwrap_or(0);
+                let applied = s
+                    .services
+                    .values()
+                    .map(|x| x.applied_seq)
+                    .min()
+                    .unwrap_or(0);
                 let lag = s.services.values().map(|x| x.lag).max().unwrap_or(0);
                 if s.ready {
                     // The engine judges sufficient state on the latest lag it was told:
@@ -981,24 +986,29 @@ async fn repoint_standbys(
     epoch: u64,
     skip: Option<InstanceId>,
 ) {
+    let mut set = tokio::task::JoinSet::new();
     for (s, ha) in &ctx.standbys {
         if *s == to || Some(*s) == skip {
             continue;
         }
         let Ok(app) = ctx.app(*s) else { continue };
-        let r = apps
-            .exec(
-                app,
-                Op::Control {
-                    instance: *s,
-                    command: standby_config(*s, epoch, &target.sync_addr, *ha),
-                },
-            )
-            .await;
-        if let Err(e) = r {
-            warn!(standby = %s, "cannot re-point the standby at the new instance in control: {e}");
-        }
+        let (apps, s, ha, addr) = (apps.clone(), *s, *ha, target.sync_addr.clone());
+        set.spawn(async move {
+            let r = apps
+                .exec(
+                    app,
+                    Op::Control {
+                        instance: s,
+                        command: standby_config(s, epoch, &addr, ha),
+                    },
+                )
+                .await;
+            if let Err(e) = r {
+                warn!(standby = %s, "cannot re-point the standby at the new instance in control: {e}");
+            }
+        });
     }
+    while set.join_next().await.is_some() {}
 }
 
 /// Planned: hold the fronts and drain, quiesce the old active, wait until the target has
@@ -1082,25 +1092,30 @@ async fn switchover(
         },
     )
     .await?;
-    // 5. The old active becomes the target's standby.
-    if let Err(e) = apps
-        .exec(
-            from_app,
-            Op::Control {
-                instance: from,
-                command: AgentCommand::Demote {
-                    epoch,
-                    new_active_sync_addr: Some(target.sync_addr.clone()),
+    // 5. The old active becomes the target's standby and 6. every other standby follows the
+    //    target, all at once (the HA standby's re-attach gates the clients).
+    let demote = async {
+        if let Err(e) = apps
+            .exec(
+                from_app,
+                Op::Control {
+                    instance: from,
+                    command: AgentCommand::Demote {
+                        epoch,
+                        new_active_sync_addr: Some(target.sync_addr.clone()),
+                    },
                 },
-            },
-        )
-        .await
-    {
-        warn!(%from, "demotion failed (it is fenced by the new epoch regardless): {e}");
-    }
+            )
+            .await
+        {
+            warn!(%from, "demotion failed (it is fenced by the new epoch regardless): {e}");
+        }
+    };
+    tokio::join!(
+        demote,
+        repoint_standbys(apps, ctx, to, &target, epoch, Some(from))
+    );
     let t_promoted = t0.elapsed();
-    // 6. Every other standby follows the target.
-    repoint_standbys(apps, ctx, to, &target, epoch, Some(from)).await;
     // 7. The target acknowledges nothing a failover could lose: clients wait until the
     //    designated HA standby is attached to it and in sync (bounded; past the bound the
     //    pair runs degraded and says so).

@@ -342,6 +342,8 @@ pub struct IssuReport {
     pub acked_lost: u64,
     pub client_errors: u64,
     pub max_gap_ms: f64,
+    /// When the longest gap ended, in seconds since the ISSU started.
+    pub max_gap_at_s: f64,
     pub failover_ms: Option<f64>,
     pub switchovers: u64,
     pub issu_seconds: f64,
@@ -385,6 +387,8 @@ struct CheckerStats {
     last_ack_ns: AtomicU64,
     /// Longest interval without an acknowledged write while gaps are measured.
     max_gap_ns: AtomicU64,
+    /// When that interval ended (ns since origin).
+    max_gap_end_ns: AtomicU64,
     measuring: AtomicBool,
     /// When a fault was injected (ns since origin).
     mark_ns: AtomicU64,
@@ -433,6 +437,7 @@ impl Checker {
             origin: Instant::now(),
             last_ack_ns: AtomicU64::new(0),
             max_gap_ns: AtomicU64::new(0),
+            max_gap_end_ns: AtomicU64::new(0),
             measuring: AtomicBool::new(false),
             mark_ns: AtomicU64::new(u64::MAX),
             max_gap_after_mark_ns: AtomicU64::new(0),
@@ -496,7 +501,10 @@ fn writer(
                 let now = stats.origin.elapsed().as_nanos() as u64;
                 let prev = stats.last_ack_ns.swap(now, Ordering::AcqRel);
                 if stats.measuring.load(Ordering::Acquire) && prev > 0 && now > prev {
-                    stats.max_gap_ns.fetch_max(now - prev, Ordering::AcqRel);
+                    let gap = now - prev;
+                    if stats.max_gap_ns.fetch_max(gap, Ordering::AcqRel) < gap {
+                        stats.max_gap_end_ns.store(now, Ordering::Release);
+                    }
                 }
                 let mark = stats.mark_ns.load(Ordering::Acquire);
                 if now >= mark && now - mark < 5_000_000_000 && prev > 0 {
@@ -838,6 +846,7 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
     checker.stats.measuring.store(true, Ordering::Release);
     let sampler = Sampler::start();
     let issu_start = Instant::now();
+    let issu_offset_s = checker.stats.origin.elapsed().as_secs_f64();
     ops::post(&api, "/v1/upgrade", serde_json::json!({ "image": target }))?;
     let mut injected = false;
     let mut timeline = Vec::new();
@@ -955,6 +964,8 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         acked_lost: lost,
         client_errors: errors_during + bench_summary.errors,
         max_gap_ms: stats.max_gap_ns.load(Ordering::Acquire) as f64 / 1e6,
+        max_gap_at_s: (stats.max_gap_end_ns.load(Ordering::Acquire) as f64 / 1e9 - issu_offset_s)
+            .max(0.0),
         failover_ms,
         switchovers: end.switchovers,
         issu_seconds,
@@ -990,7 +1001,10 @@ fn print_report(r: &IssuReport) {
         r.acked_writes, r.acked_lost
     );
     println!("  client errors      {}", r.client_errors);
-    println!("  longest ack gap    {:.1} ms", r.max_gap_ms);
+    println!(
+        "  longest ack gap    {:.1} ms (ending {:.3} s into the ISSU)",
+        r.max_gap_ms, r.max_gap_at_s
+    );
     if let Some(f) = r.failover_ms {
         println!(
             "  outage at fault    {f:.1} ms (longest gap between acknowledged writes around it)"

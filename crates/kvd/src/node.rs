@@ -100,8 +100,9 @@ impl Node {
     fn supervise(&self) {
         let mut last_verify = Instant::now() - Duration::from_secs(60);
         while !self.stopping.load(Ordering::Acquire) {
-            // A short period: a new standby link and its first digest check gate a switchover.
-            std::thread::sleep(Duration::from_millis(2));
+            // A short period, cut short by a new follow target: a new standby link and its
+            // first digest check gate a switchover.
+            std::thread::park_timeout(Duration::from_millis(2));
             self.tend_follow();
             if self.verify_due(last_verify) {
                 last_verify = Instant::now();
@@ -240,7 +241,17 @@ impl Node {
         st.quiesced = false;
         st.designated_ha = ha;
         tracing::info!(epoch, ?role, active = ?addr, ha, "standing by");
+        drop(st);
+        // Attach now rather than at the supervisor's next round: after a switchover the new
+        // active's clients wait for this standby.
+        self.wake_supervisor();
         Ok(())
+    }
+
+    fn wake_supervisor(&self) {
+        if let Some(t) = lock(&self.threads).first() {
+            t.thread().unpark();
+        }
     }
 
     fn sync_mode(&self) -> SyncMode {
