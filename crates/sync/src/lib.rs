@@ -28,7 +28,10 @@
 //!   sequence and the epoch of that batch are on the active's history and the
 //!   active's bounded log ([`ReplicaConfig::resume_log_bytes`]) still holds
 //!   every batch after it, only those are replayed, then the digests at the
-//!   resume point are compared; otherwise it receives a full snapshot
+//!   resume point are compared (both ends keep their digest in the native
+//!   version, and in the one foreign version they stream in, up to date on
+//!   every mutation, so the comparison reads no record and a resume costs
+//!   what it replays, not the state's size); otherwise it receives a full snapshot
 //!   ([`Status::resumes_sent`], [`Status::snapshots_sent`] count both);
 //! * every frame carries the control epoch: stale frames are rejected, an
 //!   instance that learns of a newer epoch is fenced and stops acknowledging.

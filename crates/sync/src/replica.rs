@@ -199,6 +199,11 @@ pub struct Status {
     pub snapshots_received: u64,
     /// Resumes from an active's log this instance completed as a standby.
     pub resumes_received: u64,
+    /// Records read (and converted, for another version) by full-state
+    /// digest scans. The digest in the native version and in one stream
+    /// version is kept per mutation instead, so a resume or a digest check
+    /// in those versions reads no record.
+    pub digest_scan_records: u64,
 }
 
 /// A replicated service's state and its replication machinery. Cheap to
@@ -429,8 +434,22 @@ impl ServeHandle {
 
     fn halt(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        let Some(t) = self.thread.take() else {
+            return;
+        };
+        // Wake the blocking accept with a connection of our own.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok() || t.is_finished() {
             let _ = t.join();
+        } else {
+            // Unreachable listener: the thread ends at its next accept.
+            warn!(addr = %self.addr, "could not wake the accept loop; leaving it to end on its own");
         }
     }
 }
@@ -486,7 +505,10 @@ impl FollowHandle {
 /// connection is routed to the replica whose service its hello names.
 pub fn serve(listener: TcpListener, replicas: Vec<Replica>) -> io::Result<ServeHandle> {
     let addr = listener.local_addr()?;
-    listener.set_nonblocking(true)?;
+    // Blocking accept: a standby's connection is taken the moment it
+    // arrives (no polling delay on a re-attach); `ServeHandle::stop` wakes
+    // the loop by connecting to it.
+    listener.set_nonblocking(false)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let thread = thread::Builder::new()
@@ -494,6 +516,7 @@ pub fn serve(listener: TcpListener, replicas: Vec<Replica>) -> io::Result<ServeH
         .spawn(move || {
             while !stop2.load(Ordering::SeqCst) {
                 match listener.accept() {
+                    Ok(_) if stop2.load(Ordering::SeqCst) => break,
                     Ok((stream, peer)) => {
                         let replicas = replicas.clone();
                         let _ =
@@ -505,9 +528,7 @@ pub fn serve(listener: TcpListener, replicas: Vec<Replica>) -> io::Result<ServeH
                                     }
                                 });
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(10))
-                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         warn!(error = %e, "accept failed");
                         thread::sleep(Duration::from_millis(50));
@@ -726,7 +747,20 @@ impl Replica {
     /// 0 with empty tables. Make it active with [`Replica::activate`] or
     /// attach it to an active with [`Replica::follow`].
     pub fn new(schema: Schema, config: ReplicaConfig) -> Replica {
-        let store = Store::new(schema.tables());
+        let mut store = Store::new(schema.tables());
+        // Keep the digest in the nearest version this build also writes (a
+        // mixed-version pair streams in it) from the start, while the state
+        // is empty: a resume then compares digests without a scan.
+        let native = schema.version();
+        let writes = schema.writes().0;
+        if let Some(&v) = writes
+            .iter()
+            .filter(|&&v| v < native)
+            .max()
+            .or_else(|| writes.iter().filter(|&&v| v > native).min())
+        {
+            store.track(&schema, v);
+        }
         let log = ResumeLog::new(config.resume_log_bytes, config.resume_log_batches);
         Replica {
             inner: Arc::new(Inner {
@@ -1003,12 +1037,12 @@ impl Replica {
         match input {
             Input::Owned(mutations, table_of) => {
                 for (m, idx) in mutations.into_iter().zip(table_of) {
-                    let t = &mut st.store.tables[idx].1;
                     match m {
                         Mutation::Put { key, value, .. } => {
-                            t.put(Bytes::from(key), Bytes::from(value))
+                            st.store
+                                .put(schema, idx, Bytes::from(key), Bytes::from(value))
                         }
-                        Mutation::Delete { key, .. } => t.delete(&key),
+                        Mutation::Delete { key, .. } => st.store.delete(idx, &key),
                     }
                 }
             }
@@ -1023,10 +1057,9 @@ impl Replica {
                             i
                         }
                     };
-                    let t = &mut st.store.tables[idx].1;
                     match m.value {
-                        Some(v) => t.put_slice(m.key, v),
-                        None => t.delete(m.key),
+                        Some(v) => st.store.put_slice(schema, idx, m.key, v),
+                        None => st.store.delete(idx, m.key),
                     }
                 }
             }
@@ -1171,6 +1204,9 @@ impl Replica {
     pub fn digest_in(&self, version: SchemaVersion) -> Result<(Seq, Digest), SyncError> {
         let (seq, store) = {
             let st = self.state();
+            if let Some(d) = st.store.digest_kept(&self.inner.schema, version) {
+                return Ok((st.seq, d));
+            }
             (st.seq, st.store.clone())
         };
         let d = store.digest_in(&self.inner.schema, self.inner.schema.version(), version)?;
@@ -1300,8 +1336,12 @@ impl Replica {
             }),
             promoted: AtomicU64::new(0),
         });
-        // Consistent snapshot: everything after snap_seq is queued to the link.
-        let snapshot = st.store.clone();
+        if stream_version != schema.version()
+            && st.store.tracked() != Some(stream_version)
+            && st.store.len() == 0
+        {
+            st.store.track(schema, stream_version);
+        }
         let snap_seq = st.seq;
         let snap_epoch = st.last_epoch;
         // Resume instead of a snapshot if the standby's position is on this
@@ -1309,6 +1349,16 @@ impl Replica {
         let replay = resume
             .filter(|p| p.seq > 0 && p.seq <= snap_seq)
             .and_then(|p| Some((p.seq, st.log.after(p.seq, p.epoch)?)));
+        // Consistent snapshot: everything after snap_seq is queued to the
+        // link. A resume needs only the digest at snap_seq, which is kept
+        // per mutation in the native and the tracked version.
+        let snapshot = match replay {
+            Some(_) => match st.store.digest_kept(schema, stream_version) {
+                Some(d) => Snapshot::Digest(d),
+                None => Snapshot::Store(st.store.clone()),
+            },
+            None => Snapshot::Store(st.store.clone()),
+        };
         if replay.is_some() {
             st.resumes_sent += 1;
         } else {
@@ -1347,7 +1397,10 @@ impl Replica {
                     Some((from, entries)) => {
                         me.send_resume(&l2, w, snapshot, from, entries, snap_seq, snap_epoch, epoch)
                     }
-                    None => me.send_bulk(&l2, w, snapshot, snap_seq, snap_epoch, epoch),
+                    None => match snapshot {
+                        Snapshot::Store(s) => me.send_bulk(&l2, w, s, snap_seq, snap_epoch, epoch),
+                        Snapshot::Digest(_) => unreachable!("a bulk transfer has the store"),
+                    },
                 };
                 if let Err(e) = r {
                     warn!(standby = %l2.node, error = %e, "bulk transfer failed");
@@ -1407,7 +1460,7 @@ impl Replica {
         let mut digest = Digest::default();
         let mut sent = 0u64;
         let mut count = 0u32;
-        for (name, table) in &snapshot.tables {
+        for (name, table) in snapshot.tables() {
             for (k, v) in table.iter() {
                 if link.core.is_closed() {
                     return Err(SyncError::Shutdown);
@@ -1471,13 +1524,13 @@ impl Replica {
     }
 
     /// Resumes a standby at `from`: replays the logged batches up to
-    /// `snap_seq`, then the digest of `snapshot` (the state at `snap_seq`).
+    /// `snap_seq`, then the digest of the state at `snap_seq` (`snapshot`).
     #[allow(clippy::too_many_arguments)]
     fn send_resume(
         &self,
         link: &Link,
         mut w: Box<dyn Write + Send>,
-        snapshot: Store,
+        snapshot: Snapshot,
         from: Seq,
         entries: Vec<LogEntry>,
         snap_seq: Seq,
@@ -1535,7 +1588,10 @@ impl Replica {
                 fw.clear();
             }
         }
-        let digest = snapshot.digest_in(schema, native, sv)?;
+        let digest = match snapshot {
+            Snapshot::Digest(d) => d,
+            Snapshot::Store(s) => s.digest_in(schema, native, sv)?,
+        };
         let end = Control::ResumeEnd {
             seq: snap_seq,
             last_epoch: snap_epoch,
@@ -1916,7 +1972,8 @@ impl Replica {
         body: BatchRef<'_>,
         raw: &[u8],
     ) -> Result<(), SyncError> {
-        let native = self.inner.schema.version();
+        let schema = &self.inner.schema;
+        let native = schema.version();
         let (conv, log_body) = if sv == native {
             self.check_native_tables(&body)?;
             (None, None)
@@ -1957,14 +2014,13 @@ impl Replica {
                             i
                         }
                     };
-                    let t = &mut st.store.tables[idx].1;
                     match m.value {
-                        Some(v) => t.put_slice(m.key, v),
-                        None => t.delete(m.key),
+                        Some(v) => st.store.put_slice(schema, idx, m.key, v),
+                        None => st.store.delete(idx, m.key),
                     }
                 }
             }
-            Some(conv) => apply_converted(&mut st.store, conv),
+            Some(conv) => apply_converted(&mut st.store, schema, conv),
         }
         st.seq = last;
         st.last_epoch = origin;
@@ -2034,6 +2090,9 @@ impl Replica {
                     }
                     let mut st = self.state();
                     st.store.clear();
+                    // Empty now: keeping the digest in the stream version
+                    // from here on costs no scan.
+                    st.store.track(schema, sv);
                     st.seq = 0;
                     st.last_epoch = 0;
                     st.history_ok = false;
@@ -2060,14 +2119,14 @@ impl Replica {
                         for m in body.iter() {
                             let v = m.value.expect("checked");
                             bulk_digest.add(m.table, m.key, v);
-                            if let Some(t) = st.store.table_mut(m.table) {
-                                t.put_slice(m.key, v);
+                            if let Some(i) = st.store.index_of(m.table) {
+                                st.store.put_slice(schema, i, m.key, v);
                             }
                         }
                     } else {
                         let conv = self.to_native(body.iter(), sv)?;
                         let mut st = self.state();
-                        apply_converted(&mut st.store, conv);
+                        apply_converted(&mut st.store, schema, conv);
                     }
                 }
                 FrameType::BulkEnd => {
@@ -2130,13 +2189,16 @@ impl Replica {
                     if bulk.is_some() || bulk_done || resume.is_some() || seq < from {
                         return Err(SyncError::Protocol("resume out of place".into()));
                     }
-                    let st = self.state();
+                    let mut st = self.state();
                     if st.seq != from || !st.history_ok {
                         return Err(SyncError::Protocol(format!(
                             "the active offered a resume from sequence {from}, but this standby is at {}",
                             st.seq
                         )));
                     }
+                    // Usually tracked since the bulk snapshot or the start;
+                    // otherwise converts the state once, here.
+                    st.store.track(schema, sv);
                     resume = Some((from, seq));
                 }
                 FrameType::ReplayBatch => {
@@ -2183,16 +2245,23 @@ impl Replica {
                     let Some((from, to)) = resume.take() else {
                         return Err(SyncError::Protocol("resume end without a resume".into()));
                     };
-                    let (applied, mine, store) = {
+                    let (applied, mine, kept) = {
                         let st = self.state();
-                        (st.seq, st.last_epoch, st.store.clone())
+                        let kept = match st.store.digest_kept(schema, sv) {
+                            Some(d) => Snapshot::Digest(d),
+                            None => Snapshot::Store(st.store.clone()),
+                        };
+                        (st.seq, st.last_epoch, kept)
                     };
                     if seq != to || applied != to {
                         return Err(SyncError::Protocol(format!(
                             "resume to {to} ended at {seq} with {applied} applied"
                         )));
                     }
-                    let local = store.digest_in(schema, native, sv)?;
+                    let local = match kept {
+                        Snapshot::Digest(d) => d,
+                        Snapshot::Store(s) => s.digest_in(schema, native, sv)?,
+                    };
                     let matched = local == digest && mine == last_epoch;
                     {
                         let mut st = self.state();
@@ -2684,6 +2753,7 @@ impl Replica {
             resumes_sent: st.resumes_sent,
             snapshots_received: st.snapshots_received,
             resumes_received: st.resumes_received,
+            digest_scan_records: st.store.scanned(),
         }
     }
 
@@ -2734,17 +2804,24 @@ fn close_chunk(fw: &mut FrameWriter, count: u32) {
     fw.finish();
 }
 
-fn apply_converted(store: &mut Store, conv: Vec<Converted>) {
+/// What an attach hands its sender thread: the state for a bulk transfer,
+/// or for a resume just its digest when that is kept per mutation.
+enum Snapshot {
+    Store(Store),
+    Digest(Digest),
+}
+
+fn apply_converted(store: &mut Store, schema: &Schema, conv: Vec<Converted>) {
     for c in conv {
         match c {
             Converted::Put(t, k, v) => {
-                if let Some(t) = store.table_mut(&t) {
-                    t.put(Bytes::from(k), Bytes::from(v));
+                if let Some(i) = store.index_of(&t) {
+                    store.put(schema, i, Bytes::from(k), Bytes::from(v));
                 }
             }
             Converted::Delete(t, k) => {
-                if let Some(t) = store.table_mut(&t) {
-                    t.delete(&k);
+                if let Some(i) = store.index_of(&t) {
+                    store.delete(i, &k);
                 }
             }
             Converted::Dropped => {}

@@ -796,11 +796,12 @@ pub fn parse_batch_payload(last: Seq, payload: &[u8]) -> Result<(Seq, BatchRef<'
         return Err(bad(format!("sequence range {first}..={last} is invalid")));
     }
     let body = BatchRef::parse(FrameType::Batch, &payload[8..])?;
-    if body.len() as u64 > last + 1 - first {
+    // `first - 1 <= last` here, so this cannot overflow, even when `last` is `u64::MAX`.
+    let span = last - (first - 1);
+    if body.len() as u64 > span {
         return Err(bad(format!(
-            "{} mutations for the {} sequence numbers {first}..={last}",
-            body.len(),
-            last + 1 - first
+            "{} mutations for the {span} sequence numbers {first}..={last}",
+            body.len()
         )));
     }
     Ok((first, body))
@@ -988,5 +989,41 @@ impl Control {
             });
         }
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(first: Seq, muts: &[Mutation]) -> Vec<u8> {
+        let mut p = first.to_le_bytes().to_vec();
+        p.extend(encode_batch_payload(muts));
+        p
+    }
+
+    #[test]
+    fn batch_ending_at_the_largest_sequence_number_is_checked_without_overflow() {
+        let put = Mutation::put("kv", b"k".to_vec(), b"v".to_vec());
+        let two = [put.clone(), put.clone()];
+        let whole = batch(1, &two);
+        let (first, body) = parse_batch_payload(u64::MAX, &whole).unwrap();
+        assert_eq!((first, body.len()), (1, 2));
+        let last_one = batch(u64::MAX, &two[..1]);
+        let (first, body) = parse_batch_payload(u64::MAX, &last_one).unwrap();
+        assert_eq!((first, body.len()), (u64::MAX, 1));
+        let too_many = batch(u64::MAX, &two);
+        let err = parse_batch_payload(u64::MAX, &too_many).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("2 mutations for the 1 sequence numbers"),
+            "{err}"
+        );
+        let frame = encode_frame(FrameType::Batch, 1, u64::MAX, &batch(u64::MAX - 1, &two));
+        let (frame, _) = decode_frame(&frame).unwrap();
+        let (first, last, muts) = decode_batch_frame(&frame).unwrap();
+        assert_eq!((first, last, muts.len()), (u64::MAX - 1, u64::MAX, 2));
+        // Sequence numbers start at 1, whatever the last one.
+        assert!(parse_batch_payload(u64::MAX, &batch(0, &[])).is_err());
     }
 }

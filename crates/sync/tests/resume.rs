@@ -336,3 +336,53 @@ fn resume_ending_in_a_digest_mismatch_is_dropped_and_next_attach_takes_a_snapsho
     a.shutdown();
     s.shutdown();
 }
+
+#[test]
+fn resumed_cross_version_standby_becomes_ready_without_a_full_state_scan() {
+    // Active v2, standby v1: the stream and both digests are in v1, which
+    // the active keeps per mutation from the start and the standby natively.
+    let (a, h) = active(2, "a");
+    let s = standby(1, "s");
+    let f = s.follow_tcp(h.local_addr(), true).unwrap();
+    s.wait_ready(Duration::from_secs(5)).unwrap();
+    for chunk in (0..2000u64).collect::<Vec<_>>().chunks(100) {
+        a.apply(chunk.iter().map(|&i| put_v2(i, "one")).collect())
+            .unwrap();
+    }
+    f.stop();
+    wait_detached(&a);
+    for i in 0..5 {
+        a.apply(vec![put_v2(i, "two")]).unwrap();
+    }
+    let (a0, s0) = (
+        a.status().digest_scan_records,
+        s.status().digest_scan_records,
+    );
+    let _f2 = s.follow_tcp(h.local_addr(), true).unwrap();
+    s.wait_ready(Duration::from_secs(5)).unwrap();
+    a.wait_standbys_ready(1, Duration::from_secs(5)).unwrap();
+    let (sa, ss) = (a.status(), s.status());
+    assert_eq!(sa.resumes_sent, 1, "{sa:?}");
+    assert_eq!(ss.resumes_received, 1, "{ss:?}");
+    assert!(ss.digest_matched && sa.standbys[0].in_sync, "{ss:?} {sa:?}");
+    // Neither side read the 2,000-record state to compare digests.
+    assert_eq!(sa.digest_scan_records, a0, "active scanned: {sa:?}");
+    assert_eq!(ss.digest_scan_records, s0, "standby scanned: {ss:?}");
+    assert_eq!(
+        s.get("kv", b"k3").unwrap().as_deref(),
+        Some(b"two".as_slice())
+    );
+    // The kept digests are the real ones.
+    let (_, d) = a.digest_in(1).unwrap();
+    let mut scanned = hitless_sync::Digest::default();
+    for r in a.records().1 {
+        if r.table == "kv" {
+            let v = r.value.strip_prefix(b"v2|").unwrap();
+            scanned.add(&r.table, &r.key, v);
+        }
+    }
+    assert_eq!(d, scanned);
+    assert_eq!(s.digest().1, scanned);
+    a.shutdown();
+    s.shutdown();
+}
