@@ -60,6 +60,13 @@ fn scan(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, FrameError
     let Some(&kind) = buf.get(at) else {
         return Ok(None);
     };
+    if depth == 0 && !matches!(kind, b'+' | b'-' | b':' | b'$' | b'*') {
+        if kind.is_ascii_graphic() || kind == b' ' {
+            // Inline command: the line is the request; like Redis, a bare LF ends it too.
+            return Ok(buf[at..].iter().position(|&c| c == b'\n').map(|p| p + 1));
+        }
+        return Err(FrameError::UnknownType(kind));
+    }
     let Some(eol) = find_crlf(buf, at + 1) else {
         return Ok(None);
     };
@@ -101,7 +108,8 @@ fn scan(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, FrameError
             }
             Ok(Some(pos - at))
         }
-        // Inline command: any printable first byte; the line is the request.
+        // Inline command: any printable first byte; the line is the request. Like Redis, a
+        // bare LF ends it too.
         b if b.is_ascii_graphic() || b == b' ' => {
             if depth > 0 {
                 return Err(FrameError::UnknownType(b));
@@ -127,6 +135,7 @@ mod tests {
             Ok(Some(20))
         );
         assert_eq!(message_len(b"PING\r\n"), Ok(Some(6)));
+        assert_eq!(message_len(b"PING\nGET"), Ok(Some(5)));
         assert_eq!(message_len(b"*2\r\n*1\r\n:1\r\n+x\r\n"), Ok(Some(16)));
     }
 

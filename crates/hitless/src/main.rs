@@ -209,12 +209,12 @@ enum ImageCommand {
     },
 }
 
-fn init_tracing(filter: Option<&str>) {
+fn init_tracing(filter: Option<&str>, default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = filter
         .map(str::to_owned)
         .or_else(|| std::env::var("HITLESS_LOG").ok())
-        .unwrap_or_else(|| "info".to_owned());
+        .unwrap_or_else(|| default.to_owned());
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
@@ -225,7 +225,9 @@ fn init_tracing(filter: Option<&str>) {
 
 fn main() {
     let cli = Cli::parse();
-    init_tracing(cli.log.as_deref());
+    // Benchmarks and the simulator print figures; the libraries' progress logs would bury them.
+    let quiet = matches!(cli.command, Command::Bench { .. } | Command::Sim { .. });
+    init_tracing(cli.log.as_deref(), if quiet { "warn" } else { "info" });
     let result = match cli.command {
         Command::Agent { config } => ops::agent(&config),
         Command::Lab { command } => match command {
