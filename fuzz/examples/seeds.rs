@@ -214,6 +214,11 @@ fn sync_payload() -> Seeds {
             ),
         ),
         ("replay", seed(FrameType::ReplayBatch, 42, &replay)),
+        // A batch ending at the largest sequence number (its span check once overflowed).
+        (
+            "batch-last-max",
+            seed(FrameType::Batch, u64::MAX, &batch_payload(u64::MAX - 3)),
+        ),
     ];
     for (name, c) in controls() {
         let json = serde_json::to_vec(&c).expect("serializes");
