@@ -947,6 +947,23 @@ async fn run_ordered(
     }
 }
 
+/// Makes `to` the instance in control at `epoch`.
+async fn promote(
+    apps: &Appliances,
+    app: ApplianceId,
+    to: InstanceId,
+    epoch: u64,
+) -> Result<OpOk, String> {
+    apps.exec(
+        app,
+        Op::Control {
+            instance: to,
+            command: AgentCommand::Promote { epoch },
+        },
+    )
+    .await
+}
+
 /// Unplanned: promote `to` at `epoch`, re-point the other standbys, move the front.
 async fn failover(
     apps: &Appliances,
@@ -956,14 +973,7 @@ async fn failover(
 ) -> Result<(), String> {
     let to_app = ctx.app(to)?;
     let target = ctx.started(to)?.clone();
-    apps.exec(
-        to_app,
-        Op::Control {
-            instance: to,
-            command: AgentCommand::Promote { epoch },
-        },
-    )
-    .await?;
+    promote(apps, to_app, to, epoch).await?;
     repoint_standbys(apps, ctx, to, &target, epoch, None).await;
     route_to(apps, epoch, &target).await
 }
@@ -1074,14 +1084,7 @@ async fn switchover(
     }
     let t_caught_up = t0.elapsed();
     // 4. Promote the target at the new epoch.
-    apps.exec(
-        to_app,
-        Op::Control {
-            instance: to,
-            command: AgentCommand::Promote { epoch },
-        },
-    )
-    .await?;
+    promote(apps, to_app, to, epoch).await?;
     // 5. The old active becomes the target's standby and 6. every other standby follows the
     //    target, all at once (the HA standby's re-attach gates the clients).
     let demote = async {
