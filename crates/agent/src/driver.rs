@@ -89,6 +89,11 @@ pub struct DriverTiming {
     pub poll: Duration,
     /// Bound of a planned switchover's drain.
     pub drain_bound: Duration,
+    /// A planned switchover holds clients once the target lags at most this many sequence
+    /// numbers behind the instance in control...
+    pub converged_lag: u64,
+    /// ... or once it has waited this long for that.
+    pub converge_bound: Duration,
 }
 
 impl Default for DriverTiming {
@@ -97,6 +102,8 @@ impl Default for DriverTiming {
             tick: Duration::from_millis(100),
             poll: Duration::from_millis(20),
             drain_bound: Duration::from_secs(2),
+            converged_lag: 8,
+            converge_bound: Duration::from_millis(500),
         }
     }
 }
@@ -1011,6 +1018,54 @@ async fn repoint_standbys(
     while set.join_next().await.is_some() {}
 }
 
+/// What the convergence before a planned switchover achieved.
+struct Converged {
+    /// Sequence numbers the target lacked when the hold began (`u64::MAX`: unknown).
+    lag: u64,
+    /// Time spent converging.
+    waited: Duration,
+}
+
+/// Polls the old active and the target until the target lags at most
+/// [`DriverTiming::converged_lag`] sequence numbers behind it, at most
+/// [`DriverTiming::converge_bound`]. Never fails: past the bound the switchover goes on
+/// (its catch-up is bounded on its own).
+async fn converge(
+    apps: &Appliances,
+    from_app: ApplianceId,
+    from: InstanceId,
+    to_app: ApplianceId,
+    to: InstanceId,
+    timing: &DriverTiming,
+) -> Converged {
+    let t0 = tokio::time::Instant::now();
+    let mut lag = u64::MAX;
+    loop {
+        let (a, t) = tokio::join!(
+            apps.exec(from_app, Op::Status { instance: from }),
+            apps.exec(to_app, Op::Status { instance: to })
+        );
+        if let (Ok(a), Ok(t)) = (as_status(a), as_status(t)) {
+            lag = a
+                .services
+                .iter()
+                .map(|(svc, s)| {
+                    let have = t.services.get(svc).map(|x| x.applied_seq).unwrap_or(0);
+                    s.applied_seq.saturating_sub(have)
+                })
+                .max()
+                .unwrap_or(0);
+        }
+        if lag <= timing.converged_lag || t0.elapsed() >= timing.converge_bound {
+            return Converged {
+                lag,
+                waited: t0.elapsed(),
+            };
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
 /// Planned: hold the fronts and drain, quiesce the old active, wait until the target has
 /// every mutation, promote it, demote the old one to its standby, re-point the others, route.
 async fn switchover(
@@ -1025,6 +1080,10 @@ async fn switchover(
     let to_app = ctx.app(to)?;
     let target = ctx.started(to)?.clone();
     let bound_ms = timing.drain_bound.as_millis() as u64;
+    // 0. Converge first, with clients still served: the hold below lasts as long as the
+    //    target takes to apply what it still lacks, so wait (bounded) for a moment when it
+    //    lacks little, as live migration pre-copies before it stops the guest.
+    let converged = converge(apps, from_app, from, to_app, to, timing).await;
     let t0 = tokio::time::Instant::now();
     // 1. Hold both fronts; wait for in-flight requests to be answered.
     let (a, b) = tokio::join!(
@@ -1053,8 +1112,22 @@ async fn switchover(
         .map(|(k, v)| (k.clone(), v.applied_seq))
         .collect();
     let deadline = tokio::time::Instant::now() + timing.drain_bound;
+    let t_quiesced = t0.elapsed();
+    let mut polls = 0u32;
+    let mut first_lag = None;
     loop {
         let s = as_status(apps.exec(to_app, Op::Status { instance: to }).await)?;
+        polls += 1;
+        if first_lag.is_none() {
+            first_lag = Some(
+                want.iter()
+                    .map(|(svc, seq)| {
+                        seq.saturating_sub(s.services.get(svc).map(|x| x.applied_seq).unwrap_or(0))
+                    })
+                    .max()
+                    .unwrap_or(0),
+            );
+        }
         let caught_up = want.iter().all(|(svc, seq)| {
             s.services
                 .get(svc)
@@ -1139,7 +1212,12 @@ async fn switchover(
     route_to(apps, epoch, &target).await?;
     info!(
         %from, %to, epoch,
+        converge_ms = converged.waited.as_secs_f64() * 1e3,
+        converge_lag = converged.lag,
         held_ms = t_held.as_secs_f64() * 1e3,
+        quiesced_ms = t_quiesced.as_secs_f64() * 1e3,
+        catch_up_polls = polls,
+        catch_up_first_lag = first_lag.unwrap_or(0),
         caught_up_ms = t_caught_up.as_secs_f64() * 1e3,
         promoted_ms = t_promoted.as_secs_f64() * 1e3,
         ha_in_sync_ms = t_ha.as_secs_f64() * 1e3,

@@ -418,21 +418,141 @@ pub fn decode(
     }
 }
 
-/// Upgrade transform, version 1 -> 2.
+/// Checks the items of `kind` until the cursor is empty (`count: None`) or `count` items,
+/// with exactly the rules of [`decode`], without building the value; returns the count.
+///
+/// The transforms run on every replicated mutation, and a collection is stored whole, so
+/// they only walk the items (no copy, no allocation except a member index for sorted sets)
+/// and move the encoded items over verbatim: both versions encode items the same way.
+fn check_items(kind: Kind, c: &mut Cursor<'_>, count: Option<u32>) -> Result<u32, DecodeError> {
+    let table = c.table;
+    let more = |c: &Cursor<'_>, n: u32| match count {
+        Some(total) => n < total,
+        None => !c.done(),
+    };
+    let mut n = 0u32;
+    match kind {
+        Kind::String => {
+            c.take(c.buf.len())?;
+        }
+        Kind::List => {
+            while more(c, n) {
+                let len = c.u32()? as usize;
+                c.take(len)?;
+                n += 1;
+            }
+        }
+        Kind::Set => {
+            let mut last: Option<&[u8]> = None;
+            while more(c, n) {
+                let len = c.u32()? as usize;
+                let m = c.take(len)?;
+                if last.is_some_and(|l| l >= m) {
+                    return Err(derr(table, "set members are not strictly ascending"));
+                }
+                last = Some(m);
+                n += 1;
+            }
+        }
+        Kind::Hash => {
+            let mut last: Option<&[u8]> = None;
+            while more(c, n) {
+                let len = c.u32()? as usize;
+                let f = c.take(len)?;
+                let len = c.u32()? as usize;
+                c.take(len)?;
+                if last.is_some_and(|l| l >= f) {
+                    return Err(derr(table, "hash fields are not strictly ascending"));
+                }
+                last = Some(f);
+                n += 1;
+            }
+        }
+        Kind::ZSet => {
+            let mut seen: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+            let mut prev: Option<(f64, &[u8])> = None;
+            while more(c, n) {
+                let s = c.score()?;
+                let len = c.u32()? as usize;
+                let m = c.take(len)?;
+                if let Some((ps, pm)) = prev {
+                    if ps.total_cmp(&s).then_with(|| pm.cmp(m)) != std::cmp::Ordering::Less {
+                        return Err(derr(table, "sorted-set entries are not strictly ordered"));
+                    }
+                }
+                prev = Some((s, m));
+                if !seen.insert(m) {
+                    return Err(derr(table, "sorted-set member appears twice"));
+                }
+                n += 1;
+            }
+        }
+    }
+    if !c.done() {
+        return Err(derr(table, format!("{} trailing bytes", c.buf.len())));
+    }
+    Ok(n)
+}
+
+/// Upgrade transform, version 1 -> 2: the version-2 header (metadata unknown, 0) in front
+/// of the checked version-1 items.
 pub fn upgrade_record(r: &Record) -> Result<Option<Record>, String> {
-    let (v, _) = decode(SchemaVersion::V1, &r.table, &r.value).map_err(|e| e.to_string())?;
+    let kind =
+        Kind::of_table(&r.table).ok_or_else(|| derr(&r.table, "unknown table").to_string())?;
+    let mut c = Cursor {
+        buf: &r.value,
+        table: &r.table,
+    };
+    let count = check_items(kind, &mut c, None).map_err(|e| e.to_string())?;
+    let mut value = Vec::with_capacity(V2_HEADER + 4 + r.value.len());
+    value.extend_from_slice(V2_MAGIC);
+    value.push(kind.tag());
+    value.extend_from_slice(&[0u8; 24]);
+    if kind != Kind::String {
+        value.extend_from_slice(&count.to_be_bytes());
+    }
+    value.extend_from_slice(&r.value);
     Ok(Some(Record {
-        value: encode(SchemaVersion::V2, &v, Meta::default()),
-        ..r.clone()
+        table: r.table.clone(),
+        key: r.key.clone(),
+        value,
     }))
 }
 
-/// Downgrade transform, version 2 -> 1.
+/// Downgrade transform, version 2 -> 1: the checked items without the header.
 pub fn downgrade_record(r: &Record) -> Result<Option<Record>, String> {
-    let (v, _) = decode(SchemaVersion::V2, &r.table, &r.value).map_err(|e| e.to_string())?;
+    let table = r.table.as_str();
+    let kind = Kind::of_table(table).ok_or_else(|| derr(table, "unknown table").to_string())?;
+    let bytes = &r.value[..];
+    if bytes.len() < V2_HEADER || &bytes[..2] != V2_MAGIC {
+        return Err(derr(table, "missing the version-2 value header").to_string());
+    }
+    match Kind::from_tag(bytes[2]) {
+        Some(k) if k == kind => {}
+        Some(k) => {
+            return Err(derr(
+                table,
+                format!("type tag says {k:?} but the table holds {kind:?}"),
+            )
+            .to_string())
+        }
+        None => return Err(derr(table, format!("unknown type tag {}", bytes[2])).to_string()),
+    }
+    let mut c = Cursor {
+        buf: &bytes[V2_HEADER..],
+        table,
+    };
+    let count = if kind == Kind::String {
+        None
+    } else {
+        Some(c.u32().map_err(|e| e.to_string())?)
+    };
+    let items = c.buf;
+    check_items(kind, &mut c, count).map_err(|e| e.to_string())?;
     Ok(Some(Record {
-        value: encode(SchemaVersion::V1, &v, Meta::default()),
-        ..r.clone()
+        table: r.table.clone(),
+        key: r.key.clone(),
+        value: items.to_vec(),
     }))
 }
 
@@ -500,6 +620,36 @@ pub(crate) mod tests {
         fn arbitrary_bytes_never_panic_the_decoders(b in proptest::collection::vec(any::<u8>(), 0..64), t in 0usize..5) {
             let _ = decode(SchemaVersion::V1, TABLES[t], &b);
             let _ = decode(SchemaVersion::V2, TABLES[t], &b);
+        }
+
+        #[test]
+        fn the_transforms_accept_and_refuse_exactly_what_the_decoders_do(
+            b in proptest::collection::vec(any::<u8>(), 0..64),
+            t in 0usize..5,
+            v in value(),
+            m in meta(),
+        ) {
+            let table = TABLES[t];
+            let r = Record::new(table, b"k".to_vec(), b.clone());
+            prop_assert_eq!(upgrade_record(&r).is_ok(), decode(SchemaVersion::V1, table, &b).is_ok());
+            prop_assert_eq!(downgrade_record(&r).is_ok(), decode(SchemaVersion::V2, table, &b).is_ok());
+            // A valid header in front of arbitrary items.
+            let mut framed = encode(SchemaVersion::V2, &v, m);
+            let header = if v.kind() == Kind::String { V2_HEADER } else { V2_HEADER + 4 };
+            framed.truncate(header);
+            framed.extend_from_slice(&b);
+            let r = Record::new(v.kind().table(), b"k".to_vec(), framed.clone());
+            prop_assert_eq!(
+                downgrade_record(&r).is_ok(),
+                decode(SchemaVersion::V2, v.kind().table(), &framed).is_ok()
+            );
+        }
+
+        #[test]
+        fn upgrade_equals_decoding_then_encoding_with_unknown_metadata(v in value()) {
+            let r = Record::new(v.kind().table(), b"k".to_vec(), encode(SchemaVersion::V1, &v, Meta::default()));
+            let up = upgrade_record(&r).unwrap().unwrap();
+            prop_assert_eq!(up.value, encode(SchemaVersion::V2, &v, Meta::default()));
         }
 
         #[test]
