@@ -46,6 +46,10 @@ pub struct StatusAnswer {
     pub local: Description,
     pub peer: Option<Description>,
     pub peer_error: Option<String>,
+    /// The next index of this agent's journal (its own records when it drives, the driver's
+    /// mirrored records otherwise): two agents showing the same value hold the same history.
+    #[serde(default)]
+    pub journal_next_index: u64,
 }
 
 /// The body of `POST /v1/upgrade`.
@@ -97,12 +101,13 @@ pub async fn serve(
 }
 
 async fn status(State(ctx): State<Ctx>) -> Response {
-    let (driving, engine, instances) = {
+    let (driving, engine, instances, journal_next_index) = {
         let v = ctx.view.lock().expect("view lock");
         (
             v.driving,
             v.engine.clone(),
             v.instances.values().cloned().collect(),
+            v.journal_next_index,
         )
     };
     let local = ctx.apps.local.describe();
@@ -128,6 +133,7 @@ async fn status(State(ctx): State<Ctx>) -> Response {
         local,
         peer,
         peer_error,
+        journal_next_index,
     })
     .into_response()
 }

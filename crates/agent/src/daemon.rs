@@ -271,14 +271,20 @@ async fn handle_peer(driver: &mut Driver, appliance: &Arc<Appliance>, e: PeerEve
                 if driver.driving() {
                     return;
                 }
+                // The driving agent's history is the pair's: a record this agent wrote and
+                // never mirrored before it died is replaced by the driver's.
                 match hex::decode(&envelope) {
-                    Ok(bytes) => {
-                        if let Err(e) = driver.journal_mut().import(index, &bytes) {
-                            warn!(index, "journal mirror refused a record: {e}");
-                        }
-                    }
+                    Ok(bytes) => match driver.journal_mut().adopt(index, &bytes) {
+                        Ok(0) => {}
+                        Ok(dropped) => warn!(
+                            index,
+                            dropped, "journal: records never mirrored before a restart were replaced by the driving agent's"
+                        ),
+                        Err(e) => warn!(index, "journal mirror refused a record: {e}"),
+                    },
                     Err(e) => warn!("undecodable journal record from the peer: {e}"),
                 }
+                driver.publish();
             }
         },
         PeerEvent::Lost => {

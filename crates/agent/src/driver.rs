@@ -119,6 +119,8 @@ pub struct DriverView {
     pub instances: BTreeMap<InstanceId, Started>,
     pub progress: VecDeque<ProgressLine>,
     pub next_progress: u64,
+    /// The journal's next index.
+    pub journal_next_index: u64,
 }
 
 /// Shared view for the API.
@@ -379,8 +381,10 @@ impl Driver {
         Ok(())
     }
 
-    fn publish(&self) {
+    /// Publishes what the API shows.
+    pub fn publish(&self) {
         let mut v = self.view.lock().expect("view lock");
+        v.journal_next_index = self.journal.next_index();
         v.driving = self.engine.is_some();
         v.engine = self.engine.as_ref().map(|e| e.status());
         v.instances = self.instances.clone();
@@ -441,6 +445,17 @@ impl Driver {
             Input::PeerUp => {
                 let was_down = !self.peer_up;
                 self.peer_up = true;
+                if self.engine.is_some() {
+                    // A returning agent may hold an older history (it was restarted, or cut
+                    // off): the latest record, which holds the whole engine state, brings its
+                    // journal up to date even if nothing else happens.
+                    let last = self.journal.next_index().saturating_sub(1);
+                    if let Ok(batch) = self.journal.export_batch(last, 1) {
+                        for (i, env) in batch {
+                            self.apps.remote.mirror(i, env);
+                        }
+                    }
+                }
                 if self.engine.is_some() && was_down {
                     let peer = self.me.other();
                     let lost = !self

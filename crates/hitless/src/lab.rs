@@ -888,6 +888,7 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
     let mut injected = false;
     let mut timeline = Vec::new();
     let mut fault_error = None;
+    let mut restart: Option<std::thread::JoinHandle<String>> = None;
     let bound = match args.up.backend {
         Backend::Process => Duration::from_secs(300),
         Backend::Qemu => Duration::from_secs(1800),
@@ -923,13 +924,24 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
                             }
                             timeline.push(line);
                             if kind.starts_with("appliance-lost") {
-                                // The appliance comes back (empty) a moment later.
+                                // The agent is restarted a moment later, on the same
+                                // configuration and journal; it rejoins the pair.
                                 let i = usize::from(kind.ends_with("secondary"));
                                 let d = dir.clone();
-                                std::thread::spawn(move || {
+                                restart = Some(std::thread::spawn(move || {
                                     std::thread::sleep(Duration::from_millis(1500));
-                                    let _ = spawn_agent(&d, i);
-                                });
+                                    let at = issu_start.elapsed().as_secs_f64();
+                                    match spawn_agent(&d, i) {
+                                        Ok(pid) => format!(
+                                            "{at:>7.3} s  the {} agent restarted (pid {pid}) on its configuration and journal",
+                                            NAMES[i]
+                                        ),
+                                        Err(e) => format!(
+                                            "{at:>7.3} s  the {} agent could not be restarted: {e:#}",
+                                            NAMES[i]
+                                        ),
+                                    }
+                                }));
                             }
                         }
                         Err(e) => fault_error = Some(format!("{e:#}")),
@@ -939,6 +951,12 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         }
     });
     let issu_seconds = issu_start.elapsed().as_secs_f64();
+    if let Some(line) = restart.take().and_then(|t| t.join().ok()) {
+        if !args.json {
+            eprintln!("{line}");
+        }
+        timeline.push(line);
+    }
     checker.stats.measuring.store(false, Ordering::Release);
     let (peak_instances, guest_kernels) = sampler.finish();
     // Let the load run a moment on the final instance in control.

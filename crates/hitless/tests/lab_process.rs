@@ -94,42 +94,219 @@ fn seed_case_crash_of_the_new_active_in_the_mixed_window_fails_over_to_the_peer(
     assert!(r["acked_writes"].as_u64().unwrap() > 100);
 }
 
+/// Tears a kept lab down when dropped (also when the test fails).
+struct LabDown(PathBuf);
+
+impl Drop for LabDown {
+    fn drop(&mut self) {
+        let _ = Command::new(hitless())
+            .args(["lab", "down", "--dir"])
+            .arg(&self.0)
+            .output();
+    }
+}
+
+const PRIMARY_API: &str = "127.0.0.1:27701";
+const SECONDARY_API: &str = "127.0.0.1:27702";
+const SERVICE: &str = "127.0.0.1:26380";
+
+fn api_status(addr: &str) -> Option<Value> {
+    let (code, body) = try_http(addr, "GET", "/v1/status", "")?;
+    (code == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+/// Polls `f` every 100 ms until it holds or `secs` pass; returns whether it held.
+fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+/// One RESP command on `conn`; returns the reply's first line and, for a bulk reply, its data.
+fn resp(conn: &mut std::io::BufReader<std::net::TcpStream>, args: &[&str]) -> String {
+    use std::io::{BufRead, Read, Write};
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    conn.get_mut().write_all(req.as_bytes()).unwrap();
+    let mut line = String::new();
+    conn.read_line(&mut line).unwrap();
+    if let Some(n) = line.strip_prefix('$') {
+        let n: i64 = n.trim().parse().unwrap();
+        if n < 0 {
+            return "(nil)".into();
+        }
+        let mut data = vec![0u8; n as usize + 2];
+        conn.read_exact(&mut data).unwrap();
+        data.truncate(n as usize);
+        return String::from_utf8(data).unwrap();
+    }
+    line.trim_end().to_string()
+}
+
+fn in_control_appliance(status: &Value) -> Option<String> {
+    let e = &status["engine"];
+    let id = e["in_control"].as_u64()?;
+    e["instances"]
+        .as_array()?
+        .iter()
+        .find(|i| i["id"].as_u64() == Some(id))
+        .and_then(|i| i["appliance"].as_str().map(str::to_string))
+}
+
 #[test]
-fn losing_the_driving_agent_mid_issu_hands_the_journal_to_the_peer_which_finishes_it() {
+fn an_agent_killed_and_restarted_mid_issu_rejoins_and_its_journal_later_resumes_the_pair() {
     let _g = LAB.lock().unwrap_or_else(|e| e.into_inner());
     if skip_without_redis_tools() {
         return;
     }
-    // kill -9 of the primary agent (it drives, and its instances share its fate); the
-    // secondary agent restores the engine from its mirror of the journal and rolls back; the
-    // primary agent is restarted and rejoins.
+    // kill -9 of the driving (primary) agent mid-ISSU; the secondary finishes the ISSU from its
+    // mirror of the journal; the lab restarts the primary agent on its configuration and
+    // journal 1.5 s later, and keeps the pair up.
+    let dir = lab_dir("agent-restart");
     let r = lab_issu(
-        "agent-kill",
-        &["--fault", "appliance-lost-primary@primary-sync-new"],
+        "agent-restart",
+        &[
+            "--fault",
+            "appliance-lost-primary@primary-sync-new",
+            "--keep",
+        ],
     );
+    let _down = LabDown(dir.clone());
     assert_eq!(r["fault_injected"], true);
     assert_eq!(r["result"], "rolled_back");
+    assert_eq!(r["final_control"]["appliance"], "secondary");
     assert_eq!(r["final_control"]["version"], "1.0.0");
     assert_eq!(r["acked_lost"], 0);
+    assert!(
+        r["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("primary agent restarted")),
+        "the timeline shows the restart: {r}"
+    );
+
+    // 1. The restarted agent rejoined: it follows the secondary, holds the same journal
+    //    history, and the pair has an HA standby on it again.
+    let rejoined = wait_for(30, || {
+        let (Some(p), Some(s)) = (api_status(PRIMARY_API), api_status(SECONDARY_API)) else {
+            return false;
+        };
+        let ha_on_primary = s["engine"]["instances"].as_array().is_some_and(|v| {
+            v.iter().any(|i| {
+                i["appliance"] == "primary" && i["role"] == "ha-standby" && i["state"] == "ready"
+            })
+        });
+        p["driving"] == false
+            && s["driving"] == true
+            && p["journal_next_index"] == s["journal_next_index"]
+            && ha_on_primary
+    });
+    assert!(
+        rejoined,
+        "the restarted primary agent did not rejoin with the driver's journal and an HA standby\nprimary: {:?}\nsecondary: {:?}\nprimary log:\n{}",
+        api_status(PRIMARY_API),
+        api_status(SECONDARY_API),
+        tail(&dir.join("primary.log"))
+    );
+    let epoch_before = api_status(SECONDARY_API).unwrap()["engine"]["epoch"]
+        .as_u64()
+        .unwrap();
+
+    // 2. Acknowledged writes, then the driving agent (the secondary) is lost.
+    let stream = std::net::TcpStream::connect(SERVICE).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut conn = std::io::BufReader::new(stream);
+    for i in 0..300 {
+        assert_eq!(
+            resp(
+                &mut conn,
+                &["SET", &format!("restart:{i}"), &format!("v{i}")]
+            ),
+            "+OK"
+        );
+    }
+    let keys_before: u64 = resp(&mut conn, &["DBSIZE"])
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    drop(conn);
+    let pid = std::fs::read_to_string(dir.join("secondary.pid")).unwrap();
+    let killed = Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill -9 of the secondary agent {pid}");
+
+    // 3. The restarted agent resumes the pair from its journal: it drives, at a higher epoch,
+    //    with control on its own appliance, and every acknowledged write is there.
+    let resumed = wait_for(15, || {
+        api_status(PRIMARY_API).is_some_and(|p| {
+            p["driving"] == true
+                && in_control_appliance(&p).as_deref() == Some("primary")
+                && p["engine"]["epoch"].as_u64().unwrap_or(0) > epoch_before
+        })
+    });
+    assert!(
+        resumed,
+        "the restarted agent did not take over from its journal\nprimary: {:?}\nprimary log:\n{}",
+        api_status(PRIMARY_API),
+        tail(&dir.join("primary.log"))
+    );
+    let stream = std::net::TcpStream::connect(SERVICE).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut conn = std::io::BufReader::new(stream);
+    for i in 0..300 {
+        assert_eq!(
+            resp(&mut conn, &["GET", &format!("restart:{i}")]),
+            format!("v{i}"),
+            "acknowledged write restart:{i} after the takeover"
+        );
+    }
+    let keys_after: u64 = resp(&mut conn, &["DBSIZE"])
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    assert!(
+        keys_after >= keys_before,
+        "keys before the takeover {keys_before}, after {keys_after}"
+    );
 }
 
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    try_http(addr, method, path, body).expect("a request to the agent API")
+}
+
+fn try_http(addr: &str, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the agent API");
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(req.as_bytes()).ok()?;
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    s.read_to_string(&mut out).ok()?;
     let code = out
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (code, body)
+    Some((code, body))
 }
 
 #[test]

@@ -961,6 +961,64 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         }
         self.commit_record(index, envelope_bytes)
     }
+    /// Like [`Journal::import`], for a record from the peer whose history wins (the agent
+    /// that drives the pair): a record this journal holds at `index` with *different* bytes,
+    /// and every record after it, are replaced by the peer's record, in one durable
+    /// transaction. This is how an agent that wrote a record and died before mirroring it
+    /// rejoins: the peer drove on from the record before and its history is the pair's.
+    /// Returns how many records of this journal were dropped (0 when it was an ordinary
+    /// import).
+    ///
+    /// # Errors
+    /// A bad envelope, a body that is not a `T`, an index this journal compacted away, or a
+    /// storage failure; nothing changes then.
+    pub fn adopt(&mut self, index: u64, envelope_bytes: &[u8]) -> Result<u64> {
+        match self.import(index, envelope_bytes) {
+            Ok(()) => return Ok(0),
+            Err(JournalError::ImportRefused { reason, .. })
+                if reason.starts_with("this journal already holds a different record") => {}
+            Err(e) => return Err(e),
+        }
+        let path = &self.path;
+        let next = index
+            .checked_add(1)
+            .ok_or_else(|| JournalError::ImportRefused {
+                path: path.clone(),
+                index,
+                reason: "the index space is exhausted".into(),
+            })?;
+        let txn = immediate_write(&self.db, path)?;
+        let dropped;
+        {
+            let mut records = txn
+                .open_table(RECORDS)
+                .map_err(|e| db_err(path, "open record table", e))?;
+            let before = records
+                .len()
+                .map_err(|e| db_err(path, "count records", e))?;
+            records
+                .retain_in(index.., |_, _| false)
+                .map_err(|e| db_err(path, "remove records", e))?;
+            let after = records
+                .len()
+                .map_err(|e| db_err(path, "count records", e))?;
+            dropped = before - after;
+            records
+                .insert(index, envelope_bytes)
+                .map_err(|e| db_err(path, "insert record", e))?;
+            let mut system = txn
+                .open_table(SYSTEM)
+                .map_err(|e| db_err(path, "open system table", e))?;
+            system
+                .insert(KEY_NEXT_INDEX, next.to_le_bytes().as_slice())
+                .map_err(|e| db_err(path, "set next index", e))?;
+        }
+        txn.commit()
+            .map_err(|e| db_err(path, "commit adopted record", e))?;
+        self.next_index = next;
+        tracing::debug!(path = %path.display(), index, dropped, "journal: adopted the peer's record");
+        Ok(dropped)
+    }
 }
 
 #[cfg(test)]
@@ -1125,5 +1183,40 @@ mod tests {
         let err = b.import(*i2, e1).unwrap_err();
         assert!(err.to_string().contains("different record"), "{err}");
         assert_eq!(b.entries().unwrap(), vec![(2, rec(1))]);
+    }
+
+    #[test]
+    fn adopt_replaces_a_divergent_suffix_with_the_peers_history() {
+        let dir = tempfile::tempdir().unwrap();
+        // a wrote records 1..=3 and died having mirrored only 1..=2 to b, which drove on.
+        let mut a = Journal::<Rec>::open(dir.path().join("a")).unwrap();
+        let mut b = Journal::<Rec>::open(dir.path().join("b")).unwrap();
+        for i in 0..3 {
+            a.append(&rec(i)).unwrap();
+        }
+        for (i, env) in a.export_batch(0, 2).unwrap() {
+            b.import(i, &env).unwrap();
+        }
+        b.append(&rec(30)).unwrap();
+        b.append(&rec(40)).unwrap();
+        let theirs = b.export_since(3).unwrap();
+        // An ordinary import refuses the conflict and changes nothing.
+        assert!(a.import(theirs[0].0, &theirs[0].1).is_err());
+        assert_eq!(a.next_index(), 4);
+        // Adopting replaces a's record 3 with b's, then goes on as imports.
+        assert_eq!(a.adopt(theirs[0].0, &theirs[0].1).unwrap(), 1);
+        assert_eq!(a.adopt(theirs[1].0, &theirs[1].1).unwrap(), 0);
+        assert_eq!(a.entries().unwrap(), b.entries().unwrap());
+        assert_eq!(a.next_index(), b.next_index());
+        // Identical records are no-ops; bad envelopes are still refused, changing nothing.
+        assert_eq!(a.adopt(theirs[1].0, &theirs[1].1).unwrap(), 0);
+        let mut bad = theirs[1].1.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(a.adopt(3, &bad).is_err());
+        assert_eq!(a.entries().unwrap(), b.entries().unwrap());
+        // The replacement survives reopening.
+        drop(a);
+        let a = Journal::<Rec>::open(dir.path().join("a")).unwrap();
+        assert_eq!(a.entries().unwrap(), b.entries().unwrap());
     }
 }
