@@ -719,11 +719,18 @@ impl Engine {
                 _ => {}
             }
         }
-        let pending = self
-            .st
-            .pending
-            .as_ref()
-            .filter(|p| self.inst(p.to).is_some_and(|t| t.state.is_up()));
+        // A planned switch is retried only while its target is still a ready standby (one
+        // that fell out of sync meanwhile would lack acknowledged writes); a failover only
+        // while its target is up.
+        let pending = self.st.pending.as_ref().filter(|p| {
+            self.inst(p.to).is_some_and(|t| {
+                if p.planned {
+                    t.is_ready_standby()
+                } else {
+                    t.state.is_up()
+                }
+            })
+        });
         if let Some(p) = pending {
             match (p.planned, p.from) {
                 (true, Some(from)) => out.push(Command::SwitchControl {
@@ -1350,6 +1357,27 @@ impl Engine {
             return;
         };
         if p.to != to || p.epoch != epoch {
+            if epoch > self.st.pair.epoch && epoch < p.epoch && self.inst(to).is_some() {
+                // A superseded control change that completed anyway (its cancellation could
+                // not reach the appliance): control did move. Record the fact; the pending
+                // change at the higher epoch fences it when it completes.
+                let old = self.st.pair.in_control;
+                self.st.pair.epoch = epoch;
+                self.st.pair.in_control = Some(to);
+                if let Some(i) = self.inst_mut(to) {
+                    i.role = Role::InControl;
+                    if i.state.is_up() {
+                        i.state = InstanceState::Running;
+                    }
+                }
+                if let Some(i) = old.filter(|o| *o != to).and_then(|o| self.inst_mut(o)) {
+                    if i.role == Role::InControl {
+                        i.role = Role::Spare;
+                    }
+                }
+                let version = self.inst(to).map(|i| i.version()).expect("exists");
+                out.push(report(Report::ControlMoved { to, epoch, version }));
+            }
             return;
         }
         self.st.pending = None;

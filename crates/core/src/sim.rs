@@ -338,6 +338,12 @@ const BULK_DELAY: u64 = 4;
 const SWITCH_DELAY: u64 = 2;
 const DOWN_TICKS: u64 = 15;
 const ASYNC_RATE: u64 = 2;
+/// Ticks an instance in control keeps acknowledgements back after its synchronous HA standby
+/// drops out, before it acknowledges alone (degraded): longer than the control plane takes to
+/// detect a lost instance and fail over, so a failover decided in that window (possibly
+/// before the engine learned the standby dropped) never promotes a standby that misses an
+/// acknowledged write. The replication library's `ha_grace` is the real counterpart.
+pub const HA_GRACE: u64 = 6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WStatus {
@@ -390,6 +396,11 @@ struct World {
     epoch: u64,
     acked: u64,
     acked_lost: u64,
+    /// The in-sync HA standbys of the instance in control at the last look.
+    ha_set: Vec<InstanceId>,
+    /// HA standbys that dropped out, and when: acknowledgements wait for them for
+    /// [`HA_GRACE`] (they might be promoted by a failover decided meanwhile).
+    ha_dropped: BTreeMap<InstanceId, u64>,
     queue: Vec<(u64, u64, Action)>,
     seq: u64,
     rng: u64,
@@ -441,7 +452,14 @@ impl World {
 
     /// The synchronous standby currently fed by the instance in control.
     fn ha_standby(&self) -> Option<InstanceId> {
-        let c = self.control?;
+        self.ha_standbys().first().copied()
+    }
+
+    /// Every synchronous standby currently fed by the instance in control.
+    fn ha_standbys(&self) -> Vec<InstanceId> {
+        let Some(c) = self.control else {
+            return Vec::new();
+        };
         self.insts
             .iter()
             .filter(|(_, i)| {
@@ -451,7 +469,25 @@ impl World {
                         .is_some_and(|f| f.active == c && f.designated && f.synced)
             })
             .map(|(id, _)| *id)
-            .next()
+            .collect()
+    }
+
+    /// Notes that the instance in control has an in-sync HA standby (from then on, it
+    /// acknowledges alone only after [`HA_GRACE`]).
+    fn note_ha(&mut self) {
+        let now_set = self.ha_standbys();
+        for id in &self.ha_set {
+            if !now_set.contains(id) {
+                self.ha_dropped.insert(*id, self.now);
+            }
+        }
+        for id in &now_set {
+            // Back in sync: it holds every write again.
+            self.ha_dropped.remove(id);
+        }
+        let now = self.now;
+        self.ha_dropped.retain(|_, t| now < *t + HA_GRACE);
+        self.ha_set = now_set;
     }
 
     /// One client write per tick; replication.
@@ -477,13 +513,25 @@ impl World {
                 }
             }
         }
-        if writable {
-            // Synchronous standbys applied it: acknowledged.
-            self.acked = self.acked.max(head);
+        if !writable {
+            return;
         }
+        // Synchronous standbys applied it: acknowledged. Without one, the write is held for
+        // the grace (it stays applied locally, and is acknowledged when the grace ends),
+        // unless this instance never had an HA standby in control (after a failover).
+        self.note_ha();
+        if !self.ha_dropped.is_empty() {
+            return;
+        }
+        self.acked = self.acked.max(head);
     }
 
     fn execute(&mut self, cmd: &Command, step: Option<Step>) {
+        self.execute_inner(cmd, step);
+        self.note_ha();
+    }
+
+    fn execute_inner(&mut self, cmd: &Command, step: Option<Step>) {
         if matches!(cmd, Command::Report { .. }) {
             return;
         }
@@ -746,6 +794,8 @@ impl World {
                 });
                 self.control = Some(to);
                 self.epoch = epoch.0;
+                self.ha_set.clear();
+                self.ha_dropped.clear();
                 out.push(Event::ControlSwitched { to, epoch });
             }
             Action::Failover { to, epoch } => {
@@ -774,6 +824,8 @@ impl World {
                 self.insts.get_mut(&to).expect("exists").feed = None;
                 self.control = Some(to);
                 self.epoch = epoch.0;
+                self.ha_set.clear();
+                self.ha_dropped.clear();
                 out.push(Event::ControlSwitched { to, epoch });
             }
             Action::Stop(id) => {
@@ -971,6 +1023,8 @@ pub fn run_with(opts: &SimOptions) -> SimReport {
         epoch: 1,
         acked: 0,
         acked_lost: 0,
+        ha_set: Vec::new(),
+        ha_dropped: BTreeMap::new(),
         queue: Vec::new(),
         seq: 0,
         rng: opts.seed,
@@ -1089,6 +1143,7 @@ pub fn run_with(opts: &SimOptions) -> SimReport {
             let (_, _, action) = sim.world.queue.swap_remove(idx);
             let mut events = Vec::new();
             sim.world.run_action(action, &mut events);
+            sim.world.note_ha();
             for e in events {
                 sim.feed(e);
             }

@@ -4,13 +4,12 @@
 
 use hitless_core::sim::{self, FaultKind, ScheduledFault, SimOptions, Trigger};
 
-/// Known defect, kept as a named reproduction: the simulated instance in control goes on
-/// acknowledging alone once its HA standby falls out of sync, while a failover to that standby
-/// (after the heartbeat loss) is already under way, so the promoted standby misses the last
-/// acknowledged write. The fix is for an active to stop acknowledging when its designated HA
-/// standby drops out, until the engine designates another or declares it degraded.
+/// The instance in control used to go on acknowledging alone as soon as its HA standby fell
+/// out of sync, while a failover to that standby (after the heartbeat loss) was already under
+/// way, so the promoted standby missed the last acknowledged write. An instance in control now
+/// keeps acknowledgements back for a grace (`sim::HA_GRACE`, `ha_grace` in the replication
+/// library) after an HA standby drops out.
 #[test]
-#[ignore = "known defect: an active acknowledging alone during a pending failover (see the doc comment)"]
 fn rollback_then_heartbeat_loss_then_out_of_sync_loses_nothing() {
     let opts = SimOptions {
         seed: 12410733721220776452,
