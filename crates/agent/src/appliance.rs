@@ -112,6 +112,47 @@ pub enum Observation {
         reason: String,
         expected: bool,
     },
+    /// A running instance stopped answering health probes on its control channel (hung or
+    /// frozen: its process is still there). Reported once per episode.
+    Unresponsive {
+        instance: InstanceId,
+        detail: String,
+    },
+}
+
+/// How an appliance probes the health of its instances over their control channels.
+#[derive(Clone, Copy, Debug)]
+pub struct HealthProbe {
+    /// Time between probes.
+    pub interval: Duration,
+    /// Bound on one probe's answer.
+    pub timeout: Duration,
+    /// Consecutive failed probes that make an instance unresponsive.
+    pub misses: u32,
+}
+
+impl HealthProbe {
+    /// Bounds for a backend: processes answer in microseconds; software-emulated guests can
+    /// stall for seconds under load.
+    pub fn for_backend(backend: BackendKind) -> Self {
+        match backend {
+            BackendKind::Process => HealthProbe {
+                interval: Duration::from_millis(100),
+                timeout: Duration::from_millis(250),
+                misses: 3,
+            },
+            BackendKind::Qemu => HealthProbe {
+                interval: Duration::from_millis(500),
+                timeout: Duration::from_secs(3),
+                misses: 3,
+            },
+        }
+    }
+
+    /// Longest silence before an instance is reported unresponsive.
+    pub fn bound(&self) -> Duration {
+        (self.interval + self.timeout) * self.misses
+    }
 }
 
 struct Local {
@@ -119,6 +160,8 @@ struct Local {
     handle: Mutex<Box<dyn InstanceHandle>>,
     control: Mutex<ControlClient<std::os::unix::net::UnixStream>>,
     stopping: AtomicBool,
+    /// Reported unresponsive by the health probes (and not answering since).
+    unresponsive: AtomicBool,
 }
 
 /// This appliance.
@@ -137,6 +180,8 @@ pub struct Appliance {
 
 /// Bound of one control request.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on delivering a fence over an instance's control channel.
+const FENCE_TIMEOUT: Duration = Duration::from_millis(250);
 
 impl Appliance {
     /// The local appliance.
@@ -161,6 +206,17 @@ impl Appliance {
         })
     }
 
+    /// The HA grace given to instances (see [`crate::config::InstanceConfig::ha_grace_ms`]).
+    pub fn ha_grace_ms(&self) -> u64 {
+        self.config
+            .instances
+            .ha_grace_ms
+            .unwrap_or(match self.config.backend {
+                BackendKind::Process => 1000,
+                BackendKind::Qemu => 5000,
+            })
+    }
+
     /// This appliance's id.
     pub fn id(&self) -> ApplianceId {
         self.me
@@ -181,10 +237,17 @@ impl Appliance {
                     .map_err(|e| format!("start task failed: {e}"))?
             }
             Op::Control { instance, command } => {
+                // Fencing is best effort (the epoch fences regardless) and usually aimed at an
+                // instance that failed: it must not hold up what follows it.
+                let timeout = if matches!(command, AgentCommand::Fence { .. }) {
+                    FENCE_TIMEOUT
+                } else {
+                    CONTROL_TIMEOUT
+                };
                 let local = self.get(instance)?;
                 tokio::task::spawn_blocking(move || {
                     let mut c = local.control.lock().expect("control lock");
-                    match c.request(command, CONTROL_TIMEOUT) {
+                    match c.request(command, timeout) {
                         Ok(_) => Ok(OpOk::Done),
                         Err(e) => Err(format!("instance {instance}: {e}")),
                     }
@@ -205,7 +268,11 @@ impl Appliance {
                 .map_err(|e| format!("status task failed: {e}"))?
             }
             Op::Stop { instance } | Op::Kill { instance } => {
-                let kill = matches!(op, Op::Kill { .. });
+                // A hung instance cannot stop gracefully: it is killed at once.
+                let kill = matches!(op, Op::Kill { .. })
+                    || self
+                        .get(instance)
+                        .is_ok_and(|l| l.unresponsive.load(Ordering::Acquire));
                 let Ok(local) = self.get(instance) else {
                     // Unknown or already gone: stopping is idempotent.
                     return Ok(OpOk::Stopped {
@@ -398,6 +465,8 @@ impl Appliance {
                     format!("{loopback}:{sync_port}"),
                     "--control-listen".into(),
                     control_socket.display().to_string(),
+                    "--ha-grace-ms".into(),
+                    self.ha_grace_ms().to_string(),
                 ];
                 (
                     Payload::Process(ProcessPayload {
@@ -421,7 +490,8 @@ impl Appliance {
                 // which kvd reads for what differs per instance. The control channel is the
                 // guest's second serial port (the QEMU backend's default).
                 let cmdline = format!(
-                    "{base} quiet hitless.instance={id} hitless.service=0.0.0.0:{GUEST_SERVICE_PORT} hitless.sync=0.0.0.0:{GUEST_SYNC_PORT} hitless.control_device=/dev/{GUEST_CONTROL_DEVICE}"
+                    "{base} quiet hitless.instance={id} hitless.service=0.0.0.0:{GUEST_SERVICE_PORT} hitless.sync=0.0.0.0:{GUEST_SYNC_PORT} hitless.control_device=/dev/{GUEST_CONTROL_DEVICE} hitless.ha_grace_ms={}",
+                    self.ha_grace_ms()
                 );
                 (
                     Payload::Vm(VmPayload {
@@ -498,18 +568,22 @@ impl Appliance {
             handle: Mutex::new(handle),
             control: Mutex::new(control),
             stopping: AtomicBool::new(false),
+            unresponsive: AtomicBool::new(false),
         });
         self.instances
             .lock()
             .expect("instances lock")
             .insert(id, local.clone());
-        // Watch for the instance's end; every wait is bounded and the loop ends with it.
+        // Watch for the instance's end and probe its health; every wait is bounded and the
+        // loop ends with the instance.
         let me = Arc::downgrade(self);
         let tx = self.observations.clone();
+        let probe = HealthProbe::for_backend(self.config.backend);
+        let mut health = Health::default();
         std::thread::Builder::new()
             .name(format!("exit-{id}"))
             .spawn(move || loop {
-                if let Some(exit) = watch.wait_timeout(Duration::from_millis(500)) {
+                if let Some(exit) = watch.wait_timeout(probe.interval) {
                     let expected = local.stopping.load(Ordering::Acquire);
                     if let Some(me) = me.upgrade() {
                         me.forget(id);
@@ -527,9 +601,78 @@ impl Appliance {
                 if me.strong_count() == 0 {
                     return;
                 }
+                if local.stopping.load(Ordering::Acquire) {
+                    continue;
+                }
+                let report = health.probe(&local, &probe);
+                local.unresponsive.store(health.reported, Ordering::Release);
+                if let Some(detail) = report {
+                    warn!(instance = %id, %detail, "instance unresponsive");
+                    let _ = tx.blocking_send(Observation::Unresponsive {
+                        instance: id,
+                        detail,
+                    });
+                }
             })
             .map_err(|e| format!("cannot spawn the exit watcher: {e}"))?;
         Ok(OpOk::Started(Box::new(started)))
+    }
+}
+
+/// Health probing state of one instance.
+#[derive(Default)]
+struct Health {
+    misses: u32,
+    /// Since when the control channel has been busy with other requests.
+    busy_since: Option<Instant>,
+    reported: bool,
+}
+
+impl Health {
+    /// One probe; returns what to report when the instance just became unresponsive.
+    fn probe(&mut self, local: &Local, probe: &HealthProbe) -> Option<String> {
+        let failure = match local.control.try_lock() {
+            Ok(mut c) => {
+                self.busy_since = None;
+                match c.status(probe.timeout) {
+                    Ok(_) => None,
+                    Err(e) => Some(e.to_string()),
+                }
+            }
+            // Another request holds the channel: it is the probe, as long as it is quick
+            // (until then this probe tells nothing).
+            Err(_) => {
+                let since = *self.busy_since.get_or_insert_with(Instant::now);
+                if since.elapsed() <= probe.interval + probe.timeout {
+                    return None;
+                }
+                Some(format!(
+                    "a control request has been unanswered for {} ms",
+                    since.elapsed().as_millis()
+                ))
+            }
+        };
+        match failure {
+            None => {
+                if self.reported {
+                    info!("instance answers its health probes again");
+                }
+                *self = Health::default();
+                None
+            }
+            Some(e) => {
+                self.misses += 1;
+                if self.misses >= probe.misses && !self.reported {
+                    self.reported = true;
+                    Some(format!(
+                        "{} health probes in a row failed (last: {e})",
+                        self.misses
+                    ))
+                } else {
+                    None
+                }
+            }
+        }
     }
 }
 

@@ -100,6 +100,12 @@ pub struct InstanceConfig {
     pub vcpus: u32,
     /// Grace period of a stop before the instance is killed, in milliseconds.
     pub stop_grace_ms: u64,
+    /// After the designated HA standby of the instance in control drops out, how long that
+    /// instance holds acknowledgements before it gives them without the standby (degraded),
+    /// in milliseconds: a failover decided meanwhile may be promoting that standby. Longer
+    /// than detecting a lost instance or appliance and failing over. Default: 1000 with the
+    /// process backend, 5000 with QEMU (emulated guests react slower).
+    pub ha_grace_ms: Option<u64>,
 }
 
 impl Default for InstanceConfig {
@@ -110,6 +116,7 @@ impl Default for InstanceConfig {
             cpu_percent: 100,
             vcpus: 1,
             stop_grace_ms: 3000,
+            ha_grace_ms: None,
         }
     }
 }

@@ -429,6 +429,10 @@ impl Driver {
                     self.feed(Event::InstanceFailed { instance, reason })
                 }
             }
+            Input::Observation(_, Observation::Unresponsive { instance, detail }) => {
+                warn!(%instance, %detail, "instance unresponsive: its heartbeat is lost");
+                self.feed(Event::HeartbeatLost { instance })
+            }
             Input::PeerLost => {
                 self.peer_up = false;
                 let peer = self.me.other();

@@ -94,6 +94,10 @@ pub struct Args {
     /// Most simultaneous client connections.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// After the designated HA standby drops out, how long acknowledgements are held before
+    /// they are given without it (degraded), in milliseconds; 0 gives them at once.
+    #[arg(long, env = "HITLESS_HA_GRACE_MS", default_value_t = 1000)]
+    pub ha_grace_ms: u64,
 }
 
 /// Failure to start kvd.
@@ -173,6 +177,7 @@ pub fn run_with(version: SchemaVersion, args: Args) -> Result<(), StartError> {
         },
     };
     rc.ack_timeout = Duration::from_millis(args.ack_timeout_ms);
+    rc.ha_grace = Duration::from_millis(args.ha_grace_ms);
     let replica = Replica::new(version.schema(), rc);
     let _sync_handle = replica.serve(sync).map_err(|source| StartError::Start {
         what: "state sync",

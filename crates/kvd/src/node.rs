@@ -145,7 +145,19 @@ impl Node {
         if f.handle.is_some() || f.next_attempt.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        match self.db.replica().follow_tcp(addr.as_str(), ha) {
+        // Attach without holding the lock: the handshake may wait on an active that hangs,
+        // and the control plane must be able to re-point this standby meanwhile.
+        drop(f);
+        let attached = self.db.replica().follow_tcp(addr.as_str(), ha);
+        let mut f = lock(&self.follow);
+        if f.target.as_ref() != Some(&(addr.clone(), ha)) || f.handle.is_some() {
+            // Re-pointed (or stopped) while attaching: this link is not wanted any more.
+            if let Ok(h) = attached {
+                h.leave();
+            }
+            return;
+        }
+        match attached {
             Ok(h) => {
                 tracing::info!(active = %addr, ha, "following the active");
                 f.handle = Some(h);
@@ -166,7 +178,8 @@ impl Node {
             return;
         }
         if let Some(h) = f.handle.take() {
-            h.stop();
+            // The control plane re-points or stops this standby: a planned detach.
+            h.leave();
         }
         f.target = target;
         f.next_attempt = None;

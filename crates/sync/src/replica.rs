@@ -67,6 +67,14 @@ pub struct ReplicaConfig {
     pub resume_log_bytes: usize,
     /// Most batches kept in the resume log (0 disables resuming).
     pub resume_log_batches: usize,
+    /// Synchronous mode: after a designated HA standby that was in sync drops out, the
+    /// acknowledgements of the batches it lacks are held this long (unless it comes back in
+    /// sync first), and only then given without it (degraded). The control plane may be
+    /// promoting that very standby after losing this instance (a failover decided before it
+    /// learned the standby dropped); make this longer than it takes to detect a lost instance
+    /// and fail over. Zero acknowledges without it at once. Adjustable at run time with
+    /// [`Replica::set_ha_grace`].
+    pub ha_grace: Duration,
 }
 
 impl ReplicaConfig {
@@ -87,6 +95,7 @@ impl ReplicaConfig {
             ack_spin: Duration::from_micros(50),
             resume_log_bytes: 64 << 20,
             resume_log_batches: 1 << 16,
+            ha_grace: Duration::ZERO,
         }
     }
 }
@@ -224,6 +233,8 @@ struct Inner {
     /// Bumped (under the state lock) whenever a standby acknowledgement is
     /// recorded: what a spinning `apply` watches.
     acks: AtomicU64,
+    /// [`ReplicaConfig::ha_grace`] in microseconds, adjustable at run time.
+    ha_grace_us: AtomicU64,
     callbacks: Mutex<Vec<RoleCallback>>,
 }
 
@@ -247,6 +258,9 @@ struct State {
     resumes_sent: u64,
     snapshots_received: u64,
     resumes_received: u64,
+    /// Designated HA standbys (by node) that dropped out while in sync, and when: see
+    /// [`ReplicaConfig::ha_grace`].
+    ha_dropped: Vec<(String, Instant)>,
 }
 
 /// Liveness shared by both ends of a link.
@@ -478,6 +492,16 @@ impl FollowHandle {
     /// True once the link ended (error, stop, promotion or fencing).
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Tells the active this standby detaches on purpose ([`FrameType::Leave`]: it is not
+    /// a lost HA standby, see [`ReplicaConfig::ha_grace`]), then closes the link and waits
+    /// for it to end. Use it when the control plane stops or re-points the standby.
+    pub fn leave(self) {
+        let _ = self
+            .link
+            .send(&wire::encode_frame(FrameType::Leave, 0, 0, &[]));
+        self.stop();
     }
 
     /// Closes the link and waits for it to end.
@@ -762,6 +786,7 @@ impl Replica {
             store.track(&schema, v);
         }
         let log = ResumeLog::new(config.resume_log_bytes, config.resume_log_batches);
+        let ha_grace_us = config.ha_grace.as_micros().min(u64::MAX as u128) as u64;
         Replica {
             inner: Arc::new(Inner {
                 schema,
@@ -783,10 +808,12 @@ impl Replica {
                     resumes_sent: 0,
                     snapshots_received: 0,
                     resumes_received: 0,
+                    ha_dropped: Vec::new(),
                 }),
                 cond: Condvar::new(),
                 next_id: AtomicU64::new(1),
                 acks: AtomicU64::new(0),
+                ha_grace_us: AtomicU64::new(ha_grace_us),
                 callbacks: Mutex::new(Vec::new()),
             }),
         }
@@ -835,6 +862,7 @@ impl Replica {
         for l in st.links.drain(..) {
             l.link.core.close();
         }
+        st.ha_dropped.clear();
         st.role = Role::Active;
         st.epoch = epoch;
         st.quiesced = false;
@@ -1143,8 +1171,27 @@ impl Replica {
                 .iter()
                 .filter(|l| l.link.ha && l.in_sync && !l.link.core.is_closed())
                 .all(|l| l.acked >= token.seq);
-            if done {
+            let held_until = self.ha_hold(&mut st);
+            if done && held_until.is_none() {
                 return Ok(());
+            }
+            if let (true, Some(until)) = (done, held_until) {
+                // Only the grace of a dropped HA standby holds this acknowledgement.
+                let now = Instant::now();
+                let wake = until.min(deadline);
+                if now >= deadline {
+                    return Err(SyncError::Timeout(
+                        self.inner.config.ack_timeout,
+                        "a dropped HA standby's grace",
+                    ));
+                }
+                st = self
+                    .inner
+                    .cond
+                    .wait_timeout(st, wake.saturating_duration_since(now))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
             }
             // Spin (bounded) while acknowledgements may be a few microseconds
             // away; every decision is still taken under the lock above.
@@ -1162,6 +1209,49 @@ impl Replica {
             }
             st = self.wait_until(st, deadline, "standby acknowledgements")?;
         }
+    }
+
+    /// The current [`ReplicaConfig::ha_grace`].
+    pub fn ha_grace(&self) -> Duration {
+        Duration::from_micros(self.inner.ha_grace_us.load(Ordering::Acquire))
+    }
+
+    /// Changes [`ReplicaConfig::ha_grace`] (waiting acknowledgements see it at once).
+    pub fn set_ha_grace(&self, grace: Duration) {
+        self.inner.ha_grace_us.store(
+            grace.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Release,
+        );
+        self.inner.cond.notify_all();
+    }
+
+    /// Notes designated HA standbys that dropped out (closed links not yet removed
+    /// included), forgets those past the grace, and returns until when acknowledgements are
+    /// held for the others (`None`: not held).
+    fn ha_hold(&self, st: &mut State) -> Option<Instant> {
+        let grace = self.ha_grace();
+        if grace.is_zero() {
+            st.ha_dropped.clear();
+            return None;
+        }
+        let closed: Vec<String> = st
+            .links
+            .iter()
+            .filter(|l| l.link.ha && l.in_sync && l.link.core.is_closed())
+            .map(|l| l.link.node.clone())
+            .collect();
+        for node in closed {
+            note_ha_dropped(&mut st.ha_dropped, &node);
+        }
+        let now = Instant::now();
+        st.ha_dropped.retain(|(node, at)| {
+            let keep = now < *at + grace;
+            if !keep {
+                warn!(standby = %node, ?grace, "HA standby still out after the grace: acknowledging without it (degraded)");
+            }
+            keep
+        });
+        st.ha_dropped.iter().map(|(_, at)| *at + grace).max()
     }
 
     /// The value at `key` in `table` (any role).
@@ -1428,6 +1518,9 @@ impl Replica {
         let mut st = self.state();
         if let Some(pos) = st.links.iter().position(|l| l.link.id == id) {
             let l = st.links.remove(pos);
+            if l.link.ha && l.in_sync {
+                note_ha_dropped(&mut st.ha_dropped, &l.link.node);
+            }
             info!(standby = %l.link.node, error = ?err, "standby detached");
             if err.is_some() {
                 st.last_error = err;
@@ -1636,6 +1729,7 @@ impl Replica {
                 FrameType::Ack | FrameType::Heartbeat => {
                     let mut st = self.state();
                     let seq_now = st.seq;
+                    let mut back_in_sync = None;
                     if let Some(l) = st.links.iter_mut().find(|l| l.link.id == link.id) {
                         if f.seq > seq_now {
                             return Err(SyncError::Protocol(format!(
@@ -1648,7 +1742,13 @@ impl Replica {
                         }
                         if l.bulk_done && !l.in_sync && l.acked >= l.snap_seq {
                             l.in_sync = true;
+                            if l.link.ha {
+                                back_in_sync = Some(l.link.node.clone());
+                            }
                         }
+                    }
+                    if let Some(node) = back_in_sync {
+                        st.ha_dropped.retain(|(n, _)| *n != node);
                     }
                     self.inner.acks.fetch_add(1, Ordering::Release);
                     drop(st);
@@ -1659,14 +1759,21 @@ impl Replica {
                         unreachable!()
                     };
                     let mut st = self.state();
+                    let mut back_in_sync = None;
                     if let Some(l) = st.links.iter_mut().find(|l| l.link.id == link.id) {
                         if seq == l.snap_seq && !l.bulk_done {
                             l.bulk_done = true;
                             l.acked = l.acked.max(seq);
                             l.in_sync = true;
+                            if l.link.ha {
+                                back_in_sync = Some(l.link.node.clone());
+                            }
                         }
                         l.digest_matched = matched;
                         l.digest_seq = seq;
+                    }
+                    if let Some(node) = back_in_sync {
+                        st.ha_dropped.retain(|(n, _)| *n != node);
                     }
                     self.inner.acks.fetch_add(1, Ordering::Release);
                     drop(st);
@@ -1690,6 +1797,17 @@ impl Replica {
                         _ => unreachable!(),
                     };
                     return Err(SyncError::Refused(reason));
+                }
+                FrameType::Leave => {
+                    // Detached on purpose: it stops counting at once, without a grace.
+                    let mut st = self.state();
+                    if let Some(l) = st.links.iter_mut().find(|l| l.link.id == link.id) {
+                        l.in_sync = false;
+                    }
+                    drop(st);
+                    self.inner.cond.notify_all();
+                    info!(standby = %link.node, "standby left");
+                    return Ok(());
                 }
                 k => {
                     return Err(SyncError::Protocol(format!(
@@ -2786,6 +2904,14 @@ struct Incoming<'a> {
 impl Incoming<'_> {
     fn control(&self) -> Result<Control, SyncError> {
         Ok(Control::decode_payload(self.kind, self.payload)?)
+    }
+}
+
+/// Records that the in-sync designated HA standby `node` dropped out now (once).
+fn note_ha_dropped(dropped: &mut Vec<(String, Instant)>, node: &str) {
+    if !dropped.iter().any(|(n, _)| n == node) {
+        warn!(standby = %node, "designated HA standby dropped out: acknowledgements wait for its grace");
+        dropped.push((node.to_string(), Instant::now()));
     }
 }
 

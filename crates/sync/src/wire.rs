@@ -91,6 +91,10 @@ pub enum FrameType {
     /// Active -> standby: resume complete, with the digest at its sequence
     /// ([`Control::ResumeEnd`]).
     ResumeEnd = 17,
+    /// Standby -> active: the standby detaches on purpose (its control plane stopped or
+    /// re-pointed it), so the active need not hold acknowledgements for it as for a lost HA
+    /// standby. No payload; header epoch and seq are unused (0).
+    Leave = 18,
 }
 
 impl FrameType {
@@ -115,6 +119,7 @@ impl FrameType {
             15 => ResumeBegin,
             16 => ReplayBatch,
             17 => ResumeEnd,
+            18 => Leave,
             _ => return None,
         })
     }

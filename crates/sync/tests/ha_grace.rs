@@ -1,0 +1,135 @@
+//! After a designated HA standby drops out, the active holds the acknowledgements it would
+//! have waited for, for `ha_grace`: a failover the control plane decided meanwhile may be
+//! promoting that very standby.
+mod common;
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hitless_sync::Replica;
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Applies one write on another thread; its result arrives on the channel.
+fn apply_in_background(a: &Replica, k: u64) -> mpsc::Receiver<Result<(), String>> {
+    let (tx, rx) = mpsc::channel();
+    let a = a.clone();
+    thread::spawn(move || {
+        let r = a
+            .apply(vec![put(k, "held")])
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let _ = tx.send(r);
+    });
+    rx
+}
+
+#[test]
+fn acknowledgements_are_held_for_the_grace_then_given_without_the_dropped_standby() {
+    let (a, h) = active(1, "a");
+    a.set_ha_grace(Duration::from_secs(2));
+    let s = standby(1, "s");
+    let f = s.follow_tcp(h.local_addr(), true).unwrap();
+    s.wait_ready(Duration::from_secs(5)).unwrap();
+    a.apply(vec![put(1, "with the standby")]).unwrap();
+    f.stop();
+    wait_for("the active to drop the link", || {
+        a.status().standbys.is_empty()
+    });
+    let dropped = Instant::now();
+    let rx = apply_in_background(&a, 2);
+    // Held: not acknowledged while the grace runs.
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "acknowledged without the dropped HA standby during its grace"
+    );
+    // Then acknowledged without it (degraded), within the ack timeout.
+    let r = rx.recv_timeout(Duration::from_secs(5)).expect("an answer");
+    assert_eq!(r, Ok(()));
+    assert!(dropped.elapsed() >= Duration::from_millis(1500));
+    // Past the grace, acknowledgements no longer wait.
+    let rx = apply_in_background(&a, 3);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(Ok(())));
+    a.shutdown();
+    s.shutdown();
+}
+
+#[test]
+fn a_standby_back_in_sync_within_the_grace_releases_the_held_acknowledgement() {
+    let (a, h) = active(1, "a");
+    a.set_ha_grace(Duration::from_secs(30));
+    let s = standby(1, "s");
+    let f = s.follow_tcp(h.local_addr(), true).unwrap();
+    s.wait_ready(Duration::from_secs(5)).unwrap();
+    f.stop();
+    wait_for("the active to drop the link", || {
+        a.status().standbys.is_empty()
+    });
+    let rx = apply_in_background(&a, 7);
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    // The standby re-attaches (a resume) and catches up: the write is acknowledged, long
+    // before the grace ends, and the standby holds it.
+    let _f2 = s.follow_tcp(h.local_addr(), true).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(Ok(())));
+    wait_for("the standby to apply the held write", || {
+        s.get("kv", b"k7").unwrap().as_deref() == Some(b"held".as_slice())
+    });
+    a.shutdown();
+    s.shutdown();
+}
+
+#[test]
+fn the_control_plane_can_end_the_grace_early() {
+    let (a, h) = active(1, "a");
+    a.set_ha_grace(Duration::from_secs(30));
+    let s = standby(1, "s");
+    let f = s.follow_tcp(h.local_addr(), true).unwrap();
+    s.wait_ready(Duration::from_secs(5)).unwrap();
+    f.stop();
+    wait_for("the active to drop the link", || {
+        a.status().standbys.is_empty()
+    });
+    let rx = apply_in_background(&a, 9);
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    // The control plane wrote the standby off (it will never promote it): degrade now.
+    a.set_ha_grace(Duration::ZERO);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(())));
+    a.shutdown();
+    s.shutdown();
+}
+
+#[test]
+fn a_standby_that_never_was_in_sync_holds_nothing() {
+    let (a, _h) = active(1, "a");
+    a.set_ha_grace(Duration::from_secs(30));
+    // No HA standby ever attached (e.g. right after a failover): acknowledged alone at once.
+    let rx = apply_in_background(&a, 1);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(())));
+    a.shutdown();
+}
+
+#[test]
+fn a_standby_that_leaves_on_purpose_holds_nothing() {
+    let (a, h) = active(1, "a");
+    a.set_ha_grace(Duration::from_secs(30));
+    let s = standby(1, "s");
+    let f = s.follow_tcp(h.local_addr(), true).unwrap();
+    s.wait_ready(Duration::from_secs(5)).unwrap();
+    // Its control plane stops or re-points it: it says so, and the active does not wait.
+    f.leave();
+    wait_for("the active to drop the link", || {
+        a.status().standbys.is_empty()
+    });
+    let rx = apply_in_background(&a, 4);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(())));
+    a.shutdown();
+    s.shutdown();
+}
