@@ -907,8 +907,11 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
             if let Report::Step { step: s, .. } = &l.report {
                 if s.name() == step {
                     injected = true;
-                    // Let the step get under way before the fault.
-                    std::thread::sleep(Duration::from_millis(100));
+                    // Let the step get under way before a failure; an operator command goes in
+                    // at once (the step may be over in less than that on processes).
+                    if kind != "abort" && kind != "rollback" {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
                     checker.stats.mark_ns.store(
                         checker.stats.origin.elapsed().as_nanos() as u64,
                         Ordering::Release,
