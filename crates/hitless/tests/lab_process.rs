@@ -150,6 +150,15 @@ fn resp(conn: &mut std::io::BufReader<std::net::TcpStream>, args: &[&str]) -> St
     line.trim_end().to_string()
 }
 
+/// A client connection to the lab's service address.
+fn service_conn() -> std::io::BufReader<std::net::TcpStream> {
+    let stream = std::net::TcpStream::connect(SERVICE).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    std::io::BufReader::new(stream)
+}
+
 fn in_control_appliance(status: &Value) -> Option<String> {
     let e = &status["engine"];
     let id = e["in_control"].as_u64()?;
@@ -221,11 +230,7 @@ fn an_agent_killed_and_restarted_mid_issu_rejoins_and_its_journal_later_resumes_
         .unwrap();
 
     // 2. Acknowledged writes, then the driving agent (the secondary) is lost.
-    let stream = std::net::TcpStream::connect(SERVICE).unwrap();
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    let mut conn = std::io::BufReader::new(stream);
+    let mut conn = service_conn();
     for i in 0..300 {
         assert_eq!(
             resp(
@@ -262,11 +267,7 @@ fn an_agent_killed_and_restarted_mid_issu_rejoins_and_its_journal_later_resumes_
         api_status(PRIMARY_API),
         tail(&dir.join("primary.log"))
     );
-    let stream = std::net::TcpStream::connect(SERVICE).unwrap();
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    let mut conn = std::io::BufReader::new(stream);
+    let mut conn = service_conn();
     for i in 0..300 {
         assert_eq!(
             resp(&mut conn, &["GET", &format!("restart:{i}")]),

@@ -663,6 +663,13 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
 
     /// Writes one enveloped record at `index` and advances the next index past it, durably.
     fn commit_record(&mut self, index: u64, env: &[u8]) -> Result<()> {
+        self.commit_record_replacing(index, env, false).map(|_| ())
+    }
+
+    /// Writes `env` at `index` and makes `index + 1` the next index, in one durable
+    /// transaction; with `replace`, first removes every record from `index` on. Returns how
+    /// many records were removed.
+    fn commit_record_replacing(&mut self, index: u64, env: &[u8], replace: bool) -> Result<u64> {
         let path = &self.path;
         let next = index
             .checked_add(1)
@@ -672,10 +679,14 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
                 reason: "the index space is exhausted".into(),
             })?;
         let txn = immediate_write(&self.db, path)?;
+        let mut removed = 0;
         {
             let mut records = txn
                 .open_table(RECORDS)
                 .map_err(|e| db_err(path, "open record table", e))?;
+            if replace {
+                removed = remove_records(&mut records, index.., path)?;
+            }
             records
                 .insert(index, env)
                 .map_err(|e| db_err(path, "insert record", e))?;
@@ -688,7 +699,7 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         }
         txn.commit().map_err(|e| db_err(path, "commit record", e))?;
         self.next_index = next;
-        Ok(())
+        Ok(removed)
     }
 
     fn decode_record(&self, index: u64, env: &[u8]) -> Result<T> {
@@ -807,16 +818,7 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
             let mut records = txn
                 .open_table(RECORDS)
                 .map_err(|e| db_err(path, "open record table", e))?;
-            let before = records
-                .len()
-                .map_err(|e| db_err(path, "count records", e))?;
-            records
-                .retain_in(..keep_from, |_, _| false)
-                .map_err(|e| db_err(path, "remove records", e))?;
-            let after = records
-                .len()
-                .map_err(|e| db_err(path, "count records", e))?;
-            removed = before - after;
+            removed = remove_records(&mut records, ..keep_from, path)?;
         }
         txn.commit()
             .map_err(|e| db_err(path, "commit compaction", e))?;
@@ -979,46 +981,28 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
                 if reason.starts_with("this journal already holds a different record") => {}
             Err(e) => return Err(e),
         }
-        let path = &self.path;
-        let next = index
-            .checked_add(1)
-            .ok_or_else(|| JournalError::ImportRefused {
-                path: path.clone(),
-                index,
-                reason: "the index space is exhausted".into(),
-            })?;
-        let txn = immediate_write(&self.db, path)?;
-        let dropped;
-        {
-            let mut records = txn
-                .open_table(RECORDS)
-                .map_err(|e| db_err(path, "open record table", e))?;
-            let before = records
-                .len()
-                .map_err(|e| db_err(path, "count records", e))?;
-            records
-                .retain_in(index.., |_, _| false)
-                .map_err(|e| db_err(path, "remove records", e))?;
-            let after = records
-                .len()
-                .map_err(|e| db_err(path, "count records", e))?;
-            dropped = before - after;
-            records
-                .insert(index, envelope_bytes)
-                .map_err(|e| db_err(path, "insert record", e))?;
-            let mut system = txn
-                .open_table(SYSTEM)
-                .map_err(|e| db_err(path, "open system table", e))?;
-            system
-                .insert(KEY_NEXT_INDEX, next.to_le_bytes().as_slice())
-                .map_err(|e| db_err(path, "set next index", e))?;
-        }
-        txn.commit()
-            .map_err(|e| db_err(path, "commit adopted record", e))?;
-        self.next_index = next;
-        tracing::debug!(path = %path.display(), index, dropped, "journal: adopted the peer's record");
+        let dropped = self.commit_record_replacing(index, envelope_bytes, true)?;
+        tracing::debug!(path = %self.path.display(), index, dropped, "journal: adopted the peer's record");
         Ok(dropped)
     }
+}
+
+/// Removes the records with indexes in `range`; returns how many there were.
+fn remove_records(
+    records: &mut redb::Table<'_, u64, &'static [u8]>,
+    range: impl std::ops::RangeBounds<u64>,
+    path: &Path,
+) -> Result<u64> {
+    let before = records
+        .len()
+        .map_err(|e| db_err(path, "count records", e))?;
+    records
+        .retain_in(range, |_, _| false)
+        .map_err(|e| db_err(path, "remove records", e))?;
+    let after = records
+        .len()
+        .map_err(|e| db_err(path, "count records", e))?;
+    Ok(before - after)
 }
 
 #[cfg(test)]

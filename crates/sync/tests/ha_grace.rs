@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hitless_sync::Replica;
+use hitless_sync::{Replica, ServeHandle};
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -32,10 +32,11 @@ fn apply_in_background(a: &Replica, k: u64) -> mpsc::Receiver<Result<(), String>
     rx
 }
 
-#[test]
-fn acknowledgements_are_held_for_the_grace_then_given_without_the_dropped_standby() {
+/// An active with `grace`, and an HA standby that was in sync and dropped out (its link
+/// closed without a word, as when it crashes or hangs).
+fn active_whose_ha_standby_dropped(grace: Duration) -> (Replica, ServeHandle, Replica) {
     let (a, h) = active(1, "a");
-    a.set_ha_grace(Duration::from_secs(2));
+    a.set_ha_grace(grace);
     let s = standby(1, "s");
     let f = s.follow_tcp(h.local_addr(), true).unwrap();
     s.wait_ready(Duration::from_secs(5)).unwrap();
@@ -44,6 +45,12 @@ fn acknowledgements_are_held_for_the_grace_then_given_without_the_dropped_standb
     wait_for("the active to drop the link", || {
         a.status().standbys.is_empty()
     });
+    (a, h, s)
+}
+
+#[test]
+fn acknowledgements_are_held_for_the_grace_then_given_without_the_dropped_standby() {
+    let (a, _h, s) = active_whose_ha_standby_dropped(Duration::from_secs(2));
     let dropped = Instant::now();
     let rx = apply_in_background(&a, 2);
     // Held: not acknowledged while the grace runs.
@@ -64,15 +71,7 @@ fn acknowledgements_are_held_for_the_grace_then_given_without_the_dropped_standb
 
 #[test]
 fn a_standby_back_in_sync_within_the_grace_releases_the_held_acknowledgement() {
-    let (a, h) = active(1, "a");
-    a.set_ha_grace(Duration::from_secs(30));
-    let s = standby(1, "s");
-    let f = s.follow_tcp(h.local_addr(), true).unwrap();
-    s.wait_ready(Duration::from_secs(5)).unwrap();
-    f.stop();
-    wait_for("the active to drop the link", || {
-        a.status().standbys.is_empty()
-    });
+    let (a, h, s) = active_whose_ha_standby_dropped(Duration::from_secs(30));
     let rx = apply_in_background(&a, 7);
     assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
     // The standby re-attaches (a resume) and catches up: the write is acknowledged, long
@@ -88,15 +87,7 @@ fn a_standby_back_in_sync_within_the_grace_releases_the_held_acknowledgement() {
 
 #[test]
 fn the_control_plane_can_end_the_grace_early() {
-    let (a, h) = active(1, "a");
-    a.set_ha_grace(Duration::from_secs(30));
-    let s = standby(1, "s");
-    let f = s.follow_tcp(h.local_addr(), true).unwrap();
-    s.wait_ready(Duration::from_secs(5)).unwrap();
-    f.stop();
-    wait_for("the active to drop the link", || {
-        a.status().standbys.is_empty()
-    });
+    let (a, _h, s) = active_whose_ha_standby_dropped(Duration::from_secs(30));
     let rx = apply_in_background(&a, 9);
     assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
     // The control plane wrote the standby off (it will never promote it): degrade now.
