@@ -381,6 +381,37 @@ impl Driver {
         Ok(())
     }
 
+    /// Tells the instance in control that the standby `gone` exited (best effort, in the
+    /// background).
+    fn tell_control_standby_gone(&self, gone: InstanceId) {
+        let Some(st) = self.engine.as_ref().map(|e| e.state()) else {
+            return;
+        };
+        let Some(active) = st.pair.in_control.filter(|a| *a != gone) else {
+            return;
+        };
+        let Some(app) = st.pair.get(active).map(|i| i.appliance) else {
+            return;
+        };
+        let apps = self.apps.clone();
+        tokio::spawn(async move {
+            let r = apps
+                .exec(
+                    app,
+                    Op::Control {
+                        instance: active,
+                        command: AgentCommand::StandbyGone {
+                            instance_id: gone.to_string(),
+                        },
+                    },
+                )
+                .await;
+            if let Err(e) = r {
+                debug!(%active, %gone, "could not tell the instance in control a standby is gone: {e}");
+            }
+        });
+    }
+
     /// Publishes what the API shows.
     pub fn publish(&self) {
         let mut v = self.view.lock().expect("view lock");
@@ -426,6 +457,9 @@ impl Driver {
                 if expected || self.stopping.remove(&instance).is_some() {
                     self.feed(Event::InstanceStopped { instance })
                 } else {
+                    // Its process is gone: it can never be promoted, so the instance in
+                    // control need not hold acknowledgements for it (the HA grace).
+                    self.tell_control_standby_gone(instance);
                     self.feed(Event::InstanceFailed { instance, reason })
                 }
             }

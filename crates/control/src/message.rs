@@ -76,6 +76,13 @@ pub enum AgentCommand {
         /// The epoch that fences this instance.
         epoch: u64,
     },
+    /// The standby `instance_id` is gone for good (its process exited or its appliance was
+    /// lost) and the control plane wrote it off: stop holding acknowledgements for it (the
+    /// HA grace), it will never be promoted.
+    StandbyGone {
+        /// The gone standby's instance identifier (its sync node name).
+        instance_id: String,
+    },
     /// Report [`InstanceStatus`].
     StatusRequest,
     /// Exit cleanly.
@@ -280,6 +287,7 @@ pub(crate) mod tests {
                 }
             }),
             any::<u64>().prop_map(|epoch| AgentCommand::Fence { epoch }),
+            text().prop_map(|instance_id| AgentCommand::StandbyGone { instance_id }),
             Just(AgentCommand::StatusRequest),
             Just(AgentCommand::Shutdown),
         ]

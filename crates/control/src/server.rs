@@ -19,6 +19,8 @@ pub trait ControlHandler {
     fn demote(&mut self, epoch: u64, new_active_sync_addr: Option<&str>) -> Result<(), String>;
     /// Stop acknowledging anything.
     fn fence(&mut self, epoch: u64) -> Result<(), String>;
+    /// The standby `instance_id` is gone for good: stop holding acknowledgements for it.
+    fn standby_gone(&mut self, instance_id: &str) -> Result<(), String>;
     /// Current status.
     fn status(&mut self) -> InstanceStatus;
     /// Prepare to exit; [`serve`] returns [`ServeOutcome::Shutdown`] after the Ack is sent.
@@ -77,6 +79,7 @@ pub fn serve<R: Read, W: Write, H: ControlHandler + ?Sized>(
                 false,
             ),
             AgentCommand::Fence { epoch } => (handler.fence(*epoch), false),
+            AgentCommand::StandbyGone { instance_id } => (handler.standby_gone(instance_id), false),
             AgentCommand::StatusRequest => {
                 let status = handler.status();
                 write_instance_message(

@@ -91,6 +91,9 @@ impl ControlHandler for Fake {
         self.fenced = true;
         Ok(())
     }
+    fn standby_gone(&mut self, _instance_id: &str) -> Result<(), String> {
+        Ok(())
+    }
     fn status(&mut self) -> InstanceStatus {
         if let Some(d) = self.delay_status.take() {
             thread::sleep(d);

@@ -430,6 +430,11 @@ impl ControlHandler for NodeControl {
         Ok(())
     }
 
+    fn standby_gone(&mut self, instance_id: &str) -> Result<(), String> {
+        self.0.db.replica().standby_gone(instance_id);
+        Ok(())
+    }
+
     fn status(&mut self) -> InstanceStatus {
         let n = &self.0;
         let st = lock(&n.ctl);

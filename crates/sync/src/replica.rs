@@ -261,6 +261,8 @@ struct State {
     /// Designated HA standbys (by node) that dropped out while in sync, and when: see
     /// [`ReplicaConfig::ha_grace`].
     ha_dropped: Vec<(String, Instant)>,
+    /// Standbys the control plane wrote off ([`Replica::standby_gone`]); at most 16.
+    gone: Vec<String>,
 }
 
 /// Liveness shared by both ends of a link.
@@ -809,6 +811,7 @@ impl Replica {
                     snapshots_received: 0,
                     resumes_received: 0,
                     ha_dropped: Vec::new(),
+                    gone: Vec::new(),
                 }),
                 cond: Condvar::new(),
                 next_id: AtomicU64::new(1),
@@ -863,6 +866,7 @@ impl Replica {
             l.link.core.close();
         }
         st.ha_dropped.clear();
+        st.gone.clear();
         st.role = Role::Active;
         st.epoch = epoch;
         st.quiesced = false;
@@ -1225,6 +1229,27 @@ impl Replica {
         self.inner.cond.notify_all();
     }
 
+    /// The standby `node` is gone for good and its control plane wrote it off (it will never
+    /// be promoted): acknowledgements stop waiting for its grace.
+    /// Its link, if the active has not noticed yet that it is dead, is closed.
+    pub fn standby_gone(&self, node: &str) {
+        let mut st = self.state();
+        if !st.gone.iter().any(|n| n == node) {
+            if st.gone.len() >= 16 {
+                st.gone.remove(0);
+            }
+            st.gone.push(node.to_string());
+        }
+        st.ha_dropped.retain(|(n, _)| n != node);
+        for l in st.links.iter_mut().filter(|l| l.link.node == node) {
+            l.in_sync = false;
+            l.link.core.close();
+        }
+        drop(st);
+        info!(standby = %node, "standby written off by the control plane: acknowledgements no longer wait for it");
+        self.inner.cond.notify_all();
+    }
+
     /// Notes designated HA standbys that dropped out (closed links not yet removed
     /// included), forgets those past the grace, and returns until when acknowledgements are
     /// held for the others (`None`: not held).
@@ -1241,7 +1266,7 @@ impl Replica {
             .map(|l| l.link.node.clone())
             .collect();
         for node in closed {
-            note_ha_dropped(&mut st.ha_dropped, &node);
+            note_ha_dropped(st, &node);
         }
         let now = Instant::now();
         st.ha_dropped.retain(|(node, at)| {
@@ -1519,7 +1544,7 @@ impl Replica {
         if let Some(pos) = st.links.iter().position(|l| l.link.id == id) {
             let l = st.links.remove(pos);
             if l.link.ha && l.in_sync {
-                note_ha_dropped(&mut st.ha_dropped, &l.link.node);
+                note_ha_dropped(&mut st, &l.link.node);
             }
             info!(standby = %l.link.node, error = ?err, "standby detached");
             if err.is_some() {
@@ -2907,11 +2932,15 @@ impl Incoming<'_> {
     }
 }
 
-/// Records that the in-sync designated HA standby `node` dropped out now (once).
-fn note_ha_dropped(dropped: &mut Vec<(String, Instant)>, node: &str) {
-    if !dropped.iter().any(|(n, _)| n == node) {
+/// Records that the in-sync designated HA standby `node` dropped out now (once), unless its
+/// control plane wrote it off.
+fn note_ha_dropped(st: &mut State, node: &str) {
+    if st.gone.iter().any(|n| n == node) {
+        return;
+    }
+    if !st.ha_dropped.iter().any(|(n, _)| n == node) {
         warn!(standby = %node, "designated HA standby dropped out: acknowledgements wait for its grace");
-        dropped.push((node.to_string(), Instant::now()));
+        st.ha_dropped.push((node.to_string(), Instant::now()));
     }
 }
 

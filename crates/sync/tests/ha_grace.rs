@@ -124,3 +124,31 @@ fn a_standby_that_leaves_on_purpose_holds_nothing() {
     a.shutdown();
     s.shutdown();
 }
+
+#[test]
+fn a_standby_written_off_by_the_control_plane_ends_its_grace() {
+    let (a, _h, s) = active_whose_ha_standby_dropped(Duration::from_secs(30));
+    let rx = apply_in_background(&a, 11);
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    // Its process exited and its control plane wrote it off: it can never be promoted.
+    a.standby_gone("s");
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(())));
+    // Another standby that drops out still gets its grace.
+    let t = standby(1, "t");
+    let h2 = a
+        .serve(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    let f = t.follow_tcp(h2.local_addr(), true).unwrap();
+    t.wait_ready(Duration::from_secs(5)).unwrap();
+    f.stop();
+    wait_for("the active to drop the link", || {
+        a.status().standbys.is_empty()
+    });
+    let rx = apply_in_background(&a, 12);
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    a.standby_gone("t");
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(())));
+    a.shutdown();
+    s.shutdown();
+    t.shutdown();
+}
