@@ -94,6 +94,31 @@ fn seed_case_crash_of_the_new_active_in_the_mixed_window_fails_over_to_the_peer(
     assert!(r["acked_writes"].as_u64().unwrap() > 100);
 }
 
+#[test]
+fn a_hung_instance_in_control_is_detected_by_its_health_probes_and_failed_over() {
+    let _g = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    if skip_without_redis_tools() {
+        return;
+    }
+    // SIGSTOP of the new version in control: its process is there but answers nothing. The
+    // agent's health probes report it, the engine fails over to the peer's old-version HA
+    // standby and rolls back; the hung instance is killed, not waited for.
+    let r = lab_issu("hung", &["--fault", "heartbeat-lost@primary-mixed"]);
+    assert_eq!(r["fault_injected"], true);
+    assert_eq!(r["result"], "rolled_back");
+    assert_eq!(r["final_control"]["appliance"], "secondary");
+    assert_eq!(r["final_control"]["version"], "1.0.0");
+    assert_eq!(r["acked_lost"], 0);
+    assert_eq!(r["client_errors"], 0);
+    assert!(
+        r["outcome_detail"]
+            .as_str()
+            .unwrap()
+            .contains("heartbeat lost"),
+        "{r}"
+    );
+}
+
 /// Tears a kept lab down when dropped (also when the test fails).
 struct LabDown(PathBuf);
 
