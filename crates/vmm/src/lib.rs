@@ -514,6 +514,42 @@ pub trait InstanceHandle: Send {
     }
 }
 
+/// What both backends' handles share: an exit watch, and a cleanup once the instance ended.
+/// The [`InstanceHandle`] methods that only depend on those are written once, here.
+pub(crate) trait Watched {
+    fn watched_id(&self) -> &str;
+    fn watch(&self) -> &ExitWatch;
+    /// Removes what the instance left behind (cgroup, sockets).
+    fn cleanup(&mut self) -> Result<(), VmmError>;
+
+    /// Cleans up after the exit `e` and returns it.
+    fn finish(&mut self, e: ExitInfo) -> Result<ExitInfo, VmmError> {
+        self.cleanup()?;
+        Ok(e)
+    }
+
+    /// [`InstanceHandle::status`].
+    fn watched_status(&mut self) -> InstanceStatus {
+        match self.watch().get() {
+            None => InstanceStatus::Running,
+            Some(e) => {
+                if let Err(err) = self.cleanup() {
+                    tracing::warn!(id = %self.watched_id(), error = %err, "cleanup after exit failed");
+                }
+                InstanceStatus::Exited(e)
+            }
+        }
+    }
+
+    /// [`InstanceHandle::wait_timeout`].
+    fn watched_wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitInfo>, VmmError> {
+        match self.watch().wait_timeout(timeout) {
+            Some(e) => self.finish(e).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

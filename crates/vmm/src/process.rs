@@ -40,6 +40,7 @@
 //! as the process: if the agent dies (even by SIGKILL), every sandbox it
 //! started receives SIGKILL.
 
+use crate::Watched;
 use std::ffi::{CString, OsStr};
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -592,23 +593,28 @@ impl ProcessHandle {
         self.cgroup.as_ref()
     }
 
+    fn send(&self, sig: Signal) -> Result<bool, VmmError> {
+        self.watch
+            .signal(sig)
+            .map_err(|e| VmmError::io(format!("sending {sig} to pid {}", self.pid), e))
+    }
+}
+
+impl Watched for ProcessHandle {
+    fn watched_id(&self) -> &str {
+        &self.id
+    }
+
+    fn watch(&self) -> &ExitWatch {
+        &self.watch
+    }
+
     fn cleanup(&mut self) -> Result<(), VmmError> {
         if let Some(cg) = self.cgroup.as_mut() {
             cg.remove()?;
         }
         let _ = remove_stale_socket(&self.control);
         Ok(())
-    }
-
-    fn finish(&mut self, e: ExitInfo) -> Result<ExitInfo, VmmError> {
-        self.cleanup()?;
-        Ok(e)
-    }
-
-    fn send(&self, sig: Signal) -> Result<bool, VmmError> {
-        self.watch
-            .signal(sig)
-            .map_err(|e| VmmError::io(format!("sending {sig} to pid {}", self.pid), e))
     }
 }
 
@@ -625,22 +631,11 @@ impl InstanceHandle for ProcessHandle {
     }
 
     fn status(&mut self) -> InstanceStatus {
-        match self.watch.get() {
-            None => InstanceStatus::Running,
-            Some(e) => {
-                if let Err(err) = self.cleanup() {
-                    tracing::warn!(id = %self.id, error = %err, "cleanup after exit failed");
-                }
-                InstanceStatus::Exited(e)
-            }
-        }
+        self.watched_status()
     }
 
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitInfo>, VmmError> {
-        match self.watch.wait_timeout(timeout) {
-            Some(e) => self.finish(e).map(Some),
-            None => Ok(None),
-        }
+        self.watched_wait_timeout(timeout)
     }
 
     fn exit_watch(&self) -> ExitWatch {

@@ -20,6 +20,7 @@
 pub mod kvm;
 pub mod qmp;
 
+use crate::Watched;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -566,6 +567,16 @@ impl QemuHandle {
     pub fn qemu_log(&self) -> &Path {
         &self.qemu_log
     }
+}
+
+impl Watched for QemuHandle {
+    fn watched_id(&self) -> &str {
+        &self.id
+    }
+
+    fn watch(&self) -> &ExitWatch {
+        &self.watch
+    }
 
     fn cleanup(&mut self) -> Result<(), VmmError> {
         self.qmp = None;
@@ -575,11 +586,6 @@ impl QemuHandle {
         let _ = remove_stale_socket(&self.control);
         let _ = remove_stale_socket(&self.qmp_path);
         Ok(())
-    }
-
-    fn finish(&mut self, e: ExitInfo) -> Result<ExitInfo, VmmError> {
-        self.cleanup()?;
-        Ok(e)
     }
 }
 
@@ -593,22 +599,11 @@ impl InstanceHandle for QemuHandle {
     }
 
     fn status(&mut self) -> InstanceStatus {
-        match self.watch.get() {
-            None => InstanceStatus::Running,
-            Some(e) => {
-                if let Err(err) = self.cleanup() {
-                    tracing::warn!(id = %self.id, error = %err, "cleanup after exit failed");
-                }
-                InstanceStatus::Exited(e)
-            }
-        }
+        self.watched_status()
     }
 
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitInfo>, VmmError> {
-        match self.watch.wait_timeout(timeout) {
-            Some(e) => self.finish(e).map(Some),
-            None => Ok(None),
-        }
+        self.watched_wait_timeout(timeout)
     }
 
     fn exit_watch(&self) -> ExitWatch {
