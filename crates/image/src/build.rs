@@ -463,21 +463,7 @@ pub fn newest_kernel(boot_dir: &Path) -> Option<PathBuf> {
 /// The release of a kernel: from the version string in its x86 boot header, else from a
 /// `vmlinuz-<release>` file name.
 pub fn kernel_release(kernel: &Path) -> Option<String> {
-    let from_header = || -> Option<String> {
-        let mut f = File::open(kernel).ok()?;
-        let mut head = vec![0u8; 0x10200];
-        let n = read_up_to(&mut f, &mut head);
-        head.truncate(n);
-        if head.get(0x202..0x206)? != b"HdrS" {
-            return None;
-        }
-        let off = u16::from_le_bytes([head[0x20e], head[0x20f]]) as usize + 0x200;
-        let s = head.get(off..)?;
-        let end = s.iter().position(|b| *b == 0 || *b == b' ')?;
-        let r = std::str::from_utf8(&s[..end]).ok()?;
-        (!r.is_empty()).then(|| r.to_string())
-    };
-    from_header().or_else(|| {
+    hitless_vmm::kernel_release(kernel).or_else(|| {
         kernel
             .file_name()?
             .to_str()?

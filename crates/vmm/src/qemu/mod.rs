@@ -121,10 +121,11 @@ pub fn find_binary(bin: &Path) -> Option<PathBuf> {
 }
 
 /// The kernel release stored in a bzImage header (e.g. `6.1.0-56-amd64`),
-/// or `None` when `path` is not a bzImage with a version string.
+/// or `None` when `path` is not a bzImage with a version string. The header's
+/// `kernel_version` field is an offset (from 0x200) of up to 64 KiB.
 pub fn kernel_release(path: &Path) -> Option<String> {
     let mut f = File::open(path).ok()?;
-    let mut head = vec![0u8; 0x8000];
+    let mut head = vec![0u8; 0x10200];
     let n = read_up_to(&mut f, &mut head);
     head.truncate(n);
     if head.get(0x202..0x206)? != b"HdrS" {
