@@ -381,6 +381,25 @@ impl Driver {
         Ok(())
     }
 
+    /// Kills `instance` in the background if the engine no longer counts on it.
+    fn kill_written_off(&self, instance: InstanceId) {
+        let Some(st) = self.engine.as_ref().map(|e| e.state()) else {
+            return;
+        };
+        let Some(i) = st.pair.get(instance) else {
+            return;
+        };
+        if i.state.is_live() && i.role != Role::Spare {
+            return;
+        }
+        let (apps, app) = (self.apps.clone(), i.appliance);
+        tokio::spawn(async move {
+            if let Err(e) = apps.exec(app, Op::Kill { instance }).await {
+                warn!(%instance, "cannot kill the unresponsive instance: {e}");
+            }
+        });
+    }
+
     /// Tells the instance in control that the standby `gone` exited (best effort, in the
     /// background).
     fn tell_control_standby_gone(&self, gone: InstanceId) {
@@ -465,7 +484,12 @@ impl Driver {
             }
             Input::Observation(_, Observation::Unresponsive { instance, detail }) => {
                 warn!(%instance, %detail, "instance unresponsive: its heartbeat is lost");
-                self.feed(Event::HeartbeatLost { instance })
+                self.feed(Event::HeartbeatLost { instance })?;
+                // Written off (and fenced) by the engine: a hung process must not linger, holding
+                // its clients' connections and its resources. Killing it closes them; the front
+                // replays what it never answered.
+                self.kill_written_off(instance);
+                Ok(())
             }
             Input::PeerLost => {
                 self.peer_up = false;
@@ -978,6 +1002,7 @@ async fn run_ordered(
             match switchover(apps, ctx, timing, from, to, epoch.0).await {
                 Ok(()) => vec![Input::Event(Event::ControlSwitched { to, epoch })],
                 Err(reason) => {
+                    warn!(%from, %to, epoch = epoch.0, %reason, "planned switchover failed");
                     // Release the hold on both fronts: control stays where it was.
                     for app in ApplianceId::ALL {
                         if let Ok(s) = ctx.started(from) {
