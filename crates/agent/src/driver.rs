@@ -1163,14 +1163,20 @@ async fn switchover(
     //    lacks little, as live migration pre-copies before it stops the guest.
     let converged = converge(apps, from_app, from, to_app, to, timing).await;
     let t0 = tokio::time::Instant::now();
-    // 1. Hold both fronts; wait for in-flight requests to be answered.
+    // 1. Hold both fronts; wait for in-flight requests to be answered. A front must drain if
+    //    its appliance is reachable; the front of a lost appliance serves nobody.
     let (a, b) = tokio::join!(
         apps.exec(ApplianceId::Primary, Op::FrontHold { bound_ms }),
         apps.exec(ApplianceId::Secondary, Op::FrontHold { bound_ms })
     );
-    a.map_err(|e| format!("primary front did not drain: {e}"))?;
-    if let Err(e) = b {
-        warn!("secondary front did not drain: {e}");
+    for (app, r) in [(ApplianceId::Primary, a), (ApplianceId::Secondary, b)] {
+        if let Err(e) = r {
+            let lost = app != apps.local.id() && !apps.remote.link().is_up();
+            if !lost {
+                return Err(format!("the {app} front did not drain: {e}"));
+            }
+            warn!("the {app} front was not held: its appliance is unreachable ({e})");
+        }
     }
     let t_held = t0.elapsed();
     // 2. Quiesce the old active: nothing new is applied.

@@ -225,10 +225,22 @@ pub fn follow(
             Ok(b) => b,
             Err(_) => {
                 // The driving agent may have changed (its appliance was lost).
-                if let Ok((a, _)) = driving_status(&ApiArgs { api: None }) {
+                if let Ok((a, st)) = driving_status(&ApiArgs { api: None }) {
                     if a != api {
                         api = a;
                         next = 0;
+                        // The new driver does not repeat the step it resumed at.
+                        let at_commit = st
+                            .engine
+                            .as_ref()
+                            .and_then(|e| e.step.as_deref())
+                            .is_some_and(|s| s == "await-commit");
+                        if auto_commit && !committed && at_commit {
+                            match post(&api, "/v1/commit", serde_json::json!({})) {
+                                Ok(_) => committed = true,
+                                Err(e) => tracing::warn!("commit not accepted: {e:#}"),
+                            }
+                        }
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -243,8 +255,19 @@ pub fn follow(
                 Report::Step { step, .. }
                     if auto_commit && !committed && step.name() == "await-commit" =>
                 {
-                    post(&api, "/v1/commit", serde_json::json!({}))?;
-                    committed = true;
+                    // Refused when a fault started a rollback meanwhile: the progress says what
+                    // happens next.
+                    match post(&api, "/v1/commit", serde_json::json!({})) {
+                        Ok(_) => committed = true,
+                        Err(e) => tracing::warn!("commit not accepted: {e:#}"),
+                    }
+                }
+                Report::Stuck(s) if since <= l.seq => {
+                    bail!(
+                        "the ISSU needs the operator: {} (resume with `hitless {}`; `hitless status` shows the pair)",
+                        s.reason,
+                        s.resume_with
+                    );
                 }
                 Report::Finished(o) if since <= l.seq => {
                     return Ok(UpgradeEnd {
