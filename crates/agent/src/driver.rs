@@ -906,13 +906,6 @@ async fn ready_event(
                 }
                 if last_report.elapsed() >= Duration::from_millis(250) {
                     last_report = tokio::time::Instant::now();
-                    let applied = s
-                        .services
-                        .values()
-                        .map(|x| x.applied_seq)
-                        .min()
-                        .unwrap_or(0);
-                    let lag = s.services.values().map(|x| x.lag).max().unwrap_or(0);
                     let _ = tx
                         .send(Input::Event(Event::SyncProgress {
                             instance: standby,
@@ -1104,6 +1097,20 @@ struct Converged {
     waited: Duration,
 }
 
+/// How many sequence numbers `target` lacks of `want` (per service, the largest; a service it
+/// does not report counts as applied up to 0).
+fn lag_behind<'a>(
+    want: impl Iterator<Item = (&'a String, u64)>,
+    target: &hitless_control::InstanceStatus,
+) -> u64 {
+    want.map(|(svc, seq)| {
+        let have = target.services.get(svc).map(|x| x.applied_seq).unwrap_or(0);
+        seq.saturating_sub(have)
+    })
+    .max()
+    .unwrap_or(0)
+}
+
 /// Polls the old active and the target until the target lags at most
 /// [`DriverTiming::converged_lag`] sequence numbers behind it, at most
 /// [`DriverTiming::converge_bound`]. Never fails: past the bound the switchover goes on
@@ -1124,15 +1131,7 @@ async fn converge(
             apps.exec(to_app, Op::Status { instance: to })
         );
         if let (Ok(a), Ok(t)) = (as_status(a), as_status(t)) {
-            lag = a
-                .services
-                .iter()
-                .map(|(svc, s)| {
-                    let have = t.services.get(svc).map(|x| x.applied_seq).unwrap_or(0);
-                    s.applied_seq.saturating_sub(have)
-                })
-                .max()
-                .unwrap_or(0);
+            lag = lag_behind(a.services.iter().map(|(k, v)| (k, v.applied_seq)), &t);
         }
         if lag <= timing.converged_lag || t0.elapsed() >= timing.converge_bound {
             return Converged {
@@ -1203,14 +1202,7 @@ async fn switchover(
         let s = as_status(apps.exec(to_app, Op::Status { instance: to }).await)?;
         polls += 1;
         if first_lag.is_none() {
-            first_lag = Some(
-                want.iter()
-                    .map(|(svc, seq)| {
-                        seq.saturating_sub(s.services.get(svc).map(|x| x.applied_seq).unwrap_or(0))
-                    })
-                    .max()
-                    .unwrap_or(0),
-            );
+            first_lag = Some(lag_behind(want.iter().map(|(k, v)| (k, *v)), &s));
         }
         let caught_up = want.iter().all(|(svc, seq)| {
             s.services
