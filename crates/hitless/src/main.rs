@@ -174,6 +174,18 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What attaching a standby costs the writers of an active holding a large state.
+    Attach {
+        /// State sizes to measure, in records (comma-separated), side by side in one run.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![10_000u64, 1_000_000, 5_000_000])]
+        keys: Vec<u64>,
+        /// Value bytes per record.
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -250,6 +262,11 @@ fn main() {
         },
         Command::Bench { command } => match command {
             BenchCommand::Sync { json } => bench::run_sync(json),
+            BenchCommand::Attach {
+                keys,
+                value_size,
+                json,
+            } => bench::run_attach(&keys, value_size, json),
         },
         Command::Image { command } => match command {
             ImageCommand::Build {

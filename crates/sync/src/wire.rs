@@ -31,8 +31,11 @@ use crate::{Epoch, Mutation, SchemaVersion, Seq};
 
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"HLSY";
-/// Version of the frame format written by this build.
-pub const WIRE_VERSION: u8 = 1;
+/// Version of the frame format written by this build. Version 2: a bulk
+/// transfer is interleaved with the live stream (each `BulkChunk` is stamped
+/// with the sequence it was read at, live `Batch` frames come between the
+/// chunks, and `BulkEnd` names the sequence the transfer ended at).
+pub const WIRE_VERSION: u8 = 2;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload accepted or produced: 16 MiB.
@@ -45,8 +48,8 @@ pub const MAX_KEY: usize = 64 << 10;
 pub const MAX_VALUE: usize = MAX_PAYLOAD - MAX_KEY - MAX_TABLE_NAME - 64;
 /// Payload size at which an encoder starts a new frame.
 pub const TARGET_PAYLOAD: usize = 256 << 10;
-/// Payload size at which a bulk snapshot starts a new chunk: large frames
-/// keep the per-frame costs (syscalls, headers, wake-ups) negligible.
+/// Payload size at which a resume's replay starts writing: large writes keep
+/// the per-frame costs (syscalls, wake-ups) negligible.
 pub const BULK_PAYLOAD: usize = 4 << 20;
 
 /// Type of a frame.
@@ -898,18 +901,21 @@ pub enum Control {
         /// Reason, as a sentence.
         reason: String,
     },
-    /// Bulk snapshot begins.
+    /// Bulk transfer begins: the standby's state is replaced by the chunks
+    /// and live batches that follow, applied in order.
     BulkBegin {
-        /// Sequence number the snapshot is consistent at.
+        /// Sequence number the transfer begins at: the first live batch
+        /// that follows starts at `seq + 1`.
         seq: Seq,
-        /// Number of records that follow.
+        /// Records in the state when it began (progress only: records
+        /// changed during the transfer may be sent twice).
         records: u64,
     },
-    /// Bulk snapshot ends.
+    /// Bulk transfer ends: the standby's state is the active's at `seq`.
     BulkEnd {
-        /// Sequence number of the snapshot.
+        /// Sequence number the transfer ended at.
         seq: Seq,
-        /// Digest of the snapshot in the stream version.
+        /// Digest of the active's state at `seq` in the stream version.
         digest: crate::Digest,
         /// Epoch the batch at `seq` was applied in (0: unknown, which rules
         /// out a later resume from this snapshot).

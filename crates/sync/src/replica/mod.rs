@@ -12,6 +12,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+mod bulk;
+
 use crate::log::{LogEntry, ResumeLog};
 use crate::schema::negotiate;
 use crate::store::Store;
@@ -161,6 +163,9 @@ pub struct StandbyStatus {
     pub ready: bool,
     /// The standby was resumed from the log instead of sent a snapshot.
     pub resumed: bool,
+    /// Records sent so far by the bulk transfer (progress; a record changed
+    /// during the transfer may be sent twice).
+    pub bulk_sent: u64,
 }
 
 /// State of one replicated service on this instance.
@@ -265,6 +270,9 @@ struct State {
     gone: Vec<String>,
 }
 
+/// Records one step of building a digest in a foreign version converts.
+const DIGEST_STEP: usize = 4096;
+
 /// Liveness shared by both ends of a link.
 struct LinkCore {
     closed: AtomicBool,
@@ -335,6 +343,12 @@ struct Link {
     native_version: SchemaVersion,
     core: LinkCore,
     out: Mutex<Outbox>,
+    /// Signalled whenever queued frames were written (see `bulk`).
+    drained: Condvar,
+    /// A bulk transfer writes this link's queue (changed under the state
+    /// lock, so a mutation queued after it turns false is flushed by its
+    /// submitter and one queued before by the transfer).
+    bulk: AtomicBool,
     /// Epoch the standby confirmed its promotion at (0: none).
     promoted: AtomicU64,
 }
@@ -367,6 +381,7 @@ impl Link {
             if data.capacity() <= 4 << 20 {
                 ob.spare = data;
             }
+            self.drained.notify_all();
             if let Err(e) = r {
                 debug!(node = %self.node, error = %e, "write to standby failed");
                 drop(ob);
@@ -386,6 +401,8 @@ struct LinkState {
     in_sync: bool,
     digest_matched: bool,
     digest_seq: Seq,
+    /// Records sent so far by the bulk transfer.
+    bulk_sent: u64,
 }
 
 /// Standby side of a link to an active.
@@ -1120,7 +1137,9 @@ impl Replica {
             if !l.link.push(&bytes[range.clone()], cfg.max_queue_bytes) {
                 warn!(node = %l.link.node, "standby queue over its bound: disconnecting it");
                 l.link.core.close();
-            } else {
+            } else if !l.link.bulk.load(Ordering::Relaxed) {
+                // A link in a bulk transfer is written by its transfer: a
+                // writer here would wait for a standby busy with the bulk.
                 targets.push(l.link.clone());
             }
         }
@@ -1298,12 +1317,13 @@ impl Replica {
     }
 
     /// A copy of every record, sorted, and the sequence it is consistent at.
+    /// Copies the whole state under the state lock: for tests and
+    /// inspection of small states, never on a service's path.
     pub fn records(&self) -> (Seq, Vec<Record>) {
-        let (seq, store) = {
+        let (seq, mut r) = {
             let st = self.state();
-            (st.seq, st.store.clone())
+            (st.seq, st.store.records())
         };
-        let mut r = store.records();
         r.sort();
         (seq, r)
     }
@@ -1315,24 +1335,97 @@ impl Replica {
             .expect("no transform runs for the native version")
     }
 
-    /// Digest of the state converted to `version`, and its sequence.
+    /// Digest of the state converted to `version`, and its sequence. Kept
+    /// per mutation in the native version and in the tracked one; another
+    /// version becomes the tracked one, its digest built in bounded steps
+    /// while writes go on.
     pub fn digest_in(&self, version: SchemaVersion) -> Result<(Seq, Digest), SyncError> {
-        let (seq, store) = {
-            let st = self.state();
-            if let Some(d) = st.store.digest_kept(&self.inner.schema, version) {
-                return Ok((st.seq, d));
-            }
-            (st.seq, st.store.clone())
-        };
-        let d = store.digest_in(&self.inner.schema, self.inner.schema.version(), version)?;
+        let mut seq = 0;
+        let d = self.digest_held_with(self.state(), version, |st| seq = st.seq)?;
         Ok((seq, d))
     }
 
-    /// Pre-flight: converts a copy of the live state to `target` (and back),
-    /// reporting success or the first failing record. Live state is untouched.
+    /// The digest in `version` of the state as it stands when this returns:
+    /// kept per mutation, or tracked from now on and built in bounded steps,
+    /// letting go of the lock between them. Mutations keep a tracked digest
+    /// exact, so the result is that of the state under the last lock.
+    fn digest_held<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+        version: SchemaVersion,
+    ) -> Result<Digest, SyncError> {
+        self.digest_held_with(st, version, |_| {})
+    }
+
+    fn digest_held_with<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        version: SchemaVersion,
+        mut at: impl FnMut(&State),
+    ) -> Result<Digest, SyncError> {
+        let schema = &self.inner.schema;
+        let mut started = false;
+        loop {
+            if let Some(d) = st.store.digest_kept(schema, version) {
+                at(&st);
+                return Ok(d);
+            }
+            if st.store.tracked() != Some(version) {
+                if started {
+                    // The build stopped at a record that does not convert:
+                    // name it.
+                    let native = schema.version();
+                    return Err(match st.store.digest_scan(schema, native, version) {
+                        Err(e) => e.into(),
+                        Ok(_) => SyncError::Protocol(format!(
+                            "the digest in version {version} could not be kept"
+                        )),
+                    });
+                }
+                st.store.track(schema, version);
+                started = true;
+            }
+            st.store.track_step(schema, DIGEST_STEP);
+            drop(st);
+            st = self.state();
+        }
+    }
+
+    /// Pre-flight: converts the live state to `target` (and back), reporting
+    /// success or the first failing record. Reads the state in bounded
+    /// chunks, copying one chunk at a time under the lock and converting it
+    /// outside; a record written during the walk is checked in the version
+    /// it had when its chunk was read. Live state is untouched.
     pub fn preflight(&self, target: SchemaVersion) -> Result<PreflightReport, PreflightFailure> {
-        let (_, records) = self.records();
-        self.inner.schema.preflight(target, records.iter())
+        let schema = &self.inner.schema;
+        let mut report = PreflightReport {
+            from: schema.version(),
+            to: target,
+            records: 0,
+            converted: 0,
+            dropped: 0,
+        };
+        let mut cur = crate::store::Cursor::default();
+        let mut chunk: Vec<Record> = Vec::new();
+        loop {
+            chunk.clear();
+            let done = {
+                let mut st = self.state();
+                let mut bytes = 0usize;
+                st.store.scan(&mut cur, 16 << 10, |t, k, v| {
+                    bytes += t.len() + k.len() + v.len();
+                    chunk.push(Record::new(t, k.to_vec(), v.to_vec()));
+                    bytes < 1 << 20
+                })
+            };
+            let r = schema.preflight(target, chunk.iter())?;
+            report.records += r.records;
+            report.converted += r.converted;
+            report.dropped += r.dropped;
+            if done {
+                return Ok(report);
+            }
+        }
     }
 
     /// Serves standbys of this service on `listener` (accept loop thread).
@@ -1421,6 +1514,25 @@ impl Replica {
             drop(st);
             return refuse(&mut conn, epoch, SyncError::TooManyStandbys(n));
         }
+        if stream_version != schema.version() {
+            // The digest is kept in one foreign version at a time.
+            if let Some(other) = st
+                .links
+                .iter()
+                .filter(|l| l.link.node != node)
+                .map(|l| l.link.stream_version)
+                .find(|v| *v != schema.version() && *v != stream_version)
+            {
+                let epoch = st.epoch;
+                drop(st);
+                let e = SyncError::Protocol(format!(
+                    "this active already streams version {other} to another standby and keeps \
+                     the digest of one foreign version at a time; version {stream_version} \
+                     must wait until that standby detaches"
+                ));
+                return refuse(&mut conn, epoch, e);
+            }
+        }
         if let Some(old) = st.links.iter().find(|l| l.link.node == node) {
             // A re-attaching standby replaces its previous link.
             old.link.core.close();
@@ -1449,31 +1561,34 @@ impl Replica {
                 writing: true,
                 writer: None,
             }),
+            drained: Condvar::new(),
+            bulk: AtomicBool::new(false),
             promoted: AtomicU64::new(0),
         });
-        if stream_version != schema.version()
-            && st.store.tracked() != Some(stream_version)
-            && st.store.len() == 0
-        {
-            st.store.track(schema, stream_version);
-        }
+        // Free if the state is empty; otherwise built in steps by the bulk
+        // transfer or by digest checks.
+        st.store.track(schema, stream_version);
         let snap_seq = st.seq;
         let snap_epoch = st.last_epoch;
         // Resume instead of a snapshot if the standby's position is on this
         // instance's history and the log still holds every batch after it.
+        // Resume instead of a bulk transfer if the standby's position is on
+        // this instance's history, the log still holds every batch after it,
+        // and the digest at snap_seq in the stream version is kept (no scan).
+        let kept = st.store.digest_kept(schema, stream_version);
         let replay = resume
-            .filter(|p| p.seq > 0 && p.seq <= snap_seq)
+            .filter(|p| p.seq > 0 && p.seq <= snap_seq && kept.is_some())
             .and_then(|p| Some((p.seq, st.log.after(p.seq, p.epoch)?)));
-        // Consistent snapshot: everything after snap_seq is queued to the
-        // link. A resume needs only the digest at snap_seq, which is kept
-        // per mutation in the native and the tracked version.
-        let snapshot = match replay {
-            Some(_) => match st.store.digest_kept(schema, stream_version) {
-                Some(d) => Snapshot::Digest(d),
-                None => Snapshot::Store(st.store.clone()),
-            },
-            None => Snapshot::Store(st.store.clone()),
-        };
+        if replay.is_none() {
+            // The bulk transfer goes through the link's queue, in order with
+            // the live stream (see `bulk`): its first frame goes first.
+            let begin = Control::BulkBegin {
+                seq: snap_seq,
+                records: st.store.len() as u64,
+            };
+            link.push(&begin.encode(epoch, snap_seq), usize::MAX);
+            link.bulk.store(true, Ordering::Relaxed);
+        }
         if replay.is_some() {
             st.resumes_sent += 1;
         } else {
@@ -1488,6 +1603,7 @@ impl Replica {
             in_sync: false,
             digest_matched: false,
             digest_seq: 0,
+            bulk_sent: 0,
         });
         drop(st);
         info!(
@@ -1508,14 +1624,14 @@ impl Replica {
         thread::Builder::new()
             .name("sync-bulk".into())
             .spawn(move || {
-                let r = match replay {
-                    Some((from, entries)) => {
-                        me.send_resume(&l2, w, snapshot, from, entries, snap_seq, snap_epoch, epoch)
+                let r = match (replay, kept) {
+                    (Some((from, entries)), Some(digest)) => {
+                        me.send_resume(&l2, w, digest, from, entries, snap_seq, snap_epoch, epoch)
                     }
-                    None => match snapshot {
-                        Snapshot::Store(s) => me.send_bulk(&l2, w, s, snap_seq, snap_epoch, epoch),
-                        Snapshot::Digest(_) => unreachable!("a bulk transfer has the store"),
-                    },
+                    _ => {
+                        me.hand_over(&l2, w);
+                        me.send_bulk(&l2, epoch)
+                    }
                 };
                 if let Err(e) = r {
                     warn!(standby = %l2.node, error = %e, "bulk transfer failed");
@@ -1555,82 +1671,6 @@ impl Replica {
         self.inner.cond.notify_all();
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn send_bulk(
-        &self,
-        link: &Link,
-        mut w: Box<dyn Write + Send>,
-        snapshot: Store,
-        snap_seq: Seq,
-        snap_epoch: Epoch,
-        epoch: Epoch,
-    ) -> Result<(), SyncError> {
-        let schema = &self.inner.schema;
-        let native = schema.version();
-        let sv = link.stream_version;
-        let total = snapshot.len() as u64;
-        let mut fw = FrameWriter::new();
-        let begin = Control::BulkBegin {
-            seq: snap_seq,
-            records: total,
-        };
-        w.write_all(&begin.encode(epoch, snap_seq))?;
-        let mut digest = Digest::default();
-        let mut sent = 0u64;
-        let mut count = 0u32;
-        for (name, table) in snapshot.tables() {
-            for (k, v) in table.iter() {
-                if link.core.is_closed() {
-                    return Err(SyncError::Shutdown);
-                }
-                let converted;
-                let (tn, kk, vv): (&str, &[u8], &[u8]) = if sv == native {
-                    (name, k, v)
-                } else {
-                    let rec = Record::new(name.clone(), k.to_vec(), v.to_vec());
-                    match schema.convert(&rec, native, sv)? {
-                        Some(r) => {
-                            converted = r;
-                            (&converted.table, &converted.key, &converted.value)
-                        }
-                        None => continue,
-                    }
-                };
-                let need = wire::mutation_len(tn, kk, Some(vv));
-                if fw.is_open() && fw.open_payload_len() + need > wire::BULK_PAYLOAD {
-                    // Large frames, each written as soon as it is complete.
-                    close_chunk(&mut fw, count);
-                    count = 0;
-                    w.write_all(fw.as_bytes())?;
-                    fw.clear();
-                }
-                if !fw.is_open() {
-                    fw.begin(FrameType::BulkChunk, epoch, snap_seq);
-                    fw.payload().extend_from_slice(&0u32.to_le_bytes());
-                }
-                wire::encode_mutation(fw.payload(), tn, kk, Some(vv));
-                digest.add(tn, kk, vv);
-                count += 1;
-                sent += 1;
-            }
-        }
-        if fw.is_open() {
-            close_chunk(&mut fw, count);
-        }
-        let end = Control::BulkEnd {
-            seq: snap_seq,
-            digest,
-            last_epoch: snap_epoch,
-        };
-        let mut tail = fw.take();
-        tail.extend_from_slice(&end.encode(epoch, snap_seq));
-        w.write_all(&tail)?;
-        w.flush()?;
-        debug!(standby = %link.node, records = sent, "bulk sent");
-        self.hand_over(link, w);
-        Ok(())
-    }
-
     /// Hands the writer to the live stream and sends what queued meanwhile.
     fn hand_over(&self, link: &Link, w: Box<dyn Write + Send>) {
         {
@@ -1648,7 +1688,7 @@ impl Replica {
         &self,
         link: &Link,
         mut w: Box<dyn Write + Send>,
-        snapshot: Snapshot,
+        digest: Digest,
         from: Seq,
         entries: Vec<LogEntry>,
         snap_seq: Seq,
@@ -1706,10 +1746,6 @@ impl Replica {
                 fw.clear();
             }
         }
-        let digest = match snapshot {
-            Snapshot::Digest(d) => d,
-            Snapshot::Store(s) => s.digest_in(schema, native, sv)?,
-        };
         let end = Control::ResumeEnd {
             seq: snap_seq,
             last_epoch: snap_epoch,
@@ -2194,8 +2230,7 @@ impl Replica {
         let native = schema.version();
         let mut r = io::BufReader::with_capacity(1 << 20, reader);
         let mut payload = Vec::new();
-        let mut bulk: Option<(Seq, u64, u64)> = None; // (snapshot seq, announced, received)
-        let mut bulk_digest = Digest::default();
+        let mut bulk: Option<(Seq, u64, u64)> = None; // (begin seq, announced, received)
         let mut resume: Option<(Seq, Seq)> = None; // (from, to)
         let mut bulk_done = false;
         let mut acked: Seq = 0;
@@ -2236,19 +2271,22 @@ impl Replica {
                     // Empty now: keeping the digest in the stream version
                     // from here on costs no scan.
                     st.store.track(schema, sv);
-                    st.seq = 0;
+                    // Live batches after `seq` arrive between the chunks
+                    // (see `bulk`); the state is a whole history only once
+                    // the transfer ends.
+                    st.seq = seq;
                     st.last_epoch = 0;
                     st.history_ok = false;
-                    st.log.reset(0, 0);
+                    st.log.reset(seq, 0);
                     bulk = Some((seq, records, 0));
                 }
                 FrameType::BulkChunk => {
-                    let Some((snap, _, received)) = bulk.as_mut() else {
+                    let Some((_, _, received)) = bulk.as_mut() else {
                         return Err(SyncError::Protocol(
                             "bulk chunk outside a bulk snapshot".into(),
                         ));
                     };
-                    if bulk_done || f.seq != *snap {
+                    if bulk_done {
                         return Err(SyncError::Protocol("bulk chunk out of place".into()));
                     }
                     let body = BatchRef::parse(FrameType::BulkChunk, f.payload)?;
@@ -2256,20 +2294,31 @@ impl Replica {
                         return Err(SyncError::Protocol("a bulk chunk holds a delete".into()));
                     }
                     *received += body.len() as u64;
-                    if sv == native {
+                    let conv = if sv == native {
                         self.check_native_tables(&body)?;
-                        let mut st = self.state();
-                        for m in body.iter() {
-                            let v = m.value.expect("checked");
-                            bulk_digest.add(m.table, m.key, v);
-                            if let Some(i) = st.store.index_of(m.table) {
-                                st.store.put_slice(schema, i, m.key, v);
+                        None
+                    } else {
+                        Some(self.to_native(body.iter(), sv)?)
+                    };
+                    let mut st = self.state();
+                    // A chunk is read at the sequence it carries: every batch
+                    // up to it is applied here, none after it.
+                    if f.seq != st.seq {
+                        return Err(SyncError::Protocol(format!(
+                            "bulk chunk read at sequence {} arrived at applied sequence {}",
+                            f.seq, st.seq
+                        )));
+                    }
+                    match conv {
+                        None => {
+                            for m in body.iter() {
+                                let v = m.value.expect("checked");
+                                if let Some(i) = st.store.index_of(m.table) {
+                                    st.store.put_slice(schema, i, m.key, v);
+                                }
                             }
                         }
-                    } else {
-                        let conv = self.to_native(body.iter(), sv)?;
-                        let mut st = self.state();
-                        apply_converted(&mut st.store, schema, conv);
+                        Some(conv) => apply_converted(&mut st.store, schema, conv),
                     }
                 }
                 FrameType::BulkEnd => {
@@ -2281,26 +2330,25 @@ impl Replica {
                     else {
                         unreachable!()
                     };
-                    let Some((snap, announced, received)) = bulk else {
+                    let Some((begin, announced, received)) = bulk.take() else {
                         return Err(SyncError::Protocol(
                             "bulk end without a bulk snapshot".into(),
                         ));
                     };
-                    if seq != snap || received > announced {
-                        return Err(SyncError::Protocol(format!(
-                            "bulk snapshot at {snap} ended at {seq} with {received} of {announced} records"
-                        )));
-                    }
-                    let local = if sv == native {
-                        std::mem::take(&mut bulk_digest)
-                    } else {
+                    let local = {
                         let st = self.state();
-                        st.store.digest_in(schema, native, sv)?
+                        if seq != st.seq {
+                            return Err(SyncError::Protocol(format!(
+                                "bulk transfer begun at {begin} ended at {seq} with {} applied",
+                                st.seq
+                            )));
+                        }
+                        self.digest_held(st, sv)?
                     };
+                    debug!(begin, end = seq, announced, received, "bulk received");
                     let matched = local == digest;
                     {
                         let mut st = self.state();
-                        st.seq = seq;
                         st.last_epoch = last_epoch;
                         st.history_ok = matched;
                         st.log.reset(seq, last_epoch);
@@ -2339,8 +2387,8 @@ impl Replica {
                             st.seq
                         )));
                     }
-                    // Usually tracked since the bulk snapshot or the start;
-                    // otherwise converts the state once, here.
+                    // Usually tracked since the bulk transfer or the start;
+                    // otherwise built in steps at the resume's end.
                     st.store.track(schema, sv);
                     resume = Some((from, seq));
                 }
@@ -2388,23 +2436,18 @@ impl Replica {
                     let Some((from, to)) = resume.take() else {
                         return Err(SyncError::Protocol("resume end without a resume".into()));
                     };
-                    let (applied, mine, kept) = {
+                    let (applied, mine) = {
                         let st = self.state();
-                        let kept = match st.store.digest_kept(schema, sv) {
-                            Some(d) => Snapshot::Digest(d),
-                            None => Snapshot::Store(st.store.clone()),
-                        };
-                        (st.seq, st.last_epoch, kept)
+                        (st.seq, st.last_epoch)
                     };
                     if seq != to || applied != to {
                         return Err(SyncError::Protocol(format!(
                             "resume to {to} ended at {seq} with {applied} applied"
                         )));
                     }
-                    let local = match kept {
-                        Snapshot::Digest(d) => d,
-                        Snapshot::Store(s) => s.digest_in(schema, native, sv)?,
-                    };
+                    // Only this thread changes a standby's state: the
+                    // digest built in steps is the one at `seq`.
+                    let local = self.digest_held(self.state(), sv)?;
                     let matched = local == digest && mine == last_epoch;
                     {
                         let mut st = self.state();
@@ -2435,7 +2478,7 @@ impl Replica {
                     acked = seq;
                 }
                 FrameType::Batch => {
-                    if !bulk_done {
+                    if !bulk_done && bulk.is_none() {
                         return Err(SyncError::Protocol(
                             "live mutations before the bulk snapshot ended".into(),
                         ));
@@ -2447,10 +2490,9 @@ impl Replica {
                     let Control::DigestCheck { digest } = f.control()? else {
                         unreachable!()
                     };
-                    let (seq, local) = {
-                        let st = self.state();
-                        (st.seq, st.store.digest_in(schema, native, sv)?)
-                    };
+                    let st = self.state();
+                    let seq = st.seq;
+                    let local = self.digest_held(st, sv)?;
                     if !bulk_done || seq != f.seq {
                         return Err(SyncError::Protocol(format!(
                             "digest check at {} arrived at applied sequence {seq}",
@@ -2560,19 +2602,27 @@ impl Replica {
     /// reaches that sequence. Returns the sequence checked.
     pub fn verify_standbys(&self) -> Result<Seq, SyncError> {
         let schema = &self.inner.schema;
-        let st = self.state();
+        let mut st = self.state();
         if st.role != Role::Active {
             return Err(not_active(&st));
         }
         let mut targets = Vec::new();
         let mut cache: Vec<(SchemaVersion, Vec<u8>)> = Vec::new();
-        for l in &st.links {
+        let mut building = false;
+        for i in 0..st.links.len() {
+            let l = &st.links[i];
             if !l.bulk_done {
                 continue;
             }
             let v = l.link.stream_version;
             if !cache.iter().any(|(cv, _)| *cv == v) {
-                let d = st.store.digest_in(schema, schema.version(), v)?;
+                let Some(d) = st.store.digest_kept(schema, v) else {
+                    // Not kept yet (a foreign version tracked since a resume
+                    // or a switchover): one bounded build step per call,
+                    // this standby is checked once the digest is complete.
+                    building = true;
+                    continue;
+                };
                 cache.push((
                     v,
                     Control::DigestCheck { digest: d }.encode(st.epoch, st.seq),
@@ -2582,6 +2632,9 @@ impl Replica {
             if l.link.push(bytes, self.inner.config.max_queue_bytes) {
                 targets.push(l.link.clone());
             }
+        }
+        if building {
+            st.store.track_step(schema, DIGEST_STEP);
         }
         let seq = st.seq;
         drop(st);
@@ -2847,6 +2900,7 @@ impl Replica {
                     digest_matched: l.digest_matched,
                     ready: l.bulk_done && l.in_sync && l.digest_matched && lag <= cfg.ready_lag,
                     resumed: l.resumed,
+                    bulk_sent: l.bulk_sent,
                 }
             })
             .collect();
@@ -2957,13 +3011,6 @@ fn close_chunk(fw: &mut FrameWriter, count: u32) {
     let at = buf.len() - len;
     buf[at..at + 4].copy_from_slice(&count.to_le_bytes());
     fw.finish();
-}
-
-/// What an attach hands its sender thread: the state for a bulk transfer,
-/// or for a resume just its digest when that is kept per mutation.
-enum Snapshot {
-    Store(Store),
-    Digest(Digest),
 }
 
 fn apply_converted(store: &mut Store, schema: &Schema, conv: Vec<Converted>) {

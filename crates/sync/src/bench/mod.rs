@@ -504,3 +504,5 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, SyncError> {
         targets,
     })
 }
+
+pub mod attach;
