@@ -34,11 +34,20 @@ pub(super) fn require_redis_tools() -> anyhow::Result<()> {
 /// told to stop; the pass under way then finishes (bounded) so its figures count too.
 pub(super) struct Benchmark {
     stop: Arc<AtomicBool>,
+    clients: u32,
     thread: std::thread::JoinHandle<String>,
 }
 
 impl Benchmark {
-    pub(super) fn start(dir: &Path, addr: SocketAddr, requests: u32) -> anyhow::Result<Self> {
+    /// Starts the passes: `clients` connections (`-c`), `requests` requests per test, at
+    /// least two per connection.
+    pub(super) fn start(
+        dir: &Path,
+        addr: SocketAddr,
+        clients: u32,
+        requests: u32,
+    ) -> anyhow::Result<Self> {
+        let requests = requests.max(clients.saturating_mul(2));
         require_redis_tools()?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -57,7 +66,7 @@ impl Benchmark {
                         "-p",
                         &addr.port().to_string(),
                         "-c",
-                        "4",
+                        &clients.to_string(),
                         "-n",
                         &requests.to_string(),
                         "-r",
@@ -103,13 +112,20 @@ impl Benchmark {
             let _ = std::fs::write(&out_path, &all);
             all
         });
-        Ok(Self { stop, thread })
+        Ok(Self {
+            stop,
+            clients,
+            thread,
+        })
     }
 
     pub(super) fn finish(self) -> BenchSummary {
         self.stop.store(true, Ordering::Release);
         let text = self.thread.join().unwrap_or_default();
-        parse_benchmark(&text)
+        BenchSummary {
+            clients: u64::from(self.clients),
+            ..parse_benchmark(&text)
+        }
     }
 }
 

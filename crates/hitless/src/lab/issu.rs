@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use hitless_core::{Outcome, Report};
 
 use super::bench::{require_redis_tools, Benchmark};
 use super::checker::{verify, Checker};
-use super::report::{print_report, FinalControl, IssuReport};
-use super::sampler::Sampler;
+use super::load;
+use super::report::{print_report, FinalControl, IssuReport, StandbySync, StepTime};
+use super::sampler::{Sampler, INTERVAL as SAMPLE_INTERVAL};
 use super::{
     backend_name, inject, parse_fault, spawn_agent, stop_agents, up_inner, NAMES, SERVICE_ADDR,
 };
@@ -39,8 +40,24 @@ pub fn issu(args: &LabIssuArgs) -> anyhow::Result<()> {
     } else {
         print_report(&report);
     }
+    if let Some(e) = &report.verify_error {
+        bail!(
+            "the ISSU did not finish ({}) and the writes could not be read back: {e}",
+            report.outcome_detail
+        );
+    }
+    if report.result == "unfinished" {
+        bail!("the ISSU did not finish: {}", report.outcome_detail);
+    }
     if report.acked_lost > 0 {
         bail!("{} acknowledged writes were lost", report.acked_lost);
+    }
+    if report.state_lost > 0 {
+        bail!(
+            "{} of {} loaded keys read back were lost",
+            report.state_lost,
+            report.state_checked
+        );
     }
     Ok(())
 }
@@ -53,12 +70,22 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         eprintln!("lab up in {:.1} s", up_started.elapsed().as_secs_f64());
     }
     let service: SocketAddr = SERVICE_ADDR.parse()?;
+    let value_size = usize::try_from(args.value_size)?;
+    if !args.json {
+        eprintln!(
+            "loading {} keys of {value_size} bytes through the service address...",
+            args.keys
+        );
+    }
+    let loaded = load::load(service, args.keys, value_size)
+        .with_context(|| format!("loading the state; the pair now: {}", pair_summary()))?;
+    let state_keys = load::dbsize(service)?;
     let checker = Checker::start(service, 2);
     let requests = match args.up.backend {
         Backend::Process => 1000,
         Backend::Qemu => 100,
     };
-    let bench = Benchmark::start(dir, service, requests)?;
+    let bench = Benchmark::start(dir, service, args.clients, requests)?;
     std::thread::sleep(Duration::from_millis(500));
     let from_version = before
         .engine
@@ -73,12 +100,15 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         .map(|l| l.seq + 1)
         .unwrap_or(0);
     checker.stats.measuring.store(true, Ordering::Release);
-    let sampler = Sampler::start();
     let issu_start = Instant::now();
+    let sampler = Sampler::start(issu_start);
     let issu_offset_s = checker.stats.origin.elapsed().as_secs_f64();
     ops::post(&api, "/v1/upgrade", serde_json::json!({ "image": target }))?;
     let mut injected = false;
     let mut timeline = Vec::new();
+    // Each step's progress line and the end, with the driver's clock (ms since the epoch).
+    let mut marks: Vec<(String, u64)> = Vec::new();
+    let mut moves = 0u64;
     let mut fault_error = None;
     let mut restart: Option<std::thread::JoinHandle<String>> = None;
     let bound = match args.up.backend {
@@ -86,6 +116,12 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         Backend::Qemu => Duration::from_secs(1800),
     };
     let end = ops::follow(&api, since, bound, true, |l| {
+        match &l.report {
+            Report::Step { step, .. } => marks.push((step.name().to_owned(), l.at_unix_ms)),
+            Report::Finished(_) => marks.push(("end".to_owned(), l.at_unix_ms)),
+            Report::ControlMoved { .. } => moves += 1,
+            _ => {}
+        }
         let line = format!(
             "{:>7.3} s  {}",
             issu_start.elapsed().as_secs_f64(),
@@ -153,7 +189,7 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         timeline.push(line);
     }
     checker.stats.measuring.store(false, Ordering::Release);
-    let (peak_instances, guest_kernels) = sampler.finish();
+    let sampled = sampler.finish();
     // Let the load run a moment on the final instance in control.
     std::thread::sleep(Duration::from_millis(300));
     let errors_during = checker.stats.errors.load(Ordering::Relaxed);
@@ -164,17 +200,39 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         (acked, stats)
     };
     let (acked, stats) = acked;
-    let end = end?;
     if let Some(e) = fault_error {
         bail!("the fault could not be injected: {e}");
-    }
-    let (lost, samples) = verify(service, &acked)?;
-    for s in &samples {
-        eprintln!("LOST: {s}");
     }
     for s in stats.error_samples.lock().expect("samples").iter() {
         eprintln!("client error: {s}");
     }
+    // Every acknowledged write and the loaded state read back. When the ISSU did not finish
+    // (it needs the operator: no instance may be in control), the report still comes out,
+    // with what could not be read back counted as lost.
+    let verified = verify(service, &acked).and_then(|(lost, samples)| {
+        let state = load::check(service, loaded.keys, value_size)?;
+        Ok((lost, samples, state, load::dbsize(service)?))
+    });
+    let (lost, state, state_keys_after, verify_error) = match verified {
+        Ok((lost, samples, state, after)) => {
+            for s in &samples {
+                eprintln!("LOST: {s}");
+            }
+            for s in &state.samples {
+                eprintln!("LOADED KEY LOST: {s}");
+            }
+            (lost, state, after, None)
+        }
+        Err(e) if end.is_err() => {
+            let unread = load::StateCheck {
+                checked: 0,
+                missing: loaded.keys.min(load::SAMPLE_KEYS as u64),
+                samples: Vec::new(),
+            };
+            (acked.len() as u64, unread, 0, Some(format!("{e:#}")))
+        }
+        Err(e) => return Err(e),
+    };
     let (_, after) = ops::driving_status(&ApiArgs { api: None })?;
     let engine = after.engine.clone().unwrap_or_else(|| {
         before
@@ -185,16 +243,17 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
     let control = engine
         .in_control
         .and_then(|id| engine.instances.iter().find(|r| r.id == id));
-    let (result, detail, to_version) = match &end.outcome {
-        Outcome::Committed { version } => (
+    let (result, detail, to_version) = match end.as_ref().map(|e| &e.outcome) {
+        Ok(Outcome::Committed { version }) => (
             "committed",
             format!("all instances on {version}"),
             version.to_string(),
         ),
-        Outcome::RolledBack { version, reason } => ("rolled_back", reason.clone(), {
+        Ok(Outcome::RolledBack { version, reason }) => ("rolled_back", reason.clone(), {
             let _ = version;
             "2.0.0".to_owned()
         }),
+        Err(e) => ("unfinished", format!("{e:#}"), "2.0.0".to_owned()),
     };
     let outage = stats.max_gap_after_mark_ns.load(Ordering::Acquire);
     let failover_ms = (injected && outage > 0).then(|| outage as f64 / 1e6);
@@ -210,19 +269,156 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
             version: control.map(|c| c.version.to_string()).unwrap_or_default(),
             epoch: engine.epoch.0,
         },
+        state_keys,
+        state_bytes: loaded.bytes,
+        state_loaded_keys: loaded.keys,
+        value_size: args.value_size,
+        load_s: loaded.seconds,
+        load_keys_per_s: loaded.keys as f64 / loaded.seconds.max(1e-9),
+        state_keys_after,
+        state_checked: state.checked,
+        state_lost: state.missing,
         acked_writes: acked.len() as u64,
         acked_lost: lost,
+        verify_error,
         client_errors: errors_during + bench_summary.errors,
         max_gap_ms: stats.max_gap_ns.load(Ordering::Acquire) as f64 / 1e6,
         max_gap_at_s: (stats.max_gap_end_ns.load(Ordering::Acquire) as f64 / 1e9 - issu_offset_s)
             .max(0.0),
         failover_ms,
-        switchovers: end.switchovers,
+        switchovers: end.as_ref().map_or(moves, |e| e.switchovers),
         issu_seconds,
-        peak_instances,
-        guest_kernels,
+        standby_syncs: standby_syncs(&marks),
+        steps: step_times(&marks),
+        peak_instances: sampled.peak_instances,
+        guest_kernels: sampled.guest_kernels,
+        instances: sampled.instances,
+        sample_interval_ms: SAMPLE_INTERVAL.as_millis() as u64,
         benchmark: bench_summary,
         outcome_detail: detail,
         timeline,
     })
+}
+
+/// The pair in one line (phase, instance in control, every instance's state and role), to
+/// explain a failure.
+fn pair_summary() -> String {
+    match ops::driving_status(&ApiArgs { api: None }) {
+        Ok((_, st)) => match st.engine {
+            Some(e) => {
+                let rows: Vec<String> = e
+                    .instances
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} {} {} {:?}/{:?}",
+                            r.id, r.appliance, r.version, r.state, r.role
+                        )
+                    })
+                    .collect();
+                format!(
+                    "phase {}, in control {}, instances [{}]{}",
+                    e.phase,
+                    e.in_control.map(|i| i.to_string()).unwrap_or("none".into()),
+                    rows.join(", "),
+                    e.stuck
+                        .map(|s| format!(", needs the operator: {}", s.reason))
+                        .unwrap_or_default()
+                )
+            }
+            None => "no agent drives".into(),
+        },
+        Err(e) => format!("no status ({e:#})"),
+    }
+}
+
+/// Each step's duration: from its progress line to the next step's (or the end's).
+fn step_times(marks: &[(String, u64)]) -> Vec<StepTime> {
+    marks
+        .windows(2)
+        .filter(|w| w[0].0 != "end")
+        .map(|w| StepTime {
+            step: w[0].0.clone(),
+            ms: w[1].1.saturating_sub(w[0].1) as f64,
+        })
+        .collect()
+}
+
+/// The steps that start a new standby and the steps that wait until it is ready.
+const STANDBY_STEPS: [(&str, &str, &str); 5] = [
+    (
+        "start-extras",
+        "sync-extras",
+        "a second instance of the running version on each appliance (both at once)",
+    ),
+    (
+        "primary-start-new",
+        "primary-sync-new",
+        "the target version on the primary appliance",
+    ),
+    (
+        "primary-upgrade-old",
+        "primary-sync-old",
+        "the target version replacing the old instance on the primary appliance",
+    ),
+    (
+        "secondary-start-new",
+        "secondary-sync-new",
+        "the target version on the secondary appliance",
+    ),
+    (
+        "secondary-upgrade-old",
+        "secondary-sync-old",
+        "the target version replacing the old instance on the secondary appliance",
+    ),
+];
+
+/// The start and sync times of each new standby, from the steps' durations (the first time
+/// each step ran to its end).
+fn standby_syncs(marks: &[(String, u64)]) -> Vec<StandbySync> {
+    let times = step_times(marks);
+    let first = |name: &str| times.iter().find(|t| t.step == name).map(|t| t.ms);
+    STANDBY_STEPS
+        .iter()
+        .filter_map(|(start, sync, what)| {
+            Some(StandbySync {
+                step: (*sync).to_owned(),
+                what: (*what).to_owned(),
+                start_ms: first(start),
+                sync_ms: first(sync)?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_and_standby_times_come_from_consecutive_progress_lines() {
+        let marks: Vec<(String, u64)> = [
+            ("precheck", 1000),
+            ("start-extras", 1010),
+            ("sync-extras", 1030),
+            ("primary-start-new", 1500),
+            ("primary-sync-new", 1520),
+            ("primary-switch", 3520),
+            ("end", 3600),
+        ]
+        .iter()
+        .map(|(s, t)| ((*s).to_owned(), *t))
+        .collect();
+        let steps = step_times(&marks);
+        assert_eq!(steps.len(), 6);
+        assert_eq!(steps[2].step, "sync-extras");
+        assert_eq!(steps[2].ms, 470.0);
+        assert_eq!(steps[5].ms, 80.0);
+        let syncs = standby_syncs(&marks);
+        assert_eq!(syncs.len(), 2, "{syncs:?}");
+        assert_eq!(syncs[0].start_ms, Some(20.0));
+        assert_eq!(syncs[0].sync_ms, 470.0);
+        assert_eq!(syncs[1].step, "primary-sync-new");
+        assert_eq!(syncs[1].sync_ms, 2000.0);
+    }
 }

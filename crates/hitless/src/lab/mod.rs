@@ -18,6 +18,7 @@ use crate::{ApiArgs, Backend, LabUpArgs};
 mod bench;
 mod checker;
 mod issu;
+mod load;
 mod report;
 mod sampler;
 
