@@ -272,6 +272,7 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
             }
         }
     }
+    ports_free()?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let images = build_images(dir, args.backend)?;
@@ -287,6 +288,25 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
         Backend::Qemu => Duration::from_secs(600),
     };
     wait_pair(bound)
+}
+
+/// Refuses to start when another lab (from another run directory) holds the lab's fixed
+/// addresses: its agents would answer this lab's requests.
+fn ports_free() -> anyhow::Result<()> {
+    let addrs = [SERVICE_ADDR]
+        .into_iter()
+        .chain(LAB_APIS)
+        .chain(PEER_ADDRS)
+        .map(str::to_owned)
+        .chain(PORT_BASES.iter().map(|p| format!("127.0.0.1:{p}")));
+    for a in addrs {
+        if let Err(e) = std::net::TcpListener::bind(&a) {
+            bail!(
+                "{a} is in use ({e}): another lab or service holds the lab's addresses; stop it first (`hitless lab down --dir ...`)"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `hitless lab down`.
