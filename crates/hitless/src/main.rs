@@ -140,6 +140,16 @@ pub struct LabIssuArgs {
     /// Keep the lab running after the report (tear it down with `hitless lab down`).
     #[arg(long)]
     pub keep: bool,
+    /// State loaded through the service address before the ISSU: this many distinct keys
+    /// (`key:0`, `key:1`, ...), read back (all, or 10,000 at random) after it.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    pub keys: u64,
+    /// Size in bytes of each loaded value.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub value_size: u64,
+    /// Parallel connections of redis-benchmark during the ISSU (its `-c`).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub clients: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -77,6 +77,92 @@ fn fault_free_issu_commits_with_every_acknowledged_write_verified() {
     assert_eq!(r["client_errors"], 0);
     assert!(r["switchovers"].as_u64().unwrap() >= 1);
     assert_eq!(r["backend"], "process");
+    // The default state: 10,000 loaded keys, every one read back with its value.
+    assert_state_kept(&r, 10_000);
+    assert_eq!(r["state_checked"], 10_000);
+    assert_eq!(r["benchmark"]["clients"], 4);
+    assert_figures(&r);
+}
+
+/// The loaded state was there when the ISSU started and is still there, values included.
+fn assert_state_kept(r: &Value, keys: u64) {
+    assert_eq!(r["state_loaded_keys"], keys, "{r}");
+    assert!(
+        r["state_keys"].as_u64().unwrap() >= keys,
+        "the service held {} keys at the start, {keys} were loaded",
+        r["state_keys"]
+    );
+    assert!(
+        r["state_keys_after"].as_u64().unwrap() >= keys,
+        "the service held {} keys after the ISSU, {keys} were loaded",
+        r["state_keys_after"]
+    );
+    let value_size = r["value_size"].as_u64().unwrap();
+    assert!(
+        r["state_bytes"].as_u64().unwrap() > keys * value_size,
+        "state_bytes counts keys and values: {}",
+        r["state_bytes"]
+    );
+    assert!(r["state_checked"].as_u64().unwrap() >= keys.min(10_000));
+    assert_eq!(r["state_lost"], 0, "loaded keys lost: {r}");
+    assert!(r["load_s"].as_f64().unwrap() > 0.0);
+}
+
+/// Memory and sync figures of a committed ISSU: every instance's peak RSS, and the start and
+/// sync time of each of the five new standbys.
+fn assert_figures(r: &Value) {
+    let instances = r["instances"].as_array().unwrap();
+    assert!(instances.len() >= 6, "{instances:?}");
+    for i in instances {
+        let peak = i["peak_rss_bytes"].as_u64().unwrap_or(0);
+        assert!(peak > 1 << 20, "no peak RSS for {i}");
+    }
+    let syncs = r["standby_syncs"].as_array().unwrap();
+    assert_eq!(syncs.len(), 5, "{syncs:?}");
+    for s in syncs {
+        assert!(s["sync_ms"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["start_ms"].as_f64().is_some(), "{s}");
+    }
+}
+
+#[test]
+fn a_million_keys_of_state_are_upgraded_without_a_hit() {
+    let _g = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    if skip_without_redis_tools() {
+        return;
+    }
+    let r = lab_issu("million", &["--keys", "1000000", "--value-size", "100"]);
+    assert_eq!(r["result"], "committed", "{}", r["outcome_detail"]);
+    assert_eq!(r["final_control"]["version"], "2.0.0");
+    assert_eq!(r["acked_lost"], 0);
+    assert_eq!(r["client_errors"], 0);
+    assert_state_kept(&r, 1_000_000);
+    assert_eq!(r["state_checked"], 10_000);
+    // A bound, not a target: the load goes at tens of thousands of keys per second.
+    assert!(
+        r["load_s"].as_f64().unwrap() < 120.0,
+        "loading 1,000,000 keys took {} s",
+        r["load_s"]
+    );
+    assert_figures(&r);
+}
+
+#[test]
+fn five_hundred_benchmark_clients_see_no_error_during_the_issu() {
+    let _g = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    if skip_without_redis_tools() {
+        return;
+    }
+    let r = lab_issu("clients", &["--clients", "500"]);
+    assert_eq!(r["result"], "committed", "{}", r["outcome_detail"]);
+    assert_eq!(r["acked_lost"], 0);
+    assert_eq!(r["client_errors"], 0);
+    assert_eq!(r["benchmark"]["clients"], 500);
+    assert!(
+        !r["benchmark"]["tests"].as_object().unwrap().is_empty(),
+        "redis-benchmark with 500 clients completed no test: {r}"
+    );
+    assert_state_kept(&r, 10_000);
 }
 
 #[test]

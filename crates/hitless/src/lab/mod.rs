@@ -1,0 +1,418 @@
+//! `hitless lab`: a local pair of appliance agents on this machine, and the main job
+//! (`hitless lab issu`): the pair upgraded v1 -> v2 under real client load, every
+//! acknowledged write verified afterwards.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hitless_agent::api::StatusAnswer;
+use hitless_core::Role;
+use hitless_image::manifest::SchemaDecl;
+
+use crate::ops::{self, LAB_APIS};
+use crate::{ApiArgs, Backend, LabUpArgs};
+
+mod bench;
+mod checker;
+mod issu;
+mod load;
+mod report;
+mod sampler;
+
+pub use issu::issu;
+
+/// The lab's default run directory.
+pub const DEFAULT_DIR: &str = "/tmp/hitless-lab";
+// Every lab port is below Linux's ephemeral range (32768-60999), so that no outgoing
+// connection can hold one when an instance or agent needs to bind it.
+
+/// The device's service address in the lab.
+pub const SERVICE_ADDR: &str = "127.0.0.1:26380";
+const PEER_ADDRS: [&str; 2] = ["127.0.0.1:27711", "127.0.0.1:27712"];
+const PORT_BASES: [u16; 2] = [27800, 27900];
+const NAMES: [&str; 2] = ["primary", "secondary"];
+
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Process => "process",
+        Backend::Qemu => "qemu",
+    }
+}
+
+fn exe_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the hitless executable")?;
+    Ok(exe
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".")))
+}
+
+/// Finds the kvd binaries built beside this executable.
+fn kvd_binary(version: u32) -> anyhow::Result<PathBuf> {
+    let name = format!("kvd-v{version}");
+    let dir = exe_dir()?;
+    for cand in [dir.join(&name), dir.join("..").join(&name)] {
+        if cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    bail!(
+        "the reference service binary {name} is not beside {} (build it with `cargo build --release --workspace --bins`)",
+        dir.display()
+    )
+}
+
+/// What each kvd build understands: v1 reads and writes schema 1; v2 stores schema 2 and,
+/// through its registered transforms, reads and writes schema 1 too.
+fn schemas(native: u32) -> anyhow::Result<BTreeMap<String, SchemaDecl>> {
+    let versions: std::collections::BTreeSet<u32> = (1..=native).collect();
+    let decl = SchemaDecl {
+        reads: versions.clone(),
+        writes: versions,
+        native,
+    };
+    decl.validate("kvd")?;
+    Ok(BTreeMap::from([("kvd".to_owned(), decl)]))
+}
+
+/// Builds the lab's two images (kvd v1 and v2) in `dir/images`.
+fn build_images(dir: &Path, backend: Backend) -> anyhow::Result<[PathBuf; 2]> {
+    let mut out = Vec::new();
+    for v in [1u32, 2] {
+        let bin = kvd_binary(v)?;
+        let version = format!("{v}.0.0");
+        let img_dir = dir.join("images").join(format!("kvd-{version}"));
+        let _ = std::fs::remove_dir_all(&img_dir);
+        let image = match backend {
+            Backend::Process => hitless_image::build::process_image(
+                &img_dir,
+                "kvd",
+                &version,
+                &bin,
+                &[],
+                &schemas(v)?,
+            ),
+            Backend::Qemu => hitless_image::build::vm_image(
+                &img_dir,
+                "kvd",
+                &version,
+                &bin,
+                &vm_args(),
+                &schemas(v)?,
+                None,
+            ),
+        }
+        .with_context(|| format!("building the kvd {version} image"))?;
+        out.push(image.dir);
+    }
+    Ok([out[0].clone(), out[1].clone()])
+}
+
+/// Arguments of kvd inside a VM guest: none; what differs per instance comes from the
+/// `hitless.*` kernel parameters the agent sets.
+fn vm_args() -> Vec<String> {
+    Vec::new()
+}
+
+fn write_config(dir: &Path, i: usize, backend: Backend, image: &Path) -> anyhow::Result<PathBuf> {
+    let text = format!(
+        r#"# hitless lab: the {name} appliance
+appliance = "{name}"
+api_listen = "{api}"
+peer_listen = "{listen}"
+peer_addr = "{peer}"
+service_addr = "{service}"
+data_dir = "{data}"
+image = "{image}"
+backend = "{backend}"
+
+[heartbeat]
+interval_ms = {hb_interval}
+misses = {hb_misses}
+
+[instances]
+port_base = {port_base}
+memory_mib = {mem}
+cpu_percent = 200
+vcpus = 1
+stop_grace_ms = 3000
+"#,
+        name = NAMES[i],
+        api = LAB_APIS[i],
+        listen = PEER_ADDRS[i],
+        peer = PEER_ADDRS[1 - i],
+        service = SERVICE_ADDR,
+        data = dir.join(NAMES[i]).display(),
+        image = image.display(),
+        backend = backend_name(backend),
+        port_base = PORT_BASES[i],
+        mem = if backend == Backend::Qemu { 256 } else { 512 },
+        // Software-emulated guests saturate the CPUs; the peer's failure detection allows
+        // for it (processes use the defaults: 50 ms x 3).
+        hb_interval = if backend == Backend::Qemu { 100 } else { 50 },
+        hb_misses = if backend == Backend::Qemu { 20 } else { 3 },
+    );
+    let path = dir.join(format!("{}.toml", NAMES[i]));
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Starts the agent of appliance `i` in the background; returns its pid.
+fn spawn_agent(dir: &Path, i: usize) -> anyhow::Result<u32> {
+    let exe = std::env::current_exe()?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{}.log", NAMES[i])))?;
+    let child = Command::new(exe)
+        .args(["agent", "--config"])
+        .arg(dir.join(format!("{}.toml", NAMES[i])))
+        .env(
+            "HITLESS_LOG",
+            std::env::var("HITLESS_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting an agent")?;
+    let pid = child.id();
+    std::fs::write(dir.join(format!("{}.pid", NAMES[i])), pid.to_string())?;
+    Ok(pid)
+}
+
+use std::os::unix::process::CommandExt;
+
+fn pid_of(dir: &Path, i: usize) -> Option<i32> {
+    std::fs::read_to_string(dir.join(format!("{}.pid", NAMES[i])))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` runs (a zombie, ended but not yet reaped, does not).
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks that the process exists; no memory is shared.
+    let exists = unsafe { libc::kill(pid, 0) == 0 };
+    if !exists {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the parenthesised command name.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X'))
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) takes plain integers; a stale pid is at worst an ESRCH error.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+const SIGKILL: i32 = libc::SIGKILL;
+const SIGTERM: i32 = libc::SIGTERM;
+
+/// Waits until the pair is up: an instance in control and a ready HA standby.
+fn wait_pair(bound: Duration) -> anyhow::Result<StatusAnswer> {
+    let start = Instant::now();
+    let mut last = String::from("no answer yet");
+    while start.elapsed() < bound {
+        match ops::driving_status(&ApiArgs { api: None }) {
+            Ok((_, s)) => {
+                if let Some(e) = &s.engine {
+                    let ha_ready = e
+                        .instances
+                        .iter()
+                        .any(|r| r.role == Role::HaStandby && format!("{:?}", r.state) == "Ready");
+                    if e.in_control.is_some() && ha_ready {
+                        return Ok(s);
+                    }
+                    last = format!("phase {}", e.phase);
+                } else {
+                    last = "no agent drives yet".into();
+                }
+            }
+            Err(e) => last = format!("{e:#}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the lab pair was not up within {bound:?} ({last}); see the agents' logs")
+}
+
+/// `hitless lab up`.
+pub fn up(args: &LabUpArgs) -> anyhow::Result<()> {
+    let s = up_inner(args)?;
+    println!(
+        "lab up in {}: service address {SERVICE_ADDR}, agents' API {} and {}",
+        args.dir.display(),
+        LAB_APIS[0],
+        LAB_APIS[1]
+    );
+    ops::print_status(&s);
+    Ok(())
+}
+
+fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
+    let dir = &args.dir;
+    for i in 0..2 {
+        if let Some(pid) = pid_of(dir, i) {
+            if alive(pid) {
+                bail!(
+                    "a lab is already running in {} (agent pid {pid}); run `hitless lab down` first",
+                    dir.display()
+                );
+            }
+        }
+    }
+    ports_free()?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let images = build_images(dir, args.backend)?;
+    for i in 0..2 {
+        write_config(dir, i, args.backend, &images[0])?;
+    }
+    std::fs::write(dir.join("backend"), backend_name(args.backend))?;
+    for i in [1, 0] {
+        spawn_agent(dir, i)?;
+    }
+    let bound = match args.backend {
+        Backend::Process => Duration::from_secs(60),
+        Backend::Qemu => Duration::from_secs(600),
+    };
+    wait_pair(bound)
+}
+
+/// Refuses to start when another lab (from another run directory) holds the lab's fixed
+/// addresses: its agents would answer this lab's requests.
+fn ports_free() -> anyhow::Result<()> {
+    let addrs = [SERVICE_ADDR]
+        .into_iter()
+        .chain(LAB_APIS)
+        .chain(PEER_ADDRS)
+        .map(str::to_owned)
+        .chain(PORT_BASES.iter().map(|p| format!("127.0.0.1:{p}")));
+    for a in addrs {
+        if let Err(e) = std::net::TcpListener::bind(&a) {
+            bail!(
+                "{a} is in use ({e}): another lab or service holds the lab's addresses; stop it first (`hitless lab down --dir ...`)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `hitless lab down`.
+pub fn down(dir: &Path) -> anyhow::Result<()> {
+    let stopped = stop_agents(dir);
+    println!(
+        "lab down: {stopped} agent(s) stopped; logs kept in {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Stops the lab's agents (gracefully, then by force); returns how many were running.
+fn stop_agents(dir: &Path) -> usize {
+    // Both at once: stopping one first would look like an appliance loss to the other.
+    let pids: Vec<i32> = (0..2)
+        .filter_map(|i| pid_of(dir, i))
+        .filter(|p| alive(*p))
+        .collect();
+    for p in &pids {
+        signal(*p, SIGTERM);
+    }
+    let start = Instant::now();
+    while pids.iter().any(|p| alive(*p)) && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in &pids {
+        if alive(*p) {
+            signal(*p, SIGKILL);
+        }
+    }
+    pids.len()
+}
+
+/// `hitless lab status`.
+pub fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
+    if !dir.exists() {
+        bail!(
+            "no lab in {} (start one with `hitless lab up`)",
+            dir.display()
+        );
+    }
+    ops::status(&ApiArgs { api: None }, json)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults done for real.
+
+fn find_pid(s: &StatusAnswer, id: hitless_core::InstanceId) -> Option<u32> {
+    s.local
+        .instances
+        .iter()
+        .chain(s.peer.iter().flat_map(|p| p.instances.iter()))
+        .find(|x| x.instance == id)
+        .and_then(|x| x.pid)
+}
+
+/// Injects `kind`; returns a description of what was done.
+fn inject(dir: &Path, kind: &str) -> anyhow::Result<String> {
+    let (api, s) = ops::driving_status(&ApiArgs { api: None })?;
+    let engine = s.engine.clone().context("no engine status")?;
+    let newest = engine
+        .instances
+        .iter()
+        .filter(|r| r.state.is_live())
+        .map(|r| r.id)
+        .max();
+    let ha = engine
+        .instances
+        .iter()
+        .find(|r| r.role == Role::HaStandby && r.state.is_live())
+        .map(|r| r.id);
+    let kill_instance = |id: Option<hitless_core::InstanceId>, sig: i32, what: &str| {
+        let id = id.with_context(|| format!("no {what} instance to fault"))?;
+        let pid = find_pid(&s, id).with_context(|| format!("no pid known for {id}"))?;
+        signal(pid as i32, sig);
+        Ok::<_, anyhow::Error>(format!("signal {sig} to {what} instance {id} (pid {pid})"))
+    };
+    match kind {
+        "crash-active" => kill_instance(engine.in_control, SIGKILL, "in-control"),
+        "crash-new" | "start-fail" => kill_instance(newest, SIGKILL, "newest"),
+        "crash-standby" => kill_instance(ha, SIGKILL, "HA standby"),
+        "heartbeat-lost" => kill_instance(engine.in_control, libc::SIGSTOP, "in-control (stopped)"),
+        "standby-out-of-sync" => kill_instance(ha, libc::SIGSTOP, "HA standby (stopped)"),
+        "timeout" => kill_instance(newest, libc::SIGSTOP, "newest (stopped)"),
+        "appliance-lost-primary" | "appliance-lost-secondary" => {
+            let i = usize::from(kind.ends_with("secondary"));
+            let pid = pid_of(dir, i).context("no agent pid")?;
+            signal(pid, SIGKILL);
+            Ok(format!("kill -9 of the {} agent (pid {pid})", NAMES[i]))
+        }
+        "abort" | "rollback" => {
+            let msg = ops::post(&api, &format!("/v1/{kind}"), serde_json::json!({}))?;
+            Ok(format!("operator {kind}: {msg}"))
+        }
+        other => bail!("the lab cannot inject fault kind {other:?}"),
+    }
+}
+
+fn parse_fault(f: &str) -> anyhow::Result<(String, String)> {
+    let catalog = hitless_core::sim::fault_catalog();
+    let (kind, step) = f.split_once('@').with_context(|| {
+        format!("fault {f:?} is not KIND@STEP (see `hitless sim issu --list-faults`)")
+    })?;
+    if !catalog.iter().any(|c| c.to_string() == f) {
+        bail!("unknown fault {f:?}; `hitless sim issu --list-faults` lists the accepted ones");
+    }
+    Ok((kind.to_owned(), step.to_owned()))
+}
