@@ -257,10 +257,19 @@ impl Appliance {
             }
             Op::Status { instance } => {
                 let local = self.get(instance)?;
+                // The service's own view of its limit may not see its cgroup: the configured
+                // limit bounds it.
+                let configured = self.config.instances.memory_mib * 1024 * 1024;
                 tokio::task::spawn_blocking(move || {
                     let mut c = local.control.lock().expect("control lock");
                     match c.status(CONTROL_TIMEOUT) {
-                        Ok(s) => Ok(OpOk::Status(Box::new(s))),
+                        Ok(mut s) => {
+                            if let Some(m) = s.memory.as_mut() {
+                                m.limit_bytes =
+                                    Some(m.limit_bytes.map_or(configured, |l| l.min(configured)));
+                            }
+                            Ok(OpOk::Status(Box::new(s)))
+                        }
                         Err(e) => Err(format!("instance {instance}: {e}")),
                     }
                 })
@@ -556,10 +565,11 @@ impl Appliance {
             console_log: handle.console_log().to_owned(),
             backend: format!("{}", self.backend.kind()),
         };
-        if self.config.backend == BackendKind::Qemu {
-            if let Some(pid) = started.pid {
-                deprioritise(pid);
-            }
+        // Every instance, process or VM, runs below the control plane: a bulk transfer or a
+        // client load that saturates the CPUs must not delay heartbeats and health probes
+        // until a healthy peer or instance is written off.
+        if let Some(pid) = started.pid {
+            deprioritise(pid);
         }
         info!(instance = %id, pid = ?started.pid, service = %started.service_addr, "instance started");
         let watch = handle.exit_watch();
@@ -676,10 +686,12 @@ impl Health {
     }
 }
 
-/// Lowers the scheduling priority of a VM's process, so that the control plane (heartbeats,
-/// the front, the driver) keeps its deadlines when software-emulated guests saturate the CPUs.
+/// Lowers the scheduling priority of an instance's process (nice 5), so that the control
+/// plane (heartbeats, the front, the driver) keeps its deadlines when instances saturate the
+/// CPUs: software-emulated guests, a bulk transfer of millions of records, hundreds of clients.
 fn deprioritise(pid: u32) {
-    // Linux applies a nice value per thread: every thread of the process (vCPUs included).
+    // Linux applies a nice value per thread: every thread of the process (vCPUs included);
+    // threads the instance starts later inherit it from the thread that starts them.
     let tasks: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| {
             d.flatten()
@@ -694,7 +706,7 @@ fn deprioritise(pid: u32) {
             warn!(
                 pid,
                 tid,
-                "cannot lower the VM's priority: {}",
+                "cannot lower the instance's priority: {}",
                 std::io::Error::last_os_error()
             );
         }

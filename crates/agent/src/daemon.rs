@@ -91,6 +91,29 @@ fn make_backend(config: &AgentConfig) -> Result<Arc<dyn hitless_vmm::Backend>, A
     }
 }
 
+/// The agent's scheduling priority (nice value): above the instances (nice 5, see
+/// `appliance`) and above ordinary processes, so that heartbeats, health probes and the front
+/// keep their deadlines when the machine's CPUs are saturated. A peer that misses heartbeats
+/// because it was not scheduled would be taken for lost.
+pub const AGENT_NICE: i32 = -5;
+
+/// Raises the calling thread's priority to [`AGENT_NICE`]; threads it starts afterwards (the
+/// async runtime's) inherit it. Call it before building the runtime. Without the privilege
+/// (not root, no CAP_SYS_NICE) the agent runs at its inherited priority, with a warning.
+pub fn raise_priority() {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours; who = 0 is the
+    // calling thread on Linux.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, AGENT_NICE) };
+    if r != 0 {
+        warn!(
+            nice = AGENT_NICE,
+            "cannot raise the agent's priority: {}; under full CPU load its heartbeats may be \
+             late enough for the peer to take this appliance for lost",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Runs the agent until the process is stopped.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let me = appliance_id(config.appliance);

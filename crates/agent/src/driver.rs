@@ -608,6 +608,8 @@ impl Driver {
                         catalog_ref.name, catalog_ref.version, running.name, running.version, verdict.detail
                     ));
                 }
+                let pair = self.engine.as_ref().expect("driving").state().pair.clone();
+                crate::plan::check_pair(&self.apps, &pair).await?;
                 self.feed(Event::Compatibility { verdict })?;
                 self.feed(Event::Start {
                     target: catalog_ref.clone(),

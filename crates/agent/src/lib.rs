@@ -13,6 +13,7 @@ pub mod driver;
 pub mod front;
 pub mod images;
 pub mod peer;
+pub mod plan;
 pub mod remote;
 pub mod resp;
 

@@ -42,7 +42,7 @@ pub use frame::{
 };
 pub use message::{
     read_agent_message, read_instance_message, write_agent_message, write_instance_message,
-    AgentCommand, AgentMessage, Configure, Hello, InstanceMessage, InstanceStatus, Role,
+    AgentCommand, AgentMessage, Configure, Hello, InstanceMessage, InstanceStatus, MemoryUse, Role,
     SchemaSupport, ServiceStatus, SyncMode,
 };
 pub use server::{serve, serve_unix_listener, ControlHandler, ServeOutcome};

@@ -158,6 +158,22 @@ pub struct InstanceStatus {
     pub fenced: bool,
     /// The instance is quiesced: new writes wait.
     pub quiesced: bool,
+    /// What the instance's state and process take in memory, if it reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryUse>,
+}
+
+/// An instance's memory use, for planning: every instance an upgrade starts holds a whole
+/// copy of the state, so the agent checks before it starts one that the limit holds it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryUse {
+    /// Resident memory of the instance's service process, bytes.
+    pub rss_bytes: u64,
+    /// The memory the instance may use, bytes (its cgroup's limit, or the guest's memory),
+    /// if known.
+    pub limit_bytes: Option<u64>,
+    /// Records in the replicated state.
+    pub records: u64,
 }
 
 /// A message from an instance to the agent.
@@ -362,10 +378,25 @@ pub(crate) mod tests {
                 any::<bool>(),
                 any::<u64>(),
                 any::<bool>(),
-                any::<bool>()
+                any::<bool>(),
+                proptest::option::of((
+                    any::<u64>(),
+                    proptest::option::of(any::<u64>()),
+                    any::<u64>()
+                ))
             )
                 .prop_map(
-                    |(request_id, role, epoch, services, ready, acked_seq, fenced, quiesced)| {
+                    |(
+                        request_id,
+                        role,
+                        epoch,
+                        services,
+                        ready,
+                        acked_seq,
+                        fenced,
+                        quiesced,
+                        memory,
+                    )| {
                         InstanceMessage::Status {
                             request_id,
                             status: InstanceStatus {
@@ -376,6 +407,11 @@ pub(crate) mod tests {
                                 acked_seq,
                                 fenced,
                                 quiesced,
+                                memory: memory.map(|(rss_bytes, limit_bytes, records)| MemoryUse {
+                                    rss_bytes,
+                                    limit_bytes,
+                                    records,
+                                }),
                             },
                         }
                     }

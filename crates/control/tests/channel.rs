@@ -117,6 +117,7 @@ impl ControlHandler for Fake {
             acked_seq: self.epoch * 10,
             fenced: self.fenced,
             quiesced: self.quiesced,
+            memory: None,
         }
     }
     fn shutdown(&mut self) -> Result<(), String> {

@@ -125,6 +125,10 @@ pub struct LabUpArgs {
     /// Hypervisor backend for the instances.
     #[arg(long, value_enum, default_value_t = Backend::Process)]
     pub backend: Backend,
+    /// Memory limit of each instance in MiB (default: 512 for processes, 256 for QEMU guests;
+    /// `hitless lab issu` sizes it for the state it loads with --keys).
+    #[arg(long)]
+    pub instance_memory_mib: Option<u64>,
 }
 
 #[derive(Args, Debug, Clone)]

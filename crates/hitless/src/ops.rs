@@ -17,6 +17,7 @@ pub const LAB_APIS: [&str; 2] = ["127.0.0.1:27701", "127.0.0.1:27702"];
 /// `hitless agent --config FILE`.
 pub fn agent(config: &Path) -> anyhow::Result<()> {
     let config = hitless_agent::AgentConfig::load(config)?;
+    hitless_agent::daemon::raise_priority();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -12,6 +12,7 @@
 //! from version 1.
 
 pub mod db;
+pub mod memory;
 pub mod node;
 pub mod resp;
 pub mod schema;

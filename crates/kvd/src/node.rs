@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::memory;
 use hitless_control::{
-    Configure, ControlHandler, Hello, InstanceStatus, Role, SchemaSupport, ServiceStatus, SyncMode,
+    Configure, ControlHandler, Hello, InstanceStatus, MemoryUse, Role, SchemaSupport,
+    ServiceStatus, SyncMode,
 };
 use hitless_sync::{Durability, FollowHandle};
 
@@ -466,6 +468,11 @@ impl ControlHandler for NodeControl {
             },
             fenced: st.fenced || s.role == hitless_sync::Role::Fenced,
             quiesced: st.quiesced,
+            memory: Some(MemoryUse {
+                rss_bytes: memory::rss_bytes().unwrap_or(0),
+                limit_bytes: memory::limit_bytes(),
+                records: n.db.dbsize() as u64,
+            }),
         }
     }
 

@@ -65,7 +65,12 @@ pub fn issu(args: &LabIssuArgs) -> anyhow::Result<()> {
 fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Result<IssuReport> {
     let dir = &args.up.dir;
     let up_started = Instant::now();
-    let before = up_inner(&args.up)?;
+    let mut up = args.up.clone();
+    up.instance_memory_mib = Some(
+        up.instance_memory_mib
+            .unwrap_or_else(|| super::instance_memory_for(args.keys, args.value_size, up.backend)),
+    );
+    let before = up_inner(&up)?;
     if !args.json {
         eprintln!("lab up in {:.1} s", up_started.elapsed().as_secs_f64());
     }

@@ -117,7 +117,13 @@ fn vm_args() -> Vec<String> {
     Vec::new()
 }
 
-fn write_config(dir: &Path, i: usize, backend: Backend, image: &Path) -> anyhow::Result<PathBuf> {
+fn write_config(
+    dir: &Path,
+    i: usize,
+    backend: Backend,
+    image: &Path,
+    memory_mib: Option<u64>,
+) -> anyhow::Result<PathBuf> {
     let text = format!(
         r#"# hitless lab: the {name} appliance
 appliance = "{name}"
@@ -149,7 +155,7 @@ stop_grace_ms = 3000
         image = image.display(),
         backend = backend_name(backend),
         port_base = PORT_BASES[i],
-        mem = if backend == Backend::Qemu { 256 } else { 512 },
+        mem = memory_mib.unwrap_or(if backend == Backend::Qemu { 256 } else { 512 }),
         // Software-emulated guests saturate the CPUs; the peer's failure detection allows
         // for it (processes use the defaults: 50 ms x 3).
         hb_interval = if backend == Backend::Qemu { 100 } else { 50 },
@@ -277,7 +283,7 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let images = build_images(dir, args.backend)?;
     for i in 0..2 {
-        write_config(dir, i, args.backend, &images[0])?;
+        write_config(dir, i, args.backend, &images[0], args.instance_memory_mib)?;
     }
     std::fs::write(dir.join("backend"), backend_name(args.backend))?;
     for i in [1, 0] {
@@ -415,4 +421,14 @@ fn parse_fault(f: &str) -> anyhow::Result<(String, String)> {
         bail!("unknown fault {f:?}; `hitless sim issu --list-faults` lists the accepted ones");
     }
     Ok((kind.to_owned(), step.to_owned()))
+}
+
+/// Memory limit of each instance for a state of `keys` records of `value_size` bytes: room for
+/// the state at the measured cost per record (about 450 bytes beside the value), 50% headroom
+/// for bulk transfers, logs and the target version's representation, and the base a small
+/// state needs.
+pub fn instance_memory_for(keys: u64, value_size: u64, backend: Backend) -> u64 {
+    let base = if backend == Backend::Qemu { 256 } else { 512 };
+    let state = keys.saturating_mul(value_size + 450) / (1 << 20);
+    base + state.saturating_mul(3) / 2
 }
