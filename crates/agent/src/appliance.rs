@@ -451,7 +451,10 @@ impl Appliance {
             cpu: Some(hitless_vmm::CpuQuota::from_millicpus(
                 u64::from(self.config.instances.cpu_percent) * 10,
             )),
-            pids_max: Some(256),
+            // The front opens one connection to the instance per client, and a service may
+            // serve each with a thread (kvd does): allow every client the front accepts, plus
+            // the service's own threads.
+            pids_max: Some(crate::front::FrontLimits::default().max_connections as u64 + 256),
         };
         let loopback = std::net::Ipv4Addr::LOCALHOST;
         let (payload, ports, sync_addr) = match (self.config.backend, &img.kind) {
