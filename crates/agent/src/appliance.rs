@@ -55,7 +55,8 @@ pub enum Op {
     Stop { instance: InstanceId },
     /// Kill an instance now (fault injection and fencing of a hung instance).
     Kill { instance: InstanceId },
-    /// Hold the front and wait for requests in flight to be answered.
+    /// Hold the front: no new request is forwarded. Requests in flight are not waited for
+    /// (see `front`); `bound_ms` is kept for agents that still wait for them.
     FrontHold { bound_ms: u64 },
     /// Set the front's route; `listen` says whether this appliance owns the service address.
     FrontRoute { route: Route, listen: bool },
@@ -311,12 +312,10 @@ impl Appliance {
                 .await
                 .map_err(|e| format!("stop task failed: {e}"))?
             }
-            Op::FrontHold { bound_ms } => self
-                .front
-                .hold_and_drain(Duration::from_millis(bound_ms))
-                .await
-                .map(|_| OpOk::Done)
-                .map_err(|e| e.to_string()),
+            Op::FrontHold { bound_ms: _ } => {
+                self.front.hold();
+                Ok(OpOk::Done)
+            }
             Op::FrontRoute { route, listen } => {
                 self.front.set_route(route);
                 let mut l = self.listening.lock().expect("listening lock");
@@ -460,7 +459,10 @@ impl Appliance {
             cpu: Some(hitless_vmm::CpuQuota::from_millicpus(
                 u64::from(self.config.instances.cpu_percent) * 10,
             )),
-            pids_max: Some(256),
+            // The front opens one connection to the instance per client, and a service may
+            // serve each with a thread (kvd does): allow every client the front accepts, plus
+            // the service's own threads.
+            pids_max: Some(self.front.max_connections() as u64 + 256),
         };
         let loopback = std::net::Ipv4Addr::LOCALHOST;
         let (payload, ports, sync_addr) = match (self.config.backend, &img.kind) {

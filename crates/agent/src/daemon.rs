@@ -41,6 +41,8 @@ pub enum AgentError {
     },
     #[error("bootstrap of the pair failed: {0}")]
     Bootstrap(String),
+    #[error(transparent)]
+    Front(#[from] crate::front::FrontError),
 }
 
 /// The appliance id of a configured role.
@@ -127,7 +129,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .add(&config.image)
         .map_err(|e| AgentError::Image(e.to_string()))?;
     let backend = make_backend(&config)?;
-    let front = Front::new(FrontLimits::default());
+    let front = Front::new(FrontLimits::default())?;
     let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(1024);
     let appliance = Appliance::new(me, config.clone(), backend, catalog, front, obs_tx);
     let driving = Arc::new(AtomicBool::new(false));

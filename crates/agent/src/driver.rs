@@ -87,7 +87,7 @@ pub struct DriverTiming {
     pub tick: Duration,
     /// How often sync progress is polled.
     pub poll: Duration,
-    /// Bound of a planned switchover's drain.
+    /// Bound of a planned switchover's waits: the target catching up, the HA standby re-attaching.
     pub drain_bound: Duration,
     /// A planned switchover holds clients once the target lags at most this many sequence
     /// numbers behind the instance in control...
@@ -1145,7 +1145,7 @@ async fn converge(
     }
 }
 
-/// Planned: hold the fronts and drain, quiesce the old active, wait until the target has
+/// Planned: hold the fronts, quiesce the old active, wait until the target has
 /// every mutation, promote it, demote the old one to its standby, re-point the others, route.
 async fn switchover(
     apps: &Appliances,
@@ -1164,8 +1164,12 @@ async fn switchover(
     //    lacks little, as live migration pre-copies before it stops the guest.
     let converged = converge(apps, from_app, from, to_app, to, timing).await;
     let t0 = tokio::time::Instant::now();
-    // 1. Hold both fronts; wait for in-flight requests to be answered. A front must drain if
-    //    its appliance is reachable; the front of a lost appliance serves nobody.
+    // 1. Hold both fronts: new requests wait there. Requests in flight are not waited for (a
+    //    long pipeline or a client that never reads must not decide whether the pair can
+    //    switch): the quiesce below lets those the old active executed become durable, and
+    //    the old active hands back, by closing their connections once control moved, those it
+    //    did not execute; the fronts send them on to the new instance in control. A front must
+    //    be held if its appliance is reachable; the front of a lost appliance serves nobody.
     let (a, b) = tokio::join!(
         apps.exec(ApplianceId::Primary, Op::FrontHold { bound_ms }),
         apps.exec(ApplianceId::Secondary, Op::FrontHold { bound_ms })
@@ -1174,13 +1178,13 @@ async fn switchover(
         if let Err(e) = r {
             let lost = app != apps.local.id() && !apps.remote.link().is_up();
             if !lost {
-                return Err(format!("the {app} front did not drain: {e}"));
+                return Err(format!("the {app} front was not held: {e}"));
             }
             warn!("the {app} front was not held: its appliance is unreachable ({e})");
         }
     }
     let t_held = t0.elapsed();
-    // 2. Quiesce the old active: nothing new is applied.
+    // 2. Quiesce the old active: nothing new is applied, and what it applied is durable.
     apps.exec(
         from_app,
         Op::Control {

@@ -1,11 +1,19 @@
 //! The service front: the device's one stable service address.
 //!
 //! Clients connect to the front; the front forwards each connection to the instance in
-//! control, whichever appliance it is on. It understands RESP framing (not the commands), so
-//! it knows how many requests of each connection are in flight. That lets it:
-//! - *hold* for a planned switchover: new requests wait in the front while the replies of
-//!   those in flight come back, so that the old active is idle when control moves; then the
-//!   held requests go to the new instance in control (no client error, a short gap);
+//! control, whichever appliance it is on, over a connection of its own to that instance. It
+//! understands RESP framing (not the commands), so it knows how many requests of each
+//! connection are in flight. That lets it:
+//! - *hold* for a planned switchover: new requests wait in the front. Requests already
+//!   forwarded are not waited for (a long pipeline or a client that never reads its replies
+//!   must not decide whether the pair can switch): they finish at the old instance, which
+//!   stays in control until it is quiesced. The quiesce lets every write it already executed
+//!   become durable; a write it had not executed by then waits, and when control moves away
+//!   the old instance closes that connection after the replies to everything it executed.
+//!   The front then sends the unanswered requests, in order, to the new instance in control,
+//!   followed by the held ones: each request runs exactly once, and a connection's later
+//!   request never runs before its earlier one, because a connection moves to the new instance
+//!   only once nothing of it is in flight at the old one (answered, or handed back by a close);
 //! - *replay* after an unplanned failover: requests sent to an instance that died before
 //!   replying are sent again to its successor. Writes acknowledged by the dead instance are
 //!   on the successor already (synchronous replication), so replaying unanswered requests
@@ -13,9 +21,17 @@
 //!   never answered may be applied twice: at-least-once for unanswered requests, exactly as a
 //!   client library retrying on a new connection would do.
 //!
-//! Every buffer and wait is bounded: a client's unsent input, the time a connection waits for
-//! a new route after its instance died, the connect timeout.
+//! Connections are served on the front's own runtime (its own worker threads), apart from the
+//! agent's control plane: hundreds of busy clients must not delay the peer heartbeats, the
+//! health probes or the driver (a missed heartbeat is an appliance loss and a failover), and
+//! the control plane must not delay clients. Within the front every connection is a task of
+//! its own, served in turn.
+//!
+//! Every buffer and wait is bounded: a client's unsent input, the requests in flight per
+//! connection (kept for replay), the time a connection waits for a new route after its
+//! instance died, the connect timeout, the number of connections.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +40,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -45,8 +62,15 @@ pub struct Route {
 /// Bounds of the front.
 #[derive(Clone, Debug)]
 pub struct FrontLimits {
-    /// The most unsent client input buffered per connection.
+    /// The most client input buffered per connection ahead of forwarding, and the most
+    /// replies buffered per connection ahead of the client reading them (a single message
+    /// larger than this is still passed on, up to [`resp::MAX_MESSAGE`]).
     pub max_buffered: usize,
+    /// The most bytes of requests in flight (forwarded, not answered) per connection; more
+    /// wait in the client's input until replies come back.
+    pub max_inflight: usize,
+    /// Worker threads of the front's runtime.
+    pub worker_threads: usize,
     /// How long a connection waits for a new instance in control after its own died.
     pub failover_wait: Duration,
     /// Connect timeout to an instance.
@@ -58,7 +82,9 @@ pub struct FrontLimits {
 impl Default for FrontLimits {
     fn default() -> Self {
         Self {
-            max_buffered: 64 * 1024 * 1024,
+            max_buffered: 1024 * 1024,
+            max_inflight: 8 * 1024 * 1024,
+            worker_threads: 2,
             failover_wait: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(1),
             max_connections: 4096,
@@ -74,11 +100,24 @@ pub enum FrontError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("{inflight} requests were still in flight after waiting {waited:?} to drain")]
-    DrainTimeout { inflight: usize, waited: Duration },
+    #[error("cannot start the front's runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// The front's runtime, shut down without waiting when the front goes away.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 struct Shared {
+    rt: tokio::runtime::Handle,
+    _owner: OwnRuntime,
     route: watch::Sender<Route>,
     inflight: AtomicUsize,
     connections: AtomicUsize,
@@ -125,15 +164,24 @@ impl Drop for Listening {
 }
 
 impl Front {
-    /// A front with no route yet: connections wait (bounded) until one is set.
-    pub fn new(limits: FrontLimits) -> Self {
+    /// A front with no route yet: connections wait (bounded) until one is set. It starts its
+    /// own runtime for the connections.
+    pub fn new(limits: FrontLimits) -> Result<Self, FrontError> {
         let (route, _) = watch::channel(Route {
             epoch: 0,
             backend: None,
             hold: false,
         });
-        Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(limits.worker_threads.max(1))
+            .thread_name("front")
+            .enable_all()
+            .build()
+            .map_err(FrontError::Runtime)?;
+        Ok(Self {
             shared: Arc::new(Shared {
+                rt: rt.handle().clone(),
+                _owner: OwnRuntime(Some(rt)),
                 route,
                 inflight: AtomicUsize::new(0),
                 connections: AtomicUsize::new(0),
@@ -141,7 +189,7 @@ impl Front {
                 replayed: AtomicU64::new(0),
                 limits,
             }),
-        }
+        })
     }
 
     /// Listens on `addr` (with SO_REUSEPORT, so that the binding can move between appliances
@@ -157,10 +205,15 @@ impl Front {
         socket.set_reuseaddr(true).map_err(err)?;
         socket.set_reuseport(true).map_err(err)?;
         socket.bind(addr).map_err(err)?;
-        let listener: TcpListener = socket.listen(1024).map_err(err)?;
+        // Registering the listener needs the runtime that will poll it.
+        let _in_front = self.shared.rt.enter();
+        // A burst of clients (a benchmark opening its connections at once) must not overflow
+        // the accept queue: a dropped connection attempt is retried a second later.
+        let backlog = u32::try_from(self.shared.limits.max_connections).unwrap_or(u32::MAX);
+        let listener: TcpListener = socket.listen(backlog).map_err(err)?;
         let addr = listener.local_addr().map_err(err)?;
         let front = self.clone();
-        let task = tokio::spawn(async move {
+        let task = self.shared.rt.spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
@@ -169,6 +222,9 @@ impl Front {
                             warn!(%peer, "refusing a client: {n} connections already");
                             continue;
                         }
+                        // Counted here, so that a burst of connections cannot pass the bound
+                        // before their tasks start.
+                        front.shared.connections.fetch_add(1, Ordering::Relaxed);
                         let front = front.clone();
                         tokio::spawn(async move { front.serve(stream).await });
                     }
@@ -187,6 +243,11 @@ impl Front {
     pub fn set_route(&self, route: Route) {
         debug!(?route, "front route");
         self.shared.route.send_replace(route);
+    }
+
+    /// The most client connections this front serves at once.
+    pub fn max_connections(&self) -> usize {
+        self.shared.limits.max_connections
     }
 
     /// The current route.
@@ -211,23 +272,11 @@ impl Front {
         }
     }
 
-    /// Stops forwarding new requests and waits until every request in flight is answered.
-    pub async fn hold_and_drain(&self, bound: Duration) -> Result<(), FrontError> {
+    /// Stops forwarding new requests (a planned switchover). Requests already in flight are
+    /// not waited for: they finish at the instance in control, or it hands back, by closing
+    /// the connection, those it did not execute before control moved (see the module docs).
+    pub fn hold(&self) {
         self.shared.route.send_modify(|r| r.hold = true);
-        let start = tokio::time::Instant::now();
-        loop {
-            let n = self.inflight();
-            if n == 0 {
-                return Ok(());
-            }
-            if start.elapsed() >= bound {
-                return Err(FrontError::DrainTimeout {
-                    inflight: n,
-                    waited: bound,
-                });
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
     }
 
     /// Releases a hold without changing the instance in control (an aborted switchover).
@@ -236,31 +285,39 @@ impl Front {
     }
 
     async fn serve(self, client: TcpStream) {
-        self.shared.connections.fetch_add(1, Ordering::Relaxed);
         let mut conn = Conn {
             front: self.clone(),
-            inflight: Vec::new(),
-            inflight_bytes: 0,
+            lens: VecDeque::new(),
+            unanswered: BytesMut::new(),
+            written: 0,
         };
         if let Err(reason) = conn.run(client).await {
             debug!("client connection closed: {reason}");
         }
-        let left = conn.inflight.len();
+        let left = conn.lens.len();
         self.shared.inflight.fetch_sub(left, Ordering::AcqRel);
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
+/// One client connection. Both directions flow at once (a client may pipeline megabytes
+/// while its replies come back), each through a bounded buffer.
 struct Conn {
     front: Front,
-    /// Lengths of the requests forwarded and not yet answered, oldest first, and their bytes
-    /// (kept for replay).
-    inflight: Vec<(usize, bytes::Bytes)>,
-    inflight_bytes: usize,
+    /// Lengths of the requests forwarded and not yet answered, oldest first.
+    lens: VecDeque<usize>,
+    /// Their bytes, in order: kept until answered, so that they can be sent again to another
+    /// instance (a replay after a failover, or what the old instance handed back when control
+    /// moved).
+    unanswered: BytesMut,
+    /// How many bytes of `unanswered` went to the current instance connection.
+    written: usize,
 }
 
+/// The connection to the instance in control.
 struct Backend {
-    stream: TcpStream,
+    r: OwnedReadHalf,
+    w: OwnedWriteHalf,
     epoch: u64,
     addr: SocketAddr,
 }
@@ -268,10 +325,14 @@ struct Backend {
 impl Conn {
     async fn run(&mut self, mut client: TcpStream) -> Result<(), String> {
         client.set_nodelay(true).ok();
+        let (mut cr, mut cw) = client.split();
         let limits = self.front.shared.limits.clone();
         let mut route_rx = self.front.shared.route.subscribe();
-        let mut cbuf = BytesMut::with_capacity(16 * 1024);
-        let mut bbuf = BytesMut::with_capacity(16 * 1024);
+        // Client input not yet forwarded; instance output not yet split into replies; replies
+        // not yet written to the client.
+        let mut cbuf = BytesMut::with_capacity(4 * 1024);
+        let mut bbuf = BytesMut::with_capacity(4 * 1024);
+        let mut cout = BytesMut::new();
         let mut backend: Option<Backend> = None;
         // The epoch whose instance this connection lost; it waits for a newer one.
         let mut lost_epoch: Option<u64> = None;
@@ -290,30 +351,29 @@ impl Conn {
             if wants_move
                 && !route.hold
                 && usable_route
-                && (backend.is_none() || self.inflight.is_empty())
+                && (backend.is_none() || self.lens.is_empty())
             {
                 let addr = route.backend.expect("checked above");
                 match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(addr)).await {
                     Ok(Ok(stream)) => {
                         stream.set_nodelay(true).ok();
-                        let mut b = Backend {
-                            stream,
+                        let (r, w) = stream.into_split();
+                        backend = Some(Backend {
+                            r,
+                            w,
                             epoch: route.epoch,
                             addr,
-                        };
+                        });
                         bbuf.clear();
-                        if !self.inflight.is_empty() {
-                            // Replay what the lost instance never answered, in order.
-                            let n = self.inflight.len() as u64;
-                            for (_, req) in &self.inflight {
-                                b.stream
-                                    .write_all(req)
-                                    .await
-                                    .map_err(|e| format!("replay to {addr}: {e}"))?;
-                            }
-                            self.front.shared.replayed.fetch_add(n, Ordering::Relaxed);
+                        // What the lost instance never answered goes out again, in order,
+                        // before anything newer.
+                        self.written = 0;
+                        if !self.lens.is_empty() {
+                            self.front
+                                .shared
+                                .replayed
+                                .fetch_add(self.lens.len() as u64, Ordering::Relaxed);
                         }
-                        backend = Some(b);
                         lost_epoch = None;
                         lost_since = None;
                     }
@@ -332,116 +392,170 @@ impl Conn {
                     ));
                 }
             }
-            if backend.is_none() && route.backend.is_none() && !client_open {
-                return Ok(());
+            if !client_open && cout.is_empty() {
+                if self.lens.is_empty() && cbuf.is_empty() {
+                    return Ok(());
+                }
+                if backend.is_none() && route.backend.is_none() {
+                    return Ok(());
+                }
             }
-            // Forward complete requests unless holding.
-            if let Some(b) = backend.as_mut() {
+            // Forward complete requests unless holding, as long as the requests in flight stay
+            // within their bound.
+            if let Some(b) = backend.as_ref() {
                 if !route.hold && b.epoch == route.epoch {
-                    let start = self.inflight.len();
-                    let mut out_len = 0;
-                    loop {
-                        match resp::message_len(&cbuf[out_len..]) {
-                            Ok(Some(n)) => {
-                                let req =
-                                    bytes::Bytes::copy_from_slice(&cbuf[out_len..out_len + n]);
-                                self.inflight.push((n, req));
-                                self.inflight_bytes += n;
-                                out_len += n;
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                let msg = format!("-ERR protocol error: {e}\r\n");
-                                let _ = client.write_all(msg.as_bytes()).await;
-                                return Err(format!("client sent malformed RESP: {e}"));
-                            }
-                        }
-                    }
-                    if out_len > 0 {
-                        let added = self.inflight.len() - start;
-                        self.front
-                            .shared
-                            .inflight
-                            .fetch_add(added, Ordering::AcqRel);
-                        self.front
-                            .shared
-                            .forwarded
-                            .fetch_add(added as u64, Ordering::Relaxed);
-                        let chunk = cbuf.split_to(out_len);
-                        if let Err(e) = b.stream.write_all(&chunk).await {
-                            debug!("write to instance failed: {e}");
-                            lost_epoch = Some(b.epoch);
-                            lost_since.get_or_insert_with(tokio::time::Instant::now);
-                            backend = None;
-                            continue;
-                        }
-                    }
-                } else if self.inflight.is_empty()
-                    && route.backend.is_some()
-                    && !route.hold
-                    && b.epoch != route.epoch
-                {
-                    // Planned move with nothing in flight: handled at the top of the loop.
-                    continue;
+                    self.forward(&mut cbuf, &limits, &mut cw).await?;
                 }
             }
-            if !client_open && self.inflight.is_empty() && cbuf.is_empty() {
-                return Ok(());
+            // Read on while the buffer is under its bound, or holds no complete request yet
+            // (one request may exceed the bound, up to the message limit).
+            let can_read_client = client_open
+                && (cbuf.len() < limits.max_buffered
+                    || matches!(resp::message_len(&cbuf), Ok(None)));
+            let can_read_backend = backend.is_some() && cout.len() < limits.max_buffered;
+            let to_send = self.written < self.unanswered.len();
+            let no_backend = backend.is_none();
+            let (br, bw) = match backend.as_mut() {
+                Some(b) => (Some(&mut b.r), Some(&mut b.w)),
+                None => (None, None),
+            };
+            let pending = &self.unanswered[self.written.min(self.unanswered.len())..];
+            enum Event {
+                ClientRead(std::io::Result<usize>),
+                Sent(std::io::Result<usize>),
+                BackendRead(std::io::Result<usize>),
+                ClientWritten(std::io::Result<usize>),
+                Other,
             }
-            let can_read_client = client_open && cbuf.len() < limits.max_buffered;
-            tokio::select! {
-                r = client.read_buf(&mut cbuf), if can_read_client => {
-                    match r {
-                        Ok(0) => client_open = false,
-                        Ok(_) => {}
-                        Err(e) => return Err(format!("client read: {e}")),
-                    }
-                }
+            let ev = tokio::select! {
+                r = cr.read_buf(&mut cbuf), if can_read_client => Event::ClientRead(r),
                 r = async {
-                    match backend.as_mut() {
-                        Some(b) => b.stream.read_buf(&mut bbuf).await,
+                    match bw {
+                        Some(w) => w.write(pending).await,
                         None => std::future::pending().await,
                     }
-                } => {
-                    match r {
-                        Ok(0) | Err(_) => {
-                            let b = backend.take().expect("read from a backend");
-                            warn!(addr = %b.addr, epoch = b.epoch, inflight = self.inflight.len(), "instance connection lost");
-                            lost_epoch = Some(b.epoch);
-                            lost_since = Some(tokio::time::Instant::now());
-                            bbuf.clear();
-                        }
-                        Ok(_) => {
-                            // Forward complete replies; each answers the oldest request.
-                            let mut n_replies = 0;
-                            let mut len = 0;
-                            while n_replies < self.inflight.len() {
-                                match resp::message_len(&bbuf[len..]) {
-                                    Ok(Some(n)) => { len += n; n_replies += 1; }
-                                    Ok(None) => break,
-                                    Err(e) => return Err(format!("instance sent malformed RESP: {e}")),
-                                }
-                            }
-                            if n_replies > 0 {
-                                let out = bbuf.split_to(len);
-                                for (n, _) in self.inflight.drain(..n_replies) {
-                                    self.inflight_bytes -= n;
-                                }
-                                self.front.shared.inflight.fetch_sub(n_replies, Ordering::AcqRel);
-                                client.write_all(&out).await.map_err(|e| format!("client write: {e}"))?;
-                            } else if bbuf.len() > resp::MAX_MESSAGE {
-                                return Err("instance reply exceeds the message limit".into());
-                            }
-                            if self.inflight.is_empty() && !bbuf.is_empty() {
-                                // Unsolicited bytes: drop them.
-                                bbuf.advance(bbuf.len());
-                            }
-                        }
+                }, if to_send => Event::Sent(r),
+                r = async {
+                    match br {
+                        Some(r) => r.read_buf(&mut bbuf).await,
+                        None => std::future::pending().await,
                     }
+                }, if can_read_backend => Event::BackendRead(r),
+                r = cw.write(&cout), if !cout.is_empty() => Event::ClientWritten(r),
+                _ = route_rx.changed() => Event::Other,
+                _ = tokio::time::sleep(Duration::from_millis(50)), if no_backend => Event::Other,
+            };
+            match ev {
+                Event::ClientRead(Ok(0)) => client_open = false,
+                Event::ClientRead(Ok(_)) | Event::Other => {}
+                Event::ClientRead(Err(e)) => return Err(format!("client read: {e}")),
+                Event::ClientWritten(Ok(n)) => cout.advance(n),
+                Event::ClientWritten(Err(e)) => return Err(format!("client write: {e}")),
+                Event::Sent(Ok(n)) => self.written += n,
+                Event::Sent(Err(e)) => {
+                    let b = backend.take().expect("sent to a backend");
+                    debug!(addr = %b.addr, "write to instance failed: {e}");
+                    self.lost(&b, &route_rx, &mut bbuf);
+                    lost_epoch = Some(b.epoch);
+                    lost_since.get_or_insert_with(tokio::time::Instant::now);
                 }
-                _ = route_rx.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)), if backend.is_none() => {}
+                Event::BackendRead(Ok(0)) | Event::BackendRead(Err(_)) => {
+                    let b = backend.take().expect("read from a backend");
+                    self.lost(&b, &route_rx, &mut bbuf);
+                    lost_epoch = Some(b.epoch);
+                    lost_since = Some(tokio::time::Instant::now());
+                }
+                Event::BackendRead(Ok(_)) => self.answered(&mut bbuf, &mut cout)?,
             }
         }
+    }
+
+    /// Moves the complete requests at the head of `cbuf` to the requests in flight, within
+    /// the bound of bytes in flight (a single larger request goes alone).
+    async fn forward(
+        &mut self,
+        cbuf: &mut BytesMut,
+        limits: &FrontLimits,
+        cw: &mut tokio::net::tcp::WriteHalf<'_>,
+    ) -> Result<(), String> {
+        let mut out_len = 0;
+        let mut added = 0;
+        loop {
+            match resp::message_len(&cbuf[out_len..]) {
+                Ok(Some(n))
+                    if !(self.lens.is_empty() && added == 0)
+                        && self.unanswered.len() + out_len + n > limits.max_inflight =>
+                {
+                    break
+                }
+                Ok(Some(n)) => {
+                    self.lens.push_back(n);
+                    out_len += n;
+                    added += 1;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let msg = format!("-ERR protocol error: {e}\r\n");
+                    let _ = cw.write_all(msg.as_bytes()).await;
+                    return Err(format!("client sent malformed RESP: {e}"));
+                }
+            }
+        }
+        if added > 0 {
+            let shared = &self.front.shared;
+            shared.inflight.fetch_add(added, Ordering::AcqRel);
+            shared.forwarded.fetch_add(added as u64, Ordering::Relaxed);
+            self.unanswered.extend_from_slice(&cbuf[..out_len]);
+            cbuf.advance(out_len);
+        }
+        Ok(())
+    }
+
+    /// Splits complete replies off `bbuf`: each answers the oldest request in flight.
+    fn answered(&mut self, bbuf: &mut BytesMut, cout: &mut BytesMut) -> Result<(), String> {
+        let mut n_replies = 0;
+        let mut len = 0;
+        while n_replies < self.lens.len() {
+            match resp::message_len(&bbuf[len..]) {
+                Ok(Some(n)) => {
+                    len += n;
+                    n_replies += 1;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(format!("instance sent malformed RESP: {e}")),
+            }
+        }
+        if n_replies > 0 {
+            cout.extend_from_slice(&bbuf[..len]);
+            bbuf.advance(len);
+            let req_bytes: usize = self.lens.drain(..n_replies).sum();
+            self.unanswered.advance(req_bytes);
+            self.written = self.written.saturating_sub(req_bytes);
+            self.front
+                .shared
+                .inflight
+                .fetch_sub(n_replies, Ordering::AcqRel);
+        } else if bbuf.len() > resp::MAX_MESSAGE {
+            return Err("instance reply exceeds the message limit".into());
+        }
+        if self.lens.is_empty() && !bbuf.is_empty() {
+            // Unsolicited bytes: drop them.
+            bbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// The connection to an instance ended: what it did not answer waits for the next one.
+    fn lost(&mut self, b: &Backend, route_rx: &watch::Receiver<Route>, bbuf: &mut BytesMut) {
+        let route = route_rx.borrow().clone();
+        if route.hold || route.epoch != b.epoch {
+            // Control is moving: the old instance hands back what it did not execute; it goes
+            // to the new one.
+            debug!(addr = %b.addr, epoch = b.epoch, inflight = self.lens.len(), "instance closed the connection as control moved");
+        } else {
+            warn!(addr = %b.addr, epoch = b.epoch, inflight = self.lens.len(), "instance connection lost");
+        }
+        self.written = 0;
+        bbuf.clear();
     }
 }

@@ -4,6 +4,14 @@
 //! reads what it needs, builds mutations, and submits them to the replica, which applies them
 //! locally and streams them to standbys; the client's reply is released only once the
 //! replica reports the batch durable ([`Outcome::Durable`]).
+//!
+//! A planned switchover quiesces the instance ([`Db::quiesce`]): writes not yet admitted wait
+//! at the gate, and the quiesce returns once every write already submitted is durable, so
+//! that its client's reply no longer depends on this instance staying in control. When
+//! control then moves away (a demotion that ends a quiesce), the writes still waiting are not
+//! executed: they come back as [`Outcome::Moved`] and the connection closes after the replies
+//! to its earlier requests, so a front in front of the instance knows exactly which requests
+//! never ran and sends them, in order, to the new instance in control.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +34,11 @@ pub enum Outcome {
     Durable(AckToken, Reply),
     /// Send this reply and close the connection.
     Quit(Reply),
+    /// The instance refused the write because it is not in control (`READONLY` reply). A
+    /// connection opened before control moved away in a planned switchover
+    /// ([`Gate::moves`]) is closed instead, without a reply to this or any later request:
+    /// none of them was executed, and a front resends them to the new instance in control.
+    NotWritable(Reply),
 }
 
 /// Whether and how this instance accepts writes; set by the control channel.
@@ -39,6 +52,9 @@ pub struct GateState {
     pub role: &'static str,
     /// Control epoch reported by INFO.
     pub epoch: u64,
+    /// How many times control moved away from this instance in a planned switchover (a
+    /// demotion that ended a quiesce).
+    pub moves: u64,
 }
 
 /// The write gate: writes pass only on a writable instance and wait while it is quiesced.
@@ -58,6 +74,7 @@ impl Gate {
                 quiesced: false,
                 role: "unconfigured",
                 epoch: 0,
+                moves: 0,
             }),
             cv: Condvar::new(),
             hold,
@@ -79,26 +96,31 @@ impl Gate {
         self.lock().clone()
     }
 
+    /// How many times control moved away from this instance in a planned switchover.
+    pub fn moves(&self) -> u64 {
+        self.lock().moves
+    }
+
     /// Waits while quiesced (bounded), then admits or refuses the write.
-    fn admit(&self) -> Result<(), Reply> {
+    fn admit(&self) -> Result<(), Outcome> {
         let deadline = Instant::now() + self.hold;
         let mut st = self.lock();
         loop {
             if !st.writable {
-                return Err(Reply::Error(format!(
+                return Err(Outcome::NotWritable(Reply::Error(format!(
                     "READONLY this instance is not in control (role {}, epoch {}); writes go to the active instance",
                     st.role, st.epoch
-                )));
+                ))));
             }
             if !st.quiesced {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Reply::Error(format!(
+                return Err(Outcome::Now(Reply::Error(format!(
                     "TRYAGAIN writes were held {:?} by a switchover that has not finished",
                     self.hold
-                )));
+                ))));
             }
             st = self
                 .cv
@@ -126,6 +148,9 @@ pub struct Db {
     version: SchemaVersion,
     write_lock: Mutex<()>,
     last_seq: AtomicU64,
+    /// (epoch, sequence): every write of that epoch up to that sequence is known durable
+    /// (set by a quiesce, after which this instance may stop being in control).
+    settled: Mutex<(u64, u64)>,
     acked_seq: AtomicU64,
     rng: AtomicU64,
     /// The write gate, driven by the control channel.
@@ -153,6 +178,7 @@ impl Db {
             version,
             write_lock: Mutex::new(()),
             last_seq: AtomicU64::new(0),
+            settled: Mutex::new((0, 0)),
             acked_seq: AtomicU64::new(0),
             rng: AtomicU64::new(seed),
             gate: Gate::new(hold),
@@ -185,9 +211,44 @@ impl Db {
 
     /// Waits until `token` is durable and records it as acknowledged.
     pub fn wait_durable(&self, token: AckToken) -> Result<(), SyncError> {
-        self.replica.wait_durable(token)?;
+        let settled = *self.settled.lock().unwrap_or_else(|e| e.into_inner());
+        if token.epoch != settled.0 || token.seq > settled.1 {
+            self.replica.wait_durable(token)?;
+        }
         self.acked_seq.fetch_max(token.seq, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Quiesces writes for a planned switchover: writes not yet admitted wait at the gate
+    /// (bounded by the hold), and this returns once every write already submitted is durable
+    /// (bounded by the replica's acknowledgement timeout), so that its reply no longer needs
+    /// this instance in control. On failure the quiesce is released and the instance goes on
+    /// as before.
+    pub fn quiesce(&self) -> Result<(), SyncError> {
+        self.gate.set(|g| g.quiesced = true);
+        let last = {
+            // A write admitted before the gate closed holds this lock until it has submitted;
+            // one admitted after sees the quiesce under the lock and goes back to wait.
+            let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.replica.quiesce();
+            self.last_seq.load(Ordering::Acquire)
+        };
+        let token = AckToken {
+            seq: last,
+            epoch: self.replica.epoch(),
+        };
+        match self.replica.wait_durable(token) {
+            Ok(()) => {
+                let mut s = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+                *s = (*s).max((token.epoch, token.seq));
+                Ok(())
+            }
+            Err(e) => {
+                self.replica.resume();
+                self.gate.set(|g| g.quiesced = false);
+                Err(e)
+            }
+        }
     }
 
     /// Number of keys.
@@ -245,10 +306,18 @@ impl Db {
     where
         F: FnOnce(&mut Tx<'_>) -> Result<Reply, Reply>,
     {
-        if let Err(r) = self.gate.admit() {
-            return Outcome::Now(r);
-        }
-        let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = loop {
+            if let Err(o) = self.gate.admit() {
+                return o;
+            }
+            let g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            // A quiesce that began after the gate let this write through waits for this lock:
+            // look again under it, so that no write is submitted once a quiesce has begun.
+            let st = self.gate.get();
+            if st.writable && !st.quiesced {
+                break g;
+            }
+        };
         let mut tx = Tx {
             db: self,
             seq: self.last_seq.load(Ordering::Acquire) + 1,

@@ -92,8 +92,9 @@ pub struct Args {
     /// How long a write waits for a quiesce to end before failing with TRYAGAIN, in ms.
     #[arg(long, default_value_t = 10_000)]
     pub hold_ms: u64,
-    /// Most simultaneous client connections.
-    #[arg(long, default_value_t = 1024)]
+    /// Most simultaneous client connections (each is a thread: the process limit must allow
+    /// as many).
+    #[arg(long, default_value_t = server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// After the designated HA standby drops out, how long acknowledgements are held before
     /// they are given without it (degraded), in milliseconds; 0 gives them at once.
@@ -160,6 +161,7 @@ pub fn run_with(version: SchemaVersion, args: Args) -> Result<(), StartError> {
         })
     };
     let service = bind("clients", &args.service_listen)?;
+    widen_backlog(&service, args.max_connections);
     let sync = bind("state sync", &args.sync_listen)?;
     let service_addr = service.local_addr().map_err(|source| StartError::Start {
         what: "clients",
@@ -256,6 +258,22 @@ pub fn run_with(version: SchemaVersion, args: Args) -> Result<(), StartError> {
     node.stop();
     tracing::info!("kvd stopped");
     result
+}
+
+/// Lets the accept queue of the client listener hold `connections` (as far as the kernel's
+/// `somaxconn` allows): a front moves all its connections to a new instance in control at
+/// once, and a queue that overflows drops connection attempts for a second.
+fn widen_backlog(listener: &TcpListener, connections: usize) {
+    use std::os::fd::AsRawFd;
+    let backlog = libc::c_int::try_from(connections).unwrap_or(libc::c_int::MAX);
+    // SAFETY: listen takes the descriptor, which `listener` keeps open, and an integer; on a
+    // socket that already listens, Linux only updates the backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), backlog) } != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot widen the client accept queue"
+        );
+    }
 }
 
 /// Removes a unix socket left at `path` by an earlier run (never any other kind of file).

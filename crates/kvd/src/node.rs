@@ -232,8 +232,12 @@ impl Node {
     ) -> Result<(), String> {
         let mut st = lock(&self.ctl);
         Self::check_epoch(&st, epoch)?;
-        // Close the gate first so no write starts while stepping down.
+        // Close the gate first so no write starts while stepping down. Writes waiting at a
+        // quiesce were never executed: control moved away in a planned switchover.
         self.db.gate.set(|g| {
+            if g.writable && g.quiesced {
+                g.moves += 1;
+            }
             g.writable = false;
             g.quiesced = false;
             g.role = if role == Role::Spare {
@@ -391,10 +395,16 @@ impl ControlHandler for NodeControl {
         if st.role != Some(Role::Active) || st.fenced {
             return Err("only an active instance can be quiesced".into());
         }
-        n.db.gate.set(|g| g.quiesced = true);
-        n.db.replica().quiesce();
+        // Writes already submitted become durable while the control lock is held: no other
+        // command changes the role meanwhile (the wait is bounded by the ack timeout).
+        n.db.quiesce().map_err(|e| {
+            format!("writes submitted before the quiesce did not become durable: {e}")
+        })?;
         st.quiesced = true;
-        tracing::info!(epoch, "quiesced: new writes wait");
+        tracing::info!(
+            epoch,
+            "quiesced: new writes wait, submitted ones are durable"
+        );
         Ok(())
     }
 
@@ -414,6 +424,9 @@ impl ControlHandler for NodeControl {
         let mut st = lock(&n.ctl);
         Node::check_epoch(&st, epoch)?;
         n.db.gate.set(|g| {
+            if g.writable && g.quiesced {
+                g.moves += 1;
+            }
             g.writable = false;
             g.quiesced = false;
             g.role = "fenced";

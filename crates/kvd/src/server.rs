@@ -1,10 +1,18 @@
 //! The RESP server: one thread per connection, pipelined requests, replies to writes
 //! released only when durable.
+//!
+//! A connection costs a thread with a small stack and buffers that grow only with what the
+//! client sends; the instance's process limit must allow [`ServerConfig::max_connections`]
+//! threads beside its own few. A connection opened before control moved away in a planned
+//! switchover ([`crate::db::Outcome::NotWritable`]) is closed at its first write refused after
+//! the move, once the replies to its earlier requests are sent: the write and every later
+//! request were not executed, and a front sends them to the new instance in control.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hitless_sync::AckToken;
 
@@ -27,10 +35,19 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             limits: Limits::default(),
-            max_connections: 1024,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
+
+/// Default of [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Stack of a connection thread: parsing and executing a command needs little; the buffers
+/// are on the heap.
+const CONNECTION_STACK: usize = 256 * 1024;
+/// Bytes read from a client at a time.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// Accepts clients on `listener` forever (on the calling thread).
 pub fn serve(listener: TcpListener, db: Arc<Db>, info: InfoFn, cfg: ServerConfig) {
@@ -49,16 +66,21 @@ pub fn serve(listener: TcpListener, db: Arc<Db>, info: InfoFn, cfg: ServerConfig
             let _ = stream.write_all(b"-ERR max number of clients reached\r\n");
             continue;
         }
+        // Taken at accept: a request on this connection that finds control moved away since
+        // was sent before the move.
+        let moves = db.gate.moves();
         let (db, info, open) = (db.clone(), info.clone(), open.clone());
         let spawned = std::thread::Builder::new()
             .name("kvd-client".into())
+            .stack_size(CONNECTION_STACK)
             .spawn(move || {
-                if let Err(e) = handle(&mut stream, &db, &*info, &cfg.limits) {
+                if let Err(e) = handle(&mut stream, &db, &*info, &cfg.limits, moves) {
                     tracing::debug!(error = %e, "client connection ended");
                 }
                 open.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
+            // The connection is closed without a word: nothing was read from it.
             tracing::warn!(error = %e, "cannot start a client thread");
         }
     }
@@ -69,17 +91,19 @@ enum Pending {
     Wait(AckToken, Reply),
 }
 
-/// Serves one client until it quits, closes, or sends a malformed request.
+/// Serves one client until it quits, closes, or sends a malformed request. `moves` is
+/// [`crate::db::Gate::moves`] when the connection was accepted.
 pub fn handle(
     stream: &mut TcpStream,
     db: &Db,
     info: &dyn Fn() -> String,
     limits: &Limits,
+    moves: u64,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let mut buf: Vec<u8> = Vec::with_capacity(16 << 10);
-    let mut chunk = vec![0u8; 64 << 10];
-    let mut out = Vec::with_capacity(16 << 10);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; READ_CHUNK];
+    let mut out = Vec::new();
     loop {
         let n = stream.read(&mut chunk)?;
         if n == 0 {
@@ -103,6 +127,18 @@ pub fn handle(
                             pending.push(Pending::Ready(r));
                             close = true;
                             break;
+                        }
+                        Outcome::NotWritable(r) => {
+                            if db.gate.moves() > moves {
+                                // Control moved away after this connection was opened: neither
+                                // this request nor any later one runs here.
+                                tracing::debug!(
+                                    "closing a client: its write came after control moved away"
+                                );
+                                close = true;
+                                break;
+                            }
+                            pending.push(Pending::Ready(r));
                         }
                     }
                 }
@@ -128,8 +164,31 @@ pub fn handle(
         }
         stream.write_all(&out)?;
         if close {
-            let _ = stream.flush();
+            linger_close(stream, &mut chunk);
             return Ok(());
+        }
+    }
+}
+
+/// How long a closing connection waits for its client to close in turn.
+const LINGER: Duration = Duration::from_secs(10);
+
+/// Closes gracefully: the replies already written go out before the end of the stream, and
+/// what the client still sends is read and dropped until it closes too (at most [`LINGER`]).
+/// Closing a socket with unread input would reset the connection and could drop replies not
+/// yet transmitted, which a front would then take for requests never executed.
+fn linger_close(stream: &mut TcpStream, chunk: &mut [u8]) {
+    if stream.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
     }
 }

@@ -107,7 +107,8 @@ fn planned_switchover(old_version: u32, new_version: u32) {
     b.wait_for("standby ready", |s| s.ready && s.services["kv"].bulk_done);
 
     // A client keeps writing; when its instance stops being in control it moves to the
-    // other one (as the front proxy would) and retries the write that was refused.
+    // other one (as the front proxy would) and retries the write that was refused, or that
+    // the old instance handed back by closing the connection (it was not executed).
     let acked = Arc::new(Mutex::new(Vec::<(u64, String)>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -119,12 +120,19 @@ fn planned_switchover(old_version: u32, new_version: u32) {
             let mut n = 0u64;
             let mut refusals = 0;
             while !stop.load(Ordering::Acquire) {
-                match c.cmd(&["SET", &format!("w{n}"), &n.to_string()]) {
-                    Reply::Simple(s) if s == "OK" => {
+                match c.try_cmd(&["SET", &format!("w{n}"), &n.to_string()]) {
+                    Some(Reply::Simple(s)) if s == "OK" => {
                         acked.lock().unwrap().push((n, addrs[target].clone()));
                         n += 1;
                     }
-                    Reply::Error(e) if e.starts_with("READONLY") => {
+                    None => {
+                        refusals += 1;
+                        assert!(refusals < 200, "connections closed everywhere");
+                        target = 1 - target;
+                        c = Client::connect(&addrs[target]);
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Some(Reply::Error(e)) if e.starts_with("READONLY") => {
                         refusals += 1;
                         assert!(refusals < 200, "writes refused everywhere: {e}");
                         target = 1 - target;

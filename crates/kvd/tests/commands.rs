@@ -23,7 +23,7 @@ fn db(version: SchemaVersion) -> Arc<Db> {
 fn run(db: &Db, args: &[&str]) -> Reply {
     let args: Vec<Vec<u8>> = args.iter().map(|a| a.as_bytes().to_vec()).collect();
     match db.execute(&args, &|| "# Server\r\nrole:test\r\n".to_string()) {
-        Outcome::Now(r) | Outcome::Quit(r) => r,
+        Outcome::Now(r) | Outcome::Quit(r) | Outcome::NotWritable(r) => r,
         Outcome::Durable(t, r) => {
             db.wait_durable(t).unwrap();
             r

@@ -147,6 +147,24 @@ impl Client {
         self.read_reply()
     }
 
+    /// Sends a command; `None` if the server closed the connection instead of replying.
+    pub fn try_cmd(&mut self, args: &[&str]) -> Option<Reply> {
+        if self.stream.write_all(&encode_request(args)).is_err() {
+            return None;
+        }
+        loop {
+            if let Some((r, n)) = parse_reply(&self.buf).expect("valid reply") {
+                self.buf.drain(..n);
+                return Some(r);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
     pub fn read_reply(&mut self) -> Reply {
         loop {
             if let Some((r, n)) = parse_reply(&self.buf).expect("valid reply") {
