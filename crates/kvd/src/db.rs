@@ -270,13 +270,23 @@ impl Db {
     }
 
     fn read_in(&self, table: &'static str, key: &[u8]) -> Result<Option<(Value, Meta)>, Reply> {
-        match self.replica.get(table, key) {
-            Ok(Some(b)) => decode(self.version, table, &b)
-                .map(Some)
-                .map_err(|e| Reply::err(format!("stored value is corrupt: {e}"))),
-            Ok(None) => Ok(None),
-            Err(e) => Err(Reply::err(e)),
-        }
+        // Decoded from the stored bytes under the state lock: no copy of them.
+        let decoded = self
+            .replica
+            .with_table(table, |t| {
+                t.get(key).map(|b| decode(self.version, table, b))
+            })
+            .map_err(Reply::err)?;
+        decoded
+            .transpose()
+            .map_err(|e| Reply::err(format!("stored value is corrupt: {e}")))
+    }
+
+    /// True if `table` holds `key`.
+    fn holds(&self, table: &'static str, key: &[u8]) -> Result<bool, Reply> {
+        self.replica
+            .with_table(table, |t| t.get(key).is_some())
+            .map_err(Reply::err)
     }
 
     /// The value at `key` in any table.
@@ -295,7 +305,7 @@ impl Db {
             return Ok(Some(v));
         }
         for t in TABLES {
-            if t != kind.table() && self.replica.get(t, key).map_err(Reply::err)?.is_some() {
+            if t != kind.table() && self.holds(t, key)? {
                 return Err(Reply::Error(WRONGTYPE.into()));
             }
         }
@@ -446,7 +456,7 @@ impl Db {
                 let mut n = 0;
                 for k in &a[1..] {
                     for t in TABLES {
-                        if self.replica.get(t, k).map_err(Reply::err)?.is_some() {
+                        if self.holds(t, k)? {
                             n += 1;
                             break;
                         }

@@ -293,10 +293,7 @@ fn v2_records_carry_metadata_and_v1_records_are_raw() {
     use kvd::schema::{decode, STRINGS};
     let d1 = db(SchemaVersion::V1);
     run(&d1, &["SET", "k", "hello"]);
-    assert_eq!(
-        d1.replica().get(STRINGS, b"k").unwrap().unwrap().as_ref(),
-        b"hello"
-    );
+    assert_eq!(d1.replica().get(STRINGS, b"k").unwrap().unwrap(), b"hello");
 
     let d2 = db(SchemaVersion::V2);
     run(&d2, &["SET", "k", "a"]);

@@ -1087,10 +1087,7 @@ impl Replica {
             Input::Owned(mutations, table_of) => {
                 for (m, idx) in mutations.into_iter().zip(table_of) {
                     match m {
-                        Mutation::Put { key, value, .. } => {
-                            st.store
-                                .put(schema, idx, Bytes::from(key), Bytes::from(value))
-                        }
+                        Mutation::Put { key, value, .. } => st.store.put(schema, idx, &key, &value),
                         Mutation::Delete { key, .. } => st.store.delete(idx, &key),
                     }
                 }
@@ -1107,7 +1104,7 @@ impl Replica {
                         }
                     };
                     match m.value {
-                        Some(v) => st.store.put_slice(schema, idx, m.key, v),
+                        Some(v) => st.store.put(schema, idx, m.key, v),
                         None => st.store.delete(idx, m.key),
                     }
                 }
@@ -1298,9 +1295,10 @@ impl Replica {
         st.ha_dropped.iter().map(|(_, at)| *at + grace).max()
     }
 
-    /// The value at `key` in `table` (any role).
-    pub fn get(&self, table: &str, key: &[u8]) -> Result<Option<Bytes>, SyncError> {
-        self.with_table(table, |t| t.get(key).cloned())
+    /// A copy of the value at `key` in `table` (any role). To read it
+    /// without a copy, see [`Replica::with_table`].
+    pub fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, SyncError> {
+        self.with_table(table, |t| t.get(key).map(<[u8]>::to_vec))
     }
 
     /// Runs `f` over `table` under the state lock (keep it short).
@@ -2194,7 +2192,7 @@ impl Replica {
                         }
                     };
                     match m.value {
-                        Some(v) => st.store.put_slice(schema, idx, m.key, v),
+                        Some(v) => st.store.put(schema, idx, m.key, v),
                         None => st.store.delete(idx, m.key),
                     }
                 }
@@ -2314,7 +2312,7 @@ impl Replica {
                             for m in body.iter() {
                                 let v = m.value.expect("checked");
                                 if let Some(i) = st.store.index_of(m.table) {
-                                    st.store.put_slice(schema, i, m.key, v);
+                                    st.store.put(schema, i, m.key, v);
                                 }
                             }
                         }
@@ -3018,7 +3016,7 @@ fn apply_converted(store: &mut Store, schema: &Schema, conv: Vec<Converted>) {
         match c {
             Converted::Put(t, k, v) => {
                 if let Some(i) = store.index_of(&t) {
-                    store.put(schema, i, Bytes::from(k), Bytes::from(v));
+                    store.put(schema, i, &k, &v);
                 }
             }
             Converted::Delete(t, k) => {

@@ -11,8 +11,6 @@ mod track;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
-
 use crate::digest::record_hash;
 use crate::{Digest, Record, Schema, SchemaVersion, TransformError};
 
@@ -105,7 +103,8 @@ impl Store {
                 return true;
             }
             converted += 1;
-            let rec = Record::new(name, e.key.to_vec(), e.value.to_vec());
+            let (k, v) = e.record();
+            let rec = Record::new(name, k.to_vec(), v.to_vec());
             match schema.convert(&rec, native, t.version) {
                 Ok(Some(out)) => {
                     let c = Conv {
@@ -158,10 +157,11 @@ impl Store {
         &mut self,
         cur: &mut Cursor,
         mut buckets: usize,
-        mut visit: impl FnMut(&str, &Bytes, &Bytes) -> bool,
+        mut visit: impl FnMut(&str, &[u8], &[u8]) -> bool,
     ) -> bool {
         self.walk(cur, &mut buckets, &mut |name, e| {
-            visit(name, &e.key, &e.value)
+            let (k, v) = e.record();
+            visit(name, k, v)
         })
     }
 
@@ -196,17 +196,10 @@ impl Store {
         }
     }
 
-    /// Puts `key` = `value` into table `idx`.
-    pub fn put(&mut self, schema: &Schema, idx: usize, key: Bytes, value: Bytes) {
-        let c = self.conv_of(schema, idx, &key, &value);
-        let old = self.tables[idx].1.put(key, value, c);
-        self.settle(old, c);
-    }
-
     /// Puts copies of `key` and `value` into table `idx`.
-    pub fn put_slice(&mut self, schema: &Schema, idx: usize, key: &[u8], value: &[u8]) {
+    pub fn put(&mut self, schema: &Schema, idx: usize, key: &[u8], value: &[u8]) {
         let c = self.conv_of(schema, idx, key, value);
-        let old = self.tables[idx].1.put_slice(key, value, c);
+        let old = self.tables[idx].1.put(key, value, c);
         self.settle(old, c);
     }
 
@@ -324,7 +317,6 @@ mod kept_digest {
     #[derive(Clone, Debug)]
     enum Op {
         Put(usize, u8, Vec<u8>),
-        PutSlice(usize, u8, Vec<u8>),
         Delete(usize, u8),
         Clear,
         /// One step of building the tracked digest, of this many records.
@@ -334,8 +326,7 @@ mod kept_digest {
     fn op() -> impl Strategy<Value = Op> {
         let val = proptest::collection::vec(any::<u8>(), 0..6);
         prop_oneof![
-            6 => (0..2usize, 0..16u8, val.clone()).prop_map(|(t, k, v)| Op::Put(t, k, v)),
-            6 => (0..2usize, 0..16u8, val).prop_map(|(t, k, v)| Op::PutSlice(t, k, v)),
+            12 => (0..2usize, 0..16u8, val).prop_map(|(t, k, v)| Op::Put(t, k, v)),
             4 => (0..2usize, 0..16u8).prop_map(|(t, k)| Op::Delete(t, k)),
             1 => Just(Op::Clear),
             3 => (1..4usize).prop_map(Op::Step),
@@ -363,13 +354,7 @@ mod kept_digest {
                     s.track(&schema, 1);
                 }
                 match o {
-                    Op::Put(t, k, v) => s.put(
-                        &schema,
-                        t,
-                        Bytes::from(vec![k]),
-                        Bytes::from(kv_value(t, v)),
-                    ),
-                    Op::PutSlice(t, k, v) => s.put_slice(&schema, t, &[k], &kv_value(t, v)),
+                    Op::Put(t, k, v) => s.put(&schema, t, &[k], &kv_value(t, v)),
                     Op::Delete(t, k) => s.delete(t, &[k]),
                     Op::Clear => s.clear(),
                     Op::Step(n) => {
@@ -402,7 +387,7 @@ mod kept_digest {
         let schema = schema();
         let mut s = Store::new(schema.tables());
         for i in 0..5000u32 {
-            s.put_slice(&schema, 0, &i.to_le_bytes(), b"2:v");
+            s.put(&schema, 0, &i.to_le_bytes(), b"2:v");
         }
         s.track(&schema, 1);
         assert_eq!(s.scanned(), 0, "starting a track converts nothing");
@@ -412,9 +397,9 @@ mod kept_digest {
             steps += 1;
             // Writes between steps, ahead of and behind the cursor.
             let k = (steps * 37 % 5000) as u32;
-            s.put_slice(&schema, 0, &k.to_le_bytes(), b"2:changed");
+            s.put(&schema, 0, &k.to_le_bytes(), b"2:changed");
             s.delete(0, &((k + 1) % 5000).to_le_bytes());
-            s.put_slice(&schema, 0, &(10_000 + steps as u32).to_le_bytes(), b"2:new");
+            s.put(&schema, 0, &(10_000 + steps as u32).to_le_bytes(), b"2:new");
             assert!(s.digest_kept(&schema, 1).is_none());
         }
         assert!(steps >= 49, "bounded steps: {steps}");
@@ -430,9 +415,9 @@ mod kept_digest {
         let schema = schema();
         let mut s = Store::new(schema.tables());
         s.track(&schema, 1);
-        s.put_slice(&schema, 0, b"k", b"2:ok");
+        s.put(&schema, 0, b"k", b"2:ok");
         assert_eq!(s.tracked(), Some(1));
-        s.put_slice(&schema, 0, b"bad", b"no prefix");
+        s.put(&schema, 0, b"bad", b"no prefix");
         assert_eq!(s.tracked(), None, "an unconvertible record ends tracking");
         assert!(s.digest_kept(&schema, 1).is_none());
         assert!(s.digest_scan(&schema, 2, 1).is_err());

@@ -15,7 +15,6 @@
 //! never missed). Entries inserted behind the cursor are not visited: a bulk
 //! transfer carries them in the live stream, which is ordered with the steps.
 
-use bytes::Bytes;
 use hashbrown::hash_table::{Entry as Slot, HashTable};
 
 use crate::digest::record_hash;
@@ -60,14 +59,81 @@ impl Conv {
     }
 }
 
+/// One record: its key and value in a single allocation,
+/// `[key length, LEB128][key][value]`, and its share of the tracked foreign
+/// digest. Nothing that can be recomputed cheaply is stored: the key's hash
+/// is recomputed from the key when a shard is relaid, the record's hash
+/// (native digest) from the record when it is overwritten or deleted.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
-    hash: u64,
-    pub(crate) key: Bytes,
-    pub(crate) value: Bytes,
-    /// Hash of the record in the native version (see [`record_hash`]).
-    rh: u64,
+    data: Box<[u8]>,
     pub(crate) conv: Conv,
+}
+
+impl Entry {
+    fn new(key: &[u8], value: &[u8], conv: Conv) -> Entry {
+        let mut data = Vec::with_capacity(prefix_len(key.len()) + key.len() + value.len());
+        let mut n = key.len();
+        while n >= 0x80 {
+            data.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        data.push(n as u8);
+        data.extend_from_slice(key);
+        data.extend_from_slice(value);
+        Entry {
+            data: data.into_boxed_slice(),
+            conv,
+        }
+    }
+
+    /// The key and the value.
+    #[inline]
+    pub(crate) fn record(&self) -> (&[u8], &[u8]) {
+        let mut len = 0usize;
+        let mut at = 0;
+        loop {
+            let b = self.data[at];
+            len |= ((b & 0x7f) as usize) << (7 * at);
+            at += 1;
+            if b < 0x80 {
+                break;
+            }
+        }
+        self.data[at..].split_at(len)
+    }
+
+    #[inline]
+    pub(crate) fn key(&self) -> &[u8] {
+        self.record().0
+    }
+
+    #[inline]
+    pub(crate) fn value(&self) -> &[u8] {
+        self.record().1
+    }
+
+    /// Replaces the value: in place if it has the same length, otherwise in
+    /// a new allocation.
+    fn set_value(&mut self, value: &[u8]) {
+        let (key, old) = self.record();
+        if old.len() == value.len() {
+            let at = self.data.len() - value.len();
+            self.data[at..].copy_from_slice(value);
+        } else {
+            *self = Entry::new(key, value, self.conv);
+        }
+    }
+}
+
+/// Bytes of the LEB128 encoding of `n`.
+fn prefix_len(mut n: usize) -> usize {
+    let mut len = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        len += 1;
+    }
+    len
 }
 
 #[derive(Debug, Default)]
@@ -78,12 +144,13 @@ struct Shard {
 }
 
 impl Shard {
-    /// Runs an insert into a vacant slot, bumping the generation if the
-    /// insert grew or rehashed the shard (entries moved).
-    fn insert(&mut self, e: Entry) {
+    /// Runs an insert of `e` (whose key hashes to `h`) into a vacant slot,
+    /// bumping the generation if the insert grew or rehashed the shard
+    /// (entries moved).
+    fn insert(&mut self, state: &FastState, h: u64, e: Entry) {
         let buckets = self.map.num_buckets();
         let room = self.map.capacity() - self.map.len();
-        self.map.insert_unique(e.hash, e, |e| e.hash);
+        self.map.insert_unique(h, e, |e| state.hash_bytes(e.key()));
         let room_after = self.map.capacity() - self.map.len();
         // An insert without relayout leaves the room as it was (a reused
         // tombstone) or one less; a relayout happens only with no room left
@@ -105,10 +172,10 @@ pub(crate) struct Cursor {
     entered: bool,
 }
 
-/// One table of replicated state. Keys and values are reference-counted
-/// [`Bytes`]. Each entry keeps its key's hash (keyed per table, see the
-/// `hash` module), so growing a shard never reads the keys again, and its
-/// record hash, so the table's digest is kept up to date on every mutation.
+/// One table of replicated state. Each record is one allocation holding its
+/// key and value (see [`Entry`]); the table keeps the wrapping sum of the
+/// records' hashes, so its digest is up to date on every mutation. Keys are
+/// hashed with a key drawn per table (see the `hash` module).
 #[derive(Debug)]
 pub struct Table {
     shards: Box<[Shard]>,
@@ -131,12 +198,12 @@ impl Default for Table {
 
 impl Table {
     /// The value at `key`.
-    pub fn get(&self, key: &[u8]) -> Option<&Bytes> {
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
         let h = self.state.hash_bytes(key);
         self.shards[shard_of(h)]
             .map
-            .find(h, |e| e.hash == h && e.key == key)
-            .map(|e| &e.value)
+            .find(h, |e| e.key() == key)
+            .map(Entry::value)
     }
 
     /// Number of records.
@@ -149,12 +216,12 @@ impl Table {
         self.len == 0
     }
 
-    /// All records, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
+    /// All records (key, value), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.shards
             .iter()
             .flat_map(|s| s.map.iter())
-            .map(|e| (&e.key, &e.value))
+            .map(Entry::record)
     }
 
     /// Count and wrapping sum of the record hashes.
@@ -162,68 +229,39 @@ impl Table {
         (self.len as u64, self.sum)
     }
 
-    /// Puts `key` = `value`; returns the replaced entry's [`Conv`].
-    pub(crate) fn put(&mut self, key: Bytes, value: Bytes, conv: Conv) -> Option<Conv> {
-        let h = self.state.hash_bytes(&key);
-        let rh = record_hash(&key, &value);
-        let shard = &mut self.shards[shard_of(h)];
-        if let Some(e) = shard.map.find_mut(h, |e| e.hash == h && e.key == key) {
-            self.sum = self.sum.wrapping_sub(e.rh).wrapping_add(rh);
-            e.value = value;
-            e.rh = rh;
-            return Some(std::mem::replace(&mut e.conv, conv));
-        }
-        self.sum = self.sum.wrapping_add(rh);
-        self.len += 1;
-        shard.insert(Entry {
-            hash: h,
-            key,
-            value,
-            rh,
-            conv,
-        });
-        None
-    }
-
-    /// Puts copies of `key` and `value`: the key is copied only if it is
-    /// new, and an overwritten value of the same length that nothing else
-    /// references is overwritten in place (no allocation either way).
-    /// Returns the replaced entry's [`Conv`].
-    pub(crate) fn put_slice(&mut self, key: &[u8], value: &[u8], conv: Conv) -> Option<Conv> {
+    /// Puts copies of `key` and `value`: a new record is one allocation, and
+    /// an overwritten value of the same length is rewritten in place (no
+    /// allocation). Returns the replaced entry's [`Conv`].
+    pub(crate) fn put(&mut self, key: &[u8], value: &[u8], conv: Conv) -> Option<Conv> {
         let h = self.state.hash_bytes(key);
         let rh = record_hash(key, value);
         let shard = &mut self.shards[shard_of(h)];
-        if let Some(e) = shard.map.find_mut(h, |e| e.hash == h && e.key == key) {
-            self.sum = self.sum.wrapping_sub(e.rh).wrapping_add(rh);
-            let old = std::mem::take(&mut e.value);
-            e.value = reuse_or_copy(old, value);
-            e.rh = rh;
+        if let Some(e) = shard.map.find_mut(h, |e| e.key() == key) {
+            let (k, v) = e.record();
+            self.sum = self.sum.wrapping_sub(record_hash(k, v)).wrapping_add(rh);
+            e.set_value(value);
             return Some(std::mem::replace(&mut e.conv, conv));
         }
         self.sum = self.sum.wrapping_add(rh);
         self.len += 1;
-        shard.insert(Entry {
-            hash: h,
-            key: Bytes::copy_from_slice(key),
-            value: Bytes::copy_from_slice(value),
-            rh,
-            conv,
-        });
+        shard.insert(&self.state, h, Entry::new(key, value, conv));
         None
     }
 
     /// Deletes `key`; returns the removed entry's [`Conv`].
     pub(crate) fn delete(&mut self, key: &[u8]) -> Option<Conv> {
         let h = self.state.hash_bytes(key);
+        let state = &self.state;
         let shard = &mut self.shards[shard_of(h)];
         match shard
             .map
-            .entry(h, |e| e.hash == h && e.key == key, |e| e.hash)
+            .entry(h, |e| e.key() == key, |e| state.hash_bytes(e.key()))
         {
             Slot::Occupied(o) => {
                 // Removing never moves other entries: the generation stays.
                 let (e, _) = o.remove();
-                self.sum = self.sum.wrapping_sub(e.rh);
+                let (k, v) = e.record();
+                self.sum = self.sum.wrapping_sub(record_hash(k, v));
                 self.len -= 1;
                 Some(e.conv)
             }
@@ -279,17 +317,6 @@ impl Table {
     }
 }
 
-/// `v` as [`Bytes`], in `old`'s allocation when that is possible.
-fn reuse_or_copy(old: Bytes, v: &[u8]) -> Bytes {
-    if old.len() == v.len() && !v.is_empty() {
-        if let Ok(mut m) = old.try_into_mut() {
-            m.copy_from_slice(v);
-            return m.freeze();
-        }
-    }
-    Bytes::copy_from_slice(v)
-}
-
 impl Cursor {
     /// Moves the cursor to the start of the next table.
     pub(crate) fn next_table(&mut self) {
@@ -306,32 +333,57 @@ mod tests {
     use std::collections::BTreeSet;
 
     #[test]
-    fn put_slice_overwrites_in_place_only_when_nothing_else_holds_the_value() {
+    fn an_entry_is_two_words_and_a_conv_and_holds_any_key_and_value() {
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
+        for klen in [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let key: Vec<u8> = (0..klen).map(|i| i as u8).collect();
+            for value in [&b""[..], b"v", &[7u8; 200][..]] {
+                let e = Entry::new(&key, value, Conv::UNTRACKED);
+                assert_eq!(e.record(), (key.as_slice(), value), "key of {klen} bytes");
+                assert_eq!(e.data.len(), prefix_len(klen) + klen + value.len());
+            }
+        }
+    }
+
+    #[test]
+    fn an_overwrite_of_the_same_length_is_in_place() {
         let mut t = Table::default();
-        t.put_slice(b"k", b"aaaa", Conv::UNTRACKED);
+        t.put(b"k", b"aaaa", Conv::UNTRACKED);
         let p1 = t.get(b"k").unwrap().as_ptr();
-        t.put_slice(b"k", b"bbbb", Conv::UNTRACKED);
-        assert_eq!(t.get(b"k").unwrap().as_ref(), b"bbbb");
-        assert_eq!(t.get(b"k").unwrap().as_ptr(), p1, "reused in place");
-        // A reader holds the value: it must keep seeing the old bytes.
-        let held = t.get(b"k").unwrap().clone();
-        t.put_slice(b"k", b"cccc", Conv::UNTRACKED);
-        assert_eq!(held.as_ref(), b"bbbb");
-        assert_eq!(t.get(b"k").unwrap().as_ref(), b"cccc");
-        // Another length: a fresh allocation.
-        t.put_slice(b"k", b"dd", Conv::UNTRACKED);
-        assert_eq!(t.get(b"k").unwrap().as_ref(), b"dd");
+        t.put(b"k", b"bbbb", Conv::UNTRACKED);
+        assert_eq!(t.get(b"k").unwrap(), b"bbbb");
+        assert_eq!(t.get(b"k").unwrap().as_ptr(), p1, "rewritten in place");
+        // Another length: a fresh allocation, the key kept.
+        t.put(b"k", b"dd", Conv::UNTRACKED);
+        assert_eq!(t.get(b"k").unwrap(), b"dd");
+        t.put(b"k", b"", Conv::UNTRACKED);
+        assert_eq!(t.get(b"k").unwrap(), b"");
         assert_eq!(t.len(), 1);
-        t.put(
-            Bytes::from_static(b"s"),
-            Bytes::from_static(b"static"),
-            Conv::UNTRACKED,
-        );
-        t.put_slice(b"s", b"STATIC", Conv::UNTRACKED);
-        assert_eq!(t.get(b"s").unwrap().as_ref(), b"STATIC");
+        t.put(b"s", b"static", Conv::UNTRACKED);
+        assert_eq!(t.iter().count(), 2);
         t.delete(b"k");
         assert!(t.get(b"k").is_none());
         assert_eq!(t.len(), 1);
+        assert_eq!(t.iter().collect::<Vec<_>>(), [(&b"s"[..], &b"static"[..])]);
+    }
+
+    #[test]
+    fn the_kept_sum_follows_puts_overwrites_and_deletes() {
+        let mut t = Table::default();
+        let sum = |t: &Table| {
+            t.iter()
+                .fold(0u64, |s, (k, v)| s.wrapping_add(record_hash(k, v)))
+        };
+        for i in 0..3000u32 {
+            t.put(&i.to_le_bytes(), &i.to_be_bytes(), Conv::UNTRACKED);
+        }
+        for i in (0..3000u32).step_by(3) {
+            t.put(&i.to_le_bytes(), b"longer value", Conv::UNTRACKED);
+            t.put(&(i + 1).to_le_bytes(), b"same", Conv::UNTRACKED);
+            t.delete(&(i + 2).to_le_bytes());
+        }
+        assert_eq!(t.len(), 2000);
+        assert_eq!(t.sums(), (2000, sum(&t)));
     }
 
     /// Walks `t` in steps of `step` buckets, mutating it between steps with
@@ -346,7 +398,7 @@ mod tests {
         let mut i = 0;
         loop {
             let done = t.walk(&mut cur, &mut { step }, &mut |e| {
-                seen.insert(e.key.to_vec());
+                seen.insert(e.key().to_vec());
                 true
             });
             if done {
@@ -362,14 +414,14 @@ mod tests {
     fn a_walk_in_steps_visits_every_entry_that_stays_while_the_table_grows_and_shrinks() {
         let mut t = Table::default();
         for i in 0..20_000u32 {
-            t.put_slice(&i.to_le_bytes(), b"v", Conv::UNTRACKED);
+            t.put(&i.to_le_bytes(), b"v", Conv::UNTRACKED);
         }
         // Between steps: grow the table a lot (every shard is relaid several
         // times) and delete keys of the upper range.
         let seen = walk_all(&mut t, 97, |t, i| {
             for j in 0..8u32 {
                 let k = 100_000 + (i as u32) * 8 + j;
-                t.put_slice(&k.to_le_bytes(), b"new", Conv::UNTRACKED);
+                t.put(&k.to_le_bytes(), b"new", Conv::UNTRACKED);
             }
             let d = 10_000 + i as u32;
             if d < 20_000 {
@@ -391,14 +443,14 @@ mod tests {
     fn a_walk_stops_where_the_visitor_says_and_goes_on_from_there() {
         let mut t = Table::default();
         for i in 0..1000u32 {
-            t.put_slice(&i.to_le_bytes(), b"v", Conv::UNTRACKED);
+            t.put(&i.to_le_bytes(), b"v", Conv::UNTRACKED);
         }
         let mut cur = Cursor::default();
         let mut seen = Vec::new();
         loop {
             let mut n = 0;
             let done = t.walk(&mut cur, &mut { usize::MAX }, &mut |e| {
-                seen.push(e.key.to_vec());
+                seen.push(e.key().to_vec());
                 n += 1;
                 n < 7
             });
@@ -420,7 +472,7 @@ mod tests {
     fn shards_spread_keys() {
         let mut t = Table::default();
         for i in 0..(SHARDS as u32 * 64) {
-            t.put_slice(&i.to_le_bytes(), b"", Conv::UNTRACKED);
+            t.put(&i.to_le_bytes(), b"", Conv::UNTRACKED);
         }
         let max = t.shards.iter().map(|s| s.map.len()).max().unwrap();
         let min = t.shards.iter().map(|s| s.map.len()).min().unwrap();
