@@ -481,16 +481,6 @@ impl Conn {
         let mut out_len = 0;
         let mut added = 0;
         loop {
-            // Blank lines get no reply: dropped, never counted as requests in flight.
-            let blank = resp::blank_prefix(&cbuf[out_len..]);
-            if blank > 0 {
-                if out_len > 0 {
-                    // Forward what precedes them first; the next call drops them.
-                    break;
-                }
-                cbuf.advance(blank);
-                continue;
-            }
             match resp::message_len(&cbuf[out_len..]) {
                 Ok(Some(n))
                     if !(self.lens.is_empty() && added == 0)

@@ -40,22 +40,6 @@ fn parse_int(line: &[u8]) -> Result<i64, FrameError> {
         .map_err(|_| FrameError::BadLength(text.to_owned()))
 }
 
-/// Bytes of blank lines (CRLF, or a bare LF) at the head of `buf`. Redis skips them without a
-/// reply (`redis-cli --pipe` sends one before its closing ECHO), so a front must drop them
-/// rather than count them as requests awaiting an answer.
-pub fn blank_prefix(buf: &[u8]) -> usize {
-    let mut i = 0;
-    loop {
-        if buf[i..].starts_with(b"\r\n") {
-            i += 2;
-        } else if buf[i..].starts_with(b"\n") {
-            i += 1;
-        } else {
-            return i;
-        }
-    }
-}
-
 /// Returns the length of the first complete message in `buf`, `Ok(None)` if more bytes are
 /// needed, or an error if the bytes cannot be RESP. Inline commands (a bare line) are accepted
 /// as requests.
@@ -198,18 +182,5 @@ mod tests {
                 proptest::prop_assert!(n > 0);
             }
         }
-    }
-
-    #[test]
-    fn blank_lines_at_the_head_are_counted_and_nothing_else() {
-        assert_eq!(blank_prefix(b"\r\n\n\r\nPING\r\n"), 5);
-        assert_eq!(blank_prefix(b"PING\r\n\r\n"), 0);
-        assert_eq!(
-            blank_prefix(b"\r"),
-            0,
-            "a lone CR may be the start of a CRLF: wait"
-        );
-        assert_eq!(blank_prefix(b""), 0);
-        assert_eq!(blank_prefix(b"*1\r\n$4\r\nPING\r\n"), 0);
     }
 }
