@@ -169,38 +169,36 @@ impl Replica {
                 }
                 continue;
             }
-            {
-                let digest = st
-                    .store
-                    .digest_kept(schema, sv)
-                    .expect("the native digest is kept, a foreign one is complete here");
-                let end = Control::BulkEnd {
-                    seq: st.seq,
-                    digest,
-                    last_epoch: st.last_epoch,
-                };
-                link.push(&end.encode(epoch, st.seq), usize::MAX);
-                // From here on, submitters write what they queue.
-                link.bulk.store(false, Ordering::Relaxed);
-                // The standby's digest result and acknowledgements refer to
-                // the sequence the transfer ended at.
-                st.links[pos].snap_seq = st.seq;
-                let end_seq = st.seq;
-                drop(st);
-                longest = longest.max(held.elapsed());
-                link.flush();
-                debug!(
-                    standby = %link.node,
-                    records = sent,
-                    steps,
-                    end_seq,
-                    longest_step_us = longest.as_micros() as u64,
-                    mean_step_us = (total.as_micros() as u64) / steps.max(1),
-                    steps_over_1ms = slow,
-                    "bulk sent"
-                );
-                return Ok(());
-            }
+            let digest = st
+                .store
+                .digest_kept(schema, sv)
+                .expect("the native digest is kept, a foreign one is complete here");
+            let end = Control::BulkEnd {
+                seq: st.seq,
+                digest,
+                last_epoch: st.last_epoch,
+            };
+            link.push(&end.encode(epoch, st.seq), usize::MAX);
+            // From here on, submitters write what they queue.
+            link.bulk.store(false, Ordering::Relaxed);
+            // The standby's digest result and acknowledgements refer to
+            // the sequence the transfer ended at.
+            st.links[pos].snap_seq = st.seq;
+            let end_seq = st.seq;
+            drop(st);
+            longest = longest.max(held.elapsed());
+            link.flush();
+            debug!(
+                standby = %link.node,
+                records = sent,
+                steps,
+                end_seq,
+                longest_step_us = longest.as_micros() as u64,
+                mean_step_us = (total.as_micros() as u64) / steps.max(1),
+                steps_over_1ms = slow,
+                "bulk sent"
+            );
+            return Ok(());
         }
     }
 }
