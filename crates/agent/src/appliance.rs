@@ -160,6 +160,8 @@ struct Local {
     started: Started,
     handle: Mutex<Box<dyn InstanceHandle>>,
     control: Mutex<ControlClient<std::os::unix::net::UnixStream>>,
+    /// When the instance last sent anything on its control channel.
+    heard: hitless_control::Heard,
     stopping: AtomicBool,
     /// Reported unresponsive by the health probes (and not answering since).
     unresponsive: AtomicBool,
@@ -578,6 +580,7 @@ impl Appliance {
         let local = Arc::new(Local {
             started: started.clone(),
             handle: Mutex::new(handle),
+            heard: control.heard(),
             control: Mutex::new(control),
             stopping: AtomicBool::new(false),
             unresponsive: AtomicBool::new(false),
@@ -641,9 +644,27 @@ struct Health {
 }
 
 impl Health {
+    /// The instance answered: misses are forgiven.
+    fn answered(&mut self) -> Option<String> {
+        if self.reported {
+            info!("instance answers its health probes again");
+        }
+        *self = Health::default();
+        None
+    }
+
     /// One probe; returns what to report when the instance just became unresponsive.
     fn probe(&mut self, local: &Local, probe: &HealthProbe) -> Option<String> {
-        let failure = match local.control.try_lock() {
+        self.probe_channel(&local.control, &local.heard, probe)
+    }
+
+    fn probe_channel<W: std::io::Write>(
+        &mut self,
+        control: &Mutex<ControlClient<W>>,
+        heard: &hitless_control::Heard,
+        probe: &HealthProbe,
+    ) -> Option<String> {
+        let failure = match control.try_lock() {
             Ok(mut c) => {
                 self.busy_since = None;
                 match c.status(probe.timeout) {
@@ -651,27 +672,27 @@ impl Health {
                     Err(e) => Some(e.to_string()),
                 }
             }
-            // Another request holds the channel: it is the probe, as long as it is quick
-            // (until then this probe tells nothing).
+            // Another request holds the channel (the driver polls status, sometimes back to
+            // back): the instance is alive as long as it keeps answering on it. A channel
+            // that is busy and silent past a probe's bound is a failed probe.
             Err(_) => {
                 let since = *self.busy_since.get_or_insert_with(Instant::now);
-                if since.elapsed() <= probe.interval + probe.timeout {
+                let bound = probe.interval + probe.timeout;
+                if heard.since() <= bound {
+                    return self.answered();
+                }
+                if since.elapsed() <= bound {
                     return None;
                 }
                 Some(format!(
-                    "a control request has been unanswered for {} ms",
-                    since.elapsed().as_millis()
+                    "the control channel has been busy for {} ms and the instance silent for {} ms",
+                    since.elapsed().as_millis(),
+                    heard.since().as_millis()
                 ))
             }
         };
         match failure {
-            None => {
-                if self.reported {
-                    info!("instance answers its health probes again");
-                }
-                *self = Health::default();
-                None
-            }
+            None => self.answered(),
             Some(e) => {
                 self.misses += 1;
                 if self.misses >= probe.misses && !self.reported {
@@ -772,5 +793,66 @@ pub fn as_status(r: Result<OpOk, String>) -> Result<InstanceStatus, String> {
     match r? {
         OpOk::Status(s) => Ok(*s),
         other => Err(format!("expected a status, got {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hitless_control::{write_instance_message, InstanceMessage};
+    use std::os::unix::net::UnixStream;
+
+    const PROBE: HealthProbe = HealthProbe {
+        interval: Duration::from_millis(10),
+        timeout: Duration::from_millis(40),
+        misses: 3,
+    };
+
+    /// Probes every interval for `span` while another request holds the channel; the instance
+    /// end sends a stale reply every `every` (none when `None`). Returns the first report.
+    fn probe_while_busy(every: Option<Duration>, span: Duration) -> Option<String> {
+        let (agent_end, mut instance_end) = UnixStream::pair().expect("socket pair");
+        let control = Mutex::new(ControlClient::from_unix(agent_end).expect("client"));
+        let heard = control.lock().unwrap().heard();
+        let _held = control.lock().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let talker = std::thread::spawn(move || {
+            while !s.load(Ordering::Acquire) {
+                if let Some(every) = every {
+                    let msg = InstanceMessage::Ack { request_id: 7 };
+                    write_instance_message(&mut instance_end, &msg).expect("write");
+                    std::thread::sleep(every);
+                } else {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        });
+        let mut health = Health::default();
+        let began = Instant::now();
+        let mut report = None;
+        while began.elapsed() < span && report.is_none() {
+            report = health.probe_channel(&control, &heard, &PROBE);
+            std::thread::sleep(PROBE.interval);
+        }
+        stop.store(true, Ordering::Release);
+        talker.join().unwrap();
+        report
+    }
+
+    #[test]
+    fn a_channel_kept_busy_by_answered_requests_is_not_a_lost_heartbeat() {
+        // Answers arrive well within a probe's bound, for ten bounds in a row.
+        let report = probe_while_busy(Some(Duration::from_millis(15)), Duration::from_millis(500));
+        assert_eq!(report, None);
+    }
+
+    #[test]
+    fn a_channel_busy_and_silent_past_the_bound_is_a_lost_heartbeat() {
+        let report = probe_while_busy(None, Duration::from_secs(2)).expect("reported");
+        assert!(
+            report.contains("3 health probes in a row failed") && report.contains("silent"),
+            "{report}"
+        );
     }
 }

@@ -1,7 +1,9 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,9 @@ use crate::{
 
 /// Bound on messages buffered between the reader thread and the caller.
 const INBOX_BOUND: usize = 64;
+
+/// A request answered later than this is logged: the channel was busy for that long.
+const SLOW_REQUEST: Duration = Duration::from_secs(1);
 
 /// A successful reply to a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +41,30 @@ pub struct ControlClient<W: Write> {
     hellos_seen: u64,
     closed: bool,
     closer: Option<UnixStream>,
+    heard: Heard,
     _reader: JoinHandle<()>,
+}
+
+/// When the instance last sent anything on a control channel: readable while a request
+/// holds the client, so that a health probe can tell a busy channel from a silent one.
+#[derive(Debug, Clone)]
+pub struct Heard(Arc<(Instant, AtomicU64)>);
+
+impl Heard {
+    fn new() -> Self {
+        Heard(Arc::new((Instant::now(), AtomicU64::new(0))))
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.0 .0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0 .1.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    /// Time since the last message from the instance (since the client was built if none).
+    pub fn since(&self) -> Duration {
+        let at = Duration::from_nanos(self.0 .1.load(Ordering::Relaxed));
+        self.0 .0.elapsed().saturating_sub(at)
+    }
 }
 
 impl ControlClient<UnixStream> {
@@ -76,11 +104,14 @@ impl<W: Write> ControlClient<W> {
     /// message arrives.
     pub fn new<R: Read + Send + 'static>(mut reader: R, writer: W) -> Self {
         let (tx, rx) = sync_channel(INBOX_BOUND);
+        let heard = Heard::new();
+        let touched = heard.clone();
         let handle = std::thread::Builder::new()
             .name("control-client-reader".into())
             .spawn(move || loop {
                 match read_instance_message(&mut reader) {
                     Ok(Some(msg)) => {
+                        touched.touch();
                         if tx.send(Ok(msg)).is_err() {
                             return;
                         }
@@ -103,8 +134,14 @@ impl<W: Write> ControlClient<W> {
             hellos_seen: 0,
             closed: false,
             closer: None,
+            heard,
             _reader: handle,
         }
+    }
+
+    /// A handle that tells when the instance last sent anything on this channel.
+    pub fn heard(&self) -> Heard {
+        self.heard.clone()
     }
 
     /// The most recent [`Hello`] received, if any.
@@ -140,6 +177,26 @@ impl<W: Write> ControlClient<W> {
     /// An `Error` reply becomes [`ControlError::Remote`]; no reply in time becomes
     /// [`ControlError::Timeout`] (a late reply is later discarded).
     pub fn request(
+        &mut self,
+        command: AgentCommand,
+        timeout: Duration,
+    ) -> Result<Reply, ControlError> {
+        let what = command.kind();
+        let began = Instant::now();
+        let r = self.request_inner(command, timeout);
+        let took = began.elapsed();
+        if took >= SLOW_REQUEST {
+            tracing::warn!(
+                command = what,
+                took_ms = took.as_millis() as u64,
+                ok = r.is_ok(),
+                "a control request was slow to be answered"
+            );
+        }
+        r
+    }
+
+    fn request_inner(
         &mut self,
         command: AgentCommand,
         timeout: Duration,

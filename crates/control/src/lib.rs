@@ -34,7 +34,7 @@ mod frame;
 mod message;
 mod server;
 
-pub use client::{ControlClient, Reply};
+pub use client::{ControlClient, Heard, Reply};
 pub use error::ControlError;
 pub use frame::{
     decode_frame, encode_frame, read_frame, write_frame, FrameKind, FRAME_VERSION, HEADER_LEN,

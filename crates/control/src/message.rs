@@ -89,6 +89,22 @@ pub enum AgentCommand {
     Shutdown,
 }
 
+impl AgentCommand {
+    /// The command's name, as it is spelt on the wire (for logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentCommand::Configure(_) => "configure",
+            AgentCommand::Promote { .. } => "promote",
+            AgentCommand::Quiesce { .. } => "quiesce",
+            AgentCommand::Demote { .. } => "demote",
+            AgentCommand::Fence { .. } => "fence",
+            AgentCommand::StandbyGone { .. } => "standby_gone",
+            AgentCommand::StatusRequest => "status_request",
+            AgentCommand::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// A command with the request id its reply will carry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentMessage {

@@ -19,11 +19,7 @@ fn kernel_present() -> bool {
         .unwrap_or(false)
 }
 
-/// Regression to fix first: since this version the QEMU lab rolls back ("instance i4 failed:
-/// heartbeat lost": a guest's health probes time out during the ISSU), reproduced twice. The
-/// process lab commits. Run on request: `cargo test -p hitless --test lab_qemu -- --ignored`.
 #[test]
-#[ignore = "regression: the QEMU lab rolls back on a guest's lost heartbeat since the scale changes; to fix first"]
 fn qemu_lab_issu_commits_across_four_vms_without_losing_an_acknowledged_write() {
     for tool in ["qemu-system-x86_64", "redis-benchmark"] {
         if !have(tool) {
