@@ -199,3 +199,36 @@ fn sync_mode_never_acknowledges_before_ha_standby_applied() {
     a.shutdown();
     s.shutdown();
 }
+
+/// A client whose reply waits on a batch that a quiesce already found durable must get its
+/// acknowledgement even if it looks only after the old active learned of the new epoch (a
+/// switchover completing while the client's thread was not scheduled).
+#[test]
+fn a_batch_found_durable_stays_acknowledged_after_a_newer_epoch_is_learned() {
+    let (a, h) = active(1, "a");
+    let b = standby(1, "b");
+    let _fb = b.follow_tcp(h.local_addr(), true).unwrap();
+    a.wait_standbys_ready(1, Duration::from_secs(5)).unwrap();
+    let early = a.submit(vec![put(1, "x")]).unwrap();
+    let last = a.submit(vec![put(2, "y")]).unwrap();
+    // The quiesce's wait: everything up to `last` is durable.
+    a.wait_durable(last).unwrap();
+    a.fence(2);
+    assert_eq!(a.epoch(), 2);
+    a.wait_durable(early)
+        .expect("a batch found durable stays durable after a newer epoch");
+    a.wait_durable(last).unwrap();
+    // A batch submitted in the old epoch and never found durable is not acknowledged.
+    let (c, hc) = active(1, "c");
+    let d = standby(1, "d");
+    let _fd = d.follow_tcp(hc.local_addr(), true).unwrap();
+    c.wait_standbys_ready(1, Duration::from_secs(5)).unwrap();
+    let unseen = c.submit(vec![put(3, "z")]).unwrap();
+    c.fence(2);
+    let err = c.wait_durable(unseen).unwrap_err();
+    assert!(matches!(err, SyncError::Fenced { .. }), "{err}");
+    a.shutdown();
+    b.shutdown();
+    c.shutdown();
+    d.shutdown();
+}

@@ -268,6 +268,9 @@ struct State {
     ha_dropped: Vec<(String, Instant)>,
     /// Standbys the control plane wrote off ([`Replica::standby_gone`]); at most 16.
     gone: Vec<String>,
+    /// The highest batch (epoch, sequence) found durable: it stays durable when this replica
+    /// learns of a newer epoch afterwards, and its waiters are answered so.
+    durable: (Epoch, Seq),
 }
 
 /// Records one step of building a digest in a foreign version converts.
@@ -829,6 +832,7 @@ impl Replica {
                     resumes_received: 0,
                     ha_dropped: Vec::new(),
                     gone: Vec::new(),
+                    durable: (0, 0),
                 }),
                 cond: Condvar::new(),
                 next_id: AtomicU64::new(1),
@@ -1174,6 +1178,11 @@ impl Replica {
         let spin_until = start + self.inner.config.ack_spin;
         let mut st = self.state();
         loop {
+            // Found durable already (by another waiter, e.g. a quiesce, perhaps just before
+            // this replica learned of a newer epoch): the promise was kept.
+            if token.epoch == st.durable.0 && token.seq <= st.durable.1 {
+                return Ok(());
+            }
             if st.epoch != token.epoch {
                 return Err(SyncError::Fenced {
                     current: token.epoch,
@@ -1193,6 +1202,7 @@ impl Replica {
                 .all(|l| l.acked >= token.seq);
             let held_until = self.ha_hold(&mut st);
             if done && held_until.is_none() {
+                st.durable = st.durable.max((token.epoch, token.seq));
                 return Ok(());
             }
             if let (true, Some(until)) = (done, held_until) {
