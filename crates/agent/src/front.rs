@@ -393,7 +393,10 @@ impl Conn {
                 }
             }
             if !client_open && cout.is_empty() {
-                if self.lens.is_empty() && cbuf.is_empty() {
+                // A closed client's partial request can never complete: nothing is left to do
+                // once everything it sent whole was answered.
+                let whole_left = !matches!(resp::message_len(&cbuf), Ok(None));
+                if self.lens.is_empty() && !whole_left {
                     return Ok(());
                 }
                 if backend.is_none() && route.backend.is_none() {

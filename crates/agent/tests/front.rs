@@ -153,3 +153,34 @@ async fn malformed_client_input_gets_an_error_and_a_closed_connection() {
     assert!(text.starts_with("-ERR protocol error"), "{text}");
     assert_eq!(front.inflight(), 0);
 }
+
+/// A client that goes away in the middle of a request (killed while writing) leaves nothing
+/// behind: its connection to the front closes and is no longer counted.
+#[tokio::test]
+async fn a_client_that_closes_mid_request_is_let_go() {
+    let a = backend("a", false).await;
+    let front = Front::new(FrontLimits::default()).unwrap();
+    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    front.set_route(Route {
+        epoch: 1,
+        backend: Some(a),
+        hold: false,
+    });
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    assert_eq!(request(&mut client).await, "+a\r\n");
+    client
+        .write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(front.stats(true).connections, 1);
+    drop(client);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while front.stats(true).connections > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the front still holds the closed client's connection"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
