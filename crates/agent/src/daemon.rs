@@ -278,6 +278,10 @@ async fn handle_peer(driver: &mut Driver, appliance: &Arc<Appliance>, e: PeerEve
                     let mine = driver.epoch();
                     if epoch > mine || (epoch == mine && from == ApplianceId::Primary) {
                         driver.step_down();
+                    } else {
+                        // The peer drove for a while (it took this agent for lost) and yields
+                        // now: the service address may have moved with it.
+                        driver.reassert_routes();
                     }
                 }
             }

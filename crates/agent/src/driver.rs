@@ -431,6 +431,32 @@ impl Driver {
         });
     }
 
+    /// Points both fronts at the instance in control again, as this driver's state has it,
+    /// when nothing is in flight (best effort, in the background). Used after another agent
+    /// drove for a while and yielded to this one: it may have moved the service address.
+    pub fn reassert_routes(&self) {
+        let Some(engine) = self.engine.as_ref() else {
+            return;
+        };
+        if !engine.in_flight_commands().is_empty() {
+            return;
+        }
+        let pair = &engine.state().pair;
+        let Some(to) = pair
+            .in_control
+            .and_then(|id| self.instances.get(&id))
+            .cloned()
+        else {
+            return;
+        };
+        let (apps, epoch) = (self.apps.clone(), pair.epoch.0);
+        tokio::spawn(async move {
+            if let Err(e) = route_to(&apps, epoch, &to).await {
+                warn!("re-asserting the service routes failed: {e}");
+            }
+        });
+    }
+
     /// Publishes what the API shows.
     pub fn publish(&self) {
         let mut v = self.view.lock().expect("view lock");

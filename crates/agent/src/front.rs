@@ -92,6 +92,28 @@ impl Default for FrontLimits {
     }
 }
 
+/// The nice value of the front's threads: below the agent's control plane (heartbeats, health
+/// probes, the driver), which must keep its deadlines however busy the clients keep the front,
+/// and above the instances.
+pub const FRONT_NICE: i32 = 0;
+
+/// Lowers the calling thread to [`FRONT_NICE`] (the agent's threads inherit a higher
+/// priority; lowering needs no privilege).
+fn lower_thread_priority() {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours; who = 0 is the
+    // calling thread on Linux.
+    let current = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if current < FRONT_NICE {
+        // SAFETY: as above.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, FRONT_NICE) } != 0 {
+            warn!(
+                "cannot lower the front's priority: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// Errors of the front.
 #[derive(Debug, Error)]
 pub enum FrontError {
@@ -175,6 +197,7 @@ impl Front {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(limits.worker_threads.max(1))
             .thread_name("front")
+            .on_thread_start(lower_thread_priority)
             .enable_all()
             .build()
             .map_err(FrontError::Runtime)?;

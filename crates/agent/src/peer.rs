@@ -142,8 +142,27 @@ where
         let up_flag = up.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval / 2);
+            // After a pause, the next judgement comes a whole half-interval later (not at once).
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut prev = tokio::time::Instant::now();
+            let mut paused_ticks = 0u32;
             loop {
                 tick.tick().await;
+                // A tick that comes late means this agent itself was not running (starved of
+                // CPU, stopped): the peer's heartbeats may be waiting unread in the socket.
+                // Give the receiver a turn before judging, a bounded number of times in a row.
+                let now = tokio::time::Instant::now();
+                let gap = now.duration_since(prev);
+                prev = now;
+                if gap > interval && paused_ticks < misses {
+                    paused_ticks += 1;
+                    debug!(
+                        ?gap,
+                        "failure detector ran late: judging the peer on the next tick"
+                    );
+                    continue;
+                }
+                paused_ticks = 0;
                 let Some(last) = *seen_rx.borrow() else {
                     continue;
                 };
@@ -155,7 +174,7 @@ where
                         info!("peer agent is up");
                         PeerEvent::Up
                     } else {
-                        warn!(?bound, "peer agent lost: no heartbeat");
+                        warn!(?bound, silent = ?last.elapsed(), "peer agent lost: no heartbeat");
                         PeerEvent::Lost
                     };
                     if ev.send(e).await.is_err() {
@@ -341,5 +360,43 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
+    }
+
+    /// An agent that was itself not running (starved of CPU) for longer than the bound while
+    /// its peer kept beating must not take the peer for lost: the beats wait in its socket.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_pause_of_this_agent_is_not_taken_for_a_lost_peer() {
+        let (a_addr, b_addr) = (free_addr(), free_addr());
+        let (_a, mut a_rx) =
+            PeerLink::start(a_addr, b_addr, Duration::from_millis(20), 3, || Msg::Beat)
+                .await
+                .unwrap();
+        // The peer beats every 10 ms from its own thread, whatever this runtime does.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let peer = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut c = std::net::TcpStream::connect(a_addr).unwrap();
+            while !s.load(Ordering::Acquire) {
+                if c.write_all(b"\"Beat\"\n").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        assert!(matches!(next_non_beat(&mut a_rx).await, PeerEvent::Up));
+        for _ in 0..5 {
+            // This whole runtime stops for 4x the loss bound.
+            std::thread::sleep(Duration::from_millis(240));
+            let until = tokio::time::Instant::now() + Duration::from_millis(100);
+            while let Ok(Some(e)) = tokio::time::timeout_at(until, a_rx.recv()).await {
+                assert!(
+                    matches!(e, PeerEvent::Message(Msg::Beat)),
+                    "a beating peer was judged after this agent's own pause: {e:?}"
+                );
+            }
+        }
+        stop.store(true, Ordering::Release);
+        peer.join().unwrap();
     }
 }

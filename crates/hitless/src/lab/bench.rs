@@ -52,6 +52,12 @@ impl Benchmark {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let out_path = dir.join("redis-benchmark.out");
+        let line_buffering = Command::new("stdbuf")
+            .args(["-oL", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
         let thread = std::thread::spawn(move || {
             let mut all = String::new();
             // Bounded: one pass takes about a second; the lab stops it within its own bound.
@@ -59,7 +65,16 @@ impl Benchmark {
                 if s.load(Ordering::Acquire) {
                     break;
                 }
-                let child = Command::new("redis-benchmark")
+                // Line-buffered: a pass cut short at the end keeps the figures of the tests
+                // it completed (redis-benchmark's stdout is a pipe here).
+                let mut cmd = if line_buffering {
+                    let mut c = Command::new("stdbuf");
+                    c.args(["-oL", "redis-benchmark"]);
+                    c
+                } else {
+                    Command::new("redis-benchmark")
+                };
+                let child = cmd
                     .args([
                         "-h",
                         &addr.ip().to_string(),

@@ -26,6 +26,10 @@ pub(super) struct CheckerStats {
     /// When that interval ended (ns since origin).
     pub(super) max_gap_end_ns: AtomicU64,
     pub(super) measuring: AtomicBool,
+    /// Longest interval without an acknowledged write while `steady` (under the same client
+    /// load, before the ISSU): what the ISSU's gap is compared with.
+    pub(super) steady_max_gap_ns: AtomicU64,
+    pub(super) steady: AtomicBool,
     /// When a fault was injected (ns since origin).
     pub(super) mark_ns: AtomicU64,
     /// Longest interval without an acknowledged write that ended within 5 s after the mark:
@@ -75,6 +79,8 @@ impl Checker {
             max_gap_ns: AtomicU64::new(0),
             max_gap_end_ns: AtomicU64::new(0),
             measuring: AtomicBool::new(false),
+            steady_max_gap_ns: AtomicU64::new(0),
+            steady: AtomicBool::new(false),
             mark_ns: AtomicU64::new(u64::MAX),
             max_gap_after_mark_ns: AtomicU64::new(0),
             error_samples: Mutex::new(Vec::new()),
@@ -136,6 +142,11 @@ fn writer(
             Ok(line) if line == "+OK" => {
                 let now = stats.origin.elapsed().as_nanos() as u64;
                 let prev = stats.last_ack_ns.swap(now, Ordering::AcqRel);
+                if stats.steady.load(Ordering::Acquire) && prev > 0 && now > prev {
+                    stats
+                        .steady_max_gap_ns
+                        .fetch_max(now - prev, Ordering::AcqRel);
+                }
                 if stats.measuring.load(Ordering::Acquire) && prev > 0 && now > prev {
                     let gap = now - prev;
                     if stats.max_gap_ns.fetch_max(gap, Ordering::AcqRel) < gap {

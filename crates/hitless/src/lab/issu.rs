@@ -86,12 +86,25 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         .with_context(|| format!("loading the state; the pair now: {}", pair_summary()))?;
     let state_keys = load::dbsize(service)?;
     let checker = Checker::start(service, 2);
+    // Requests per test of a benchmark pass: enough that every connection keeps sending for
+    // a while (with -n at or below -c, each connection sends once and a pass is mostly
+    // connection set-up).
+    let per_client = args.clients.saturating_mul(20);
     let requests = match args.up.backend {
-        Backend::Process => 1000,
+        Backend::Process => per_client.max(1000),
         Backend::Qemu => 100,
     };
     let bench = Benchmark::start(dir, service, args.clients, requests)?;
     std::thread::sleep(Duration::from_millis(500));
+    // The outside writers' longest gap in steady state, under the same load, to compare the
+    // ISSU's with (measured in the same run: this machine is noisy).
+    let steady_window = match args.up.backend {
+        Backend::Process => Duration::from_secs(3),
+        Backend::Qemu => Duration::from_secs(10),
+    };
+    checker.stats.steady.store(true, Ordering::Release);
+    std::thread::sleep(steady_window);
+    checker.stats.steady.store(false, Ordering::Release);
     let from_version = before
         .engine
         .as_ref()
@@ -288,6 +301,8 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
         verify_error,
         client_errors: errors_during + bench_summary.errors,
         max_gap_ms: stats.max_gap_ns.load(Ordering::Acquire) as f64 / 1e6,
+        steady_max_gap_ms: stats.steady_max_gap_ns.load(Ordering::Acquire) as f64 / 1e6,
+        steady_window_s: steady_window.as_secs_f64(),
         max_gap_at_s: (stats.max_gap_end_ns.load(Ordering::Acquire) as f64 / 1e9 - issu_offset_s)
             .max(0.0),
         failover_ms,

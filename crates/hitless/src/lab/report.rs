@@ -39,6 +39,10 @@ pub struct IssuReport {
     pub verify_error: Option<String>,
     pub client_errors: u64,
     pub max_gap_ms: f64,
+    /// The outside writers' longest gap in steady state before the ISSU, under the same
+    /// client load, over `steady_window_s`.
+    pub steady_max_gap_ms: f64,
+    pub steady_window_s: f64,
     /// When the longest gap ended, in seconds since the ISSU started.
     pub max_gap_at_s: f64,
     pub failover_ms: Option<f64>,
@@ -155,8 +159,12 @@ pub(super) fn print_report(r: &IssuReport) {
         r.state_checked, r.state_lost
     );
     println!(
-        "  longest ack gap    {:.1} ms (ending {:.3} s into the ISSU)",
-        r.max_gap_ms, r.max_gap_at_s
+        "  longest ack gap    {:.1} ms (ending {:.3} s into the ISSU); {:.1} ms in {:.0} s of steady state before it under the same load ({:.1}x)",
+        r.max_gap_ms,
+        r.max_gap_at_s,
+        r.steady_max_gap_ms,
+        r.steady_window_s,
+        r.max_gap_ms / r.steady_max_gap_ms.max(0.001)
     );
     if let Some(f) = r.failover_ms {
         println!(
