@@ -1,5 +1,6 @@
-//! The agent front's RESP framing, `hitless_agent::resp::message_len`: it decides where each
-//! request and reply ends, to count what is in flight and to replay unanswered requests.
+//! The agent front's RESP framing, `hitless_agent::resp::message_len` (requests) and
+//! `reply_len` (RESP2 and RESP3 replies): they decide where each request and reply ends, to
+//! count what is in flight and to replay unanswered requests.
 //!
 //! Checked: a complete message is at least one byte and never longer than the input, its
 //! length does not depend on the bytes after it, every strict prefix of it needs more bytes
@@ -8,7 +9,7 @@
 //! the front's nesting bound, have the same length for both.
 #![no_main]
 
-use hitless_agent::resp::{message_len, MAX_DEPTH};
+use hitless_agent::resp::{message_len, reply_len, MAX_DEPTH};
 use kvd::resp::{parse_reply, parse_request, Limits, Reply};
 use libfuzzer_sys::fuzz_target;
 
@@ -30,6 +31,16 @@ fuzz_target!(|buf: &[u8]| {
             assert_eq!(message_len(&buf[..cut]), Ok(None), "prefix {cut} of {n}");
         }
     }
+    let rr = reply_len(buf);
+    if let Ok(Some(f)) = rr {
+        let n = f.len;
+        assert!(n >= 1 && n <= buf.len(), "reply length {n} of {} bytes", buf.len());
+        assert_eq!(reply_len(&buf[..n]), Ok(Some(f)), "reply depends on bytes after it");
+        let step = (n / 128).max(1);
+        for cut in (0..n).step_by(step).chain(n.saturating_sub(4)..n) {
+            assert_eq!(reply_len(&buf[..cut]), Ok(None), "reply prefix {cut} of {n}");
+        }
+    }
     if buf.first() == Some(&b'*') {
         if let Ok(Some((_, used))) = parse_request(buf, &Limits::default()) {
             assert_eq!(
@@ -45,6 +56,11 @@ fuzz_target!(|buf: &[u8]| {
                 r,
                 Ok(Some(used)),
                 "kvd and the front split a reply differently"
+            );
+            assert_eq!(
+                rr.map(|f| f.map(|f| f.len)),
+                Ok(Some(used)),
+                "kvd and the front's reply framing split a reply differently"
             );
         }
     }

@@ -537,23 +537,41 @@ impl Conn {
         Ok(())
     }
 
-    /// Splits complete replies off `bbuf`: each answers the oldest request in flight.
+    /// Splits complete replies off `bbuf`: each answers the oldest request in flight, except
+    /// a push (RESP3 `>`), which goes to the client and answers nothing.
     fn answered(&mut self, bbuf: &mut BytesMut, cout: &mut BytesMut) -> Result<(), String> {
+        // Each round consumes at least one whole frame of the bounded buffer.
+        while self.answered_once(bbuf, cout)? {}
+        Ok(())
+    }
+
+    /// One round of [`Self::answered`]; true when it dropped an unsolicited reply and bytes
+    /// are left after it.
+    fn answered_once(&mut self, bbuf: &mut BytesMut, cout: &mut BytesMut) -> Result<bool, String> {
         let mut n_replies = 0;
         let mut len = 0;
-        while n_replies < self.lens.len() {
-            match resp::message_len(&bbuf[len..]) {
-                Ok(Some(n)) => {
-                    len += n;
+        let mut unsolicited = 0;
+        loop {
+            match resp::reply_len(&bbuf[len..]) {
+                Ok(Some(f)) if f.push => len += f.len,
+                Ok(Some(f)) if n_replies < self.lens.len() => {
+                    len += f.len;
                     n_replies += 1;
                 }
+                Ok(Some(f)) => {
+                    // A reply with no request in flight: nothing to pair it with.
+                    unsolicited = f.len;
+                    break;
+                }
                 Ok(None) => break,
-                Err(e) => return Err(format!("instance sent malformed RESP: {e}")),
+                Err(e) => return Err(format!("instance sent a malformed reply: {e}")),
             }
         }
-        if n_replies > 0 {
+        if len > 0 {
             cout.extend_from_slice(&bbuf[..len]);
             bbuf.advance(len);
+        }
+        if n_replies > 0 {
             let req_bytes: usize = self.lens.drain(..n_replies).sum();
             self.unanswered.advance(req_bytes);
             self.written = self.written.saturating_sub(req_bytes);
@@ -564,11 +582,15 @@ impl Conn {
         } else if bbuf.len() > resp::MAX_MESSAGE {
             return Err("instance reply exceeds the message limit".into());
         }
-        if self.lens.is_empty() && !bbuf.is_empty() {
-            // Unsolicited bytes: drop them.
-            bbuf.clear();
+        if unsolicited > 0 {
+            debug!(
+                bytes = unsolicited,
+                "dropping a reply that answers no request"
+            );
+            bbuf.advance(unsolicited);
+            return Ok(!bbuf.is_empty());
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The connection to an instance ended: what it did not answer waits for the next one.

@@ -53,6 +53,136 @@ pub fn message_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
     r
 }
 
+/// One complete reply at the head of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyFrame {
+    /// Its length in bytes.
+    pub len: usize,
+    /// A RESP3 push (`>`): out-of-band data for the client (pub/sub, invalidation), which
+    /// answers no request.
+    pub push: bool,
+}
+
+/// Returns the first complete reply in `buf` (RESP2, or RESP3 with its maps, sets, pushes,
+/// attributes, doubles, big numbers, booleans, nulls, blob errors and verbatim strings),
+/// `Ok(None)` if more bytes are needed, or an error if the bytes cannot be a reply. An
+/// attribute (`|`) and the reply it annotates are one frame. Streamed strings and aggregates
+/// (`$?`, `*?`) are refused: no server sends them to a request.
+pub fn reply_len(buf: &[u8]) -> Result<Option<ReplyFrame>, FrameError> {
+    let r = scan_reply(buf, 0, 0);
+    match r {
+        Ok(Some(len)) => {
+            // The reply proper starts after any attributes.
+            let mut at = 0;
+            while buf.get(at) == Some(&b'|') {
+                let Some(attr) = scan_reply_one(buf, at, 0)? else {
+                    return Ok(None);
+                };
+                at += attr;
+            }
+            Ok(Some(ReplyFrame {
+                len,
+                push: buf.get(at) == Some(&b'>'),
+            }))
+        }
+        Ok(None) if buf.len() > MAX_MESSAGE => Err(FrameError::TooLarge(buf.len())),
+        other => other.map(|_| None),
+    }
+}
+
+/// A reply with its attributes.
+fn scan_reply(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, FrameError> {
+    let mut pos = at;
+    // Each attribute annotates what follows it; bounded by the depth and the buffer.
+    while buf.get(pos) == Some(&b'|') {
+        match scan_reply_one(buf, pos, depth)? {
+            Some(len) => pos += len,
+            None => return Ok(None),
+        }
+    }
+    match scan_reply_one(buf, pos, depth)? {
+        Some(len) => Ok(Some(pos + len - at)),
+        None => Ok(None),
+    }
+}
+
+/// One reply element, an attribute counting as an element of its own.
+fn scan_reply_one(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, FrameError> {
+    if depth > MAX_DEPTH {
+        return Err(FrameError::TooDeep);
+    }
+    let Some(&kind) = buf.get(at) else {
+        return Ok(None);
+    };
+    if !matches!(
+        kind,
+        b'+' | b'-'
+            | b':'
+            | b'_'
+            | b'#'
+            | b','
+            | b'('
+            | b'$'
+            | b'!'
+            | b'='
+            | b'*'
+            | b'~'
+            | b'>'
+            | b'%'
+            | b'|'
+    ) {
+        return Err(FrameError::UnknownType(kind));
+    }
+    let Some(eol) = find_crlf(buf, at + 1) else {
+        return Ok(None);
+    };
+    let header_end = eol + 2;
+    match kind {
+        b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => Ok(Some(header_end - at)),
+        b'$' | b'!' | b'=' => {
+            let n = parse_int(&buf[at + 1..eol])?;
+            if n < 0 {
+                return Ok(Some(header_end - at));
+            }
+            let n = usize::try_from(n).map_err(|_| FrameError::BadLength(n.to_string()))?;
+            if n > MAX_MESSAGE {
+                return Err(FrameError::TooLarge(n));
+            }
+            let end = header_end + n + 2;
+            if buf.len() < end {
+                return Ok(None);
+            }
+            if &buf[end - 2..end] != b"\r\n" {
+                return Err(FrameError::MissingCrlf);
+            }
+            Ok(Some(end - at))
+        }
+        _ => {
+            let n = parse_int(&buf[at + 1..eol])?;
+            if n < 0 {
+                return Ok(Some(header_end - at));
+            }
+            if n > MAX_ELEMENTS {
+                return Err(FrameError::BadLength(n.to_string()));
+            }
+            // Maps and attributes hold pairs.
+            let elements = if matches!(kind, b'%' | b'|') {
+                2 * n
+            } else {
+                n
+            };
+            let mut pos = header_end;
+            for _ in 0..elements {
+                match scan_reply(buf, pos, depth + 1)? {
+                    Some(len) => pos += len,
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(pos - at))
+        }
+    }
+}
+
 fn scan(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, FrameError> {
     if depth > MAX_DEPTH {
         return Err(FrameError::TooDeep);
@@ -172,6 +302,65 @@ mod tests {
         ));
         let deep = "*1\r\n".repeat(MAX_DEPTH + 2);
         assert_eq!(message_len(deep.as_bytes()), Err(FrameError::TooDeep));
+    }
+
+    #[test]
+    fn resp3_replies_are_one_frame_each() {
+        let one = |b: &[u8]| reply_len(b).unwrap().unwrap();
+        // A map of one pair is one reply, not three.
+        assert_eq!(one(b"%1\r\n+a\r\n+b\r\n+next\r\n").len, 12);
+        assert_eq!(one(b"~2\r\n:1\r\n:2\r\n").len, 12);
+        assert_eq!(one(b"_\r\n").len, 3);
+        assert_eq!(one(b"#t\r\n").len, 4);
+        assert_eq!(one(b",1.5\r\n").len, 6);
+        assert_eq!(one(b"(123456789012345678901234567890\r\n").len, 33);
+        assert_eq!(one(b"!3\r\nbad\r\n").len, 9);
+        assert_eq!(one(b"=7\r\ntxt:abc\r\n").len, 13);
+        // An attribute and the reply it annotates are one frame.
+        let attributed = b"|1\r\n+ttl\r\n:3\r\n$1\r\nv\r\n";
+        assert_eq!(one(attributed).len, attributed.len());
+        assert!(!one(attributed).push);
+        // A map nested in an array.
+        assert_eq!(one(b"*1\r\n%1\r\n+k\r\n*0\r\n").len, 16);
+    }
+
+    #[test]
+    fn a_push_is_marked_as_answering_no_request() {
+        let push = b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n";
+        let f = reply_len(push).unwrap().unwrap();
+        assert_eq!(
+            f,
+            ReplyFrame {
+                len: push.len(),
+                push: true
+            }
+        );
+        assert!(!reply_len(b"+OK\r\n").unwrap().unwrap().push);
+    }
+
+    #[test]
+    fn partial_and_malformed_replies() {
+        let full = b"%1\r\n+a\r\n$1\r\nb\r\n";
+        for cut in 0..full.len() {
+            assert_eq!(reply_len(&full[..cut]), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(reply_len(b"PING\r\n"), Err(FrameError::UnknownType(b'P')));
+        assert!(matches!(
+            reply_len(b"*?\r\n"),
+            Err(FrameError::BadLength(_))
+        ));
+        let deep = "%1\r\n".repeat(MAX_DEPTH + 2);
+        assert_eq!(reply_len(deep.as_bytes()), Err(FrameError::TooDeep));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn replies_never_panic_or_overrun(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            if let Ok(Some(f)) = reply_len(&bytes) {
+                proptest::prop_assert!(f.len <= bytes.len());
+                proptest::prop_assert!(f.len > 0);
+            }
+        }
     }
 
     proptest::proptest! {

@@ -184,3 +184,60 @@ async fn a_client_that_closes_mid_request_is_let_go() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A RESP3 instance: every request is answered with a push (out of band), then a map of one
+/// pair. The client gets both whole; the push answers no request, so each map pairs with its
+/// own request and nothing stays in flight.
+#[tokio::test]
+async fn resp3_pushes_and_maps_pass_whole_and_pair_with_the_right_request() {
+    const PUSH: &[u8] = b">2\r\n+message\r\n+hi\r\n";
+    const MAP: &[u8] = b"%1\r\n+a\r\n+b\r\n";
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            while let Ok(Some(len)) = hitless_agent::resp::message_len(&buf) {
+                buf.drain(..len);
+                // The push and the reply in separate writes, as a server may send them.
+                if s.write_all(PUSH).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                if s.write_all(MAP).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let front = Front::new(FrontLimits::default()).unwrap();
+    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    front.set_route(Route {
+        epoch: 1,
+        backend: Some(addr),
+        hold: false,
+    });
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    for _ in 0..3 {
+        client.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
+        let want = [PUSH, MAP].concat();
+        let mut got = vec![0u8; want.len()];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut got))
+            .await
+            .expect("the push and the map within 5 s")
+            .unwrap();
+        assert_eq!(got, want);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while front.inflight() != 0 {
+            assert!(tokio::time::Instant::now() < deadline, "a request stays in flight");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
