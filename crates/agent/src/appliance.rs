@@ -294,11 +294,23 @@ impl Appliance {
                 local.stopping.store(true, Ordering::Release);
                 let grace = Duration::from_millis(self.config.instances.stop_grace_ms);
                 let me = self.clone();
+                // A health probe may hold the channel for up to its own bound: wait that long
+                // for it rather than skip the graceful request.
+                let probe = HealthProbe::for_backend(self.config.backend);
+                let channel_wait = probe.timeout + Duration::from_millis(250);
                 tokio::task::spawn_blocking(move || {
                     if !kill {
                         // Ask nicely first over the control channel, then through the backend.
-                        if let Ok(mut c) = local.control.try_lock() {
-                            let _ = c.shutdown(Duration::from_millis(500));
+                        match lock_within(&local.control, channel_wait) {
+                            Some(mut c) => {
+                                if let Err(e) = c.shutdown(probe.timeout) {
+                                    warn!(%instance, "the instance did not acknowledge its shutdown request: {e}");
+                                }
+                            }
+                            None => warn!(
+                                %instance,
+                                "the control channel stayed busy for {channel_wait:?}: stopping without the shutdown request"
+                            ),
                         }
                     }
                     let mut h = local.handle.lock().expect("handle lock");
@@ -631,6 +643,21 @@ impl Appliance {
             })
             .map_err(|e| format!("cannot spawn the exit watcher: {e}"))?;
         Ok(OpOk::Started(Box::new(started)))
+    }
+}
+
+/// Takes `m` within `bound` (polling: the holder is a blocking request with its own bound).
+fn lock_within<T>(m: &Mutex<T>, bound: Duration) -> Option<std::sync::MutexGuard<'_, T>> {
+    let deadline = Instant::now() + bound;
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
     }
 }
 

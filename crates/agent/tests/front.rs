@@ -236,7 +236,10 @@ async fn resp3_pushes_and_maps_pass_whole_and_pair_with_the_right_request() {
         assert_eq!(got, want);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while front.inflight() != 0 {
-            assert!(tokio::time::Instant::now() < deadline, "a request stays in flight");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a request stays in flight"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }

@@ -223,6 +223,11 @@ pub fn run_with(version: SchemaVersion, args: Args) -> Result<(), StartError> {
         "kvd started"
     );
 
+    stop_on_signals(node.clone()).map_err(|source| StartError::Start {
+        what: "the signal handler",
+        source,
+    })?;
+
     let info_node = node.clone();
     let info: server::InfoFn = Arc::new(move || info_node.info());
     let cfg = server::ServerConfig {
@@ -258,6 +263,25 @@ pub fn run_with(version: SchemaVersion, args: Args) -> Result<(), StartError> {
     node.stop();
     tracing::info!("kvd stopped");
     result
+}
+
+/// Stops gracefully on SIGTERM or SIGINT, as on the control channel's shutdown request. The
+/// handler is installed, not left at its default: in a process sandbox kvd is PID 1 of its PID
+/// namespace, and the kernel drops signals an init left at their default action.
+fn stop_on_signals(node: Arc<node::Node>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("kvd-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "stopping on a signal");
+                node.stop();
+                tracing::info!("kvd stopped");
+                std::process::exit(0);
+            }
+        })?;
+    Ok(())
 }
 
 /// Lets the accept queue of the client listener hold `connections` (as far as the kernel's
