@@ -84,6 +84,9 @@ pub struct InstanceFigures {
     pub peak_rss_bytes: Option<u64>,
     /// Resident set (VmRSS) at that sample.
     pub rss_bytes: Option<u64>,
+    /// Resident set at the first sample: for an instance running when the ISSU started, its
+    /// steady state with the state loaded (what the peak is compared with).
+    pub first_rss_bytes: Option<u64>,
     /// When the sampler first saw it, in seconds since the ISSU started.
     pub first_seen_s: f64,
 }
@@ -183,8 +186,18 @@ pub(super) fn print_report(r: &IssuReport) {
             r.sample_interval_ms
         );
         for i in &r.instances {
+            let ratio = match (i.peak_rss_bytes, i.first_rss_bytes) {
+                (Some(p), Some(f)) if f > 0 && i.first_seen_s < 1.0 => {
+                    format!(
+                        " ({:.2}x its {} at the start)",
+                        p as f64 / f as f64,
+                        human_bytes(f)
+                    )
+                }
+                _ => String::new(),
+            };
             println!(
-                "    {:<4} {:<9} {:<6} peak RSS {:>10}",
+                "    {:<4} {:<9} {:<6} peak RSS {:>10}{ratio}",
                 i.instance,
                 i.appliance,
                 i.version,

@@ -32,6 +32,7 @@ struct Seen {
     pid: Option<u32>,
     peak_rss: Option<u64>,
     rss: Option<u64>,
+    first_rss: Option<u64>,
     first_seen: Option<Duration>,
 }
 
@@ -70,6 +71,7 @@ impl Sampler {
                         if let Some((hwm, rss)) = i.pid.and_then(memory) {
                             e.peak_rss = e.peak_rss.max(Some(hwm));
                             e.rss = Some(rss);
+                            e.first_rss.get_or_insert(rss);
                         }
                     }
                 }
@@ -87,6 +89,7 @@ impl Sampler {
                         pid: e.pid,
                         peak_rss_bytes: e.peak_rss,
                         rss_bytes: e.rss,
+                        first_rss_bytes: e.first_rss,
                         first_seen_s: e.first_seen.unwrap_or_default().as_secs_f64(),
                     })
                     .collect(),
