@@ -181,6 +181,7 @@ pub fn run_with(version: SchemaVersion, args: Args) -> Result<(), StartError> {
     };
     rc.ack_timeout = Duration::from_millis(args.ack_timeout_ms);
     rc.ha_grace = Duration::from_millis(args.ha_grace_ms);
+    rc.background_thread = Some(lower_this_thread);
     let replica = Replica::new(version.schema(), rc);
     let _sync_handle = replica.serve(sync).map_err(|source| StartError::Start {
         what: "state sync",
@@ -263,6 +264,21 @@ pub fn run_with(version: SchemaVersion, args: Args) -> Result<(), StartError> {
     node.stop();
     tracing::info!("kvd stopped");
     result
+}
+
+/// How much lower than kvd's other threads its background replication threads run (bulk
+/// transfers, streams of standbys that are not the HA standby).
+const BACKGROUND_NICE: i32 = 5;
+
+/// Lowers the calling thread's scheduling priority by [`BACKGROUND_NICE`] (lowering needs no
+/// privilege).
+fn lower_this_thread() {
+    // SAFETY: getpriority and setpriority take plain integers and touch no memory of ours;
+    // who = 0 is the calling thread on Linux (the nice value is per thread).
+    unsafe {
+        let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, (now + BACKGROUND_NICE).min(19));
+    }
 }
 
 /// Stops gracefully on SIGTERM or SIGINT, as on the control channel's shutdown request. The

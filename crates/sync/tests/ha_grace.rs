@@ -125,6 +125,78 @@ fn a_standby_that_leaves_on_purpose_holds_nothing() {
     s.shutdown();
 }
 
+/// A leaving standby keeps its end of the link open until the active has read the Leave and
+/// closed the link itself: closing first would let the active's next writes fail, take the
+/// standby for a dropped HA standby, and hold every acknowledgement for the grace.
+#[test]
+fn a_leaving_standby_lets_the_active_close_the_link() {
+    use hitless_sync::wire::{self, Control, FrameType};
+    use hitless_sync::Digest;
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let active = thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let hello = wire::read_frame(&mut c).unwrap().unwrap();
+        assert_eq!(hello.kind, FrameType::Hello);
+        let welcome = Control::Welcome {
+            node: "fake".into(),
+            native: 1,
+            stream_version: 1,
+            tables: vec!["kv".into()],
+        };
+        c.write_all(&welcome.encode(1, 0)).unwrap();
+        c.write_all(&Control::BulkBegin { seq: 0, records: 0 }.encode(1, 0))
+            .unwrap();
+        let end = Control::BulkEnd {
+            seq: 0,
+            digest: Digest::default(),
+            last_epoch: 0,
+        };
+        c.write_all(&end.encode(1, 0)).unwrap();
+        // Read up to the Leave (acknowledgements and heartbeats before it).
+        loop {
+            let f = wire::read_frame(&mut c)
+                .unwrap()
+                .expect("a Leave before the end");
+            if f.kind == FrameType::Leave {
+                break;
+            }
+        }
+        // A busy active reads it late: the standby's end must still be open meanwhile.
+        thread::sleep(Duration::from_millis(100));
+        c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut buf = [0u8; 4096];
+        let watch_until = Instant::now() + Duration::from_millis(150);
+        let open = loop {
+            if Instant::now() > watch_until {
+                break true;
+            }
+            // Heartbeats may still come; an end of stream must not.
+            if let Ok(0) = c.read(&mut buf) {
+                break false;
+            }
+        };
+        drop(c); // the active closes the link
+        open
+    });
+    let s = standby(1, "s");
+    let f = s.follow_tcp(addr, true).unwrap();
+    wait_for("the empty bulk transfer", || s.status().bulk_done);
+    let began = Instant::now();
+    f.leave();
+    assert!(
+        active.join().unwrap(),
+        "the standby closed its end before the active had closed the link"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "leave took {:?}",
+        began.elapsed()
+    );
+    s.shutdown();
+}
+
 #[test]
 fn a_standby_written_off_by_the_control_plane_ends_its_grace() {
     let (a, _h, s) = active_whose_ha_standby_dropped(Duration::from_secs(30));

@@ -88,7 +88,7 @@ impl Replica {
             if !link.wait_queue_below(QUEUE_LOW, DRAIN_WAIT) {
                 continue;
             }
-            let mut st = self.state();
+            let mut st = self.state_background();
             let held = Instant::now();
             if st.role != Role::Active || st.epoch != epoch {
                 return Err(SyncError::NotActive { role: st.role });

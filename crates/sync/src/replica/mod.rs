@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -77,6 +77,12 @@ pub struct ReplicaConfig {
     /// and fail over. Zero acknowledges without it at once. Adjustable at run time with
     /// [`Replica::set_ha_grace`].
     pub ha_grace: Duration,
+    /// Called first on each thread whose work no client waits for: a bulk transfer (either
+    /// end) and the stream of a standby that is not the HA standby. A service lowers the
+    /// thread's scheduling priority there: on a machine whose CPUs are saturated, a client's
+    /// write crosses several threads (the active's, its HA standby's, the acknowledgement's),
+    /// each of which would otherwise queue behind the bulk work. `None`: nothing is done.
+    pub background_thread: Option<fn()>,
 }
 
 impl ReplicaConfig {
@@ -98,6 +104,7 @@ impl ReplicaConfig {
             resume_log_bytes: 64 << 20,
             resume_log_batches: 1 << 16,
             ha_grace: Duration::ZERO,
+            background_thread: None,
         }
     }
 }
@@ -241,6 +248,10 @@ struct Inner {
     /// [`ReplicaConfig::ha_grace`] in microseconds, adjustable at run time.
     ha_grace_us: AtomicU64,
     callbacks: Mutex<Vec<RoleCallback>>,
+    /// Threads on a client's path (a write, a standby's acknowledgement) waiting for the
+    /// state lock: background steps (bulk transfers) let them go first, since the lock does
+    /// not hand itself over to a waiter and a step taken again at once would starve them.
+    urgent: AtomicUsize,
 }
 
 struct State {
@@ -275,6 +286,13 @@ struct State {
 
 /// Records one step of building a digest in a foreign version converts.
 const DIGEST_STEP: usize = 4096;
+
+/// The longest a leaving standby waits for the active to close the link after its Leave.
+const LEAVE_WAIT: Duration = Duration::from_millis(500);
+
+/// The longest a background step waits for threads on a client's path to take the state lock
+/// first.
+const YIELD_TO_CLIENTS: Duration = Duration::from_millis(2);
 
 /// Liveness shared by both ends of a link.
 struct LinkCore {
@@ -412,6 +430,9 @@ struct LinkState {
 struct FLink {
     id: u64,
     core: LinkCore,
+    /// This standby detaches on purpose ([`FollowHandle::leave`]): the active closing the
+    /// link is the expected end.
+    leaving: AtomicBool,
     writer: Mutex<Box<dyn Write + Send>>,
     result: Mutex<Option<Result<(), String>>>,
 }
@@ -520,9 +541,21 @@ impl FollowHandle {
     /// a lost HA standby, see [`ReplicaConfig::ha_grace`]), then closes the link and waits
     /// for it to end. Use it when the control plane stops or re-points the standby.
     pub fn leave(self) {
-        let _ = self
+        self.link.leaving.store(true, Ordering::Release);
+        let sent = self
             .link
             .send(&wire::encode_frame(FrameType::Leave, 0, 0, &[]));
+        // Let the active read the Leave and close the link itself (bounded): closing first
+        // could make the active see a dropped HA standby (a failed write) before it reads
+        // the Leave, and hold acknowledgements for the HA grace.
+        if sent.is_ok() {
+            let deadline = Instant::now() + LEAVE_WAIT;
+            while self.thread.as_ref().is_some_and(|t| !t.is_finished())
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
         self.stop();
     }
 
@@ -839,6 +872,7 @@ impl Replica {
                 acks: AtomicU64::new(0),
                 ha_grace_us: AtomicU64::new(ha_grace_us),
                 callbacks: Mutex::new(Vec::new()),
+                urgent: AtomicUsize::new(0),
             }),
         }
     }
@@ -855,6 +889,24 @@ impl Replica {
 
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.inner.state)
+    }
+
+    /// The state lock for a client's path: background steps wait for it (bounded).
+    fn state_urgent(&self) -> MutexGuard<'_, State> {
+        self.inner.urgent.fetch_add(1, Ordering::AcqRel);
+        let g = self.state();
+        self.inner.urgent.fetch_sub(1, Ordering::AcqRel);
+        g
+    }
+
+    /// The state lock for a background step: first lets threads on a client's path that
+    /// wait for it go, for at most [`YIELD_TO_CLIENTS`].
+    fn state_background(&self) -> MutexGuard<'_, State> {
+        let until = Instant::now() + YIELD_TO_CLIENTS;
+        while self.inner.urgent.load(Ordering::Acquire) > 0 && Instant::now() < until {
+            thread::yield_now();
+        }
+        self.state()
     }
 
     fn notify_role(&self, role: Role, epoch: Epoch) {
@@ -982,7 +1034,7 @@ impl Replica {
             Input::Encoded(b) => b.len(),
         };
         let deadline = Instant::now() + cfg.ack_timeout;
-        let mut st = self.state();
+        let mut st = self.state_urgent();
         // Quiesce and asynchronous lag bound: wait, bounded.
         loop {
             if st.role != Role::Active {
@@ -1395,7 +1447,7 @@ impl Replica {
             }
             st.store.track_step(schema, DIGEST_STEP);
             drop(st);
-            st = self.state();
+            st = self.state_background();
         }
     }
 
@@ -1418,7 +1470,7 @@ impl Replica {
         loop {
             chunk.clear();
             let done = {
-                let mut st = self.state();
+                let mut st = self.state_background();
                 let mut bytes = 0usize;
                 st.store.scan(&mut cur, 16 << 10, |t, k, v| {
                     bytes += t.len() + k.len() + v.len();
@@ -1632,6 +1684,10 @@ impl Replica {
         thread::Builder::new()
             .name("sync-bulk".into())
             .spawn(move || {
+                // No client waits for it (the thread ends with the transfer).
+                if let Some(f) = me.inner.config.background_thread {
+                    f();
+                }
                 let r = match (replay, kept) {
                     (Some((from, entries)), Some(digest)) => {
                         me.send_resume(&l2, w, digest, from, entries, snap_seq, snap_epoch, epoch)
@@ -1670,6 +1726,8 @@ impl Replica {
             if l.link.ha && l.in_sync {
                 note_ha_dropped(&mut st, &l.link.node);
             }
+            // Ends the connection now (a standby that left waits for this).
+            l.link.core.close();
             info!(standby = %l.link.node, error = ?err, "standby detached");
             if err.is_some() {
                 st.last_error = err;
@@ -1796,7 +1854,7 @@ impl Replica {
             }
             match f.kind {
                 FrameType::Ack | FrameType::Heartbeat => {
-                    let mut st = self.state();
+                    let mut st = self.state_urgent();
                     let seq_now = st.seq;
                     let mut back_in_sync = None;
                     if let Some(l) = st.links.iter_mut().find(|l| l.link.id == link.id) {
@@ -1986,6 +2044,7 @@ impl Replica {
         let link = Arc::new(FLink {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             core: LinkCore::new(conn.closer.clone()),
+            leaving: AtomicBool::new(false),
             writer: Mutex::new(conn.writer),
             result: Mutex::new(None),
         });
@@ -2022,6 +2081,12 @@ impl Replica {
         let thread = thread::Builder::new()
             .name("sync-follow".into())
             .spawn(move || {
+                if !ha {
+                    // Not the HA standby: no client's acknowledgement waits for this stream.
+                    if let Some(f) = me.inner.config.background_thread {
+                        f();
+                    }
+                }
                 let r = me.receive(&l2, reader, stream_version);
                 let err = r.as_ref().err().map(|e| e.to_string());
                 if let Some(e) = &err {
@@ -2246,8 +2311,12 @@ impl Replica {
             if link.core.is_closed() {
                 return Ok(());
             }
-            let Some(h) = wire::read_frame_into(&mut r, &mut payload)? else {
-                if link.core.is_closed() {
+            let read = wire::read_frame_into(&mut r, &mut payload);
+            if read.is_err() && link.leaving.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let Some(h) = read? else {
+                if link.core.is_closed() || link.leaving.load(Ordering::Acquire) {
                     return Ok(());
                 }
                 return Err(SyncError::Protocol("the active closed the link".into()));
