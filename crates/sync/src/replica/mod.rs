@@ -903,8 +903,10 @@ impl Replica {
     /// wait for it go, for at most [`YIELD_TO_CLIENTS`].
     fn state_background(&self) -> MutexGuard<'_, State> {
         let until = Instant::now() + YIELD_TO_CLIENTS;
+        // Sleeping, not spinning: on saturated CPUs a spinning step would take the very time
+        // the waiting threads need.
         while self.inner.urgent.load(Ordering::Acquire) > 0 && Instant::now() < until {
-            thread::yield_now();
+            thread::sleep(Duration::from_micros(50));
         }
         self.state()
     }
