@@ -139,24 +139,7 @@ fn scan_reply_one(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, 
     let header_end = eol + 2;
     match kind {
         b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => Ok(Some(header_end - at)),
-        b'$' | b'!' | b'=' => {
-            let n = parse_int(&buf[at + 1..eol])?;
-            if n < 0 {
-                return Ok(Some(header_end - at));
-            }
-            let n = usize::try_from(n).map_err(|_| FrameError::BadLength(n.to_string()))?;
-            if n > MAX_MESSAGE {
-                return Err(FrameError::TooLarge(n));
-            }
-            let end = header_end + n + 2;
-            if buf.len() < end {
-                return Ok(None);
-            }
-            if &buf[end - 2..end] != b"\r\n" {
-                return Err(FrameError::MissingCrlf);
-            }
-            Ok(Some(end - at))
-        }
+        b'$' | b'!' | b'=' => blob_len(buf, at, eol),
         _ => {
             let n = parse_int(&buf[at + 1..eol])?;
             if n < 0 {
@@ -183,6 +166,28 @@ fn scan_reply_one(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, 
     }
 }
 
+/// The length of a length-prefixed string (`$`, `!`, `=`) at `at` whose header line ends at
+/// `eol` (a negative length is a null: the header alone).
+fn blob_len(buf: &[u8], at: usize, eol: usize) -> Result<Option<usize>, FrameError> {
+    let header_end = eol + 2;
+    let n = parse_int(&buf[at + 1..eol])?;
+    if n < 0 {
+        return Ok(Some(header_end - at));
+    }
+    let n = usize::try_from(n).map_err(|_| FrameError::BadLength(n.to_string()))?;
+    if n > MAX_MESSAGE {
+        return Err(FrameError::TooLarge(n));
+    }
+    let end = header_end + n + 2;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    if &buf[end - 2..end] != b"\r\n" {
+        return Err(FrameError::MissingCrlf);
+    }
+    Ok(Some(end - at))
+}
+
 fn scan(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, FrameError> {
     if depth > MAX_DEPTH {
         return Err(FrameError::TooDeep);
@@ -203,24 +208,7 @@ fn scan(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, FrameError
     let header_end = eol + 2;
     match kind {
         b'+' | b'-' | b':' => Ok(Some(header_end - at)),
-        b'$' => {
-            let n = parse_int(&buf[at + 1..eol])?;
-            if n < 0 {
-                return Ok(Some(header_end - at));
-            }
-            let n = usize::try_from(n).map_err(|_| FrameError::BadLength(n.to_string()))?;
-            if n > MAX_MESSAGE {
-                return Err(FrameError::TooLarge(n));
-            }
-            let end = header_end + n + 2;
-            if buf.len() < end {
-                return Ok(None);
-            }
-            if &buf[end - 2..end] != b"\r\n" {
-                return Err(FrameError::MissingCrlf);
-            }
-            Ok(Some(end - at))
-        }
+        b'$' => blob_len(buf, at, eol),
         b'*' => {
             let n = parse_int(&buf[at + 1..eol])?;
             if n < 0 {

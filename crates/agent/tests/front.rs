@@ -10,11 +10,28 @@ use tokio::net::{TcpListener, TcpStream};
 /// A RESP backend that answers every request with `+<name>` (so a reply names who served it).
 /// With `swallow_first`, it closes the connection on its first request without replying.
 async fn backend(name: &'static str, swallow_first: bool) -> SocketAddr {
+    let reply = format!("+{name}\r\n").into_bytes();
+    serve_requests(move || {
+        if swallow_first {
+            None
+        } else {
+            Some(vec![reply.clone()])
+        }
+    })
+    .await
+}
+
+/// A backend that answers each whole request with the writes `answer` gives (each its own
+/// write, 5 ms apart), or closes the connection when it gives `None`.
+async fn serve_requests(
+    answer: impl Fn() -> Option<Vec<Vec<u8>>> + Clone + Send + 'static,
+) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let (mut s, _) = l.accept().await.unwrap();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -26,12 +43,16 @@ async fn backend(name: &'static str, swallow_first: bool) -> SocketAddr {
                     buf.extend_from_slice(&chunk[..n]);
                     while let Ok(Some(len)) = hitless_agent::resp::message_len(&buf) {
                         buf.drain(..len);
-                        if swallow_first {
+                        let Some(writes) = answer() else {
                             return;
-                        }
-                        let reply = format!("+{name}\r\n");
-                        if s.write_all(reply.as_bytes()).await.is_err() {
-                            return;
+                        };
+                        for (i, w) in writes.iter().enumerate() {
+                            if i > 0 {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            if s.write_all(w).await.is_err() {
+                                return;
+                            }
                         }
                     }
                 }
@@ -192,31 +213,8 @@ async fn a_client_that_closes_mid_request_is_let_go() {
 async fn resp3_pushes_and_maps_pass_whole_and_pair_with_the_right_request() {
     const PUSH: &[u8] = b">2\r\n+message\r\n+hi\r\n";
     const MAP: &[u8] = b"%1\r\n+a\r\n+b\r\n";
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            buf.extend_from_slice(&chunk[..n]);
-            while let Ok(Some(len)) = hitless_agent::resp::message_len(&buf) {
-                buf.drain(..len);
-                // The push and the reply in separate writes, as a server may send them.
-                if s.write_all(PUSH).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                if s.write_all(MAP).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
+    // The push and the reply in separate writes, as a server may send them.
+    let addr = serve_requests(|| Some(vec![PUSH.to_vec(), MAP.to_vec()])).await;
     let front = Front::new(FrontLimits::default()).unwrap();
     let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
     front.set_route(Route {
