@@ -504,37 +504,53 @@ impl Conn {
         limits: &FrontLimits,
         cw: &mut tokio::net::tcp::WriteHalf<'_>,
     ) -> Result<(), String> {
-        let mut out_len = 0;
-        let mut added = 0;
+        // Rounds end at a blank line (dropped: like Redis, it is no request and gets no
+        // reply; `redis-cli --pipe` input often has some) or where forwarding stops; bounded
+        // by the buffer, each round consuming bytes.
         loop {
-            match resp::message_len(&cbuf[out_len..]) {
-                Ok(Some(n))
-                    if !(self.lens.is_empty() && added == 0)
-                        && self.unanswered.len() + out_len + n > limits.max_inflight =>
-                {
-                    break
+            let blank = resp::blank_prefix(cbuf);
+            if blank > 0 {
+                cbuf.advance(blank);
+            }
+            let mut out_len = 0;
+            let mut added = 0;
+            let mut at_blank = false;
+            loop {
+                if out_len > 0 && resp::blank_prefix(&cbuf[out_len..]) > 0 {
+                    at_blank = true;
+                    break;
                 }
-                Ok(Some(n)) => {
-                    self.lens.push_back(n);
-                    out_len += n;
-                    added += 1;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let msg = format!("-ERR protocol error: {e}\r\n");
-                    let _ = cw.write_all(msg.as_bytes()).await;
-                    return Err(format!("client sent malformed RESP: {e}"));
+                match resp::message_len(&cbuf[out_len..]) {
+                    Ok(Some(n))
+                        if !(self.lens.is_empty() && added == 0)
+                            && self.unanswered.len() + out_len + n > limits.max_inflight =>
+                    {
+                        break
+                    }
+                    Ok(Some(n)) => {
+                        self.lens.push_back(n);
+                        out_len += n;
+                        added += 1;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let msg = format!("-ERR protocol error: {e}\r\n");
+                        let _ = cw.write_all(msg.as_bytes()).await;
+                        return Err(format!("client sent malformed RESP: {e}"));
+                    }
                 }
             }
+            if added > 0 {
+                let shared = &self.front.shared;
+                shared.inflight.fetch_add(added, Ordering::AcqRel);
+                shared.forwarded.fetch_add(added as u64, Ordering::Relaxed);
+                self.unanswered.extend_from_slice(&cbuf[..out_len]);
+                cbuf.advance(out_len);
+            }
+            if !at_blank {
+                return Ok(());
+            }
         }
-        if added > 0 {
-            let shared = &self.front.shared;
-            shared.inflight.fetch_add(added, Ordering::AcqRel);
-            shared.forwarded.fetch_add(added as u64, Ordering::Relaxed);
-            self.unanswered.extend_from_slice(&cbuf[..out_len]);
-            cbuf.advance(out_len);
-        }
-        Ok(())
     }
 
     /// Splits complete replies off `bbuf`: each answers the oldest request in flight, except

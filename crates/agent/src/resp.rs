@@ -40,6 +40,25 @@ fn parse_int(line: &[u8]) -> Result<i64, FrameError> {
         .map_err(|_| FrameError::BadLength(text.to_owned()))
 }
 
+/// The length of the blank lines (`\r\n` or `\n`, perhaps after spaces or tabs) at the head
+/// of `buf`, complete ones only. Like Redis, a front drops them: they are no request.
+pub fn blank_prefix(buf: &[u8]) -> usize {
+    let mut at = 0;
+    loop {
+        let rest = &buf[at..];
+        let pad = rest
+            .iter()
+            .take_while(|&&c| c == b' ' || c == b'\t')
+            .count();
+        let end = match rest.get(pad..) {
+            Some([b'\n', ..]) => pad + 1,
+            Some([b'\r', b'\n', ..]) => pad + 2,
+            _ => return at,
+        };
+        at += end;
+    }
+}
+
 /// Returns the length of the first complete message in `buf`, `Ok(None)` if more bytes are
 /// needed, or an error if the bytes cannot be RESP. Inline commands (a bare line) are accepted
 /// as requests.
@@ -255,6 +274,19 @@ mod tests {
         assert_eq!(message_len(b"PING\r\n"), Ok(Some(6)));
         assert_eq!(message_len(b"PING\nGET"), Ok(Some(5)));
         assert_eq!(message_len(b"*2\r\n*1\r\n:1\r\n+x\r\n"), Ok(Some(16)));
+    }
+
+    #[test]
+    fn blank_lines_at_the_head_are_measured_whole() {
+        assert_eq!(blank_prefix(b"\r\n\n  \r\nPING\r\n"), 7);
+        assert_eq!(blank_prefix(b"PING\r\n"), 0);
+        assert_eq!(
+            blank_prefix(b"  "),
+            0,
+            "an unfinished line is not blank yet"
+        );
+        assert_eq!(blank_prefix(b"\r"), 0);
+        assert_eq!(blank_prefix(b""), 0);
     }
 
     #[test]

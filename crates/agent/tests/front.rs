@@ -242,3 +242,39 @@ async fn resp3_pushes_and_maps_pass_whole_and_pair_with_the_right_request() {
         }
     }
 }
+
+/// Blank lines between requests (as `redis-cli --pipe` input often has) are no request: the
+/// front drops them, like Redis, and every real request still gets its own reply.
+#[tokio::test]
+async fn blank_lines_between_requests_are_dropped_not_answered() {
+    let a = backend("a", false).await;
+    let front = Front::new(FrontLimits::default()).unwrap();
+    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    front.set_route(Route {
+        epoch: 1,
+        backend: Some(a),
+        hold: false,
+    });
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    client
+        .write_all(b"\r\n*1\r\n$4\r\nPING\r\n\r\n\n  \r\nPING\r\n\r\n*1\r\n$4\r\nPING\r\n")
+        .await
+        .unwrap();
+    let want = b"+a\r\n+a\r\n+a\r\n";
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut got))
+        .await
+        .expect("three replies within 5 s")
+        .unwrap();
+    assert_eq!(&got, want);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while front.inflight() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a request stays in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The connection is still served.
+    assert_eq!(request(&mut client).await, "+a\r\n");
+}
