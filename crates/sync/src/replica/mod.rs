@@ -547,8 +547,11 @@ impl FollowHandle {
             .send(&wire::encode_frame(FrameType::Leave, 0, 0, &[]));
         // Let the active read the Leave and close the link itself (bounded): closing first
         // could make the active see a dropped HA standby (a failed write) before it reads
-        // the Leave, and hold acknowledgements for the HA grace.
-        if sent.is_ok() {
+        // the Leave, and hold acknowledgements for the HA grace. Only an active heard from
+        // lately is waited for: a hung or cut-off one (a failover promoting this standby) is
+        // not.
+        let heard_lately = self.link.core.idle_for() < LEAVE_WAIT;
+        if sent.is_ok() && heard_lately {
             let deadline = Instant::now() + LEAVE_WAIT;
             while self.thread.as_ref().is_some_and(|t| !t.is_finished())
                 && Instant::now() < deadline
