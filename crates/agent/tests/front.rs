@@ -62,6 +62,40 @@ async fn serve_requests(
     addr
 }
 
+/// A front listening on a free port, routed to `backend` at epoch 1.
+fn front_at(backend: SocketAddr) -> (Front, hitless_agent::front::Listening) {
+    let front = Front::new(FrontLimits::default()).unwrap();
+    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    front.set_route(Route {
+        epoch: 1,
+        backend: Some(backend),
+        hold: false,
+    });
+    (front, listening)
+}
+
+/// The next `n` bytes the front sends the client (within 5 s).
+async fn read_n(c: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut got = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got))
+        .await
+        .expect("the replies within 5 s")
+        .unwrap();
+    got
+}
+
+/// Waits (at most 2 s) until the front has no request in flight.
+async fn nothing_in_flight(front: &Front) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while front.inflight() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a request stays in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn request(c: &mut TcpStream) -> String {
     c.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
     let mut buf = Vec::new();
@@ -81,13 +115,7 @@ async fn request(c: &mut TcpStream) -> String {
 async fn planned_switch_moves_an_open_connection_to_the_new_instance() {
     let a = backend("a", false).await;
     let b = backend("b", false).await;
-    let front = Front::new(FrontLimits::default()).unwrap();
-    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    front.set_route(Route {
-        epoch: 1,
-        backend: Some(a),
-        hold: false,
-    });
+    let (front, listening) = front_at(a);
     let mut client = TcpStream::connect(listening.addr).await.unwrap();
     assert_eq!(request(&mut client).await, "+a\r\n");
     front.hold();
@@ -105,13 +133,7 @@ async fn planned_switch_moves_an_open_connection_to_the_new_instance() {
 async fn requests_sent_during_a_hold_wait_and_then_reach_the_new_instance() {
     let a = backend("a", false).await;
     let b = backend("b", false).await;
-    let front = Front::new(FrontLimits::default()).unwrap();
-    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    front.set_route(Route {
-        epoch: 1,
-        backend: Some(a),
-        hold: false,
-    });
+    let (front, listening) = front_at(a);
     let mut client = TcpStream::connect(listening.addr).await.unwrap();
     assert_eq!(request(&mut client).await, "+a\r\n");
     front.hold();
@@ -134,13 +156,7 @@ async fn requests_sent_during_a_hold_wait_and_then_reach_the_new_instance() {
 async fn an_unanswered_request_is_replayed_to_the_successor_after_a_crash() {
     let dying = backend("dying", true).await;
     let successor = backend("successor", false).await;
-    let front = Front::new(FrontLimits::default()).unwrap();
-    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    front.set_route(Route {
-        epoch: 1,
-        backend: Some(dying),
-        hold: false,
-    });
+    let (front, listening) = front_at(dying);
     let mut client = TcpStream::connect(listening.addr).await.unwrap();
     let waiter = tokio::spawn(async move { request(&mut client).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -156,13 +172,7 @@ async fn an_unanswered_request_is_replayed_to_the_successor_after_a_crash() {
 #[tokio::test]
 async fn malformed_client_input_gets_an_error_and_a_closed_connection() {
     let a = backend("a", false).await;
-    let front = Front::new(FrontLimits::default()).unwrap();
-    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    front.set_route(Route {
-        epoch: 1,
-        backend: Some(a),
-        hold: false,
-    });
+    let (front, listening) = front_at(a);
     let mut client = TcpStream::connect(listening.addr).await.unwrap();
     client.write_all(b"$x\r\n").await.unwrap();
     let mut out = Vec::new();
@@ -180,13 +190,7 @@ async fn malformed_client_input_gets_an_error_and_a_closed_connection() {
 #[tokio::test]
 async fn a_client_that_closes_mid_request_is_let_go() {
     let a = backend("a", false).await;
-    let front = Front::new(FrontLimits::default()).unwrap();
-    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    front.set_route(Route {
-        epoch: 1,
-        backend: Some(a),
-        hold: false,
-    });
+    let (front, listening) = front_at(a);
     let mut client = TcpStream::connect(listening.addr).await.unwrap();
     assert_eq!(request(&mut client).await, "+a\r\n");
     client
@@ -215,31 +219,13 @@ async fn resp3_pushes_and_maps_pass_whole_and_pair_with_the_right_request() {
     const MAP: &[u8] = b"%1\r\n+a\r\n+b\r\n";
     // The push and the reply in separate writes, as a server may send them.
     let addr = serve_requests(|| Some(vec![PUSH.to_vec(), MAP.to_vec()])).await;
-    let front = Front::new(FrontLimits::default()).unwrap();
-    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    front.set_route(Route {
-        epoch: 1,
-        backend: Some(addr),
-        hold: false,
-    });
+    let (front, listening) = front_at(addr);
     let mut client = TcpStream::connect(listening.addr).await.unwrap();
     for _ in 0..3 {
         client.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
         let want = [PUSH, MAP].concat();
-        let mut got = vec![0u8; want.len()];
-        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut got))
-            .await
-            .expect("the push and the map within 5 s")
-            .unwrap();
-        assert_eq!(got, want);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while front.inflight() != 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "a request stays in flight"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        assert_eq!(read_n(&mut client, want.len()).await, want);
+        nothing_in_flight(&front).await;
     }
 }
 
@@ -248,33 +234,15 @@ async fn resp3_pushes_and_maps_pass_whole_and_pair_with_the_right_request() {
 #[tokio::test]
 async fn blank_lines_between_requests_are_dropped_not_answered() {
     let a = backend("a", false).await;
-    let front = Front::new(FrontLimits::default()).unwrap();
-    let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    front.set_route(Route {
-        epoch: 1,
-        backend: Some(a),
-        hold: false,
-    });
+    let (front, listening) = front_at(a);
     let mut client = TcpStream::connect(listening.addr).await.unwrap();
     client
         .write_all(b"\r\n*1\r\n$4\r\nPING\r\n\r\n\n  \r\nPING\r\n\r\n*1\r\n$4\r\nPING\r\n")
         .await
         .unwrap();
     let want = b"+a\r\n+a\r\n+a\r\n";
-    let mut got = vec![0u8; want.len()];
-    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut got))
-        .await
-        .expect("three replies within 5 s")
-        .unwrap();
-    assert_eq!(&got, want);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while front.inflight() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a request stays in flight"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    assert_eq!(read_n(&mut client, want.len()).await, want);
+    nothing_in_flight(&front).await;
     // The connection is still served.
     assert_eq!(request(&mut client).await, "+a\r\n");
 }

@@ -185,9 +185,15 @@ pub(super) fn print_report(r: &IssuReport) {
             "  instances          (sampled every {} ms)",
             r.sample_interval_ms
         );
+        // The instances running when the ISSU started: seen in the first sample.
+        let first_sample = r
+            .instances
+            .iter()
+            .map(|i| i.first_seen_s)
+            .fold(f64::INFINITY, f64::min);
         for i in &r.instances {
             let ratio = match (i.peak_rss_bytes, i.first_rss_bytes) {
-                (Some(p), Some(f)) if f > 0 && i.first_seen_s < 1.0 => {
+                (Some(p), Some(f)) if f > 0 && i.first_seen_s <= first_sample + 1e-3 => {
                     format!(
                         " ({:.2}x its {} at the start)",
                         p as f64 / f as f64,
