@@ -1,0 +1,214 @@
+//! Both ends of a link: liveness, the active's outbox to a standby, the standby's writer to
+//! its active and the handshake watchdog.
+
+use std::fmt;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+
+use super::lock;
+use crate::wire::{Control, FrameType};
+use crate::{Epoch, SchemaVersion, Seq, SyncError};
+
+/// Liveness shared by both ends of a link.
+pub(super) struct LinkCore {
+    closed: AtomicBool,
+    closer: Option<Arc<dyn Fn() + Send + Sync>>,
+    last_rx: Mutex<Instant>,
+    tick: Mutex<()>,
+    tick_cond: Condvar,
+}
+
+impl LinkCore {
+    pub(super) fn new(closer: Option<Arc<dyn Fn() + Send + Sync>>) -> Self {
+        LinkCore {
+            closed: AtomicBool::new(false),
+            closer,
+            last_rx: Mutex::new(Instant::now()),
+            tick: Mutex::new(()),
+            tick_cond: Condvar::new(),
+        }
+    }
+
+    pub(super) fn close(&self) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            if let Some(c) = &self.closer {
+                c();
+            }
+            let _g = lock(&self.tick);
+            self.tick_cond.notify_all();
+        }
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn touch(&self) {
+        *lock(&self.last_rx) = Instant::now();
+    }
+
+    pub(super) fn idle_for(&self) -> Duration {
+        lock(&self.last_rx).elapsed()
+    }
+
+    /// Sleeps up to `d` unless the link closes; returns false once closed.
+    pub(super) fn sleep(&self, d: Duration) -> bool {
+        let g = lock(&self.tick);
+        if self.is_closed() {
+            return false;
+        }
+        let _ = self.tick_cond.wait_timeout(g, d);
+        !self.is_closed()
+    }
+}
+
+pub(super) struct Outbox {
+    pub(super) buf: Vec<u8>,
+    pub(super) spare: Vec<u8>,
+    pub(super) writing: bool,
+    pub(super) writer: Option<Box<dyn Write + Send>>,
+}
+
+/// Active side of a link to one standby.
+pub(super) struct Link {
+    pub(super) id: u64,
+    pub(super) node: String,
+    pub(super) peer: String,
+    pub(super) ha: bool,
+    pub(super) stream_version: SchemaVersion,
+    pub(super) native_version: SchemaVersion,
+    pub(super) core: LinkCore,
+    pub(super) out: Mutex<Outbox>,
+    /// Signalled whenever queued frames were written (see `bulk`).
+    pub(super) drained: Condvar,
+    /// A bulk transfer writes this link's queue (changed under the state
+    /// lock, so a mutation queued after it turns false is flushed by its
+    /// submitter and one queued before by the transfer).
+    pub(super) bulk: AtomicBool,
+    /// Epoch the standby confirmed its promotion at (0: none).
+    pub(super) promoted: AtomicU64,
+}
+
+impl Link {
+    /// Appends encoded frames; returns false if the queue bound is exceeded.
+    pub(super) fn push(&self, bytes: &[u8], max: usize) -> bool {
+        let mut ob = lock(&self.out);
+        ob.buf.extend_from_slice(bytes);
+        ob.buf.len() <= max
+    }
+
+    /// Writes queued frames unless another thread is writing (it will pick
+    /// them up). The caller writes: no thread hop on the ack path.
+    pub(super) fn flush(&self) {
+        let mut ob = lock(&self.out);
+        while !ob.writing && !ob.buf.is_empty() && !self.core.is_closed() {
+            let Some(mut w) = ob.writer.take() else {
+                return;
+            };
+            let spare = std::mem::take(&mut ob.spare);
+            let mut data = std::mem::replace(&mut ob.buf, spare);
+            ob.writing = true;
+            drop(ob);
+            let r = w.write_all(&data).and_then(|_| w.flush());
+            data.clear();
+            ob = lock(&self.out);
+            ob.writer = Some(w);
+            ob.writing = false;
+            if data.capacity() <= 4 << 20 {
+                ob.spare = data;
+            }
+            self.drained.notify_all();
+            if let Err(e) = r {
+                debug!(node = %self.node, error = %e, "write to standby failed");
+                drop(ob);
+                self.core.close();
+                return;
+            }
+        }
+    }
+}
+
+pub(super) struct LinkState {
+    pub(super) link: Arc<Link>,
+    pub(super) resumed: bool,
+    pub(super) snap_seq: Seq,
+    pub(super) acked: Seq,
+    pub(super) bulk_done: bool,
+    pub(super) in_sync: bool,
+    pub(super) digest_matched: bool,
+    pub(super) digest_seq: Seq,
+    /// Records sent so far by the bulk transfer.
+    pub(super) bulk_sent: u64,
+}
+
+/// Standby side of a link to an active.
+pub(super) struct FLink {
+    pub(super) id: u64,
+    pub(super) core: LinkCore,
+    /// This standby detaches on purpose ([`FollowHandle::leave`]): the active closing the
+    /// link is the expected end.
+    pub(super) leaving: AtomicBool,
+    pub(super) writer: Mutex<Box<dyn Write + Send>>,
+    pub(super) result: Mutex<Option<Result<(), String>>>,
+}
+
+impl FLink {
+    pub(super) fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut w = lock(&self.writer);
+        w.write_all(bytes)?;
+        w.flush()
+    }
+}
+
+impl fmt::Debug for FLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FLink").field("id", &self.id).finish()
+    }
+}
+
+/// Calls `closer` unless disarmed within `timeout`: bounds handshakes on
+/// streams without read timeouts.
+pub(super) struct Watchdog {
+    tx: Option<mpsc::Sender<()>>,
+}
+
+impl Watchdog {
+    pub(super) fn arm(closer: Option<Arc<dyn Fn() + Send + Sync>>, timeout: Duration) -> Watchdog {
+        let (tx, rx) = mpsc::channel::<()>();
+        if let Some(c) = closer {
+            let _ = thread::Builder::new()
+                .name("sync-watchdog".into())
+                .spawn(move || {
+                    if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
+                        c();
+                    }
+                });
+        }
+        Watchdog { tx: Some(tx) }
+    }
+
+    pub(super) fn disarm(mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A received frame whose payload borrows the reader's reusable buffer.
+pub(super) struct Incoming<'a> {
+    pub(super) kind: FrameType,
+    pub(super) epoch: Epoch,
+    pub(super) seq: Seq,
+    pub(super) payload: &'a [u8],
+}
+
+impl Incoming<'_> {
+    pub(super) fn control(&self) -> Result<Control, SyncError> {
+        Ok(Control::decode_payload(self.kind, self.payload)?)
+    }
+}
