@@ -41,7 +41,7 @@ impl Replica {
         st.ha_dropped.clear();
         st.gone.clear();
         st.role = Role::Active;
-        st.epoch = epoch;
+        st.set_epoch(epoch);
         st.quiesced = false;
         drop(st);
         self.inner.cond.notify_all();
@@ -266,8 +266,7 @@ impl Replica {
                 }
             }
         }
-        st.seq = last;
-        st.last_epoch = epoch;
+        st.applied(first, last, epoch);
         let bytes = scratch.as_bytes();
         let native = &bytes[frames[0].1.clone()];
         let body = if st.log.disabled() {

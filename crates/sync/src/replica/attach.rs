@@ -1,7 +1,7 @@
 //! The active's side of a link: the accept loop, the handshake (the hello read and checked,
 //! the welcome built), a resume from the log, and the standby's acknowledgements.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::active::note_ha_dropped;
 use super::batch::encode_frame_body;
-use super::link::{Incoming, LinkCore, Outbox, Watchdog};
+use super::link::{FrameReader, LinkCore, Outbox, Watchdog};
 use super::{lock, not_active, Link, LinkState, Replica, Role};
 use crate::log::LogEntry;
 use crate::schema::negotiate;
@@ -366,11 +366,11 @@ impl Replica {
             })?;
         let me = self.clone();
         let l2 = link.clone();
-        let mut reader = conn.reader;
+        let mut frames = FrameReader::new(conn.reader, 64 << 10);
         thread::Builder::new()
             .name("sync-acks".into())
             .spawn(move || {
-                let r = me.read_acks(&l2, &mut reader);
+                let r = me.read_acks(&l2, &mut frames);
                 l2.core.close();
                 me.drop_link(l2.id, r.err().map(|e| e.to_string()));
             })?;
@@ -492,20 +492,13 @@ impl Replica {
         Ok(())
     }
 
-    fn read_acks(&self, link: &Link, reader: &mut Box<dyn Read + Send>) -> Result<(), SyncError> {
-        let mut r = io::BufReader::with_capacity(64 << 10, reader);
-        let mut payload = Vec::new();
+    /// The standby's frames (acknowledgements, digest results, a promotion's confirmation,
+    /// a leave) until the link ends.
+    fn read_acks(&self, link: &Link, frames: &mut FrameReader) -> Result<(), SyncError> {
         loop {
-            let Some(h) = wire::read_frame_into(&mut r, &mut payload)? else {
+            let Some(f) = frames.next(&link.core)? else {
                 return Err(SyncError::Protocol("the standby closed the link".into()));
             };
-            let f = Incoming {
-                kind: h.kind,
-                epoch: h.epoch,
-                seq: h.seq,
-                payload: &payload,
-            };
-            link.core.touch();
             let my_epoch = self.epoch();
             if f.epoch > my_epoch && f.kind != FrameType::PromoteAck {
                 self.fence(f.epoch);

@@ -1,7 +1,8 @@
 //! The standby's side of a link: the handshake (the hello built, the welcome checked), then
-//! the stream of the active.
+//! the stream of the active, one handler per frame type over a [`Session`] that holds what
+//! the stream keeps between frames.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,11 +13,11 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use super::batch::{apply_converted, Converted};
-use super::link::{FLink, Incoming, LinkCore, Watchdog};
+use super::link::{FLink, FrameReader, Incoming, LinkCore, Watchdog};
 use super::{lock, Replica, Role};
 use crate::log::LogEntry;
 use crate::wire::{self, BatchRef, Control, FrameType, MutationRef, ResumePoint};
-use crate::{Conn, Epoch, Record, SchemaVersion, Seq, SyncError};
+use crate::{Conn, Digest, Epoch, Record, SchemaVersion, Seq, SyncError};
 
 /// The longest a leaving standby waits for the active to close the link after its Leave.
 const LEAVE_WAIT: Duration = Duration::from_millis(500);
@@ -183,7 +184,7 @@ impl Replica {
                 link.core.close();
                 return Err(SyncError::NotStandby { role: st.role });
             }
-            st.epoch = frame.epoch;
+            st.set_epoch(frame.epoch);
             st.follow = Some(FollowState {
                 link: link.clone(),
                 stream_version,
@@ -394,8 +395,7 @@ impl Replica {
             }
             Some(conv) => apply_converted(&mut st.store, schema, conv),
         }
-        st.seq = last;
-        st.last_epoch = origin;
+        st.applied(first, last, origin);
         let body = match log_body {
             _ if st.log.disabled() => Bytes::new(),
             Some(b) => b,
@@ -413,41 +413,30 @@ impl Replica {
         Ok(())
     }
 
+    /// The stream of the active, frame by frame (see [`Session`]), until the link ends, this
+    /// standby is promoted, or an error.
     fn receive(
         &self,
         link: &FLink,
         reader: Box<dyn Read + Send>,
         sv: SchemaVersion,
     ) -> Result<(), SyncError> {
-        let schema = &self.inner.schema;
-        let native = schema.version();
-        let mut r = io::BufReader::with_capacity(1 << 20, reader);
-        let mut payload = Vec::new();
-        let mut bulk: Option<(Seq, u64, u64)> = None; // (begin seq, announced, received)
-        let mut resume: Option<(Seq, Seq)> = None; // (from, to)
-        let mut bulk_done = false;
-        let mut acked: Seq = 0;
+        let mut frames = FrameReader::new(reader, 1 << 20);
+        let mut session = Session::new(self, link, sv);
         loop {
             if link.core.is_closed() {
                 return Ok(());
             }
-            let read = wire::read_frame_into(&mut r, &mut payload);
+            let read = frames.next(&link.core);
             if read.is_err() && link.leaving.load(Ordering::Acquire) {
                 return Ok(());
             }
-            let Some(h) = read? else {
+            let Some(f) = read? else {
                 if link.core.is_closed() || link.leaving.load(Ordering::Acquire) {
                     return Ok(());
                 }
                 return Err(SyncError::Protocol("the active closed the link".into()));
             };
-            let f = Incoming {
-                kind: h.kind,
-                epoch: h.epoch,
-                seq: h.seq,
-                payload: &payload,
-            };
-            link.core.touch();
             let cur = self.epoch();
             if f.epoch < cur {
                 return Err(SyncError::StaleEpoch {
@@ -455,331 +444,12 @@ impl Replica {
                     current: cur,
                 });
             }
-            match f.kind {
-                FrameType::BulkBegin => {
-                    let Control::BulkBegin { seq, records } = f.control()? else {
-                        unreachable!()
-                    };
-                    if bulk.is_some() || bulk_done || resume.is_some() {
-                        return Err(SyncError::Protocol("a second bulk snapshot began".into()));
-                    }
-                    let mut st = self.state();
-                    st.store.clear();
-                    // Empty now: keeping the digest in the stream version
-                    // from here on costs no scan.
-                    st.store.track(schema, sv);
-                    // Live batches after `seq` arrive between the chunks
-                    // (see `bulk`); the state is a whole history only once
-                    // the transfer ends.
-                    st.seq = seq;
-                    st.last_epoch = 0;
-                    st.history_ok = false;
-                    st.log.reset(seq, 0);
-                    bulk = Some((seq, records, 0));
-                }
-                FrameType::BulkChunk => {
-                    let Some((_, _, received)) = bulk.as_mut() else {
-                        return Err(SyncError::Protocol(
-                            "bulk chunk outside a bulk snapshot".into(),
-                        ));
-                    };
-                    if bulk_done {
-                        return Err(SyncError::Protocol("bulk chunk out of place".into()));
-                    }
-                    let body = BatchRef::parse(FrameType::BulkChunk, f.payload)?;
-                    if body.deletes() > 0 {
-                        return Err(SyncError::Protocol("a bulk chunk holds a delete".into()));
-                    }
-                    *received += body.len() as u64;
-                    let conv = if sv == native {
-                        self.check_native_tables(&body)?;
-                        None
-                    } else {
-                        Some(self.to_native(body.iter(), sv)?)
-                    };
-                    let mut st = self.state();
-                    // A chunk is read at the sequence it carries: every batch
-                    // up to it is applied here, none after it.
-                    if f.seq != st.seq {
-                        return Err(SyncError::Protocol(format!(
-                            "bulk chunk read at sequence {} arrived at applied sequence {}",
-                            f.seq, st.seq
-                        )));
-                    }
-                    match conv {
-                        None => {
-                            for m in body.iter() {
-                                let v = m.value.expect("checked");
-                                if let Some(i) = st.store.index_of(m.table) {
-                                    st.store.put(schema, i, m.key, v);
-                                }
-                            }
-                        }
-                        Some(conv) => apply_converted(&mut st.store, schema, conv),
-                    }
-                }
-                FrameType::BulkEnd => {
-                    let Control::BulkEnd {
-                        seq,
-                        digest,
-                        last_epoch,
-                    } = f.control()?
-                    else {
-                        unreachable!()
-                    };
-                    let Some((begin, announced, received)) = bulk.take() else {
-                        return Err(SyncError::Protocol(
-                            "bulk end without a bulk snapshot".into(),
-                        ));
-                    };
-                    let local = {
-                        let st = self.state();
-                        if seq != st.seq {
-                            return Err(SyncError::Protocol(format!(
-                                "bulk transfer begun at {begin} ended at {seq} with {} applied",
-                                st.seq
-                            )));
-                        }
-                        self.digest_held(st, sv)?
-                    };
-                    debug!(begin, end = seq, announced, received, "bulk received");
-                    let matched = local == digest;
-                    {
-                        let mut st = self.state();
-                        st.last_epoch = last_epoch;
-                        st.history_ok = matched;
-                        st.log.reset(seq, last_epoch);
-                        st.snapshots_received += 1;
-                        if let Some(fs) = st.follow.as_mut() {
-                            fs.bulk_done = true;
-                            fs.digest_matched = matched;
-                            fs.digest_seq = seq;
-                            fs.active_seq = fs.active_seq.max(seq);
-                        }
-                    }
-                    self.inner.cond.notify_all();
-                    bulk_done = true;
-                    if !matched {
-                        warn!(
-                            seq,
-                            "digest after bulk snapshot does not match the active's"
-                        );
-                    }
-                    let mut out = Control::DigestResult { seq, matched }.encode(f.epoch, seq);
-                    out.extend_from_slice(&wire::encode_frame(FrameType::Ack, f.epoch, seq, &[]));
-                    link.send(&out)?;
-                    acked = seq;
-                }
-                FrameType::ResumeBegin => {
-                    let Control::ResumeBegin { from, seq, .. } = f.control()? else {
-                        unreachable!()
-                    };
-                    if bulk.is_some() || bulk_done || resume.is_some() || seq < from {
-                        return Err(SyncError::Protocol("resume out of place".into()));
-                    }
-                    let mut st = self.state();
-                    if st.seq != from || !st.history_ok {
-                        return Err(SyncError::Protocol(format!(
-                            "the active offered a resume from sequence {from}, but this standby is at {}",
-                            st.seq
-                        )));
-                    }
-                    // Usually tracked since the bulk transfer or the start;
-                    // otherwise built in steps at the resume's end.
-                    st.store.track(schema, sv);
-                    resume = Some((from, seq));
-                }
-                FrameType::ReplayBatch => {
-                    let Some((_, to)) = resume else {
-                        return Err(SyncError::Protocol(
-                            "replayed batch outside a resume".into(),
-                        ));
-                    };
-                    if f.payload.len() < 8 {
-                        return Err(wire::FrameError::BadPayload {
-                            kind: FrameType::ReplayBatch,
-                            reason: "missing origin epoch".into(),
-                        }
-                        .into());
-                    }
-                    let origin = u64::from_le_bytes(f.payload[..8].try_into().expect("8 bytes"));
-                    if origin == 0 || origin > f.epoch || f.seq > to {
-                        return Err(SyncError::Protocol(format!(
-                            "replayed batch ending at {} of epoch {origin} does not fit a resume to {to} at epoch {}",
-                            f.seq, f.epoch
-                        )));
-                    }
-                    let (first, body) =
-                        wire::parse_batch_payload(f.seq, &f.payload[8..]).map_err(|e| match e {
-                            wire::FrameError::BadPayload { reason, .. } => {
-                                wire::FrameError::BadPayload {
-                                    kind: FrameType::ReplayBatch,
-                                    reason,
-                                }
-                            }
-                            e => e,
-                        })?;
-                    self.apply_stream_batch(sv, first, f.seq, origin, body, &f.payload[16..])?;
-                }
-                FrameType::ResumeEnd => {
-                    let Control::ResumeEnd {
-                        seq,
-                        last_epoch,
-                        digest,
-                    } = f.control()?
-                    else {
-                        unreachable!()
-                    };
-                    let Some((from, to)) = resume.take() else {
-                        return Err(SyncError::Protocol("resume end without a resume".into()));
-                    };
-                    let (applied, mine) = {
-                        let st = self.state();
-                        (st.seq, st.last_epoch)
-                    };
-                    if seq != to || applied != to {
-                        return Err(SyncError::Protocol(format!(
-                            "resume to {to} ended at {seq} with {applied} applied"
-                        )));
-                    }
-                    // Only this thread changes a standby's state: the
-                    // digest built in steps is the one at `seq`.
-                    let local = self.digest_held(self.state(), sv)?;
-                    let matched = local == digest && mine == last_epoch;
-                    {
-                        let mut st = self.state();
-                        st.history_ok = matched;
-                        if matched {
-                            st.resumes_received += 1;
-                        }
-                        if let Some(fs) = st.follow.as_mut() {
-                            fs.bulk_done = matched;
-                            fs.digest_matched = matched;
-                            fs.digest_seq = seq;
-                            fs.active_seq = fs.active_seq.max(seq);
-                        }
-                    }
-                    self.inner.cond.notify_all();
-                    let mut out = Control::DigestResult { seq, matched }.encode(f.epoch, seq);
-                    if !matched {
-                        let _ = link.send(&out);
-                        return Err(SyncError::Protocol(format!(
-                            "after resuming from {from} to {seq} the state differs from the active's; \
-                             the next attach transfers a full snapshot"
-                        )));
-                    }
-                    info!(from, to = seq, "resumed from the active's log");
-                    out.extend_from_slice(&wire::encode_frame(FrameType::Ack, f.epoch, seq, &[]));
-                    link.send(&out)?;
-                    bulk_done = true;
-                    acked = seq;
-                }
-                FrameType::Batch => {
-                    if !bulk_done && bulk.is_none() {
-                        return Err(SyncError::Protocol(
-                            "live mutations before the bulk snapshot ended".into(),
-                        ));
-                    }
-                    let (first, body) = wire::parse_batch_payload(f.seq, f.payload)?;
-                    self.apply_stream_batch(sv, first, f.seq, f.epoch, body, &f.payload[8..])?;
-                }
-                FrameType::DigestCheck => {
-                    let Control::DigestCheck { digest } = f.control()? else {
-                        unreachable!()
-                    };
-                    let st = self.state();
-                    let seq = st.seq;
-                    let local = self.digest_held(st, sv)?;
-                    if !bulk_done || seq != f.seq {
-                        return Err(SyncError::Protocol(format!(
-                            "digest check at {} arrived at applied sequence {seq}",
-                            f.seq
-                        )));
-                    }
-                    let matched = local == digest;
-                    {
-                        let mut st = self.state();
-                        if let Some(fs) = st.follow.as_mut() {
-                            fs.digest_matched = matched;
-                            fs.digest_seq = seq;
-                        }
-                    }
-                    self.inner.cond.notify_all();
-                    link.send(&Control::DigestResult { seq, matched }.encode(f.epoch, seq))?;
-                }
-                FrameType::Heartbeat => {
-                    if f.payload.len() != 9 {
-                        return Err(SyncError::Protocol(
-                            "heartbeat payload is not 9 bytes".into(),
-                        ));
-                    }
-                    let lag = u64::from_le_bytes(f.payload[..8].try_into().expect("8 bytes"));
-                    let mut st = self.state();
-                    if let Some(fs) = st.follow.as_mut() {
-                        fs.active_seq = fs.active_seq.max(f.seq);
-                        fs.reported_lag = lag;
-                        fs.in_sync = f.payload[8] == 1;
-                    }
-                    drop(st);
-                    self.inner.cond.notify_all();
-                }
-                FrameType::Promote => {
-                    let Control::Promote { last_seq } = f.control()? else {
-                        unreachable!()
-                    };
-                    let mut st = self.state();
-                    if f.epoch <= st.epoch || st.seq != last_seq || !bulk_done {
-                        let e = format!(
-                            "promotion to epoch {} at sequence {last_seq} refused: at epoch {}, applied {}",
-                            f.epoch, st.epoch, st.seq
-                        );
-                        drop(st);
-                        let _ =
-                            link.send(&Control::Refuse { reason: e.clone() }.encode(f.epoch, 0));
-                        return Err(SyncError::Protocol(e));
-                    }
-                    st.role = Role::Active;
-                    st.epoch = f.epoch;
-                    st.follow = None;
-                    st.quiesced = false;
-                    let epoch = st.epoch;
-                    drop(st);
-                    info!(epoch, seq = last_seq, "promoted by switchover");
-                    let _ = link.send(&wire::encode_frame(
-                        FrameType::PromoteAck,
-                        epoch,
-                        last_seq,
-                        &[],
-                    ));
-                    link.core.close();
-                    self.inner.cond.notify_all();
-                    self.notify_role(Role::Active, epoch);
-                    return Ok(());
-                }
-                FrameType::Fence => {
-                    self.fence(f.epoch);
-                }
-                FrameType::Refuse => {
-                    let Control::Refuse { reason } = f.control()? else {
-                        unreachable!()
-                    };
-                    return Err(SyncError::Refused(reason));
-                }
-                k => {
-                    return Err(SyncError::Protocol(format!(
-                        "unexpected {k:?} frame from the active"
-                    )))
-                }
+            if session.on_frame(&f)? == Next::Done {
+                return Ok(());
             }
-            if bulk_done && r.buffer().is_empty() {
-                let (seq, epoch) = {
-                    let st = self.state();
-                    (st.seq, st.epoch)
-                };
-                if seq > acked {
-                    link.send(&wire::encode_frame(FrameType::Ack, epoch, seq, &[]))?;
-                    acked = seq;
-                }
+            // Acknowledge once no frame is already waiting: one ack covers a burst.
+            if session.caught_up && frames.is_drained() {
+                session.ack_applied()?;
             }
         }
     }
@@ -792,5 +462,447 @@ impl Replica {
     ) -> Result<FollowHandle, SyncError> {
         let stream = TcpStream::connect(addr)?;
         self.follow(Conn::tcp(stream)?, ha)
+    }
+}
+
+/// Whether a standby's stream goes on after a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Next {
+    /// Read the next frame.
+    Frame,
+    /// The stream ended as it should (a promotion).
+    Done,
+}
+
+/// Progress of a bulk snapshot being received.
+struct BulkProgress {
+    /// Sequence the transfer began at.
+    begin: Seq,
+    /// Records the active had when it began (progress only).
+    announced: u64,
+    /// Records received in chunks so far.
+    received: u64,
+}
+
+/// What a standby's stream keeps between frames: one `on_<frame>` handler per frame type
+/// reads and updates it.
+struct Session<'a> {
+    replica: &'a Replica,
+    link: &'a FLink,
+    /// Negotiated stream version.
+    sv: SchemaVersion,
+    /// A bulk snapshot in progress.
+    bulk: Option<BulkProgress>,
+    /// A resume in progress: (from, to).
+    resume: Option<(Seq, Seq)>,
+    /// A bulk snapshot or a resume completed: applied batches are acknowledged from here on.
+    caught_up: bool,
+    /// Highest sequence acknowledged to the active; never goes back.
+    acked: Seq,
+}
+
+impl<'a> Session<'a> {
+    fn new(replica: &'a Replica, link: &'a FLink, sv: SchemaVersion) -> Self {
+        Session {
+            replica,
+            link,
+            sv,
+            bulk: None,
+            resume: None,
+            caught_up: false,
+            acked: 0,
+        }
+    }
+
+    /// Handles one frame of the active. A control message is decoded once, here.
+    fn on_frame(&mut self, f: &Incoming<'_>) -> Result<Next, SyncError> {
+        match f.kind {
+            FrameType::Batch => self.on_batch(f)?,
+            FrameType::BulkChunk => self.on_bulk_chunk(f)?,
+            FrameType::ReplayBatch => self.on_replay_batch(f)?,
+            FrameType::Heartbeat => self.on_heartbeat(f)?,
+            FrameType::Fence => self.replica.fence(f.epoch),
+            FrameType::BulkBegin
+            | FrameType::BulkEnd
+            | FrameType::ResumeBegin
+            | FrameType::ResumeEnd
+            | FrameType::DigestCheck
+            | FrameType::Promote
+            | FrameType::Refuse => match f.control()? {
+                Control::BulkBegin { seq, records } => self.on_bulk_begin(seq, records)?,
+                Control::BulkEnd {
+                    seq,
+                    digest,
+                    last_epoch,
+                } => self.on_bulk_end(f.epoch, seq, digest, last_epoch)?,
+                Control::ResumeBegin { from, seq, .. } => self.on_resume_begin(from, seq)?,
+                Control::ResumeEnd {
+                    seq,
+                    last_epoch,
+                    digest,
+                } => self.on_resume_end(f.epoch, seq, last_epoch, digest)?,
+                Control::DigestCheck { digest } => self.on_digest_check(f.epoch, f.seq, digest)?,
+                Control::Promote { last_seq } => {
+                    self.on_promote(f.epoch, last_seq)?;
+                    return Ok(Next::Done);
+                }
+                Control::Refuse { reason } => return Err(SyncError::Refused(reason)),
+                c => unreachable!(
+                    "a {:?} frame decoded as a {:?} message (the decoder checks they match)",
+                    f.kind,
+                    c.frame_type()
+                ),
+            },
+            k => {
+                return Err(SyncError::Protocol(format!(
+                    "unexpected {k:?} frame from the active"
+                )))
+            }
+        }
+        Ok(Next::Frame)
+    }
+
+    /// Acknowledges what is applied, if it is more than acknowledged so far.
+    fn ack_applied(&mut self) -> Result<(), SyncError> {
+        let (seq, epoch) = {
+            let st = self.replica.state();
+            (st.seq, st.epoch)
+        };
+        if seq > self.acked {
+            self.link
+                .send(&wire::encode_frame(FrameType::Ack, epoch, seq, &[]))?;
+            self.acked = seq;
+        }
+        Ok(())
+    }
+
+    /// A bulk snapshot or a resume completed at `seq`, which the active was told (and
+    /// acknowledged).
+    fn caught_up_at(&mut self, seq: Seq) {
+        assert!(
+            seq >= self.acked,
+            "acknowledged sequence going back from {} to {seq}",
+            self.acked
+        );
+        self.caught_up = true;
+        self.acked = seq;
+    }
+
+    fn on_bulk_begin(&mut self, seq: Seq, records: u64) -> Result<(), SyncError> {
+        if self.bulk.is_some() || self.caught_up || self.resume.is_some() {
+            return Err(SyncError::Protocol("a second bulk snapshot began".into()));
+        }
+        let mut st = self.replica.state();
+        st.store.clear();
+        // Empty now: keeping the digest in the stream version
+        // from here on costs no scan.
+        st.store.track(&self.replica.inner.schema, self.sv);
+        // Live batches after `seq` arrive between the chunks
+        // (see `bulk`); the state is a whole history only once
+        // the transfer ends.
+        st.seq = seq;
+        st.last_epoch = 0;
+        st.history_ok = false;
+        st.log.reset(seq, 0);
+        self.bulk = Some(BulkProgress {
+            begin: seq,
+            announced: records,
+            received: 0,
+        });
+        Ok(())
+    }
+
+    fn on_bulk_chunk(&mut self, f: &Incoming<'_>) -> Result<(), SyncError> {
+        let replica = self.replica;
+        let schema = &replica.inner.schema;
+        let Some(progress) = self.bulk.as_mut() else {
+            return Err(SyncError::Protocol(
+                "bulk chunk outside a bulk snapshot".into(),
+            ));
+        };
+        if self.caught_up {
+            return Err(SyncError::Protocol("bulk chunk out of place".into()));
+        }
+        let body = BatchRef::parse(FrameType::BulkChunk, f.payload)?;
+        if body.deletes() > 0 {
+            return Err(SyncError::Protocol("a bulk chunk holds a delete".into()));
+        }
+        progress.received += body.len() as u64;
+        let conv = if self.sv == schema.version() {
+            replica.check_native_tables(&body)?;
+            None
+        } else {
+            Some(replica.to_native(body.iter(), self.sv)?)
+        };
+        let mut st = replica.state();
+        // A chunk is read at the sequence it carries: every batch
+        // up to it is applied here, none after it.
+        if f.seq != st.seq {
+            return Err(SyncError::Protocol(format!(
+                "bulk chunk read at sequence {} arrived at applied sequence {}",
+                f.seq, st.seq
+            )));
+        }
+        match conv {
+            None => {
+                for m in body.iter() {
+                    let v = m.value.expect("checked");
+                    if let Some(i) = st.store.index_of(m.table) {
+                        st.store.put(schema, i, m.key, v);
+                    }
+                }
+            }
+            Some(conv) => apply_converted(&mut st.store, schema, conv),
+        }
+        Ok(())
+    }
+
+    fn on_bulk_end(
+        &mut self,
+        epoch: Epoch,
+        seq: Seq,
+        digest: Digest,
+        last_epoch: Epoch,
+    ) -> Result<(), SyncError> {
+        let replica = self.replica;
+        let Some(BulkProgress {
+            begin,
+            announced,
+            received,
+        }) = self.bulk.take()
+        else {
+            return Err(SyncError::Protocol(
+                "bulk end without a bulk snapshot".into(),
+            ));
+        };
+        let local = {
+            let st = replica.state();
+            if seq != st.seq {
+                return Err(SyncError::Protocol(format!(
+                    "bulk transfer begun at {begin} ended at {seq} with {} applied",
+                    st.seq
+                )));
+            }
+            replica.digest_held(st, self.sv)?
+        };
+        debug!(begin, end = seq, announced, received, "bulk received");
+        let matched = local == digest;
+        {
+            let mut st = replica.state();
+            st.last_epoch = last_epoch;
+            st.history_ok = matched;
+            st.log.reset(seq, last_epoch);
+            st.snapshots_received += 1;
+            if let Some(fs) = st.follow.as_mut() {
+                fs.bulk_done = true;
+                fs.digest_matched = matched;
+                fs.digest_seq = seq;
+                fs.active_seq = fs.active_seq.max(seq);
+            }
+        }
+        replica.inner.cond.notify_all();
+        if !matched {
+            warn!(
+                seq,
+                "digest after bulk snapshot does not match the active's"
+            );
+        }
+        let mut out = Control::DigestResult { seq, matched }.encode(epoch, seq);
+        out.extend_from_slice(&wire::encode_frame(FrameType::Ack, epoch, seq, &[]));
+        self.link.send(&out)?;
+        self.caught_up_at(seq);
+        Ok(())
+    }
+
+    fn on_resume_begin(&mut self, from: Seq, seq: Seq) -> Result<(), SyncError> {
+        if self.bulk.is_some() || self.caught_up || self.resume.is_some() || seq < from {
+            return Err(SyncError::Protocol("resume out of place".into()));
+        }
+        let mut st = self.replica.state();
+        if st.seq != from || !st.history_ok {
+            return Err(SyncError::Protocol(format!(
+                "the active offered a resume from sequence {from}, but this standby is at {}",
+                st.seq
+            )));
+        }
+        // Usually tracked since the bulk transfer or the start;
+        // otherwise built in steps at the resume's end.
+        st.store.track(&self.replica.inner.schema, self.sv);
+        self.resume = Some((from, seq));
+        Ok(())
+    }
+
+    fn on_replay_batch(&mut self, f: &Incoming<'_>) -> Result<(), SyncError> {
+        let Some((_, to)) = self.resume else {
+            return Err(SyncError::Protocol(
+                "replayed batch outside a resume".into(),
+            ));
+        };
+        if f.payload.len() < 8 {
+            return Err(wire::FrameError::BadPayload {
+                kind: FrameType::ReplayBatch,
+                reason: "missing origin epoch".into(),
+            }
+            .into());
+        }
+        let origin = u64::from_le_bytes(f.payload[..8].try_into().expect("8 bytes"));
+        if origin == 0 || origin > f.epoch || f.seq > to {
+            return Err(SyncError::Protocol(format!(
+                "replayed batch ending at {} of epoch {origin} does not fit a resume to {to} at epoch {}",
+                f.seq, f.epoch
+            )));
+        }
+        let (first, body) =
+            wire::parse_batch_payload(f.seq, &f.payload[8..]).map_err(|e| match e {
+                wire::FrameError::BadPayload { reason, .. } => wire::FrameError::BadPayload {
+                    kind: FrameType::ReplayBatch,
+                    reason,
+                },
+                e => e,
+            })?;
+        self.replica
+            .apply_stream_batch(self.sv, first, f.seq, origin, body, &f.payload[16..])
+    }
+
+    fn on_resume_end(
+        &mut self,
+        epoch: Epoch,
+        seq: Seq,
+        last_epoch: Epoch,
+        digest: Digest,
+    ) -> Result<(), SyncError> {
+        let replica = self.replica;
+        let Some((from, to)) = self.resume.take() else {
+            return Err(SyncError::Protocol("resume end without a resume".into()));
+        };
+        let (applied, mine) = {
+            let st = replica.state();
+            (st.seq, st.last_epoch)
+        };
+        if seq != to || applied != to {
+            return Err(SyncError::Protocol(format!(
+                "resume to {to} ended at {seq} with {applied} applied"
+            )));
+        }
+        // Only this thread changes a standby's state: the
+        // digest built in steps is the one at `seq`.
+        let local = replica.digest_held(replica.state(), self.sv)?;
+        let matched = local == digest && mine == last_epoch;
+        {
+            let mut st = replica.state();
+            st.history_ok = matched;
+            if matched {
+                st.resumes_received += 1;
+            }
+            if let Some(fs) = st.follow.as_mut() {
+                fs.bulk_done = matched;
+                fs.digest_matched = matched;
+                fs.digest_seq = seq;
+                fs.active_seq = fs.active_seq.max(seq);
+            }
+        }
+        replica.inner.cond.notify_all();
+        let mut out = Control::DigestResult { seq, matched }.encode(epoch, seq);
+        if !matched {
+            let _ = self.link.send(&out);
+            return Err(SyncError::Protocol(format!(
+                "after resuming from {from} to {seq} the state differs from the active's; \
+                 the next attach transfers a full snapshot"
+            )));
+        }
+        info!(from, to = seq, "resumed from the active's log");
+        out.extend_from_slice(&wire::encode_frame(FrameType::Ack, epoch, seq, &[]));
+        self.link.send(&out)?;
+        self.caught_up_at(seq);
+        Ok(())
+    }
+
+    fn on_batch(&mut self, f: &Incoming<'_>) -> Result<(), SyncError> {
+        if !self.caught_up && self.bulk.is_none() {
+            return Err(SyncError::Protocol(
+                "live mutations before the bulk snapshot ended".into(),
+            ));
+        }
+        let (first, body) = wire::parse_batch_payload(f.seq, f.payload)?;
+        self.replica
+            .apply_stream_batch(self.sv, first, f.seq, f.epoch, body, &f.payload[8..])
+    }
+
+    /// The active's digest at sequence `at`, inline in the stream.
+    fn on_digest_check(&mut self, epoch: Epoch, at: Seq, digest: Digest) -> Result<(), SyncError> {
+        let replica = self.replica;
+        let st = replica.state();
+        let seq = st.seq;
+        let local = replica.digest_held(st, self.sv)?;
+        if !self.caught_up || seq != at {
+            return Err(SyncError::Protocol(format!(
+                "digest check at {at} arrived at applied sequence {seq}"
+            )));
+        }
+        let matched = local == digest;
+        {
+            let mut st = replica.state();
+            if let Some(fs) = st.follow.as_mut() {
+                fs.digest_matched = matched;
+                fs.digest_seq = seq;
+            }
+        }
+        replica.inner.cond.notify_all();
+        self.link
+            .send(&Control::DigestResult { seq, matched }.encode(epoch, seq))?;
+        Ok(())
+    }
+
+    fn on_heartbeat(&mut self, f: &Incoming<'_>) -> Result<(), SyncError> {
+        if f.payload.len() != 9 {
+            return Err(SyncError::Protocol(
+                "heartbeat payload is not 9 bytes".into(),
+            ));
+        }
+        let lag = u64::from_le_bytes(f.payload[..8].try_into().expect("8 bytes"));
+        let mut st = self.replica.state();
+        if let Some(fs) = st.follow.as_mut() {
+            fs.active_seq = fs.active_seq.max(f.seq);
+            fs.reported_lag = lag;
+            fs.in_sync = f.payload[8] == 1;
+        }
+        drop(st);
+        self.replica.inner.cond.notify_all();
+        Ok(())
+    }
+
+    /// Takes control at `epoch` if everything up to `last_seq` is applied; the stream ends
+    /// with it.
+    fn on_promote(&mut self, epoch: Epoch, last_seq: Seq) -> Result<(), SyncError> {
+        let replica = self.replica;
+        let mut st = replica.state();
+        if epoch <= st.epoch || st.seq != last_seq || !self.caught_up {
+            let e = format!(
+                "promotion to epoch {epoch} at sequence {last_seq} refused: at epoch {}, applied {}",
+                st.epoch, st.seq
+            );
+            drop(st);
+            let _ = self
+                .link
+                .send(&Control::Refuse { reason: e.clone() }.encode(epoch, 0));
+            return Err(SyncError::Protocol(e));
+        }
+        st.role = Role::Active;
+        st.set_epoch(epoch);
+        st.follow = None;
+        st.quiesced = false;
+        let epoch = st.epoch;
+        drop(st);
+        info!(epoch, seq = last_seq, "promoted by switchover");
+        let _ = self.link.send(&wire::encode_frame(
+            FrameType::PromoteAck,
+            epoch,
+            last_seq,
+            &[],
+        ));
+        self.link.core.close();
+        replica.inner.cond.notify_all();
+        replica.notify_role(Role::Active, epoch);
+        Ok(())
     }
 }

@@ -1,8 +1,8 @@
 //! Both ends of a link: liveness, the active's outbox to a standby, the standby's writer to
-//! its active and the handshake watchdog.
+//! its active, the handshake watchdog and the frame reader both ends share.
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use super::lock;
-use crate::wire::{Control, FrameType};
+use crate::wire::{self, Control, FrameType};
 use crate::{Epoch, SchemaVersion, Seq, SyncError};
 
 /// Liveness shared by both ends of a link.
@@ -210,5 +210,42 @@ pub(super) struct Incoming<'a> {
 impl Incoming<'_> {
     pub(super) fn control(&self) -> Result<Control, SyncError> {
         Ok(Control::decode_payload(self.kind, self.payload)?)
+    }
+}
+
+/// The reading end of a link, shared by both ends: whole frames read through a buffer into
+/// one reused payload buffer (a frame is bounded by the wire's size limits), each marking the
+/// link alive.
+pub(super) struct FrameReader {
+    r: io::BufReader<Box<dyn Read + Send>>,
+    payload: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Reads `reader` through a buffer of `buffer` bytes.
+    pub(super) fn new(reader: Box<dyn Read + Send>, buffer: usize) -> Self {
+        FrameReader {
+            r: io::BufReader::with_capacity(buffer, reader),
+            payload: Vec::new(),
+        }
+    }
+
+    /// The next frame (`None`: the peer closed the stream between frames); touches `core`.
+    pub(super) fn next(&mut self, core: &LinkCore) -> Result<Option<Incoming<'_>>, SyncError> {
+        let Some(h) = wire::read_frame_into(&mut self.r, &mut self.payload)? else {
+            return Ok(None);
+        };
+        core.touch();
+        Ok(Some(Incoming {
+            kind: h.kind,
+            epoch: h.epoch,
+            seq: h.seq,
+            payload: &self.payload,
+        }))
+    }
+
+    /// True if no received byte waits in the buffer (no frame is already here).
+    pub(super) fn is_drained(&self) -> bool {
+        self.r.buffer().is_empty()
     }
 }

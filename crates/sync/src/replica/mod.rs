@@ -5,7 +5,7 @@
 //! * [`config`]: [`ReplicaConfig`] and [`Durability`];
 //! * [`status`]: [`Role`], [`AckToken`], [`Status`], [`StandbyStatus`] and the waits on them;
 //! * [`link`]: both ends of a link (liveness, the active's outbox, the standby's writer), the
-//!   handshake watchdog;
+//!   handshake watchdog and the frame reader both ends share;
 //! * [`batch`]: [`Batch`] and the encoding of batch frames in a stream version;
 //! * [`active`]: activation, apply / submit and their durability waits, digest checks;
 //! * [`attach`]: the active's side of a link (accept, handshake, resume, acknowledgements);
@@ -102,6 +102,31 @@ struct State {
     /// The highest batch (epoch, sequence) found durable: it stays durable when this replica
     /// learns of a newer epoch afterwards, and its waiters are answered so.
     durable: (Epoch, Seq),
+}
+
+impl State {
+    /// Moves to `epoch`, which the caller checked is not older: epochs never go back.
+    fn set_epoch(&mut self, epoch: Epoch) {
+        assert!(
+            epoch >= self.epoch,
+            "epoch going back from {} to {epoch}",
+            self.epoch
+        );
+        self.epoch = epoch;
+    }
+
+    /// Records the batch `first..=last`, applied in epoch `origin`, as the last one applied:
+    /// it continues the applied sequence (the caller checked), so sequence numbers never go
+    /// back.
+    fn applied(&mut self, first: Seq, last: Seq, origin: Epoch) {
+        debug_assert!(
+            first == self.seq + 1 && last >= first,
+            "batch {first}..={last} does not continue the applied sequence {}",
+            self.seq
+        );
+        self.seq = last;
+        self.last_epoch = origin;
+    }
 }
 
 /// Records one step of building a digest in a foreign version converts.

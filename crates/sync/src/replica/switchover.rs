@@ -70,7 +70,7 @@ impl Replica {
         // Point of no return: demote first, so nothing more is acknowledged here.
         let new_epoch = st.epoch + 1;
         st.role = Role::Standby;
-        st.epoch = new_epoch;
+        st.set_epoch(new_epoch);
         st.quiesced = false;
         let link = st
             .links
@@ -160,7 +160,7 @@ impl Replica {
         if epoch <= st.epoch {
             return;
         }
-        st.epoch = epoch;
+        st.set_epoch(epoch);
         let was_active = st.role == Role::Active;
         if was_active {
             st.role = Role::Fenced;
