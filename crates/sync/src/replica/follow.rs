@@ -906,3 +906,160 @@ impl<'a> Session<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Mutation, ReplicaConfig, Schema};
+
+    /// Collects what a session sends to the active.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Sink {
+        /// The frames sent so far (kind, epoch, seq), taken.
+        fn take(&self) -> Vec<(FrameType, Epoch, Seq)> {
+            let bytes = std::mem::take(&mut *lock(&self.0));
+            let mut at = 0;
+            let mut out = Vec::new();
+            while at < bytes.len() {
+                let (f, n) = wire::decode_frame(&bytes[at..]).expect("a whole frame");
+                out.push((f.kind, f.epoch, f.seq));
+                at += n;
+            }
+            out
+        }
+    }
+
+    fn standby() -> (Replica, FLink, Sink) {
+        let r = Replica::new(Schema::new("kv", 1).table("kv"), ReplicaConfig::new("b"));
+        // As the handshake leaves it: at the epoch of the active's welcome.
+        r.state().set_epoch(1);
+        let sink = Sink::default();
+        let link = FLink {
+            id: 1,
+            core: LinkCore::new(None),
+            leaving: AtomicBool::new(false),
+            writer: Mutex::new(Box::new(sink.clone())),
+            result: Mutex::new(None),
+        };
+        (r, link, sink)
+    }
+
+    /// Feeds one encoded frame to the session.
+    fn feed(s: &mut Session<'_>, frame: &[u8]) -> Result<Next, SyncError> {
+        let (f, _) = wire::decode_frame(frame).expect("a whole frame");
+        s.on_frame(&Incoming {
+            kind: f.kind,
+            epoch: f.epoch,
+            seq: f.seq,
+            payload: &f.payload,
+        })
+    }
+
+    fn batch(epoch: Epoch, first: Seq, muts: &[Mutation]) -> Vec<u8> {
+        let mut p = first.to_le_bytes().to_vec();
+        p.extend(wire::encode_batch_payload(muts));
+        let last = first + muts.len() as u64 - 1;
+        wire::encode_frame(FrameType::Batch, epoch, last, &p)
+    }
+
+    #[test]
+    fn a_frame_the_active_never_sends_is_refused_before_its_payload_is_read() {
+        let (r, link, sink) = standby();
+        let mut s = Session::new(&r, &link, 1);
+        let err = feed(
+            &mut s,
+            &wire::encode_frame(FrameType::Hello, 1, 0, b"not json"),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unexpected Hello frame from the active"),
+            "{err}"
+        );
+        assert!(sink.take().is_empty());
+    }
+
+    #[test]
+    fn frames_out_of_place_are_refused_and_apply_nothing() {
+        let (r, link, _sink) = standby();
+        let mut s = Session::new(&r, &link, 1);
+        let put = [Mutation::put("kv", b"k".to_vec(), b"v".to_vec())];
+        let chunk = {
+            let p = wire::encode_batch_payload(&put);
+            wire::encode_frame(FrameType::BulkChunk, 1, 0, &p)
+        };
+        let err = feed(&mut s, &chunk).unwrap_err();
+        assert!(err.to_string().contains("outside a bulk snapshot"), "{err}");
+        let err = feed(&mut s, &batch(1, 1, &put)).unwrap_err();
+        assert!(
+            err.to_string().contains("before the bulk snapshot"),
+            "{err}"
+        );
+        assert_eq!(r.records(), (0, Vec::new()));
+    }
+
+    #[test]
+    fn a_bulk_snapshot_then_batches_are_acknowledged_once_each() {
+        let (r, link, sink) = standby();
+        let mut s = Session::new(&r, &link, 1);
+        let begin = Control::BulkBegin { seq: 0, records: 0 }.encode(1, 0);
+        assert_eq!(feed(&mut s, &begin).unwrap(), Next::Frame);
+        let (_, empty) = r.digest();
+        let end = Control::BulkEnd {
+            seq: 0,
+            digest: empty,
+            last_epoch: 0,
+        }
+        .encode(1, 0);
+        assert_eq!(feed(&mut s, &end).unwrap(), Next::Frame);
+        assert!(s.caught_up);
+        assert_eq!(
+            sink.take(),
+            vec![(FrameType::DigestResult, 1, 0), (FrameType::Ack, 1, 0)]
+        );
+        let put = |k: &[u8]| Mutation::put("kv", k.to_vec(), b"v".to_vec());
+        feed(&mut s, &batch(1, 1, &[put(b"a"), put(b"b")])).unwrap();
+        s.ack_applied().unwrap();
+        assert_eq!(sink.take(), vec![(FrameType::Ack, 1, 2)]);
+        // Nothing new applied: nothing acknowledged again.
+        s.ack_applied().unwrap();
+        assert!(sink.take().is_empty());
+        assert_eq!(s.acked, 2);
+        assert_eq!(r.records().0, 2);
+        // A batch that does not continue the sequence is refused.
+        let err = feed(&mut s, &batch(1, 4, &[put(b"c")])).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SyncError::Sequence {
+                    expected: 3,
+                    got: 4
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_promotion_before_catching_up_is_refused_and_changes_nothing() {
+        let (r, link, sink) = standby();
+        let mut s = Session::new(&r, &link, 1);
+        let promote = Control::Promote { last_seq: 0 }.encode(2, 0);
+        let err = feed(&mut s, &promote).unwrap_err();
+        assert!(err.to_string().contains("refused"), "{err}");
+        assert_eq!(sink.take(), vec![(FrameType::Refuse, 2, 0)]);
+        assert_eq!((r.role(), r.epoch()), (Role::Standby, 1));
+    }
+}

@@ -417,3 +417,50 @@ fn not_active(st: &State) -> SyncError {
         role => SyncError::NotActive { role },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica() -> Replica {
+        Replica::new(Schema::new("kv", 1).table("kv"), ReplicaConfig::new("a"))
+    }
+
+    #[test]
+    fn set_epoch_moves_forward_and_stays() {
+        let r = replica();
+        let mut st = r.state();
+        st.set_epoch(3);
+        st.set_epoch(3);
+        st.set_epoch(7);
+        assert_eq!(st.epoch, 7);
+    }
+
+    #[test]
+    #[should_panic(expected = "epoch going back from 7 to 6")]
+    fn set_epoch_refuses_to_go_back() {
+        let r = replica();
+        let mut st = r.state();
+        st.set_epoch(7);
+        st.set_epoch(6);
+    }
+
+    #[test]
+    fn applied_batches_continue_the_sequence() {
+        let r = replica();
+        let mut st = r.state();
+        st.applied(1, 1, 2);
+        st.applied(2, 5, 3);
+        assert_eq!((st.seq, st.last_epoch), (5, 3));
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "does not continue the applied sequence 5")]
+    fn an_applied_batch_that_goes_back_is_caught() {
+        let r = replica();
+        let mut st = r.state();
+        st.applied(1, 5, 1);
+        st.applied(3, 6, 1);
+    }
+}
