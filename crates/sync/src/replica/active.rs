@@ -393,11 +393,15 @@ impl Replica {
     }
 
     /// The current [`ReplicaConfig::ha_grace`].
+    ///
+    /// [`ReplicaConfig::ha_grace`]: crate::ReplicaConfig::ha_grace
     pub fn ha_grace(&self) -> Duration {
         Duration::from_micros(self.inner.ha_grace_us.load(Ordering::Acquire))
     }
 
     /// Changes [`ReplicaConfig::ha_grace`] (waiting acknowledgements see it at once).
+    ///
+    /// [`ReplicaConfig::ha_grace`]: crate::ReplicaConfig::ha_grace
     pub fn set_ha_grace(&self, grace: Duration) {
         self.inner.ha_grace_us.store(
             grace.as_micros().min(u64::MAX as u128) as u64,

@@ -16,6 +16,9 @@ pub(super) enum Input<'a> {
 /// [`Replica::apply_batch`] / [`Replica::submit_batch`]: building it copies
 /// each key and value once into one buffer, which can be reused after
 /// [`Batch::clear`].
+///
+/// [`Replica::apply_batch`]: crate::Replica::apply_batch
+/// [`Replica::submit_batch`]: crate::Replica::submit_batch
 #[derive(Clone, Debug)]
 pub struct Batch {
     /// Mutation count (u32 LE), then the mutations.

@@ -5,6 +5,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// When [`Replica::apply`] returns.
+///
+/// [`Replica::apply`]: crate::Replica::apply
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Durability {
     /// Acknowledge only after every in-sync designated HA standby applied the
@@ -13,6 +15,8 @@ pub enum Durability {
     /// Acknowledge once applied locally and queued; `apply` waits (up to the
     /// ack timeout, then fails with [`SyncError::LagExceeded`]) while any
     /// in-sync HA standby lags more than `max_lag` sequence numbers.
+    ///
+    /// [`SyncError::LagExceeded`]: crate::SyncError::LagExceeded
     Async {
         /// Lag bound in sequence numbers.
         max_lag: u64,
@@ -20,6 +24,8 @@ pub enum Durability {
 }
 
 /// Configuration of a [`Replica`].
+///
+/// [`Replica`]: crate::Replica
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
     /// This instance's node identifier (announced to peers, used by switchover).
@@ -32,6 +38,8 @@ pub struct ReplicaConfig {
     pub ready_lag: u64,
     /// `apply` fails with [`SyncError::NotEnoughStandbys`] if fewer in-sync HA
     /// standbys are attached (0: an active alone still acknowledges).
+    ///
+    /// [`SyncError::NotEnoughStandbys`]: crate::SyncError::NotEnoughStandbys
     pub min_sync_standbys: usize,
     /// Most standbys an active serves (at most 3 by design).
     pub max_standbys: usize,
@@ -57,6 +65,8 @@ pub struct ReplicaConfig {
     /// learned the standby dropped); make this longer than it takes to detect a lost instance
     /// and fail over. Zero acknowledges without it at once. Adjustable at run time with
     /// [`Replica::set_ha_grace`].
+    ///
+    /// [`Replica::set_ha_grace`]: crate::Replica::set_ha_grace
     pub ha_grace: Duration,
     /// Called first on each thread whose work no client waits for: a bulk transfer (either
     /// end) and the stream of a standby that is not the HA standby. A service lowers the

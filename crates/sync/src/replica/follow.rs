@@ -51,6 +51,8 @@ impl FollowHandle {
     /// Tells the active this standby detaches on purpose ([`FrameType::Leave`]: it is not
     /// a lost HA standby, see [`ReplicaConfig::ha_grace`]), then closes the link and waits
     /// for it to end. Use it when the control plane stops or re-points the standby.
+    ///
+    /// [`ReplicaConfig::ha_grace`]: crate::ReplicaConfig::ha_grace
     pub fn leave(self) {
         self.link.leaving.store(true, Ordering::Release);
         let sent = self
