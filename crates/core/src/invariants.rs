@@ -81,8 +81,39 @@ impl Checker {
         }
     }
 
+    /// Checks the one transition that starts at `prev` (the engine's own check in debug
+    /// builds): besides what [`Checker::new`] knows, the control change in flight at `prev`
+    /// owns its epoch, so re-issuing it (after a timeout or a restart) is a replay, not a new
+    /// control change at a stale epoch.
+    pub fn for_transition(prev: EngineState) -> Self {
+        let mut epoch_owner = BTreeMap::new();
+        if let Some(c) = prev.pair.in_control {
+            epoch_owner.insert(prev.pair.epoch.0, c);
+        }
+        if let Some(p) = &prev.pending {
+            epoch_owner.entry(p.epoch.0).or_insert(p.to);
+        }
+        Self {
+            epoch_owner,
+            last_epoch: prev.pair.epoch.0,
+            last_cmd_epoch: prev.max_epoch.0,
+            prev,
+        }
+    }
+
     /// Checks the transition from the previous state to `state`, which emitted `commands`.
     pub fn observe(&mut self, state: &EngineState, commands: &[Command]) -> Vec<Violation> {
+        let out = self.check(state, commands);
+        self.prev = state.clone();
+        out
+    }
+
+    /// Checks the one transition to `state` and drops the checker (no copy of `state` kept).
+    pub fn observe_last(mut self, state: &EngineState, commands: &[Command]) -> Vec<Violation> {
+        self.check(state, commands)
+    }
+
+    fn check(&mut self, state: &EngineState, commands: &[Command]) -> Vec<Violation> {
         let mut out = check_state(state);
         let pair = &state.pair;
 
@@ -193,7 +224,6 @@ impl Checker {
                 ));
             }
         }
-        self.prev = state.clone();
         out
     }
 }
