@@ -294,3 +294,53 @@ pub fn check_promotion(to: InstanceId, applied_seq: u64, acked_seq: u64) -> Opti
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Checker, Invariant};
+    use crate::domain::{ControlEpoch, ImageRef, InstanceId, Pair, Version};
+    use crate::engine::{Command, Engine, EngineConfig, PendingSwitch};
+
+    fn failing_over() -> crate::engine::EngineState {
+        let image = ImageRef::new("appliance-os", Version::new(1, 0, 0));
+        let pair = Pair::steady(image, InstanceId(1), InstanceId(2), ControlEpoch(1));
+        let mut st = Engine::new(EngineConfig::default(), pair)
+            .expect("consistent")
+            .snapshot();
+        st.max_epoch = ControlEpoch(2);
+        st.pending = Some(PendingSwitch {
+            from: Some(InstanceId(1)),
+            to: InstanceId(2),
+            epoch: ControlEpoch(2),
+            planned: false,
+        });
+        st
+    }
+
+    #[test]
+    fn a_transition_check_takes_a_reissued_control_change_for_a_replay() {
+        let st = failing_over();
+        let replay = [Command::Failover {
+            to: InstanceId(2),
+            epoch: ControlEpoch(2),
+        }];
+        assert_eq!(
+            Checker::for_transition(st.clone()).observe_last(&st, &replay),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_transition_check_flags_a_control_change_at_a_burned_epoch() {
+        let st = failing_over();
+        let stale = [Command::Failover {
+            to: InstanceId(2),
+            epoch: ControlEpoch(1),
+        }];
+        let v = Checker::for_transition(st.clone()).observe_last(&st, &stale);
+        assert!(
+            v.iter().any(|v| v.invariant == Invariant::EpochsIncrease),
+            "{v:?}"
+        );
+    }
+}

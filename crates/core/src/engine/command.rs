@@ -143,3 +143,71 @@ pub enum Command {
         progress: Report,
     },
 }
+
+impl Command {
+    /// Whether the command must run in order with the other such commands of a transition,
+    /// one after the other: the commands that move control or take an instance away
+    /// (`SwitchControl`, `Failover`, `Fence`, `StopInstance`). The others (`StartInstance`,
+    /// `AttachStandby`, `VerifyStandby`, which wait for boots and syncs, and `Report`) may
+    /// run beside them.
+    pub fn must_run_in_order(&self) -> bool {
+        match self {
+            Command::SwitchControl { .. }
+            | Command::Failover { .. }
+            | Command::Fence { .. }
+            | Command::StopInstance { .. } => true,
+            Command::StartInstance { .. }
+            | Command::AttachStandby { .. }
+            | Command::VerifyStandby { .. }
+            | Command::Report { .. } => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Command;
+    use crate::domain::{ApplianceId, ControlEpoch, ImageRef, InstanceId, Version};
+
+    #[test]
+    fn only_commands_that_move_control_or_remove_an_instance_run_in_order() {
+        let i = InstanceId(1);
+        let e = ControlEpoch(2);
+        let in_order = [
+            Command::SwitchControl {
+                from: i,
+                to: InstanceId(2),
+                epoch: e,
+            },
+            Command::Failover { to: i, epoch: e },
+            Command::Fence {
+                instance: i,
+                epoch: e,
+            },
+            Command::StopInstance { instance: i },
+        ];
+        let beside = [
+            Command::StartInstance {
+                instance: i,
+                appliance: ApplianceId::Primary,
+                image: ImageRef::new("appliance-os", Version::new(1, 0, 0)),
+            },
+            Command::AttachStandby {
+                standby: i,
+                active: InstanceId(2),
+                designated_ha: true,
+            },
+            Command::VerifyStandby {
+                standby: i,
+                active: InstanceId(2),
+            },
+            Command::Report {
+                progress: super::Report::Accepted {
+                    request: "x".into(),
+                },
+            },
+        ];
+        assert!(in_order.iter().all(Command::must_run_in_order));
+        assert!(!beside.iter().any(Command::must_run_in_order));
+    }
+}

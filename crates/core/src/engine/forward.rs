@@ -215,3 +215,61 @@ impl Engine {
         Prog::Wait
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{source, started};
+    use super::super::{step::step_detail, Command, Event, Report, Step};
+    use crate::domain::{ApplianceId, InstanceId};
+
+    #[test]
+    fn a_verified_ha_standby_completes_precheck_and_starts_the_extras() {
+        let mut e = started();
+        let cmds = e.handle(Event::SyncReady {
+            instance: InstanceId(2),
+            seq: 7,
+            digest_ok: true,
+        });
+        assert_eq!(
+            cmds,
+            vec![
+                Command::Report {
+                    progress: Report::Step {
+                        step: Step::StartExtras,
+                        detail: step_detail(Step::StartExtras).into()
+                    }
+                },
+                Command::StartInstance {
+                    instance: InstanceId(3),
+                    appliance: ApplianceId::Primary,
+                    image: source()
+                },
+                Command::StartInstance {
+                    instance: InstanceId(4),
+                    appliance: ApplianceId::Secondary,
+                    image: source()
+                },
+            ]
+        );
+        assert_eq!(e.step(), Some(Step::StartExtras));
+    }
+
+    #[test]
+    fn a_digest_mismatch_keeps_precheck_and_reattaches_the_standby() {
+        let mut e = started();
+        let cmds = e.handle(Event::SyncReady {
+            instance: InstanceId(2),
+            seq: 7,
+            digest_ok: false,
+        });
+        assert_eq!(
+            cmds,
+            vec![Command::AttachStandby {
+                standby: InstanceId(2),
+                active: InstanceId(1),
+                designated_ha: true
+            }]
+        );
+        assert_eq!(e.step(), Some(Step::Precheck));
+    }
+}

@@ -243,3 +243,48 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::steady;
+    use super::super::{Command, Event};
+    use crate::domain::{ControlEpoch, InstanceId};
+
+    #[test]
+    fn losing_the_instance_in_control_fences_it_and_fails_over_to_the_ha_standby() {
+        let mut e = steady();
+        let cmds = e.handle(Event::InstanceFailed {
+            instance: InstanceId(1),
+            reason: "crashed".into(),
+        });
+        assert_eq!(
+            cmds,
+            vec![
+                Command::Fence {
+                    instance: InstanceId(1),
+                    epoch: ControlEpoch(2)
+                },
+                Command::Failover {
+                    to: InstanceId(2),
+                    epoch: ControlEpoch(2)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failover_that_is_already_in_flight_is_not_issued_again() {
+        let mut e = steady();
+        e.handle(Event::HeartbeatLost {
+            instance: InstanceId(1),
+        });
+        let cmds = e.handle(Event::HeartbeatLost {
+            instance: InstanceId(1),
+        });
+        assert_eq!(cmds, vec![]);
+        assert_eq!(
+            e.state().pending.as_ref().map(|p| (p.to, p.epoch)),
+            Some((InstanceId(2), ControlEpoch(2)))
+        );
+    }
+}

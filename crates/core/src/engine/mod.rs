@@ -53,7 +53,6 @@ mod status;
 mod step;
 mod timer;
 
-
 use crate::domain::{ApplianceId, ImageRef, Instance, InstanceId, InstanceState, Pair, Role};
 
 pub use command::{Command, Outcome, Report, Stuck};
@@ -383,5 +382,53 @@ pub(super) fn p_wait(p: Prog) -> Prog {
     match p {
         Prog::Done => Prog::Wait,
         other => other,
+    }
+}
+
+/// Engines and inputs shared by the handler tests of the engine's modules.
+#[cfg(test)]
+pub(super) mod testing {
+    use super::{CompatVerdict, Engine, EngineConfig, Event};
+    use crate::domain::{ControlEpoch, ImageRef, InstanceId, Pair, Version};
+
+    /// The running image (N).
+    pub fn source() -> ImageRef {
+        ImageRef::new("appliance-os", Version::new(1, 0, 0))
+    }
+
+    /// The target image (N+1).
+    pub fn target() -> ImageRef {
+        ImageRef::new("appliance-os", Version::new(1, 1, 0))
+    }
+
+    /// A steady pair: i1 in control on the primary at e1, i2 its ready HA standby on the
+    /// secondary.
+    pub fn steady() -> Engine {
+        Engine::new(
+            EngineConfig::default(),
+            Pair::steady(source(), InstanceId(1), InstanceId(2), ControlEpoch(1)),
+        )
+        .expect("the steady pair is consistent")
+    }
+
+    /// A positive two-way compatibility verdict for N -> N+1.
+    pub fn verdict() -> Event {
+        Event::Compatibility {
+            verdict: CompatVerdict {
+                from: source().version,
+                to: target().version,
+                upgrade_ok: true,
+                downgrade_ok: true,
+                detail: "test".into(),
+            },
+        }
+    }
+
+    /// A steady pair with an ISSU to N+1 started (at `precheck`, `VerifyStandby` sent).
+    pub fn started() -> Engine {
+        let mut e = steady();
+        e.handle(verdict());
+        e.handle(Event::Start { target: target() });
+        e
     }
 }

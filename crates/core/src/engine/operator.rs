@@ -235,3 +235,55 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{started, steady, target, verdict};
+    use super::super::{step::step_detail, Command, Event, Report, Step};
+    use crate::domain::InstanceId;
+
+    #[test]
+    fn start_on_a_ready_pair_enters_precheck_and_verifies_the_ha_standby() {
+        let mut e = steady();
+        e.handle(verdict());
+        let cmds = e.handle(Event::Start { target: target() });
+        assert_eq!(
+            cmds,
+            vec![
+                Command::Report {
+                    progress: Report::Accepted {
+                        request: "start appliance-os:1.1.0".into()
+                    }
+                },
+                Command::Report {
+                    progress: Report::Step {
+                        step: Step::Precheck,
+                        detail: step_detail(Step::Precheck).into()
+                    }
+                },
+                Command::VerifyStandby {
+                    standby: InstanceId(2),
+                    active: InstanceId(1)
+                },
+            ]
+        );
+        assert_eq!(e.step(), Some(Step::Precheck));
+    }
+
+    #[test]
+    fn a_second_start_is_rejected_and_changes_nothing() {
+        let mut e = started();
+        let before = e.snapshot();
+        let cmds = e.handle(Event::Start { target: target() });
+        assert_eq!(
+            cmds,
+            vec![Command::Report {
+                progress: Report::Rejected {
+                    request: "start appliance-os:1.1.0".into(),
+                    reason: "an ISSU is already running (step precheck)".into()
+                }
+            }]
+        );
+        assert_eq!(e.snapshot(), before);
+    }
+}

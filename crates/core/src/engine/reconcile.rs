@@ -290,3 +290,73 @@ impl Engine {
         self.st.retried = false;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{source, started};
+    use super::super::{Command, Event, Outcome, Report, Step};
+    use crate::domain::InstanceId;
+
+    #[test]
+    fn operator_rollback_after_the_extras_started_stops_them() {
+        let mut e = started();
+        e.handle(Event::SyncReady {
+            instance: InstanceId(2),
+            seq: 7,
+            digest_ok: true,
+        });
+        assert_eq!(e.step(), Some(Step::StartExtras));
+        let cmds = e.handle(Event::Rollback);
+        assert_eq!(
+            cmds,
+            vec![
+                Command::Report {
+                    progress: Report::Accepted {
+                        request: "rollback".into()
+                    }
+                },
+                Command::Report {
+                    progress: Report::Step {
+                        step: Step::Rollback,
+                        detail: "operator rollback".into()
+                    }
+                },
+                Command::StopInstance {
+                    instance: InstanceId(3)
+                },
+                Command::StopInstance {
+                    instance: InstanceId(4)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn rollback_finishes_once_only_control_and_its_ha_standby_are_left() {
+        let mut e = started();
+        let cmds = e.handle(Event::Rollback);
+        assert_eq!(
+            cmds,
+            vec![
+                Command::Report {
+                    progress: Report::Accepted {
+                        request: "rollback".into()
+                    }
+                },
+                Command::Report {
+                    progress: Report::Step {
+                        step: Step::Rollback,
+                        detail: "operator rollback".into()
+                    }
+                },
+                Command::Report {
+                    progress: Report::Finished(Outcome::RolledBack {
+                        version: source().version,
+                        reason: "operator rollback".into()
+                    })
+                },
+            ]
+        );
+        assert_eq!(e.step(), None);
+    }
+}
