@@ -19,7 +19,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{InstanceId, InstanceState, Role};
+use crate::domain::{ControlEpoch, InstanceId, InstanceState, Role};
 use crate::engine::{Command, EngineState, Step};
 
 /// The invariants.
@@ -60,9 +60,9 @@ fn v(invariant: Invariant, detail: String) -> Violation {
 /// Checks transitions one after the other; remembers epoch owners and the previous state.
 #[derive(Debug, Clone)]
 pub struct Checker {
-    epoch_owner: BTreeMap<u64, InstanceId>,
-    last_epoch: u64,
-    last_cmd_epoch: u64,
+    epoch_owner: BTreeMap<ControlEpoch, InstanceId>,
+    last_epoch: ControlEpoch,
+    last_cmd_epoch: ControlEpoch,
     prev: EngineState,
 }
 
@@ -71,12 +71,12 @@ impl Checker {
     pub fn new(initial: &EngineState) -> Self {
         let mut epoch_owner = BTreeMap::new();
         if let Some(c) = initial.pair.in_control {
-            epoch_owner.insert(initial.pair.epoch.0, c);
+            epoch_owner.insert(initial.pair.epoch, c);
         }
         Self {
             epoch_owner,
-            last_epoch: initial.pair.epoch.0,
-            last_cmd_epoch: initial.max_epoch.0,
+            last_epoch: initial.pair.epoch,
+            last_cmd_epoch: initial.max_epoch,
             prev: initial.clone(),
         }
     }
@@ -88,15 +88,15 @@ impl Checker {
     pub fn for_transition(prev: EngineState) -> Self {
         let mut epoch_owner = BTreeMap::new();
         if let Some(c) = prev.pair.in_control {
-            epoch_owner.insert(prev.pair.epoch.0, c);
+            epoch_owner.insert(prev.pair.epoch, c);
         }
         if let Some(p) = &prev.pending {
-            epoch_owner.entry(p.epoch.0).or_insert(p.to);
+            epoch_owner.entry(p.epoch).or_insert(p.to);
         }
         Self {
             epoch_owner,
-            last_epoch: prev.pair.epoch.0,
-            last_cmd_epoch: prev.max_epoch.0,
+            last_epoch: prev.pair.epoch,
+            last_cmd_epoch: prev.max_epoch,
             prev,
         }
     }
@@ -119,35 +119,32 @@ impl Checker {
 
         // Single control per epoch.
         if let Some(c) = pair.in_control {
-            match self.epoch_owner.get(&pair.epoch.0) {
+            match self.epoch_owner.get(&pair.epoch) {
                 Some(o) if *o != c => out.push(v(
                     Invariant::SingleControlPerEpoch,
                     format!("epoch {} held by {o} and then by {c}", pair.epoch),
                 )),
                 _ => {
-                    self.epoch_owner.insert(pair.epoch.0, c);
+                    self.epoch_owner.insert(pair.epoch, c);
                 }
             }
         }
         // Epochs never go back.
-        if pair.epoch.0 < self.last_epoch {
+        if pair.epoch < self.last_epoch {
             out.push(v(
                 Invariant::EpochsIncrease,
-                format!(
-                    "epoch went back from e{} to {}",
-                    self.last_epoch, pair.epoch
-                ),
+                format!("epoch went back from {} to {}", self.last_epoch, pair.epoch),
             ));
         }
-        self.last_epoch = self.last_epoch.max(pair.epoch.0);
+        self.last_epoch = self.last_epoch.max(pair.epoch);
 
         let mut stopped_ha: Vec<InstanceId> = Vec::new();
         for cmd in commands {
             match cmd {
                 Command::SwitchControl { to, epoch, .. } | Command::Failover { to, epoch } => {
-                    let replay = self.epoch_owner.get(&epoch.0) == Some(to)
-                        && epoch.0 <= self.last_cmd_epoch;
-                    if let Some(o) = self.epoch_owner.get(&epoch.0) {
+                    let replay =
+                        self.epoch_owner.get(epoch) == Some(to) && *epoch <= self.last_cmd_epoch;
+                    if let Some(o) = self.epoch_owner.get(epoch) {
                         if o != to {
                             out.push(v(
                                 Invariant::SingleControlPerEpoch,
@@ -155,17 +152,17 @@ impl Checker {
                             ));
                         }
                     }
-                    if !replay && epoch.0 <= self.last_cmd_epoch {
+                    if !replay && *epoch <= self.last_cmd_epoch {
                         out.push(v(
                             Invariant::EpochsIncrease,
                             format!(
-                                "control change to {to} issued at {epoch}, not above e{}",
+                                "control change to {to} issued at {epoch}, not above {}",
                                 self.last_cmd_epoch
                             ),
                         ));
                     }
-                    self.last_cmd_epoch = self.last_cmd_epoch.max(epoch.0);
-                    self.epoch_owner.insert(epoch.0, *to);
+                    self.last_cmd_epoch = self.last_cmd_epoch.max(*epoch);
+                    self.epoch_owner.insert(*epoch, *to);
                     let target = pair.get(*to);
                     let ok = match cmd {
                         // Re-asserting the instance in control at a higher epoch moves nothing.
@@ -255,10 +252,7 @@ pub fn check_state(state: &EngineState) -> Vec<Violation> {
     if state.max_epoch < pair.epoch {
         out.push(v(
             Invariant::EpochsIncrease,
-            format!(
-                "allocated e{} below current {}",
-                state.max_epoch.0, pair.epoch
-            ),
+            format!("allocated {} below current {}", state.max_epoch, pair.epoch),
         ));
     }
     let forward = state

@@ -1,7 +1,7 @@
 //! Serialize -> restore of the engine state mid-ISSU resumes to the same end.
 
 use hitless_core::engine::EngineState;
-use hitless_core::sim::{self, FaultSpec, ScheduledFault, SimOptions, Trigger};
+use hitless_core::sim::{self, FaultSpec, ScheduledFault, SimOptions, SimResult, Trigger};
 
 fn roundtrip(st: &EngineState) -> EngineState {
     let json = serde_json::to_string(st).expect("serializes");
@@ -32,7 +32,7 @@ fn restoring_at_any_tick_reaches_the_same_end() {
         Some("rollback@secondary-mixed"),
     ] {
         let base = sim::run_with(&opts(fault));
-        assert_ne!(base.result, "incomplete");
+        assert_ne!(base.result, SimResult::Incomplete);
         for at in (3..base.ticks).step_by(2) {
             let mut o = opts(fault);
             o.restore_at = Some(at);
