@@ -46,7 +46,7 @@ impl Engine {
             Step::PrimarySyncNew => self.ensure_synced(s.a_new, false, out),
             Step::PrimarySwitch => self.ensure_switched(s.a_new, out),
             Step::PrimaryMixed | Step::SecondaryMixed => {
-                if self.st.now >= issu.step_entered + self.st.config.soak_ticks {
+                if self.st.now_tick >= issu.step_entered_tick + self.st.config.soak_ticks {
                     Prog::Done
                 } else {
                     Prog::Wait
@@ -83,10 +83,10 @@ impl Engine {
                     return;
                 }
                 if let Some(next) = step.next() {
-                    let now = self.st.now;
+                    let now = self.st.now_tick;
                     let issu = self.issu_mut();
                     issu.step = next;
-                    issu.step_entered = now;
+                    issu.step_entered_tick = now;
                     out.push(report(Report::Step {
                         step: next,
                         detail: step_detail(next).into(),

@@ -101,10 +101,14 @@ impl Engine {
         }
         if let Some(issu) = self.st.issu.as_mut() {
             if issu.step != Step::Rollback
-                && issu.rollback_deadline.is_none()
+                && issu.rollback_deadline_tick.is_none()
                 && version == issu.target.version
             {
-                issu.rollback_deadline = self.st.config.rollback_timer.map(|t| self.st.now + t);
+                issu.rollback_deadline_tick = self
+                    .st
+                    .config
+                    .rollback_timer_ticks
+                    .map(|t| self.st.now_tick + t);
             }
         }
     }

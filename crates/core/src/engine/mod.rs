@@ -85,14 +85,14 @@ impl Engine {
             config,
             max_epoch: pair.epoch,
             pair,
-            now: 0,
+            now_tick: 0,
             next_id,
             compat: None,
             issu: None,
             pending: None,
             stuck: None,
             last_outcome: None,
-            deadline: None,
+            deadline_tick: None,
             retried: false,
             progress_mark: 0,
             repair_starts: 0,
@@ -337,7 +337,7 @@ impl Engine {
         };
         out.push(report(Report::Stuck(stuck.clone())));
         self.st.stuck = Some(stuck);
-        self.st.deadline = None;
+        self.st.deadline_tick = None;
     }
 
     pub(super) fn issu_mut(&mut self) -> &mut IssuState {

@@ -96,7 +96,7 @@ impl Engine {
             target,
             first: c.appliance,
             step: Step::Precheck,
-            step_entered: self.st.now,
+            step_entered_tick: self.st.now_tick,
             slots: Slots {
                 a_orig: Some(c.id),
                 b_orig: Some(ha),
@@ -104,7 +104,7 @@ impl Engine {
             },
             verify_sent: false,
             verified: false,
-            rollback_deadline: None,
+            rollback_deadline_tick: None,
             rollback_reason: None,
             repair_starts: 0,
         });

@@ -271,7 +271,7 @@ impl Engine {
     }
 
     pub(super) fn begin_rollback(&mut self, reason: String, out: &mut Vec<Command>) {
-        let now = self.st.now;
+        let now = self.st.now_tick;
         let Some(issu) = self.st.issu.as_mut() else {
             return;
         };
@@ -279,8 +279,8 @@ impl Engine {
             return;
         }
         issu.step = Step::Rollback;
-        issu.step_entered = now;
-        issu.rollback_deadline = None;
+        issu.step_entered_tick = now;
+        issu.rollback_deadline_tick = None;
         issu.rollback_reason = Some(reason.clone());
         issu.verify_sent = false;
         out.push(report(Report::Step {

@@ -10,19 +10,25 @@ use super::{CompatVerdict, Outcome, Step, Stuck};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineConfig {
     /// Bound for `StartInstance` to be confirmed.
-    pub start_timeout: u64,
+    #[serde(alias = "start_timeout")]
+    pub start_timeout_ticks: u64,
     /// Bound for an attached standby to reach sufficient state.
-    pub sync_timeout: u64,
+    #[serde(alias = "sync_timeout")]
+    pub sync_timeout_ticks: u64,
     /// Bound for a `SwitchControl` / `Failover` to be confirmed.
-    pub switch_timeout: u64,
+    #[serde(alias = "switch_timeout")]
+    pub switch_timeout_ticks: u64,
     /// Bound for `StopInstance` to be confirmed.
-    pub stop_timeout: u64,
+    #[serde(alias = "stop_timeout")]
+    pub stop_timeout_ticks: u64,
     /// Bound for `VerifyStandby` to be answered.
-    pub verify_timeout: u64,
+    #[serde(alias = "verify_timeout")]
+    pub verify_timeout_ticks: u64,
     /// Soak time with the new version in control and the old one still available.
     pub soak_ticks: u64,
     /// Reverts unless committed this many ticks after control first moves to N+1.
-    pub rollback_timer: Option<u64>,
+    #[serde(alias = "rollback_timer")]
+    pub rollback_timer_ticks: Option<u64>,
     /// Largest replication lag (mutations) accepted as sufficient state.
     pub max_lag: u64,
     /// Largest number of live instances on one appliance.
@@ -36,13 +42,13 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            start_timeout: 20,
-            sync_timeout: 30,
-            switch_timeout: 10,
-            stop_timeout: 10,
-            verify_timeout: 10,
+            start_timeout_ticks: 20,
+            sync_timeout_ticks: 30,
+            switch_timeout_ticks: 10,
+            stop_timeout_ticks: 10,
+            verify_timeout_ticks: 10,
             soak_ticks: 5,
-            rollback_timer: Some(600),
+            rollback_timer_ticks: Some(600),
             max_lag: 16,
             max_instances_per_appliance: 2,
             max_resyncs: 3,
@@ -97,7 +103,8 @@ pub struct IssuState {
     /// Current step.
     pub step: Step,
     /// Tick the step was entered.
-    pub step_entered: u64,
+    #[serde(alias = "step_entered")]
+    pub step_entered_tick: u64,
     /// Instances by procedure role.
     pub slots: Slots,
     /// `VerifyStandby` issued in `precheck`.
@@ -105,7 +112,8 @@ pub struct IssuState {
     /// The HA standby's digest was verified in `precheck`.
     pub verified: bool,
     /// Reverts at this tick unless committed.
-    pub rollback_deadline: Option<u64>,
+    #[serde(alias = "rollback_deadline")]
+    pub rollback_deadline_tick: Option<u64>,
     /// Why the rollback started.
     pub rollback_reason: Option<String>,
     /// Instances the rollback reconciler started.
@@ -120,7 +128,8 @@ pub struct EngineState {
     /// Instance table, epoch, control.
     pub pair: Pair,
     /// Logical time.
-    pub now: u64,
+    #[serde(alias = "now")]
+    pub now_tick: u64,
     /// Next instance id.
     pub next_id: u64,
     /// Highest epoch ever allocated (burned epochs are never reused).
@@ -136,7 +145,8 @@ pub struct EngineState {
     /// How the last ISSU ended.
     pub last_outcome: Option<Outcome>,
     /// Step timer: fires at this tick unless progress is made.
-    pub deadline: Option<u64>,
+    #[serde(alias = "deadline")]
+    pub deadline_tick: Option<u64>,
     /// The in-flight commands were already re-issued once for the current deadline.
     pub retried: bool,
     /// Fingerprint of the observable progress, to reset the step timer.

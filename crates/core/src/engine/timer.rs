@@ -6,15 +6,16 @@ use super::{Command, Engine, PendingSwitch, Step};
 
 impl Engine {
     pub(super) fn on_tick(&mut self, out: &mut Vec<Command>) {
-        self.st.now += 1;
-        let now = self.st.now;
+        self.st.now_tick += 1;
+        let now = self.st.now_tick;
         if let Some(issu) = &self.st.issu {
-            if issu.step != Step::Rollback && issu.rollback_deadline.is_some_and(|d| now >= d) {
+            if issu.step != Step::Rollback && issu.rollback_deadline_tick.is_some_and(|d| now >= d)
+            {
                 self.begin_rollback("rollback timer expired before commit".into(), out);
                 return;
             }
         }
-        if self.st.stuck.is_none() && self.st.deadline.is_some_and(|d| now >= d) {
+        if self.st.stuck.is_none() && self.st.deadline_tick.is_some_and(|d| now >= d) {
             self.on_timeout(out);
         }
     }
@@ -25,7 +26,7 @@ impl Engine {
             // Commands are idempotent: re-issue once before giving up on the step.
             self.st.retried = true;
             out.extend(self.in_flight_commands());
-            self.st.deadline = Some(self.st.now + self.bound());
+            self.st.deadline_tick = Some(self.st.now_tick + self.bound());
             return;
         }
         let step = self.step();
@@ -109,29 +110,30 @@ impl Engine {
         let mut b: Option<u64> = None;
         let mut add = |x: u64| b = Some(b.map_or(x, |y: u64| y.max(x)));
         if self.st.pending.is_some() {
-            add(c.switch_timeout);
+            add(c.switch_timeout_ticks);
         }
         for i in &self.st.pair.instances {
             if !self.st.pair.is_up(i.appliance) {
                 continue;
             }
             match i.state {
-                InstanceState::Starting => add(c.start_timeout),
-                InstanceState::Syncing => add(c.sync_timeout),
-                InstanceState::Stopping => add(c.stop_timeout),
+                InstanceState::Starting => add(c.start_timeout_ticks),
+                InstanceState::Syncing => add(c.sync_timeout_ticks),
+                InstanceState::Stopping => add(c.stop_timeout_ticks),
                 _ => {}
             }
         }
         if let Some(issu) = &self.st.issu {
             if issu.step == Step::Precheck && !issu.verified {
-                add(c.verify_timeout);
+                add(c.verify_timeout_ticks);
             }
         }
         b
     }
 
     pub(super) fn bound(&self) -> u64 {
-        self.bound_opt().unwrap_or(self.st.config.switch_timeout)
+        self.bound_opt()
+            .unwrap_or(self.st.config.switch_timeout_ticks)
     }
 
     /// Resets the step timer when progress was made; clears it when nothing is awaited.
@@ -139,14 +141,14 @@ impl Engine {
         let mark = self.progress_fingerprint();
         let bound = self.bound_opt();
         if self.st.stuck.is_some() {
-            self.st.deadline = None;
-        } else if mark != self.st.progress_mark || self.st.deadline.is_none() {
+            self.st.deadline_tick = None;
+        } else if mark != self.st.progress_mark || self.st.deadline_tick.is_none() {
             self.st.progress_mark = mark;
             self.st.retried = false;
-            self.st.deadline = bound.map(|b| self.st.now + b);
+            self.st.deadline_tick = bound.map(|b| self.st.now_tick + b);
         }
         if bound.is_none() {
-            self.st.deadline = None;
+            self.st.deadline_tick = None;
         }
     }
 

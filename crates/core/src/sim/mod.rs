@@ -24,7 +24,7 @@ use crate::invariants::Checker;
 
 pub use faults::{fault_catalog, FaultKind, FaultSpec, ScheduledFault, SimError, Trigger};
 pub use report::{FinalControl, SimReport, SimResult, SimViolation, TimelineEntry};
-pub use world::HA_GRACE;
+pub use world::HA_GRACE_TICKS;
 
 use faults::Faults;
 use world::{ai, WStatus, World};
@@ -38,7 +38,7 @@ pub struct SimOptions {
     pub seed: u64,
     /// At this tick, snapshot the engine, pass it through `restore_via` and continue with
     /// the restored engine (re-executing its in-flight commands).
-    pub restore_at: Option<u64>,
+    pub restore_at_tick: Option<u64>,
     /// Transformation of the snapshot (for example a serialization round trip).
     pub restore_via: Option<fn(&EngineState) -> EngineState>,
     /// Upper bound on simulated ticks.
@@ -52,11 +52,11 @@ impl Default for SimOptions {
         Self {
             faults: Vec::new(),
             seed: 0,
-            restore_at: None,
+            restore_at_tick: None,
             restore_via: None,
             max_ticks: 3000,
             config: EngineConfig {
-                rollback_timer: Some(150),
+                rollback_timer_ticks: Some(150),
                 ..EngineConfig::default()
             },
         }
@@ -156,7 +156,7 @@ impl Sim {
                 .collect()
         };
         self.timeline.push(TimelineEntry {
-            tick: st.now,
+            tick: st.now_tick,
             step,
             in_control,
             control_version,
@@ -277,7 +277,7 @@ impl Sim {
             acked_lost,
             acked: self.world.acked,
             final_layout_ok,
-            ticks: st.now,
+            ticks: st.now_tick,
         }
     }
 }
@@ -292,12 +292,12 @@ pub fn run_with(opts: &SimOptions) -> SimReport {
     let mut restored = false;
 
     for tick in 1..=opts.max_ticks {
-        sim.world.now = tick;
+        sim.world.now_tick = tick;
         if tick == 2 {
             sim.start_issu();
             started = true;
         }
-        if opts.restore_at == Some(tick) && !restored {
+        if opts.restore_at_tick == Some(tick) && !restored {
             restored = true;
             sim.restore(opts.restore_via);
         }

@@ -1,6 +1,6 @@
 //! The simulated world: instances with an applied sequence number, a client writing one
 //! mutation per tick to the instance in control, synchronous replication to `designated_ha`
-//! standbys (a write is acknowledged once they applied it, or after [`HA_GRACE`] without
+//! standbys (a write is acknowledged once they applied it, or after [`HA_GRACE_TICKS`] without
 //! them), asynchronous replication to the others, bulk-sync, start, stop and switch delays,
 //! and appliance loss with recovery. It executes the engine's commands and answers with the
 //! events an agent would report.
@@ -11,10 +11,10 @@ use crate::domain::{ApplianceId, ControlEpoch, InstanceId};
 use crate::engine::{Command, Event, Step};
 use crate::invariants::{check_promotion, Invariant, Violation};
 
-pub(super) const START_DELAY: u64 = 3;
-pub(super) const STOP_DELAY: u64 = 1;
-pub(super) const BULK_DELAY: u64 = 4;
-pub(super) const SWITCH_DELAY: u64 = 2;
+pub(super) const START_DELAY_TICKS: u64 = 3;
+pub(super) const STOP_DELAY_TICKS: u64 = 1;
+pub(super) const BULK_DELAY_TICKS: u64 = 4;
+pub(super) const SWITCH_DELAY_TICKS: u64 = 2;
 pub(super) const DOWN_TICKS: u64 = 15;
 pub(super) const ASYNC_RATE: u64 = 2;
 /// Ticks an instance in control keeps acknowledgements back after its synchronous HA standby
@@ -22,7 +22,7 @@ pub(super) const ASYNC_RATE: u64 = 2;
 /// detect a lost instance and fail over, so a failover decided in that window (possibly
 /// before the engine learned the standby dropped) never promotes a standby that misses an
 /// acknowledged write. The replication library's `ha_grace` is the real counterpart.
-pub const HA_GRACE: u64 = 6;
+pub const HA_GRACE_TICKS: u64 = 6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum WStatus {
@@ -69,7 +69,7 @@ pub(super) enum Action {
 }
 
 pub(super) struct World {
-    pub(super) now: u64,
+    pub(super) now_tick: u64,
     pub(super) insts: BTreeMap<InstanceId, WInst>,
     pub(super) up: [bool; 2],
     pub(super) control: Option<InstanceId>,
@@ -79,7 +79,7 @@ pub(super) struct World {
     /// The in-sync HA standbys of the instance in control at the last look.
     pub(super) ha_set: Vec<InstanceId>,
     /// HA standbys that dropped out, and when: acknowledgements wait for them for
-    /// [`HA_GRACE`] (they might be promoted by a failover decided meanwhile).
+    /// [`HA_GRACE_TICKS`] (they might be promoted by a failover decided meanwhile).
     pub(super) ha_dropped: BTreeMap<InstanceId, u64>,
     pub(super) queue: Vec<(u64, u64, Action)>,
     pub(super) seq: u64,
@@ -131,7 +131,7 @@ impl World {
             },
         );
         World {
-            now: 0,
+            now_tick: 0,
             insts,
             up: [true, true],
             control: Some(InstanceId(1)),
@@ -153,7 +153,7 @@ impl World {
 
     /// Takes the earliest action due by now (first scheduled first), if any.
     pub(super) fn next_due(&mut self) -> Option<Action> {
-        let now = self.now;
+        let now = self.now_tick;
         let idx = self
             .queue
             .iter()
@@ -180,7 +180,7 @@ impl World {
     pub(super) fn schedule(&mut self, delay: u64, a: Action) {
         let j = if delay > 0 { self.jitter() } else { 0 };
         self.seq += 1;
-        self.queue.push((self.now + delay + j, self.seq, a));
+        self.queue.push((self.now_tick + delay + j, self.seq, a));
     }
 
     pub(super) fn deliver(&mut self, delay: u64, e: Event) {
@@ -220,20 +220,20 @@ impl World {
     }
 
     /// Notes that the instance in control has an in-sync HA standby (from then on, it
-    /// acknowledges alone only after [`HA_GRACE`]).
+    /// acknowledges alone only after [`HA_GRACE_TICKS`]).
     pub(super) fn note_ha(&mut self) {
         let now_set = self.ha_standbys();
         for id in &self.ha_set {
             if !now_set.contains(id) {
-                self.ha_dropped.insert(*id, self.now);
+                self.ha_dropped.insert(*id, self.now_tick);
             }
         }
         for id in &now_set {
             // Back in sync: it holds every write again.
             self.ha_dropped.remove(id);
         }
-        let now = self.now;
-        self.ha_dropped.retain(|_, t| now < *t + HA_GRACE);
+        let now = self.now_tick;
+        self.ha_dropped.retain(|_, t| now < *t + HA_GRACE_TICKS);
         self.ha_set = now_set;
     }
 
@@ -332,18 +332,18 @@ impl World {
                 );
                 if fail {
                     self.deliver(
-                        START_DELAY,
+                        START_DELAY_TICKS,
                         Event::InstanceFailed {
                             instance: *instance,
                             reason: "failed to boot".into(),
                         },
                     );
                 } else {
-                    self.schedule(START_DELAY, Action::Up(*instance));
+                    self.schedule(START_DELAY_TICKS, Action::Up(*instance));
                 }
             }
             Command::StopInstance { instance } => {
-                self.schedule(STOP_DELAY, Action::Stop(*instance))
+                self.schedule(STOP_DELAY_TICKS, Action::Stop(*instance))
             }
             Command::AttachStandby {
                 standby,
@@ -400,7 +400,7 @@ impl World {
                         designated: *designated_ha,
                         synced: false,
                     });
-                    self.schedule(BULK_DELAY, Action::BulkDone(*standby));
+                    self.schedule(BULK_DELAY_TICKS, Action::BulkDone(*standby));
                 }
             }
             Command::VerifyStandby { standby, active } => {
@@ -425,7 +425,7 @@ impl World {
                 }
             }
             Command::SwitchControl { from, to, epoch } => self.schedule(
-                SWITCH_DELAY,
+                SWITCH_DELAY_TICKS,
                 Action::Switch {
                     from: *from,
                     to: *to,
