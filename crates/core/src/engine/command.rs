@@ -72,7 +72,7 @@ pub enum Outcome {
 }
 
 /// Outputs of the engine. Every command is idempotent: re-executing it (for example after a
-/// restart, see [`Engine::in_flight_commands`]) has the same effect as executing it once.
+/// restart, see [`Engine::in_flight_commands`](super::Engine::in_flight_commands)) has the same effect as executing it once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Command {

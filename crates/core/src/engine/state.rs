@@ -155,7 +155,7 @@ pub struct EngineState {
     pub repair_starts: u32,
 }
 
-/// Errors from [`Engine::restore`] and [`Engine::new`].
+/// Errors from [`Engine::restore`](super::Engine::restore) and [`Engine::new`](super::Engine::new).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     /// The snapshot is internally inconsistent.

@@ -10,9 +10,9 @@
 //! which the engine is at `STEP` and the fault's target exists. [`fault_catalog`] lists every
 //! accepted combination.
 //!
-//! The simulator is cut into the world ([`world`]: instances, replication, delays, the
-//! agent's answers), the faults ([`faults`]: kinds, `KIND@STEP`, injection) and the report
-//! ([`report`]: result, timeline, violations); this module runs them together.
+//! The simulator is cut into the world (`world`: instances, replication, delays, the
+//! agent's answers), the faults (`faults`: kinds, `KIND@STEP`, injection) and the report
+//! (`report`: result, timeline, violations); this module runs them together.
 
 mod faults;
 mod report;
