@@ -57,13 +57,25 @@ fn v(invariant: Invariant, detail: String) -> Violation {
     Violation { invariant, detail }
 }
 
-/// Checks transitions one after the other; remembers epoch owners and the previous state.
+/// Checks transitions one after the other; remembers epoch owners and the in-sync
+/// synchronous standbys of the previous state.
 #[derive(Debug, Clone)]
 pub struct Checker {
     epoch_owner: BTreeMap<ControlEpoch, InstanceId>,
     last_epoch: ControlEpoch,
     last_cmd_epoch: ControlEpoch,
-    prev: EngineState,
+    prev_ready_ha: Vec<InstanceId>,
+}
+
+/// The `Ready` synchronous standbys of `state`.
+fn ready_ha(state: &EngineState) -> Vec<InstanceId> {
+    state
+        .pair
+        .instances
+        .iter()
+        .filter(|i| i.role == Role::HaStandby && i.state == InstanceState::Ready)
+        .map(|i| i.id)
+        .collect()
 }
 
 impl Checker {
@@ -77,7 +89,7 @@ impl Checker {
             epoch_owner,
             last_epoch: initial.pair.epoch,
             last_cmd_epoch: initial.max_epoch,
-            prev: initial.clone(),
+            prev_ready_ha: ready_ha(initial),
         }
     }
 
@@ -85,7 +97,7 @@ impl Checker {
     /// builds): besides what [`Checker::new`] knows, the control change in flight at `prev`
     /// owns its epoch, so re-issuing it (after a timeout or a restart) is a replay, not a new
     /// control change at a stale epoch.
-    pub fn for_transition(prev: EngineState) -> Self {
+    pub fn for_transition(prev: &EngineState) -> Self {
         let mut epoch_owner = BTreeMap::new();
         if let Some(c) = prev.pair.in_control {
             epoch_owner.insert(prev.pair.epoch, c);
@@ -97,18 +109,18 @@ impl Checker {
             epoch_owner,
             last_epoch: prev.pair.epoch,
             last_cmd_epoch: prev.max_epoch,
-            prev,
+            prev_ready_ha: ready_ha(prev),
         }
     }
 
     /// Checks the transition from the previous state to `state`, which emitted `commands`.
     pub fn observe(&mut self, state: &EngineState, commands: &[Command]) -> Vec<Violation> {
         let out = self.check(state, commands);
-        self.prev = state.clone();
+        self.prev_ready_ha = ready_ha(state);
         out
     }
 
-    /// Checks the one transition to `state` and drops the checker (no copy of `state` kept).
+    /// Checks the one transition to `state` and drops the checker.
     pub fn observe_last(mut self, state: &EngineState, commands: &[Command]) -> Vec<Violation> {
         self.check(state, commands)
     }
@@ -195,9 +207,7 @@ impl Checker {
                             format!("stopped {instance}, the target of a control change"),
                         ));
                     }
-                    if self.prev.pair.get(*instance).is_some_and(|i| {
-                        i.role == Role::HaStandby && i.state == InstanceState::Ready
-                    }) {
+                    if self.prev_ready_ha.contains(instance) {
                         stopped_ha.push(*instance);
                     }
                 }
@@ -319,7 +329,7 @@ mod tests {
             epoch: ControlEpoch(2),
         }];
         assert_eq!(
-            Checker::for_transition(st.clone()).observe_last(&st, &replay),
+            Checker::for_transition(&st).observe_last(&st, &replay),
             vec![]
         );
     }
@@ -331,7 +341,7 @@ mod tests {
             to: InstanceId(2),
             epoch: ControlEpoch(1),
         }];
-        let v = Checker::for_transition(st.clone()).observe_last(&st, &stale);
+        let v = Checker::for_transition(&st).observe_last(&st, &stale);
         assert!(
             v.iter().any(|v| v.invariant == Invariant::EpochsIncrease),
             "{v:?}"

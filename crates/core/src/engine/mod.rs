@@ -196,13 +196,13 @@ impl Engine {
     /// Feeds one event; returns the commands to execute, in order.
     pub fn handle(&mut self, event: Event) -> Vec<Command> {
         #[cfg(debug_assertions)]
-        let before = self.st.clone();
+        let check = crate::invariants::Checker::for_transition(&self.st);
         let mut out = Vec::new();
         self.dispatch(event, &mut out);
         self.drive(&mut out);
         self.update_timer();
         #[cfg(debug_assertions)]
-        self.debug_check_invariants(before, &out);
+        self.debug_check_invariants(check, &out);
         out
     }
 
@@ -243,12 +243,12 @@ impl Engine {
         }
     }
 
-    /// Checks the invariants of [`crate::invariants`] on the transition from `before` to the
-    /// current state, which emitted `out` (debug builds only).
+    /// Checks the invariants of [`crate::invariants`] on the transition that `check` was made
+    /// for (from the state before the event) to the current state, which emitted `out`
+    /// (debug builds only).
     #[cfg(debug_assertions)]
-    fn debug_check_invariants(&self, before: EngineState, out: &[Command]) {
-        let violations =
-            crate::invariants::Checker::for_transition(before).observe_last(&self.st, out);
+    fn debug_check_invariants(&self, check: crate::invariants::Checker, out: &[Command]) {
+        let violations = check.observe_last(&self.st, out);
         debug_assert!(
             violations.is_empty(),
             "engine transition broke invariants: {violations:?}"
