@@ -432,3 +432,21 @@ pub(super) mod testing {
         e
     }
 }
+
+#[cfg(all(test, debug_assertions))]
+mod tests {
+    use super::testing::steady;
+    use super::{Engine, Event};
+    use crate::domain::{InstanceId, Role};
+
+    #[test]
+    #[should_panic(expected = "engine transition broke invariants")]
+    fn a_transition_that_breaks_an_invariant_stops_a_debug_build() {
+        // Recorded in control without the role: passes the restore's consistency check, and
+        // any transition from it breaks single control.
+        let mut st = steady().snapshot();
+        st.pair.get_mut(InstanceId(1)).expect("exists").role = Role::Spare;
+        let mut e = Engine::restore(st).expect("restores");
+        e.handle(Event::Tick);
+    }
+}
