@@ -69,12 +69,18 @@ pub struct Engine {
     st: EngineState,
 }
 
-pub(super) enum Prog {
+/// Progress of one part of a step or of the reconciler.
+enum Prog {
+    /// Waiting for a command's completion (or for the operator).
     Wait,
+    /// Done: the step may move on.
     Done,
+    /// Cannot be done: roll back (forward) or report stuck (reconciler), with the reason.
     Fail(String),
 }
 
+/// Bound on the passes of [`Engine::drive`] for one event (each pass either changes the step,
+/// emits commands, or ends the loop).
 const DRIVE_BOUND: usize = 64;
 
 impl Engine {
@@ -257,6 +263,8 @@ impl Engine {
 
     // ------------------------------------------------------------------ drive
 
+    /// Runs the HA policy and the current step (or the reconciler) until nothing changes,
+    /// bounded by [`DRIVE_BOUND`] passes.
     fn drive(&mut self, out: &mut Vec<Command>) {
         for _ in 0..DRIVE_BOUND {
             self.ha_policy(out);
@@ -277,7 +285,7 @@ impl Engine {
 
     // ---------------------------------------------------------------- helpers
 
-    pub(super) fn new_instance(
+    fn new_instance(
         &mut self,
         app: ApplianceId,
         image: ImageRef,
@@ -300,7 +308,7 @@ impl Engine {
         id
     }
 
-    pub(super) fn attach(
+    fn attach(
         &mut self,
         id: InstanceId,
         active: InstanceId,
@@ -322,7 +330,7 @@ impl Engine {
         });
     }
 
-    pub(super) fn stop(&mut self, id: InstanceId, out: &mut Vec<Command>) {
+    fn stop(&mut self, id: InstanceId, out: &mut Vec<Command>) {
         if let Some(i) = self.inst_mut(id) {
             i.state = InstanceState::Stopping;
             i.role = Role::Spare;
@@ -330,7 +338,7 @@ impl Engine {
         out.push(Command::StopInstance { instance: id });
     }
 
-    pub(super) fn set_stuck(&mut self, reason: String, resume_with: &str, out: &mut Vec<Command>) {
+    fn set_stuck(&mut self, reason: String, resume_with: &str, out: &mut Vec<Command>) {
         let stuck = Stuck {
             reason,
             resume_with: resume_with.to_string(),
@@ -340,30 +348,30 @@ impl Engine {
         self.st.deadline_tick = None;
     }
 
-    pub(super) fn issu_mut(&mut self) -> &mut IssuState {
+    fn issu_mut(&mut self) -> &mut IssuState {
         self.st.issu.as_mut().expect("an ISSU is running")
     }
 
-    pub(super) fn inst(&self, id: InstanceId) -> Option<&Instance> {
+    fn inst(&self, id: InstanceId) -> Option<&Instance> {
         self.st.pair.get(id)
     }
 
-    pub(super) fn inst_mut(&mut self, id: InstanceId) -> Option<&mut Instance> {
+    fn inst_mut(&mut self, id: InstanceId) -> Option<&mut Instance> {
         self.st.pair.get_mut(id)
     }
 
-    pub(super) fn set_state(&mut self, id: InstanceId, s: InstanceState) {
+    fn set_state(&mut self, id: InstanceId, s: InstanceState) {
         if let Some(i) = self.inst_mut(id) {
             i.state = s;
         }
     }
 }
 
-pub(super) fn report(progress: Report) -> Command {
+fn report(progress: Report) -> Command {
     Command::Report { progress }
 }
 
-pub(super) fn both(x: Prog, y: Prog) -> Prog {
+fn both(x: Prog, y: Prog) -> Prog {
     match (x, y) {
         (Prog::Fail(r), _) | (_, Prog::Fail(r)) => Prog::Fail(r),
         (Prog::Done, Prog::Done) => Prog::Done,
@@ -371,14 +379,14 @@ pub(super) fn both(x: Prog, y: Prog) -> Prog {
     }
 }
 
-pub(super) fn then(x: Prog, f: impl FnOnce() -> Prog) -> Prog {
+fn then(x: Prog, f: impl FnOnce() -> Prog) -> Prog {
     match x {
         Prog::Done => f(),
         other => other,
     }
 }
 
-pub(super) fn p_wait(p: Prog) -> Prog {
+fn p_wait(p: Prog) -> Prog {
     match p {
         Prog::Done => Prog::Wait,
         other => other,
