@@ -62,21 +62,21 @@ pub fn engine_config(backend: BackendKind) -> EngineConfig {
     };
     match backend {
         BackendKind::Process => EngineConfig {
-            start_timeout: 150,
-            sync_timeout: 300,
-            switch_timeout: 50,
-            stop_timeout: 100,
-            verify_timeout: 100,
+            start_timeout_ticks: 150,
+            sync_timeout_ticks: 300,
+            switch_timeout_ticks: 50,
+            stop_timeout_ticks: 100,
+            verify_timeout_ticks: 100,
             ..base
         },
         BackendKind::Qemu => EngineConfig {
             // Software-emulated guests boot in tens of seconds: an ISSU takes minutes.
-            rollback_timer: Some(6000),
-            start_timeout: 1800,
-            sync_timeout: 600,
-            switch_timeout: 100,
-            stop_timeout: 300,
-            verify_timeout: 300,
+            rollback_timer_ticks: Some(6000),
+            start_timeout_ticks: 1800,
+            sync_timeout_ticks: 600,
+            switch_timeout_ticks: 100,
+            stop_timeout_ticks: 300,
+            verify_timeout_ticks: 300,
             ..base
         },
     }

@@ -682,11 +682,17 @@ impl Driver {
             .map(|i| i.appliance)
     }
 
-    /// Executes a batch of commands. Commands that change control or stop instances run in
-    /// order, in one task; starts and attaches (which wait for boots and syncs) run beside it.
+    /// Executes a batch of commands. Commands that must run in order
+    /// ([`Command::must_run_in_order`]: those that change control or stop instances) run one
+    /// after the other, in one task; starts and attaches (which wait for boots and syncs) run
+    /// beside it.
     fn execute(&mut self, commands: Vec<Command>) {
         let mut ordered = Vec::new();
         for c in commands {
+            if c.must_run_in_order() {
+                ordered.push(c);
+                continue;
+            }
             match c {
                 Command::Report { progress } => {
                     match &progress {
@@ -773,6 +779,7 @@ impl Driver {
                         let _ = tx.send(Input::Event(ev)).await;
                     });
                 }
+                // Taken above; anything else runs in order too, the safe default.
                 other => ordered.push(other),
             }
         }

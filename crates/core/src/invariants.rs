@@ -19,7 +19,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{InstanceId, InstanceState, Role};
+use crate::domain::{ControlEpoch, InstanceId, InstanceState, Role};
 use crate::engine::{Command, EngineState, Step};
 
 /// The invariants.
@@ -57,13 +57,25 @@ fn v(invariant: Invariant, detail: String) -> Violation {
     Violation { invariant, detail }
 }
 
-/// Checks transitions one after the other; remembers epoch owners and the previous state.
+/// Checks transitions one after the other; remembers epoch owners and the in-sync
+/// synchronous standbys of the previous state.
 #[derive(Debug, Clone)]
 pub struct Checker {
-    epoch_owner: BTreeMap<u64, InstanceId>,
-    last_epoch: u64,
-    last_cmd_epoch: u64,
-    prev: EngineState,
+    epoch_owner: BTreeMap<ControlEpoch, InstanceId>,
+    last_epoch: ControlEpoch,
+    last_cmd_epoch: ControlEpoch,
+    prev_ready_ha: Vec<InstanceId>,
+}
+
+/// The `Ready` synchronous standbys of `state`.
+fn ready_ha(state: &EngineState) -> Vec<InstanceId> {
+    state
+        .pair
+        .instances
+        .iter()
+        .filter(|i| i.role == Role::HaStandby && i.state == InstanceState::Ready)
+        .map(|i| i.id)
+        .collect()
 }
 
 impl Checker {
@@ -71,52 +83,80 @@ impl Checker {
     pub fn new(initial: &EngineState) -> Self {
         let mut epoch_owner = BTreeMap::new();
         if let Some(c) = initial.pair.in_control {
-            epoch_owner.insert(initial.pair.epoch.0, c);
+            epoch_owner.insert(initial.pair.epoch, c);
         }
         Self {
             epoch_owner,
-            last_epoch: initial.pair.epoch.0,
-            last_cmd_epoch: initial.max_epoch.0,
-            prev: initial.clone(),
+            last_epoch: initial.pair.epoch,
+            last_cmd_epoch: initial.max_epoch,
+            prev_ready_ha: ready_ha(initial),
+        }
+    }
+
+    /// Checks the one transition that starts at `prev` (the engine's own check in debug
+    /// builds): besides what [`Checker::new`] knows, the control change in flight at `prev`
+    /// owns its epoch, so re-issuing it (after a timeout or a restart) is a replay, not a new
+    /// control change at a stale epoch.
+    pub fn for_transition(prev: &EngineState) -> Self {
+        let mut epoch_owner = BTreeMap::new();
+        if let Some(c) = prev.pair.in_control {
+            epoch_owner.insert(prev.pair.epoch, c);
+        }
+        if let Some(p) = &prev.pending {
+            epoch_owner.entry(p.epoch).or_insert(p.to);
+        }
+        Self {
+            epoch_owner,
+            last_epoch: prev.pair.epoch,
+            last_cmd_epoch: prev.max_epoch,
+            prev_ready_ha: ready_ha(prev),
         }
     }
 
     /// Checks the transition from the previous state to `state`, which emitted `commands`.
     pub fn observe(&mut self, state: &EngineState, commands: &[Command]) -> Vec<Violation> {
+        let out = self.check(state, commands);
+        self.prev_ready_ha = ready_ha(state);
+        out
+    }
+
+    /// Checks the one transition to `state` and drops the checker.
+    pub fn observe_last(mut self, state: &EngineState, commands: &[Command]) -> Vec<Violation> {
+        self.check(state, commands)
+    }
+
+    fn check(&mut self, state: &EngineState, commands: &[Command]) -> Vec<Violation> {
         let mut out = check_state(state);
         let pair = &state.pair;
 
         // Single control per epoch.
         if let Some(c) = pair.in_control {
-            match self.epoch_owner.get(&pair.epoch.0) {
+            match self.epoch_owner.get(&pair.epoch) {
                 Some(o) if *o != c => out.push(v(
                     Invariant::SingleControlPerEpoch,
                     format!("epoch {} held by {o} and then by {c}", pair.epoch),
                 )),
                 _ => {
-                    self.epoch_owner.insert(pair.epoch.0, c);
+                    self.epoch_owner.insert(pair.epoch, c);
                 }
             }
         }
         // Epochs never go back.
-        if pair.epoch.0 < self.last_epoch {
+        if pair.epoch < self.last_epoch {
             out.push(v(
                 Invariant::EpochsIncrease,
-                format!(
-                    "epoch went back from e{} to {}",
-                    self.last_epoch, pair.epoch
-                ),
+                format!("epoch went back from {} to {}", self.last_epoch, pair.epoch),
             ));
         }
-        self.last_epoch = self.last_epoch.max(pair.epoch.0);
+        self.last_epoch = self.last_epoch.max(pair.epoch);
 
         let mut stopped_ha: Vec<InstanceId> = Vec::new();
         for cmd in commands {
             match cmd {
                 Command::SwitchControl { to, epoch, .. } | Command::Failover { to, epoch } => {
-                    let replay = self.epoch_owner.get(&epoch.0) == Some(to)
-                        && epoch.0 <= self.last_cmd_epoch;
-                    if let Some(o) = self.epoch_owner.get(&epoch.0) {
+                    let replay =
+                        self.epoch_owner.get(epoch) == Some(to) && *epoch <= self.last_cmd_epoch;
+                    if let Some(o) = self.epoch_owner.get(epoch) {
                         if o != to {
                             out.push(v(
                                 Invariant::SingleControlPerEpoch,
@@ -124,17 +164,17 @@ impl Checker {
                             ));
                         }
                     }
-                    if !replay && epoch.0 <= self.last_cmd_epoch {
+                    if !replay && *epoch <= self.last_cmd_epoch {
                         out.push(v(
                             Invariant::EpochsIncrease,
                             format!(
-                                "control change to {to} issued at {epoch}, not above e{}",
+                                "control change to {to} issued at {epoch}, not above {}",
                                 self.last_cmd_epoch
                             ),
                         ));
                     }
-                    self.last_cmd_epoch = self.last_cmd_epoch.max(epoch.0);
-                    self.epoch_owner.insert(epoch.0, *to);
+                    self.last_cmd_epoch = self.last_cmd_epoch.max(*epoch);
+                    self.epoch_owner.insert(*epoch, *to);
                     let target = pair.get(*to);
                     let ok = match cmd {
                         // Re-asserting the instance in control at a higher epoch moves nothing.
@@ -167,9 +207,7 @@ impl Checker {
                             format!("stopped {instance}, the target of a control change"),
                         ));
                     }
-                    if self.prev.pair.get(*instance).is_some_and(|i| {
-                        i.role == Role::HaStandby && i.state == InstanceState::Ready
-                    }) {
+                    if self.prev_ready_ha.contains(instance) {
                         stopped_ha.push(*instance);
                     }
                 }
@@ -193,7 +231,6 @@ impl Checker {
                 ));
             }
         }
-        self.prev = state.clone();
         out
     }
 }
@@ -225,10 +262,7 @@ pub fn check_state(state: &EngineState) -> Vec<Violation> {
     if state.max_epoch < pair.epoch {
         out.push(v(
             Invariant::EpochsIncrease,
-            format!(
-                "allocated e{} below current {}",
-                state.max_epoch.0, pair.epoch
-            ),
+            format!("allocated {} below current {}", state.max_epoch, pair.epoch),
         ));
     }
     let forward = state
@@ -263,4 +297,54 @@ pub fn check_promotion(to: InstanceId, applied_seq: u64, acked_seq: u64) -> Opti
             format!("{to} promoted at seq {applied_seq} but seq {acked_seq} was acknowledged"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Checker, Invariant};
+    use crate::domain::{ControlEpoch, ImageRef, InstanceId, Pair, Version};
+    use crate::engine::{Command, Engine, EngineConfig, PendingSwitch};
+
+    fn failing_over() -> crate::engine::EngineState {
+        let image = ImageRef::new("appliance-os", Version::new(1, 0, 0));
+        let pair = Pair::steady(image, InstanceId(1), InstanceId(2), ControlEpoch(1));
+        let mut st = Engine::new(EngineConfig::default(), pair)
+            .expect("consistent")
+            .snapshot();
+        st.max_epoch = ControlEpoch(2);
+        st.pending = Some(PendingSwitch {
+            from: Some(InstanceId(1)),
+            to: InstanceId(2),
+            epoch: ControlEpoch(2),
+            planned: false,
+        });
+        st
+    }
+
+    #[test]
+    fn a_transition_check_takes_a_reissued_control_change_for_a_replay() {
+        let st = failing_over();
+        let replay = [Command::Failover {
+            to: InstanceId(2),
+            epoch: ControlEpoch(2),
+        }];
+        assert_eq!(
+            Checker::for_transition(&st).observe_last(&st, &replay),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_transition_check_flags_a_control_change_at_a_burned_epoch() {
+        let st = failing_over();
+        let stale = [Command::Failover {
+            to: InstanceId(2),
+            epoch: ControlEpoch(1),
+        }];
+        let v = Checker::for_transition(&st).observe_last(&st, &stale);
+        assert!(
+            v.iter().any(|v| v.invariant == Invariant::EpochsIncrease),
+            "{v:?}"
+        );
+    }
 }

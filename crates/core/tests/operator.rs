@@ -2,7 +2,7 @@
 mod common;
 
 use hitless_core::engine::{Command, Event, Report, Step};
-use hitless_core::sim::{self, FaultSpec};
+use hitless_core::sim::{self, FaultSpec, SimResult};
 use hitless_core::{CompatVerdict, ImageRef, Version};
 
 fn target() -> ImageRef {
@@ -77,14 +77,14 @@ fn abort_after_the_switch_is_refused_and_the_issu_commits() {
         .steps
         .iter()
         .any(|s| s.note.starts_with("rejected abort") && s.note.contains("use rollback")));
-    assert_eq!(r.result, "committed");
+    assert_eq!(r.result, SimResult::Committed);
 }
 
 #[test]
 fn rollback_after_the_primary_is_done_reverts_to_n() {
     let f = FaultSpec::parse("rollback@secondary-start-new").unwrap();
     let r = sim::run(Some(&f));
-    assert_eq!(r.result, "rolled_back");
+    assert_eq!(r.result, SimResult::RolledBack);
     assert_eq!(r.final_control.version, "1.0.0");
     assert!(r.final_layout_ok);
     assert_eq!(r.reason.as_deref(), Some("operator rollback"));
@@ -94,7 +94,7 @@ fn rollback_after_the_primary_is_done_reverts_to_n() {
 fn rollback_timer_reverts_unless_committed() {
     let f = FaultSpec::parse("timeout@await-commit").unwrap();
     let r = sim::run(Some(&f));
-    assert_eq!(r.result, "rolled_back");
+    assert_eq!(r.result, SimResult::RolledBack);
     assert_eq!(
         r.reason.as_deref(),
         Some("rollback timer expired before commit")
@@ -105,7 +105,7 @@ fn rollback_timer_reverts_unless_committed() {
 #[test]
 fn rollback_after_commit_is_refused_point_of_no_return() {
     let r = sim::run(None);
-    assert_eq!(r.result, "committed");
+    assert_eq!(r.result, SimResult::Committed);
     let mut e = common::engine();
     let r = rejected(&e.handle(Event::Rollback)).expect("refused");
     assert!(r.contains("no ISSU"), "{r}");

@@ -1,6 +1,6 @@
 //! Random interleavings: delay jitter and sequences of faults at random ticks.
 
-use hitless_core::sim::{self, FaultKind, ScheduledFault, SimOptions, Trigger};
+use hitless_core::sim::{self, FaultKind, ScheduledFault, SimOptions, SimResult, Trigger};
 use proptest::prelude::*;
 
 fn kind() -> impl Strategy<Value = FaultKind> {
@@ -20,7 +20,7 @@ proptest! {
     #[test]
     fn jitter_alone_commits(seed in 1u64..u64::MAX) {
         let r = sim::run_with(&SimOptions { seed, ..SimOptions::default() });
-        prop_assert_eq!(r.result.as_str(), "committed", "{:?}", r.reason);
+        prop_assert_eq!(r.result, SimResult::Committed, "{:?}", r.reason);
         prop_assert_eq!(r.invariant_violations, 0, "{:?}", r.violations);
         prop_assert_eq!(r.acked_lost, 0);
         prop_assert!(r.final_layout_ok);
@@ -45,13 +45,13 @@ proptest! {
         let r = sim::run_with(&opts);
         prop_assert_eq!(r.invariant_violations, 0, "{:?}", r.violations);
         prop_assert_eq!(r.acked_lost, 0);
-        match r.result.as_str() {
-            "committed" | "rolled_back" => {
+        match r.result {
+            SimResult::Committed | SimResult::RolledBack => {
                 prop_assert!(r.final_layout_ok, "{:#?}", r.steps);
-                let want = if r.result == "committed" { "1.1.0" } else { "1.0.0" };
+                let want = if r.result == SimResult::Committed { "1.1.0" } else { "1.0.0" };
                 prop_assert_eq!(r.final_control.version.as_str(), want);
             }
-            _ => {
+            SimResult::Incomplete => {
                 let reason = r.reason.clone().unwrap_or_default();
                 prop_assert!(reason.contains("resume with"), "incomplete without a stuck report: {reason}\n{:#?}", r.steps);
             }

@@ -2,7 +2,7 @@
 //! regressions. Each must keep every invariant, lose no acknowledged write, and end committed,
 //! rolled back, or stuck with the command that resumes.
 
-use hitless_core::sim::{self, FaultKind, ScheduledFault, SimOptions, Trigger};
+use hitless_core::sim::{self, FaultKind, ScheduledFault, SimOptions, SimResult, Trigger};
 
 fn run(seed: u64, faults: &[(FaultKind, u64)]) -> sim::SimReport {
     let opts = SimOptions {
@@ -19,9 +19,11 @@ fn run(seed: u64, faults: &[(FaultKind, u64)]) -> sim::SimReport {
     let r = sim::run_with(&opts);
     assert_eq!(r.invariant_violations, 0, "{:?}", r.violations);
     assert_eq!(r.acked_lost, 0);
-    match r.result.as_str() {
-        "committed" | "rolled_back" => assert!(r.final_layout_ok, "{:#?}", r.steps),
-        _ => assert!(
+    match r.result {
+        SimResult::Committed | SimResult::RolledBack => {
+            assert!(r.final_layout_ok, "{:#?}", r.steps)
+        }
+        SimResult::Incomplete => assert!(
             r.reason
                 .as_deref()
                 .unwrap_or_default()

@@ -7,7 +7,7 @@ use hitless_core::sim::{self, FaultKind, ScheduledFault, SimOptions, Trigger};
 /// The instance in control used to go on acknowledging alone as soon as its HA standby fell
 /// out of sync, while a failover to that standby (after the heartbeat loss) was already under
 /// way, so the promoted standby missed the last acknowledged write. An instance in control now
-/// keeps acknowledgements back for a grace (`sim::HA_GRACE`, `ha_grace` in the replication
+/// keeps acknowledgements back for a grace (`sim::HA_GRACE_TICKS`, `ha_grace` in the replication
 /// library) after an HA standby drops out.
 #[test]
 fn rollback_then_heartbeat_loss_then_out_of_sync_loses_nothing() {

@@ -1,7 +1,7 @@
 //! Serialize -> restore of the engine state mid-ISSU resumes to the same end.
 
 use hitless_core::engine::EngineState;
-use hitless_core::sim::{self, FaultSpec, ScheduledFault, SimOptions, Trigger};
+use hitless_core::sim::{self, FaultSpec, ScheduledFault, SimOptions, SimResult, Trigger};
 
 fn roundtrip(st: &EngineState) -> EngineState {
     let json = serde_json::to_string(st).expect("serializes");
@@ -32,10 +32,10 @@ fn restoring_at_any_tick_reaches_the_same_end() {
         Some("rollback@secondary-mixed"),
     ] {
         let base = sim::run_with(&opts(fault));
-        assert_ne!(base.result, "incomplete");
+        assert_ne!(base.result, SimResult::Incomplete);
         for at in (3..base.ticks).step_by(2) {
             let mut o = opts(fault);
-            o.restore_at = Some(at);
+            o.restore_at_tick = Some(at);
             o.restore_via = Some(roundtrip);
             let r = sim::run_with(&o);
             let case = format!("{fault:?} restored at tick {at}");
@@ -105,4 +105,32 @@ fn restore_rejects_an_inconsistent_snapshot() {
     let mut st = e.snapshot();
     st.next_id = 1;
     assert!(hitless_core::Engine::restore(st).is_err());
+}
+
+/// A snapshot journalled by the release before the tick fields carried their unit in their
+/// names (`now`, `deadline`, `start_timeout`, `step_entered`, ...): taken at tick 24 of the
+/// simulated ISSU, in `primary-upgrade-old`.
+const PREVIOUS_RELEASE_SNAPSHOT: &str = include_str!("fixtures/engine_state_untyped_ticks.json");
+
+#[test]
+fn a_snapshot_journalled_by_the_previous_release_restores() {
+    let st: hitless_core::EngineState =
+        serde_json::from_str(PREVIOUS_RELEASE_SNAPSHOT).expect("the old field names load");
+    assert_eq!(st.now_tick, 24);
+    assert_eq!(st.deadline_tick, Some(34));
+    assert_eq!(st.config.start_timeout_ticks, 20);
+    assert_eq!(st.config.sync_timeout_ticks, 30);
+    assert_eq!(st.config.switch_timeout_ticks, 10);
+    assert_eq!(st.config.stop_timeout_ticks, 10);
+    assert_eq!(st.config.verify_timeout_ticks, 10);
+    assert_eq!(st.config.rollback_timer_ticks, Some(150));
+    let issu = st.issu.as_ref().expect("an ISSU runs");
+    assert_eq!(issu.step, hitless_core::Step::PrimaryUpgradeOld);
+    assert_eq!(issu.step_entered_tick, 24);
+    assert_eq!(issu.rollback_deadline_tick, Some(169));
+    // It restores, and what it writes now loads back unchanged.
+    let e = hitless_core::Engine::restore(st.clone()).expect("consistent");
+    let again: hitless_core::EngineState =
+        serde_json::from_str(&serde_json::to_string(e.state()).unwrap()).unwrap();
+    assert_eq!(again, st);
 }

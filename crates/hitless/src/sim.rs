@@ -30,7 +30,12 @@ pub fn run(fault: Option<String>, json: bool, list_faults: bool) -> anyhow::Resu
         bail!(
             "{} invariant violation(s): {}",
             report.invariant_violations,
-            report.violations.join("; ")
+            report
+                .violations
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
         );
     }
     if report.acked_lost > 0 {
@@ -58,7 +63,7 @@ fn print_table(r: &SimReport) {
             s.step.clone(),
             s.in_control.clone(),
             s.control_version.clone(),
-            s.epoch.to_string(),
+            s.epoch.0.to_string(),
             s.primary.join("\n"),
             s.secondary.join("\n"),
             s.note.clone(),
@@ -84,7 +89,7 @@ fn print_table(r: &SimReport) {
     );
     println!(
         "final control: {} appliance, version {}, epoch {}",
-        r.final_control.appliance, r.final_control.version, r.epoch
+        r.final_control.appliance, r.final_control.version, r.epoch.0
     );
     println!(
         "acknowledged writes: {} (lost: {}); final layout ok: {}; invariant violations: {}",

@@ -8,14 +8,13 @@ use hitless_core::{ControlEpoch, Engine, ImageRef, InstanceId, Pair, Version};
 
 /// Runs every catalog fault (and no fault) and returns the violations of `inv` by case.
 pub fn matrix_violations(inv: Invariant) -> Vec<String> {
-    let name = format!("{inv:?}");
     let mut bad = Vec::new();
     let mut cases: Vec<(String, SimReport)> = vec![("none".into(), sim::run(None))];
     for f in fault_catalog() {
         cases.push((f.to_string(), sim::run(Some(&f))));
     }
     for (case, r) in cases {
-        for v in r.violations.iter().filter(|v| v.starts_with(&name)) {
+        for v in r.violations.iter().filter(|v| v.invariant() == Some(inv)) {
             bad.push(format!("{case}: {v}"));
         }
     }

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use hitless_core::sim::{FaultKind, FaultSpec};
 use hitless_core::{Outcome, Report};
 
 use super::bench::{require_redis_tools, Benchmark};
@@ -14,7 +15,8 @@ use super::load;
 use super::report::{print_report, FinalControl, IssuReport, StandbySync, StepTime};
 use super::sampler::{Sampler, INTERVAL as SAMPLE_INTERVAL};
 use super::{
-    backend_name, inject, parse_fault, spawn_agent, stop_agents, up_inner, NAMES, SERVICE_ADDR,
+    appliance_index, backend_name, inject, parse_fault, spawn_agent, stop_agents, up_inner, NAMES,
+    SERVICE_ADDR,
 };
 use crate::ops;
 use crate::{ApiArgs, Backend, LabIssuArgs};
@@ -62,7 +64,7 @@ pub fn issu(args: &LabIssuArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Result<IssuReport> {
+fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<IssuReport> {
     let dir = &args.up.dir;
     let up_started = Instant::now();
     let mut up = args.up.clone();
@@ -149,13 +151,13 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
             eprintln!("{line}");
         }
         timeline.push(line);
-        if let (Some((kind, step)), false) = (fault, injected) {
+        if let (Some(&FaultSpec { kind, step }), false) = (fault, injected) {
             if let Report::Step { step: s, .. } = &l.report {
-                if s.name() == step {
+                if *s == step {
                     injected = true;
                     // Let the step get under way before a failure; an operator command goes in
                     // at once (the step may be over in less than that on processes).
-                    if kind != "abort" && kind != "rollback" {
+                    if !matches!(kind, FaultKind::Abort | FaultKind::Rollback) {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                     checker.stats.mark_ns.store(
@@ -172,10 +174,13 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&(String, String)>) -> anyhow::Res
                                 eprintln!("{line}");
                             }
                             timeline.push(line);
-                            if kind.starts_with("appliance-lost") {
+                            if matches!(
+                                kind,
+                                FaultKind::ApplianceLostPrimary | FaultKind::ApplianceLostSecondary
+                            ) {
                                 // The agent is restarted a moment later, on the same
                                 // configuration and journal; it rejoins the pair.
-                                let i = usize::from(kind.ends_with("secondary"));
+                                let i = appliance_index(kind);
                                 let d = dir.clone();
                                 restart = Some(std::thread::spawn(move || {
                                     std::thread::sleep(Duration::from_millis(1500));

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hitless_agent::api::StatusAnswer;
+use hitless_core::sim::{FaultKind, FaultSpec};
 use hitless_core::Role;
 use hitless_image::manifest::SchemaDecl;
 
@@ -375,7 +376,7 @@ fn find_pid(s: &StatusAnswer, id: hitless_core::InstanceId) -> Option<u32> {
 }
 
 /// Injects `kind`; returns a description of what was done.
-fn inject(dir: &Path, kind: &str) -> anyhow::Result<String> {
+fn inject(dir: &Path, kind: FaultKind) -> anyhow::Result<String> {
     let (api, s) = ops::driving_status(&ApiArgs { api: None })?;
     let engine = s.engine.clone().context("no engine status")?;
     let newest = engine
@@ -396,35 +397,38 @@ fn inject(dir: &Path, kind: &str) -> anyhow::Result<String> {
         Ok::<_, anyhow::Error>(format!("signal {sig} to {what} instance {id} (pid {pid})"))
     };
     match kind {
-        "crash-active" => kill_instance(engine.in_control, SIGKILL, "in-control"),
-        "crash-new" | "start-fail" => kill_instance(newest, SIGKILL, "newest"),
-        "crash-standby" => kill_instance(ha, SIGKILL, "HA standby"),
-        "heartbeat-lost" => kill_instance(engine.in_control, libc::SIGSTOP, "in-control (stopped)"),
-        "standby-out-of-sync" => kill_instance(ha, libc::SIGSTOP, "HA standby (stopped)"),
-        "timeout" => kill_instance(newest, libc::SIGSTOP, "newest (stopped)"),
-        "appliance-lost-primary" | "appliance-lost-secondary" => {
-            let i = usize::from(kind.ends_with("secondary"));
+        FaultKind::CrashActive => kill_instance(engine.in_control, SIGKILL, "in-control"),
+        FaultKind::CrashNew | FaultKind::StartFail => kill_instance(newest, SIGKILL, "newest"),
+        FaultKind::CrashStandby => kill_instance(ha, SIGKILL, "HA standby"),
+        FaultKind::HeartbeatLost => {
+            kill_instance(engine.in_control, libc::SIGSTOP, "in-control (stopped)")
+        }
+        FaultKind::StandbyOutOfSync => kill_instance(ha, libc::SIGSTOP, "HA standby (stopped)"),
+        FaultKind::Timeout => kill_instance(newest, libc::SIGSTOP, "newest (stopped)"),
+        FaultKind::ApplianceLostPrimary | FaultKind::ApplianceLostSecondary => {
+            let i = appliance_index(kind);
             let pid = pid_of(dir, i).context("no agent pid")?;
             signal(pid, SIGKILL);
             Ok(format!("kill -9 of the {} agent (pid {pid})", NAMES[i]))
         }
-        "abort" | "rollback" => {
-            let msg = ops::post(&api, &format!("/v1/{kind}"), serde_json::json!({}))?;
-            Ok(format!("operator {kind}: {msg}"))
+        FaultKind::Abort | FaultKind::Rollback => {
+            let request = kind.name();
+            let msg = ops::post(&api, &format!("/v1/{request}"), serde_json::json!({}))?;
+            Ok(format!("operator {request}: {msg}"))
         }
-        other => bail!("the lab cannot inject fault kind {other:?}"),
     }
 }
 
-fn parse_fault(f: &str) -> anyhow::Result<(String, String)> {
-    let catalog = hitless_core::sim::fault_catalog();
-    let (kind, step) = f.split_once('@').with_context(|| {
-        format!("fault {f:?} is not KIND@STEP (see `hitless sim issu --list-faults`)")
-    })?;
-    if !catalog.iter().any(|c| c.to_string() == f) {
-        bail!("unknown fault {f:?}; `hitless sim issu --list-faults` lists the accepted ones");
-    }
-    Ok((kind.to_owned(), step.to_owned()))
+/// The index (into [`NAMES`]) of the appliance an appliance-loss fault kills: 1 for the
+/// secondary, 0 otherwise.
+fn appliance_index(kind: FaultKind) -> usize {
+    usize::from(kind == FaultKind::ApplianceLostSecondary)
+}
+
+/// Parses `--fault KIND@STEP` into the engine's fault kind and step; only the catalog's
+/// combinations (`hitless sim issu --list-faults`) are accepted.
+fn parse_fault(f: &str) -> anyhow::Result<FaultSpec> {
+    FaultSpec::parse(f).with_context(|| format!("invalid --fault {f:?}"))
 }
 
 /// Memory limit of each instance for a state of `keys` records of `value_size` bytes: room for
@@ -435,4 +439,40 @@ pub fn instance_memory_for(keys: u64, value_size: u64, backend: Backend) -> u64 
     let base = if backend == Backend::Qemu { 256 } else { 512 };
     let state = keys.saturating_mul(value_size + 450) / (1 << 20);
     base + state.saturating_mul(3) / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{appliance_index, parse_fault};
+    use hitless_core::sim::{FaultKind, FaultSpec};
+    use hitless_core::Step;
+
+    #[test]
+    fn a_fault_parses_into_the_engine_kind_and_step() {
+        assert_eq!(
+            parse_fault("appliance-lost-secondary@primary-mixed").unwrap(),
+            FaultSpec {
+                kind: FaultKind::ApplianceLostSecondary,
+                step: Step::PrimaryMixed
+            }
+        );
+    }
+
+    #[test]
+    fn a_fault_outside_the_catalog_is_refused() {
+        for bad in [
+            "crash-active",
+            "melt@primary-mixed",
+            "start-fail@primary-mixed",
+        ] {
+            let e = parse_fault(bad).expect_err(bad);
+            assert!(format!("{e:#}").contains("--list-faults"), "{bad}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn appliance_loss_kills_the_named_appliance() {
+        assert_eq!(appliance_index(FaultKind::ApplianceLostPrimary), 0);
+        assert_eq!(appliance_index(FaultKind::ApplianceLostSecondary), 1);
+    }
 }
