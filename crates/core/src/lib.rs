@@ -15,5 +15,5 @@ pub use domain::{
 };
 pub use engine::{
     Command, CompatVerdict, Engine, EngineConfig, EngineError, EngineState, Event, Outcome, Report,
-    Status, Step, Stuck,
+    Status, Step, Stuck, RESUME_COMMANDS,
 };

@@ -130,7 +130,12 @@ fn a_snapshot_journalled_by_the_previous_release_restores() {
     assert_eq!(issu.rollback_deadline_tick, Some(169));
     // It restores, and what it writes now loads back unchanged.
     let e = hitless_core::Engine::restore(st.clone()).expect("consistent");
-    let again: hitless_core::EngineState =
-        serde_json::from_str(&serde_json::to_string(e.state()).unwrap()).unwrap();
+    let written = serde_json::to_string(e.state()).unwrap();
+    let again: hitless_core::EngineState = serde_json::from_str(&written).unwrap();
     assert_eq!(again, st);
+    // What it writes keeps the previous release's field names, so an agent of the previous
+    // release reads this release's journal records (the peer mirror of a mixed agent pair).
+    let old: serde_json::Value = serde_json::from_str(PREVIOUS_RELEASE_SNAPSHOT).unwrap();
+    let new: serde_json::Value = serde_json::from_str(&written).unwrap();
+    assert_eq!(new, old, "the serialized field names changed");
 }

@@ -70,6 +70,11 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Resume an ISSU that needs the operator (after the cause it names is dealt with).
+    Resume {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Run the ISSU engine against a simulated pair.
     Sim {
         #[command(subcommand)]
@@ -267,6 +272,7 @@ fn main() {
         Command::Abort { api } => ops::operator(&api, "abort"),
         Command::Rollback { api } => ops::operator(&api, "rollback"),
         Command::Commit { api } => ops::operator(&api, "commit"),
+        Command::Resume { api } => ops::operator(&api, "resume"),
         Command::Sim { command } => match command {
             SimCommand::Issu {
                 fault,
@@ -297,5 +303,33 @@ fn main() {
     if let Err(err) = result {
         eprintln!("error: {err:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_a_stuck_engine_names_runs_as_printed() {
+        for cmd in hitless_core::RESUME_COMMANDS {
+            let stuck = hitless_core::Stuck {
+                reason: "test".into(),
+                resume_with: cmd.into(),
+                first: Some("checking the pair".into()),
+            };
+            let hint = stuck.hint();
+            let printed = hint.split('`').nth(1).expect("the hint quotes the command");
+            let argv: Vec<&str> = printed.split_whitespace().collect();
+            assert_eq!(argv[0], "hitless", "{hint}");
+            let cli = Cli::try_parse_from(&argv)
+                .unwrap_or_else(|e| panic!("`{printed}` does not parse: {e}"));
+            let named = match cli.command {
+                Command::Resume { .. } => "resume",
+                Command::Rollback { .. } => "rollback",
+                other => panic!("`{printed}` runs {other:?}"),
+            };
+            assert_eq!(named, cmd);
+        }
     }
 }

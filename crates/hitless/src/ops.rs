@@ -163,10 +163,7 @@ pub fn print_status(s: &StatusAnswer) {
             e.control_version.map(|v| v.to_string()).unwrap_or_default(),
         );
         if let Some(st) = &e.stuck {
-            println!(
-                "NEEDS THE OPERATOR: {} -> run `hitless {}`",
-                st.reason, st.resume_with
-            );
+            println!("NEEDS THE OPERATOR: {} -> run {}", st.reason, st.hint());
         }
     }
     println!("{t}");
@@ -265,9 +262,9 @@ pub fn follow(
                 }
                 Report::Stuck(s) if since <= l.seq => {
                     bail!(
-                        "the ISSU needs the operator: {} (resume with `hitless {}`; `hitless status` shows the pair)",
+                        "the ISSU needs the operator: {} (resume with {}; `hitless status` shows the pair)",
                         s.reason,
-                        s.resume_with
+                        s.hint()
                     );
                 }
                 Report::Finished(o) if since <= l.seq => {
@@ -300,8 +297,9 @@ pub fn describe(l: &ProgressLine) -> String {
                 .unwrap_or_default()
         ),
         Report::Stuck(s) => format!(
-            "needs the operator: {} (resume with `hitless {}`)",
-            s.reason, s.resume_with
+            "needs the operator: {} (resume with {})",
+            s.reason,
+            s.hint()
         ),
         Report::Finished(Outcome::Committed { version }) => {
             format!("committed: all instances on {version}")

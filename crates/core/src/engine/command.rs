@@ -49,8 +49,26 @@ pub enum Report {
 pub struct Stuck {
     /// Exact situation.
     pub reason: String,
-    /// Operator command that resumes (`resume`, `rollback`, ...).
+    /// The operator command that resumes, one of [`RESUME_COMMANDS`]: `hitless <resume_with>`
+    /// runs as written.
     pub resume_with: String,
+    /// What the operator does before running it, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<String>,
+}
+
+/// Every operator command a [`Stuck`] report may name (each a `hitless` subcommand and a
+/// `POST /v1/<command>` of the agent's API).
+pub const RESUME_COMMANDS: [&str; 2] = ["resume", "rollback"];
+
+impl Stuck {
+    /// The hint as the CLI prints it: the command, then what to do first.
+    pub fn hint(&self) -> String {
+        match &self.first {
+            Some(first) => format!("`hitless {}` after {first}", self.resume_with),
+            None => format!("`hitless {}`", self.resume_with),
+        }
+    }
 }
 
 /// How an ISSU ended.

@@ -174,7 +174,8 @@ impl Engine {
                             failed.map(|f| f.to_string()).unwrap_or_default(),
                             self.describe()
                         ),
-                        "resume (after restoring an instance holding every acknowledged write)",
+                        "resume",
+                        Some("restoring an instance that holds every acknowledged write"),
                         out,
                     );
                 }

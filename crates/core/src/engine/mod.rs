@@ -55,7 +55,7 @@ mod timer;
 
 use crate::domain::{ApplianceId, ImageRef, Instance, InstanceId, InstanceState, Pair, Role};
 
-pub use command::{Command, Outcome, Report, Stuck};
+pub use command::{Command, Outcome, Report, Stuck, RESUME_COMMANDS};
 pub use event::{CompatVerdict, Event};
 pub use state::{EngineConfig, EngineError, EngineState, IssuState, PendingSwitch, Slots};
 pub use status::{InstanceRow, Status};
@@ -338,10 +338,23 @@ impl Engine {
         out.push(Command::StopInstance { instance: id });
     }
 
-    fn set_stuck(&mut self, reason: String, resume_with: &str, out: &mut Vec<Command>) {
+    /// Waits for the operator: `resume_with` is one of [`RESUME_COMMANDS`], `first` what the
+    /// operator does before.
+    fn set_stuck(
+        &mut self,
+        reason: String,
+        resume_with: &str,
+        first: Option<&str>,
+        out: &mut Vec<Command>,
+    ) {
+        assert!(
+            RESUME_COMMANDS.contains(&resume_with),
+            "a stuck engine names an operator command, not {resume_with:?}"
+        );
         let stuck = Stuck {
             reason,
             resume_with: resume_with.to_string(),
+            first: first.map(str::to_string),
         };
         out.push(report(Report::Stuck(stuck.clone())));
         self.st.stuck = Some(stuck);

@@ -22,8 +22,7 @@ impl Engine {
             }
             Prog::Wait => {}
             Prog::Fail(reason) => {
-                let resume = "rollback (resumes the reconciler)";
-                self.set_stuck(reason, resume, out);
+                self.set_stuck(reason, "rollback", None, out);
             }
         }
     }
@@ -34,7 +33,7 @@ impl Engine {
             return;
         };
         match self.reconcile(&image, false, out) {
-            Prog::Fail(reason) => self.set_stuck(reason, "resume", out),
+            Prog::Fail(reason) => self.set_stuck(reason, "resume", None, out),
             Prog::Done => self.st.repair_starts = 0,
             Prog::Wait => {}
         }

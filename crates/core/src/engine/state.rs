@@ -1,4 +1,8 @@
 //! The engine's serializable state (journalled) and its configuration.
+//!
+//! Fields whose Rust name carries a unit (`*_tick`, `*_ticks`) keep their serialized name of
+//! the previous release (`#[serde(rename)]`): both releases of a mixed agent pair read each
+//! other's journal records.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,24 +14,24 @@ use super::{CompatVerdict, Outcome, Step, Stuck};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineConfig {
     /// Bound for `StartInstance` to be confirmed.
-    #[serde(alias = "start_timeout")]
+    #[serde(rename = "start_timeout")]
     pub start_timeout_ticks: u64,
     /// Bound for an attached standby to reach sufficient state.
-    #[serde(alias = "sync_timeout")]
+    #[serde(rename = "sync_timeout")]
     pub sync_timeout_ticks: u64,
     /// Bound for a `SwitchControl` / `Failover` to be confirmed.
-    #[serde(alias = "switch_timeout")]
+    #[serde(rename = "switch_timeout")]
     pub switch_timeout_ticks: u64,
     /// Bound for `StopInstance` to be confirmed.
-    #[serde(alias = "stop_timeout")]
+    #[serde(rename = "stop_timeout")]
     pub stop_timeout_ticks: u64,
     /// Bound for `VerifyStandby` to be answered.
-    #[serde(alias = "verify_timeout")]
+    #[serde(rename = "verify_timeout")]
     pub verify_timeout_ticks: u64,
     /// Soak time with the new version in control and the old one still available.
     pub soak_ticks: u64,
     /// Reverts unless committed this many ticks after control first moves to N+1.
-    #[serde(alias = "rollback_timer")]
+    #[serde(rename = "rollback_timer")]
     pub rollback_timer_ticks: Option<u64>,
     /// Largest replication lag (mutations) accepted as sufficient state.
     pub max_lag: u64,
@@ -103,7 +107,7 @@ pub struct IssuState {
     /// Current step.
     pub step: Step,
     /// Tick the step was entered.
-    #[serde(alias = "step_entered")]
+    #[serde(rename = "step_entered")]
     pub step_entered_tick: u64,
     /// Instances by procedure role.
     pub slots: Slots,
@@ -112,7 +116,7 @@ pub struct IssuState {
     /// The HA standby's digest was verified in `precheck`.
     pub verified: bool,
     /// Reverts at this tick unless committed.
-    #[serde(alias = "rollback_deadline")]
+    #[serde(rename = "rollback_deadline")]
     pub rollback_deadline_tick: Option<u64>,
     /// Why the rollback started.
     pub rollback_reason: Option<String>,
@@ -128,7 +132,7 @@ pub struct EngineState {
     /// Instance table, epoch, control.
     pub pair: Pair,
     /// Logical time.
-    #[serde(alias = "now")]
+    #[serde(rename = "now")]
     pub now_tick: u64,
     /// Next instance id.
     pub next_id: u64,
@@ -145,7 +149,7 @@ pub struct EngineState {
     /// How the last ISSU ended.
     pub last_outcome: Option<Outcome>,
     /// Step timer: fires at this tick unless progress is made.
-    #[serde(alias = "deadline")]
+    #[serde(rename = "deadline")]
     pub deadline_tick: Option<u64>,
     /// The in-flight commands were already re-issued once for the current deadline.
     pub retried: bool,

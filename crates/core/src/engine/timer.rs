@@ -79,7 +79,8 @@ impl Engine {
                             p.to,
                             p.from.map(|f| f.to_string()).unwrap_or_else(|| "nobody".into())
                         ),
-                        "resume (after confirming which instance serves clients)",
+                        "resume",
+                        Some("confirming which instance serves clients"),
                         out,
                     );
                     return;
@@ -94,10 +95,11 @@ impl Engine {
                 self.set_stuck(
                     format!("timed out twice waiting for {what}; {}", self.describe()),
                     if step == Some(Step::Rollback) {
-                        "rollback (re-issues the outstanding commands)"
+                        "rollback"
                     } else {
                         "resume"
                     },
+                    None,
                     out,
                 );
             }

@@ -157,7 +157,7 @@ impl From<Violation> for SimViolation {
 pub(super) fn note(progress: &Report) -> Option<String> {
     Some(match progress {
         Report::Step { step, detail } => format!("{step}: {detail}"),
-        Report::Stuck(s) => format!("stuck: {} (resume with {})", s.reason, s.resume_with),
+        Report::Stuck(s) => format!("stuck: {} (resume with {})", s.reason, s.hint()),
         Report::Finished(Outcome::Committed { version }) => {
             format!("finished: committed {version}")
         }
@@ -178,7 +178,7 @@ pub(super) fn result_of(st: &EngineState, started: bool) -> (SimResult, Option<S
     match (&st.issu, &st.last_outcome, &st.stuck) {
         (_, _, Some(s)) => (
             SimResult::Incomplete,
-            Some(format!("{} (resume with {})", s.reason, s.resume_with)),
+            Some(format!("{} (resume with {})", s.reason, s.hint())),
         ),
         (None, Some(Outcome::Committed { .. }), _) if started => (SimResult::Committed, None),
         (None, Some(Outcome::RolledBack { reason, .. }), _) if started => {
