@@ -2,18 +2,40 @@
 
 use std::time::Duration;
 
-use hitless_core::{ApplianceId, ControlEpoch, Engine, ImageRef, InstanceId, Pair};
+use hitless_core::{ApplianceId, ControlEpoch, Engine, EngineError, ImageRef, InstanceId, Pair};
+use thiserror::Error;
 use tracing::info;
 
 use super::execute::started;
 use super::switch::route_to;
-use super::{Appliances, Driver};
+use super::{Appliances, Driver, JournalError};
 use crate::appliance::{active_config, as_status, standby_config, Op};
+use crate::remote::OpError;
+
+/// Why the first pair could not be brought up.
+#[derive(Debug, Error)]
+pub enum BootstrapError {
+    /// An op on one of the appliances failed.
+    #[error(transparent)]
+    Op(#[from] OpError),
+    /// The HA standby did not become ready in time.
+    #[error("instance {instance} was not ready within {bound:?}")]
+    NotReady {
+        instance: InstanceId,
+        bound: Duration,
+    },
+    /// The engine refused the first pair.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The first transition could not be journaled.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
 
 impl Driver {
     /// Starts driving from scratch: brings up the first pair (active on the primary, HA
     /// standby on the secondary) on `image`.
-    pub async fn bootstrap(&mut self, image: ImageRef) -> Result<(), String> {
+    pub async fn bootstrap(&mut self, image: ImageRef) -> Result<(), BootstrapError> {
         let active = InstanceId(1);
         let standby = InstanceId(2);
         let epoch = ControlEpoch(1);
@@ -72,8 +94,7 @@ impl Driver {
         let engine = Engine::new(
             self.engine_config.clone(),
             Pair::steady(image, active, standby, epoch),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         self.engine = Some(engine);
         self.record(None, vec![])?;
         self.publish();
@@ -87,7 +108,7 @@ async fn wait_ready(
     id: InstanceId,
     bound: Duration,
     poll: Duration,
-) -> Result<(), String> {
+) -> Result<(), BootstrapError> {
     let deadline = tokio::time::Instant::now() + bound;
     loop {
         let s = as_status(apps.exec(app, Op::Status { instance: id }).await)?;
@@ -95,7 +116,10 @@ async fn wait_ready(
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(format!("instance {id} was not ready within {bound:?}"));
+            return Err(BootstrapError::NotReady {
+                instance: id,
+                bound,
+            });
         }
         tokio::time::sleep(poll).await;
     }

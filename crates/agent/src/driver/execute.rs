@@ -12,6 +12,7 @@ use super::switch::{failover, switchover, SwitchContext};
 use super::{Appliances, Driver, DriverTiming, Input};
 use crate::appliance::{as_status, standby_config, Op, OpOk, Started};
 use crate::front::Route;
+use crate::remote::OpError;
 
 impl Driver {
     fn instance_appliance(&self, id: InstanceId) -> Option<ApplianceId> {
@@ -57,7 +58,10 @@ impl Driver {
                         let r = apps.exec(appliance, Op::Start { instance, image }).await;
                         let input = match r.and_then(started) {
                             Ok(s) => Input::Started(Box::new(s)),
-                            Err(reason) => Input::Event(Event::InstanceFailed { instance, reason }),
+                            Err(e) => Input::Event(Event::InstanceFailed {
+                                instance,
+                                reason: e.to_string(),
+                            }),
                         };
                         let _ = tx.send(input).await;
                     });
@@ -168,10 +172,10 @@ fn runs_in_order(c: &Command) -> bool {
     )
 }
 
-pub(super) fn started(r: OpOk) -> Result<Started, String> {
+pub(super) fn started(r: OpOk) -> Result<Started, OpError> {
     match r {
         OpOk::Started(s) => Ok(*s),
-        other => Err(format!("expected a started instance, got {other:?}")),
+        other => Err(OpError::unexpected("a started instance", &other)),
     }
 }
 
@@ -233,7 +237,7 @@ async fn ready_event(
             Err(e) => {
                 return Event::InstanceFailed {
                     instance: standby,
-                    reason: e,
+                    reason: e.to_string(),
                 }
             }
         }
@@ -284,7 +288,11 @@ async fn run_ordered(
         }
         Command::Failover { to, epoch } => match failover(apps, ctx, to, epoch.0).await {
             Ok(()) => vec![Input::Event(Event::ControlSwitched { to, epoch })],
-            Err(reason) => vec![Input::Event(Event::SwitchFailed { to, epoch, reason })],
+            Err(e) => vec![Input::Event(Event::SwitchFailed {
+                to,
+                epoch,
+                reason: e.to_string(),
+            })],
         },
         Command::SwitchControl { from, to, epoch } => {
             match switchover(apps, ctx, timing, from, to, epoch.0).await {
@@ -309,7 +317,11 @@ async fn run_ordered(
                                 .await;
                         }
                     }
-                    vec![Input::Event(Event::SwitchFailed { to, epoch, reason })]
+                    vec![Input::Event(Event::SwitchFailed {
+                        to,
+                        epoch,
+                        reason: reason.to_string(),
+                    })]
                 }
             }
         }

@@ -11,6 +11,13 @@
 //!
 //! When the driving agent's appliance is lost, the peer restores the engine from its mirror of
 //! the journal and drives from there.
+//!
+//! By role: this module holds the driver and its input loop; `journal` writes, mirrors and
+//! restores transitions ([`JournalError`]); `execute` turns commands into ops; `switch` moves
+//! control and routes the fronts ([`SwitchError`]); `observe` handles observations and the
+//! peer's loss and return; `operator` handles operator requests ([`OperatorError`]);
+//! `bootstrap` brings up the first pair ([`BootstrapError`]). Ops on either appliance fail
+//! with an [`OpError`], which says whether the peer was unreachable.
 
 mod bootstrap;
 mod execute;
@@ -18,6 +25,11 @@ mod journal;
 mod observe;
 mod operator;
 mod switch;
+
+pub use bootstrap::BootstrapError;
+pub use journal::JournalError;
+pub use operator::OperatorError;
+pub use switch::SwitchError;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -32,7 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::appliance::{Appliance, Observation, Op, OpOk, Started};
-use crate::remote::Remote;
+use crate::remote::{OpError, Remote};
 
 /// One journal record: an engine transition, written before its commands run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -72,7 +84,7 @@ pub struct ProgressLine {
 pub enum Input {
     Operator {
         request: OperatorRequest,
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Result<String, OperatorError>>,
     },
     Event(Event),
     Observation(ApplianceId, Observation),
@@ -137,9 +149,12 @@ pub struct Appliances {
 
 impl Appliances {
     /// Runs `op` on `appliance`.
-    pub async fn exec(&self, appliance: ApplianceId, op: Op) -> Result<OpOk, String> {
+    pub async fn exec(&self, appliance: ApplianceId, op: Op) -> Result<OpOk, OpError> {
         if appliance == self.local.id() {
-            self.local.exec(op).await
+            self.local
+                .exec(op)
+                .await
+                .map_err(|reason| OpError::Refused { appliance, reason })
         } else {
             self.remote.exec(op).await
         }
@@ -252,7 +267,7 @@ impl Driver {
     }
 
     /// Handles one driver input.
-    pub async fn input(&mut self, input: Input) -> Result<(), String> {
+    pub async fn input(&mut self, input: Input) -> Result<(), JournalError> {
         match input {
             Input::Tick => self.feed(Event::Tick),
             Input::Event(e) => self.feed(e),

@@ -5,12 +5,12 @@ use hitless_control::AgentCommand;
 use hitless_core::{Event, InstanceId, Role};
 use tracing::{debug, warn};
 
-use super::Driver;
+use super::{Driver, JournalError};
 use crate::appliance::{Observation, Op, OpOk, Started};
 
 impl Driver {
     /// An instance started: its endpoints are known.
-    pub(super) fn instance_started(&mut self, s: Started) -> Result<(), String> {
+    pub(super) fn instance_started(&mut self, s: Started) -> Result<(), JournalError> {
         let id = s.instance;
         self.instances.insert(id, s);
         self.publish();
@@ -18,7 +18,7 @@ impl Driver {
     }
 
     /// Something happened on an appliance.
-    pub(super) fn observed(&mut self, observation: Observation) -> Result<(), String> {
+    pub(super) fn observed(&mut self, observation: Observation) -> Result<(), JournalError> {
         match observation {
             Observation::Exited {
                 instance,
@@ -47,7 +47,7 @@ impl Driver {
     }
 
     /// The peer link is down.
-    pub(super) fn peer_lost(&mut self) -> Result<(), String> {
+    pub(super) fn peer_lost(&mut self) -> Result<(), JournalError> {
         self.peer_up = false;
         let peer = self.me.other();
         if self.engine.is_none() {
@@ -62,7 +62,7 @@ impl Driver {
     }
 
     /// The peer link is up (again).
-    pub(super) async fn peer_returned(&mut self) -> Result<(), String> {
+    pub(super) async fn peer_returned(&mut self) -> Result<(), JournalError> {
         let was_down = !self.peer_up;
         self.peer_up = true;
         if self.engine.is_some() {

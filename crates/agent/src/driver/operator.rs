@@ -1,17 +1,65 @@
 //! Operator requests: upgrade, abort, rollback, commit, resume.
 
-use hitless_core::{ApplianceId, Event, Report};
+use hitless_core::{ApplianceId, Event, ImageRef, Report};
+use thiserror::Error;
 
-use super::{Driver, OperatorRequest};
+use super::{Driver, JournalError, OperatorRequest};
 use crate::appliance::{Op, OpOk};
+use crate::images::CatalogError;
+use crate::remote::OpError;
+
+/// Why an operator request was not accepted.
+#[derive(Debug, Error)]
+pub enum OperatorError {
+    /// The other agent drives the pair.
+    #[error(
+        "the {appliance} agent does not drive the pair now; send the request to the peer agent"
+    )]
+    NotDriving { appliance: ApplianceId },
+    /// An appliance could not verify or register the upgrade's image.
+    #[error("the {appliance} appliance cannot use the image: {source}")]
+    ImageUnusable {
+        appliance: ApplianceId,
+        source: OpError,
+    },
+    /// An appliance answered the image registration with something else than an image.
+    #[error("unexpected answer {got}")]
+    UnexpectedAnswer { got: String },
+    /// No instance is in control, so there is no running version to upgrade from.
+    #[error("no instance is in control; nothing to upgrade")]
+    NothingInControl,
+    /// The catalog cannot compare the running image and the target.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// State does not flow both ways between the running image and the target.
+    #[error(
+        "image {} {} is not compatible with the running {} {} in both directions: {detail}",
+        .target.name, .target.version, .running.name, .running.version
+    )]
+    Incompatible {
+        target: ImageRef,
+        running: ImageRef,
+        detail: String,
+    },
+    /// The upgrade's memory plan refused it (the reason says what to change).
+    #[error("{reason}")]
+    Plan { reason: String },
+    /// The engine rejected the request.
+    #[error("{reason}")]
+    Rejected { request: String, reason: String },
+    /// The request's transition could not be journaled.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
 
 impl Driver {
-    pub(super) async fn operator(&mut self, request: OperatorRequest) -> Result<String, String> {
+    /// Handles one operator request; the answer is a sentence for the operator.
+    pub(super) async fn operator(
+        &mut self,
+        request: OperatorRequest,
+    ) -> Result<String, OperatorError> {
         if self.engine.is_none() {
-            return Err(format!(
-                "the {} agent does not drive the pair now; send the request to the peer agent",
-                self.me
-            ));
+            return Err(OperatorError::NotDriving { appliance: self.me });
         }
         match request {
             OperatorRequest::Upgrade { image_dir } => {
@@ -34,9 +82,16 @@ impl Driver {
                 for (app, r) in [(ApplianceId::Primary, p), (ApplianceId::Secondary, s)] {
                     match r {
                         Ok(OpOk::Added { image }) => catalog_ref = Some(image),
-                        Ok(other) => return Err(format!("unexpected answer {other:?}")),
-                        Err(e) => {
-                            return Err(format!("the {app} appliance cannot use the image: {e}"))
+                        Ok(other) => {
+                            return Err(OperatorError::UnexpectedAnswer {
+                                got: format!("{other:?}"),
+                            })
+                        }
+                        Err(source) => {
+                            return Err(OperatorError::ImageUnusable {
+                                appliance: app,
+                                source,
+                            })
                         }
                     }
                 }
@@ -47,21 +102,19 @@ impl Driver {
                     .pair
                     .control()
                     .map(|i| i.image.clone())
-                    .ok_or("no instance is in control; nothing to upgrade")?;
-                let verdict = self
-                    .apps
-                    .local
-                    .catalog()
-                    .compat(&running, &catalog_ref)
-                    .map_err(|e| e.to_string())?;
+                    .ok_or(OperatorError::NothingInControl)?;
+                let verdict = self.apps.local.catalog().compat(&running, &catalog_ref)?;
                 if !(verdict.upgrade_ok && verdict.downgrade_ok) {
-                    return Err(format!(
-                        "image {} {} is not compatible with the running {} {} in both directions: {}",
-                        catalog_ref.name, catalog_ref.version, running.name, running.version, verdict.detail
-                    ));
+                    return Err(OperatorError::Incompatible {
+                        target: catalog_ref,
+                        running,
+                        detail: verdict.detail,
+                    });
                 }
                 let pair = self.engine.as_ref().expect("driving").state().pair.clone();
-                crate::plan::check_pair(&self.apps, &pair).await?;
+                crate::plan::check_pair(&self.apps, &pair)
+                    .await
+                    .map_err(|reason| OperatorError::Plan { reason })?;
                 self.feed(Event::Compatibility { verdict })?;
                 self.feed(Event::Start {
                     target: catalog_ref.clone(),
@@ -80,19 +133,22 @@ impl Driver {
         }
     }
 
-    fn simple(&mut self, e: Event, name: &str) -> Result<String, String> {
+    fn simple(&mut self, e: Event, name: &str) -> Result<String, OperatorError> {
         self.feed(e)?;
         self.check_rejected(name)
             .map(|_| format!("{name} accepted"))
     }
 
     /// Whether the last progress line is a rejection of `request`.
-    fn check_rejected(&self, request: &str) -> Result<(), String> {
+    fn check_rejected(&self, request: &str) -> Result<(), OperatorError> {
         let v = self.view.lock().expect("view lock");
         for line in v.progress.iter().rev().take(4) {
             if let Report::Rejected { request: r, reason } = &line.report {
                 if r.contains(request) {
-                    return Err(reason.clone());
+                    return Err(OperatorError::Rejected {
+                        request: r.clone(),
+                        reason: reason.clone(),
+                    });
                 }
             }
         }

@@ -5,11 +5,41 @@ use std::time::Duration;
 
 use hitless_control::AgentCommand;
 use hitless_core::{ApplianceId, InstanceId, Role};
+use thiserror::Error;
 use tracing::{info, warn};
 
 use super::{Appliances, Driver, DriverTiming};
 use crate::appliance::{active_config, as_status, standby_config, Op, OpOk, Started};
 use crate::front::Route;
+use crate::remote::OpError;
+
+/// Why control could not move (the engine is told, as the reason of a failed switch).
+#[derive(Debug, Error)]
+pub enum SwitchError {
+    /// The engine's state names an instance this driver has no appliance for.
+    #[error("instance {instance} is unknown")]
+    UnknownInstance { instance: InstanceId },
+    /// The instance never reported its endpoints to this driver.
+    #[error("instance {instance} has no known endpoints")]
+    NoEndpoints { instance: InstanceId },
+    /// The front of a reachable appliance could not be held.
+    #[error("the {appliance} front was not held: {source}")]
+    FrontNotHeld {
+        appliance: ApplianceId,
+        source: OpError,
+    },
+    /// The target did not apply the old active's last mutation in time; the old active keeps
+    /// control.
+    #[error("instance {to} did not catch up with {from} within {bound:?}")]
+    NoCatchUp {
+        to: InstanceId,
+        from: InstanceId,
+        bound: Duration,
+    },
+    /// An op of the switch failed.
+    #[error(transparent)]
+    Op(#[from] OpError),
+}
 
 impl Driver {
     /// What ordered commands need to know about the pair, captured now.
@@ -67,21 +97,21 @@ pub(super) struct SwitchContext {
 }
 
 impl SwitchContext {
-    pub(super) fn app(&self, id: InstanceId) -> Result<ApplianceId, String> {
+    pub(super) fn app(&self, id: InstanceId) -> Result<ApplianceId, SwitchError> {
         self.appliance_of
             .get(&id)
             .copied()
-            .ok_or_else(|| format!("instance {id} is unknown"))
+            .ok_or(SwitchError::UnknownInstance { instance: id })
     }
-    pub(super) fn started(&self, id: InstanceId) -> Result<&Started, String> {
+    pub(super) fn started(&self, id: InstanceId) -> Result<&Started, SwitchError> {
         self.instances
             .get(&id)
-            .ok_or_else(|| format!("instance {id} has no known endpoints"))
+            .ok_or(SwitchError::NoEndpoints { instance: id })
     }
 }
 
 /// Points both fronts at `to`; the appliance of `to` owns the service address.
-pub(super) async fn route_to(apps: &Appliances, epoch: u64, to: &Started) -> Result<(), String> {
+pub(super) async fn route_to(apps: &Appliances, epoch: u64, to: &Started) -> Result<(), OpError> {
     let route = Route {
         epoch,
         backend: Some(to.service_addr),
@@ -118,7 +148,7 @@ async fn promote(
     app: ApplianceId,
     to: InstanceId,
     epoch: u64,
-) -> Result<OpOk, String> {
+) -> Result<OpOk, OpError> {
     apps.exec(
         app,
         Op::Control {
@@ -135,12 +165,12 @@ pub(super) async fn failover(
     ctx: &SwitchContext,
     to: InstanceId,
     epoch: u64,
-) -> Result<(), String> {
+) -> Result<(), SwitchError> {
     let to_app = ctx.app(to)?;
     let target = ctx.started(to)?.clone();
     promote(apps, to_app, to, epoch).await?;
     repoint_standbys(apps, ctx, to, &target, epoch, None).await;
-    route_to(apps, epoch, &target).await
+    Ok(route_to(apps, epoch, &target).await?)
 }
 
 async fn repoint_standbys(
@@ -239,7 +269,7 @@ pub(super) async fn switchover(
     from: InstanceId,
     to: InstanceId,
     epoch: u64,
-) -> Result<(), String> {
+) -> Result<(), SwitchError> {
     let from_app = ctx.app(from)?;
     let to_app = ctx.app(to)?;
     let target = ctx.started(to)?.clone();
@@ -260,12 +290,17 @@ pub(super) async fn switchover(
         apps.exec(ApplianceId::Secondary, Op::FrontHold { bound_ms })
     );
     for (app, r) in [(ApplianceId::Primary, a), (ApplianceId::Secondary, b)] {
-        if let Err(e) = r {
-            let lost = app != apps.local.id() && !apps.remote.link().is_up();
-            if !lost {
-                return Err(format!("the {app} front was not held: {e}"));
+        match r {
+            Ok(_) => {}
+            Err(e) if e.peer_unreachable() => {
+                warn!("the {app} front was not held: its appliance is unreachable ({e})");
             }
-            warn!("the {app} front was not held: its appliance is unreachable ({e})");
+            Err(source) => {
+                return Err(SwitchError::FrontNotHeld {
+                    appliance: app,
+                    source,
+                })
+            }
         }
     }
     let t_held = t0.elapsed();
@@ -315,10 +350,11 @@ pub(super) async fn switchover(
                     },
                 )
                 .await;
-            return Err(format!(
-                "instance {to} did not catch up with {from} within {:?}",
-                timing.drain_bound
-            ));
+            return Err(SwitchError::NoCatchUp {
+                to,
+                from,
+                bound: timing.drain_bound,
+            });
         }
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
