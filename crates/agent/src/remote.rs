@@ -277,3 +277,260 @@ impl Remote {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::PeerEvent;
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use tokio::sync::mpsc;
+
+    const BEAT: Duration = Duration::from_millis(20);
+
+    fn free_addr() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    fn beat(from: ApplianceId) -> impl Fn() -> PeerMsg + Send + Sync + 'static {
+        move || PeerMsg::Heartbeat {
+            from,
+            driving: false,
+            epoch: 0,
+        }
+    }
+
+    /// The primary's view of the secondary over a link that is up, and the secondary's end of
+    /// it (its link and the messages it receives).
+    async fn linked() -> (
+        Remote,
+        PeerLink<PeerMsg>,
+        mpsc::Receiver<PeerEvent<PeerMsg>>,
+    ) {
+        let (a_addr, b_addr) = (free_addr(), free_addr());
+        let (a, mut a_rx) = PeerLink::start(a_addr, b_addr, BEAT, 3, beat(ApplianceId::Primary))
+            .await
+            .unwrap();
+        let (b, b_rx) = PeerLink::start(b_addr, a_addr, BEAT, 3, beat(ApplianceId::Secondary))
+            .await
+            .unwrap();
+        let remote = Remote::new(a, ApplianceId::Secondary);
+        // The primary's dispatcher: responses complete requests.
+        let r = remote.clone();
+        tokio::spawn(async move {
+            while let Some(e) = a_rx.recv().await {
+                if let PeerEvent::Message(PeerMsg::Response { id, result }) = e {
+                    r.complete(id, result);
+                }
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !remote.link().is_up() {
+            assert!(tokio::time::Instant::now() < deadline, "link up within 5 s");
+            tokio::time::sleep(BEAT).await;
+        }
+        (remote, b, b_rx)
+    }
+
+    /// The id of the next request the secondary receives.
+    async fn next_request(rx: &mut mpsc::Receiver<PeerEvent<PeerMsg>>) -> u64 {
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("a request within 5 s")
+                .expect("open");
+            if let PeerEvent::Message(PeerMsg::Request { id, .. }) = e {
+                return id;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_op_on_a_down_link_is_peer_unreachable() {
+        // Nobody listens at the peer's address: the link never comes up.
+        let (link, _rx) = PeerLink::start(
+            free_addr(),
+            free_addr(),
+            BEAT,
+            3,
+            beat(ApplianceId::Primary),
+        )
+        .await
+        .unwrap();
+        let remote = Remote::new(link, ApplianceId::Secondary);
+        let e = remote.exec(Op::Describe).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OpError::PeerUnreachable {
+                    appliance: ApplianceId::Secondary,
+                    how: Unreachable::LinkDown
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.peer_unreachable());
+        assert_eq!(e.to_string(), "the secondary appliance is unreachable");
+        assert!(remote.pending.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refused_op_gives_refused_with_the_reason() {
+        let (remote, b, mut b_rx) = linked().await;
+        let reason = "instance i3 is not running on the secondary appliance";
+        let answer = tokio::spawn(async move {
+            let id = next_request(&mut b_rx).await;
+            b.send(PeerMsg::Response {
+                id,
+                result: Err(Failure::refused(reason)),
+            })
+            .unwrap();
+            (b, b_rx)
+        });
+        let e = remote
+            .exec(Op::Status {
+                instance: hitless_core::InstanceId(3),
+            })
+            .await
+            .unwrap_err();
+        answer.await.unwrap();
+        match &e {
+            OpError::Refused {
+                appliance: ApplianceId::Secondary,
+                reason: r,
+            } => assert_eq!(r, reason),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(!e.peer_unreachable());
+        assert_eq!(e.to_string(), reason);
+    }
+
+    #[tokio::test]
+    async fn an_answered_op_gives_its_result() {
+        let (remote, b, mut b_rx) = linked().await;
+        tokio::spawn(async move {
+            let id = next_request(&mut b_rx).await;
+            b.send(PeerMsg::Response {
+                id,
+                result: Ok(OpOk::Done),
+            })
+            .unwrap();
+            (b, b_rx)
+        });
+        let r = remote
+            .exec(Op::AddImage {
+                dir: PathBuf::from("/images/kvd-2.0.0"),
+            })
+            .await;
+        assert!(matches!(r, Ok(OpOk::Done)), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn ops_waiting_when_the_peer_is_lost_are_peer_unreachable() {
+        let (remote, _b, mut b_rx) = linked().await;
+        let r = remote.clone();
+        let waiting = tokio::spawn(async move { r.exec(Op::Describe).await });
+        // The request reached the peer, which never answers; then the peer is lost.
+        next_request(&mut b_rx).await;
+        remote.fail_all();
+        let e = waiting.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OpError::PeerUnreachable {
+                    appliance: ApplianceId::Secondary,
+                    how: Unreachable::Lost
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.to_string(), "the secondary appliance was lost");
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_op_times_out_without_being_taken_for_unreachable() {
+        let (remote, _b, _b_rx) = linked().await;
+        // A hold's bound is its own plus 2 s.
+        let e = remote
+            .exec(Op::FrontHold { bound_ms: 0 })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OpError::Timeout {
+                    appliance: ApplianceId::Secondary,
+                    bound
+                } if bound == Duration::from_secs(2)
+            ),
+            "{e:?}"
+        );
+        assert!(!e.peer_unreachable());
+        assert!(remote.pending.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_plain_sentence_of_an_earlier_agent_still_decodes_as_refused() {
+        let old = r#"{"msg":"response","id":7,"result":{"Err":"instance i3 is not running on the secondary appliance"}}"#;
+        let PeerMsg::Response { id, result } = serde_json::from_str::<PeerMsg>(old).unwrap() else {
+            panic!("not a response");
+        };
+        assert_eq!(id, 7);
+        let f = result.unwrap_err();
+        assert_eq!(
+            f,
+            Failure {
+                kind: FailureKind::Refused,
+                message: "instance i3 is not running on the secondary appliance".into(),
+            }
+        );
+        let e = f.into_op_error(ApplianceId::Secondary);
+        assert!(
+            matches!(&e, OpError::Refused { appliance: ApplianceId::Secondary, reason } if reason.starts_with("instance i3")),
+            "{e:?}"
+        );
+        // A success of an earlier agent has the same shape as ever.
+        let ok = r#"{"msg":"response","id":8,"result":{"Ok":{"result":"done"}}}"#;
+        let PeerMsg::Response { result, .. } = serde_json::from_str::<PeerMsg>(ok).unwrap() else {
+            panic!("not a response");
+        };
+        assert!(matches!(result, Ok(OpOk::Done)));
+    }
+
+    #[test]
+    fn a_failure_crosses_the_link_with_its_kind_and_an_unknown_kind_is_other() {
+        let msg = PeerMsg::Response {
+            id: 3,
+            result: Err(Failure::refused("no free instance slot")),
+        };
+        let json = serde_json::to_string(&msg).unwrap();
+        assert!(
+            json.contains(r#""Err":{"kind":"refused","message":"no free instance slot"}"#),
+            "{json}"
+        );
+        let PeerMsg::Response { result, .. } = serde_json::from_str::<PeerMsg>(&json).unwrap()
+        else {
+            panic!("not a response");
+        };
+        assert_eq!(
+            result.unwrap_err(),
+            Failure::refused("no free instance slot")
+        );
+
+        let later = r#"{"msg":"response","id":4,"result":{"Err":{"kind":"out-of-memory","message":"the host is out of memory"}}}"#;
+        let PeerMsg::Response { result, .. } = serde_json::from_str::<PeerMsg>(later).unwrap()
+        else {
+            panic!("not a response");
+        };
+        let f = result.unwrap_err();
+        assert_eq!(f.kind, FailureKind::Other);
+        assert_eq!(f.message, "the host is out of memory");
+    }
+
+    #[test]
+    fn a_malformed_failure_is_refused_by_the_decoder() {
+        let bad = r#"{"msg":"response","id":5,"result":{"Err":{"kind":"refused"}}}"#;
+        assert!(serde_json::from_str::<PeerMsg>(bad).is_err());
+    }
+}

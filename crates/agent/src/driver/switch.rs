@@ -260,6 +260,19 @@ async fn converge(
     }
 }
 
+/// Judges the hold of the `appliance` front: the front of an unreachable appliance serves
+/// nobody, so its hold may fail; any other failure fails the switchover.
+fn judge_hold(appliance: ApplianceId, r: Result<OpOk, OpError>) -> Result<(), SwitchError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.peer_unreachable() => {
+            warn!("the {appliance} front was not held: its appliance is unreachable ({e})");
+            Ok(())
+        }
+        Err(source) => Err(SwitchError::FrontNotHeld { appliance, source }),
+    }
+}
+
 /// Planned: hold the fronts, quiesce the old active, wait until the target has
 /// every mutation, promote it, demote the old one to its standby, re-point the others, route.
 pub(super) async fn switchover(
@@ -289,20 +302,8 @@ pub(super) async fn switchover(
         apps.exec(ApplianceId::Primary, Op::FrontHold { bound_ms }),
         apps.exec(ApplianceId::Secondary, Op::FrontHold { bound_ms })
     );
-    for (app, r) in [(ApplianceId::Primary, a), (ApplianceId::Secondary, b)] {
-        match r {
-            Ok(_) => {}
-            Err(e) if e.peer_unreachable() => {
-                warn!("the {app} front was not held: its appliance is unreachable ({e})");
-            }
-            Err(source) => {
-                return Err(SwitchError::FrontNotHeld {
-                    appliance: app,
-                    source,
-                })
-            }
-        }
-    }
+    judge_hold(ApplianceId::Primary, a)?;
+    judge_hold(ApplianceId::Secondary, b)?;
     let t_held = t0.elapsed();
     // 2. Quiesce the old active: nothing new is applied, and what it applied is durable.
     apps.exec(
@@ -428,4 +429,58 @@ pub(super) async fn switchover(
         "planned switchover done"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::Unreachable;
+
+    #[test]
+    fn a_hold_that_fails_because_the_peer_is_unreachable_does_not_fail_the_switch() {
+        for how in [
+            Unreachable::LinkDown,
+            Unreachable::Lost,
+            Unreachable::Closed,
+        ] {
+            let r = Err(OpError::PeerUnreachable {
+                appliance: ApplianceId::Secondary,
+                how,
+            });
+            assert!(judge_hold(ApplianceId::Secondary, r).is_ok(), "{how:?}");
+        }
+        assert!(judge_hold(ApplianceId::Primary, Ok(OpOk::Done)).is_ok());
+    }
+
+    #[test]
+    fn a_hold_refused_or_unanswered_fails_the_switch_naming_the_front() {
+        let refused = Err(OpError::Refused {
+            appliance: ApplianceId::Primary,
+            reason: "the front is stopping".into(),
+        });
+        let e = judge_hold(ApplianceId::Primary, refused).unwrap_err();
+        assert!(
+            matches!(&e, SwitchError::FrontNotHeld { appliance: ApplianceId::Primary, source: OpError::Refused { reason, .. } } if reason == "the front is stopping"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "the primary front was not held: the front is stopping"
+        );
+        let late = Err(OpError::Timeout {
+            appliance: ApplianceId::Secondary,
+            bound: Duration::from_secs(4),
+        });
+        let e = judge_hold(ApplianceId::Secondary, late).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SwitchError::FrontNotHeld {
+                    appliance: ApplianceId::Secondary,
+                    source: OpError::Timeout { .. }
+                }
+            ),
+            "{e:?}"
+        );
+    }
 }
