@@ -155,3 +155,56 @@ impl Driver {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(version: &str) -> ImageRef {
+        ImageRef::new("kvd", version.parse().unwrap())
+    }
+
+    #[test]
+    fn the_operator_reads_the_same_sentences_as_before() {
+        let e = OperatorError::NotDriving {
+            appliance: ApplianceId::Secondary,
+        };
+        assert_eq!(
+            e.to_string(),
+            "the secondary agent does not drive the pair now; send the request to the peer agent"
+        );
+        let e = OperatorError::Incompatible {
+            target: image("2.0.0"),
+            running: image("1.0.0"),
+            detail: "the state schema changed".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "image kvd 2.0.0 is not compatible with the running kvd 1.0.0 in both directions: \
+             the state schema changed"
+        );
+        let e = OperatorError::Rejected {
+            request: "start".into(),
+            reason: "an upgrade is already running".into(),
+        };
+        assert_eq!(e.to_string(), "an upgrade is already running");
+    }
+
+    #[test]
+    fn an_image_the_peer_cannot_use_names_the_appliance_and_keeps_the_op_error() {
+        let e = OperatorError::ImageUnusable {
+            appliance: ApplianceId::Secondary,
+            source: OpError::PeerUnreachable {
+                appliance: ApplianceId::Secondary,
+                how: crate::remote::Unreachable::LinkDown,
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "the secondary appliance cannot use the image: the secondary appliance is unreachable"
+        );
+        let source = std::error::Error::source(&e).expect("the op error is the source");
+        let op = source.downcast_ref::<OpError>().expect("an op error");
+        assert!(op.peer_unreachable());
+    }
+}
