@@ -119,7 +119,7 @@ async fn status(State(ctx): State<Ctx>) -> Response {
     {
         Ok(Ok(OpOk::Described(d))) => (Some(*d), None),
         Ok(Ok(other)) => (None, Some(format!("unexpected answer {other:?}"))),
-        Ok(Err(e)) => (None, Some(e)),
+        Ok(Err(e)) => (None, Some(e.to_string())),
         Err(_) => (
             None,
             Some("the peer agent did not answer within 2 s".into()),
@@ -186,7 +186,7 @@ async fn operator(State(ctx): State<Ctx>, request: OperatorRequest) -> Response 
     }
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
         Ok(Ok(Ok(message))) => Json(json!({ "ok": message })).into_response(),
-        Ok(Ok(Err(e))) => error(StatusCode::CONFLICT, e),
+        Ok(Ok(Err(e))) => error(StatusCode::CONFLICT, e.to_string()),
         Ok(Err(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, "the request was dropped"),
         Err(_) => error(
             StatusCode::GATEWAY_TIMEOUT,

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::config::{AgentConfig, BackendKind};
 use crate::front::{Front, Listening, Route};
 use crate::images::{ImageCatalog, ImageKind};
+use crate::remote::OpError;
 
 /// The port a service listens on inside a VM guest.
 pub const GUEST_SERVICE_PORT: u16 = 6379;
@@ -816,10 +817,10 @@ pub fn active_config(instance: InstanceId, epoch: u64) -> AgentCommand {
 }
 
 /// Reads a status reply.
-pub fn as_status(r: Result<OpOk, String>) -> Result<InstanceStatus, String> {
+pub fn as_status(r: Result<OpOk, OpError>) -> Result<InstanceStatus, OpError> {
     match r? {
         OpOk::Status(s) => Ok(*s),
-        other => Err(format!("expected a status, got {other:?}")),
+        other => Err(OpError::unexpected("a status", &other)),
     }
 }
 

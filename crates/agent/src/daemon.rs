@@ -16,7 +16,7 @@ use crate::driver::{Appliances, Driver, DriverTiming, Input, SharedView, Transit
 use crate::front::{Front, FrontLimits};
 use crate::images::ImageCatalog;
 use crate::peer::{PeerEvent, PeerLink};
-use crate::remote::{PeerMsg, Remote};
+use crate::remote::{Failure, PeerMsg, Remote};
 
 /// Errors that stop the agent from starting.
 #[derive(Debug, Error)]
@@ -41,6 +41,10 @@ pub enum AgentError {
     },
     #[error("bootstrap of the pair failed: {0}")]
     Bootstrap(String),
+    #[error("bootstrap of the pair failed: {0}")]
+    FirstPair(#[from] crate::driver::BootstrapError),
+    #[error("cannot resume the pair from the journal: {0}")]
+    Resume(#[from] crate::driver::JournalError),
     #[error(transparent)]
     Front(#[from] crate::front::FrontError),
 }
@@ -195,12 +199,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
     }
     if !peer_driving {
-        if driver.restore().map_err(AgentError::Bootstrap)? {
+        if driver.restore()? {
             // This agent drove before and was restarted: its instances did not survive it.
             warn!("resuming the pair from the journal; this appliance's instances are gone");
-            driver
-                .resume_after_restart()
-                .map_err(AgentError::Bootstrap)?;
+            driver.resume_after_restart()?;
         } else if me == ApplianceId::Primary {
             // A new pair: the primary brings it up once the peer is reachable.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -216,10 +218,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     "the secondary appliance's agent did not come up within 60 s".into(),
                 ));
             }
-            driver
-                .bootstrap(initial)
-                .await
-                .map_err(AgentError::Bootstrap)?;
+            driver.bootstrap(initial).await?;
         }
     }
     driving.store(driver.driving(), Ordering::Release);
@@ -348,7 +347,7 @@ fn dispatch_peer(
                     let a = a.clone();
                     let r = r.clone();
                     tokio::spawn(async move {
-                        let result = a.exec(op).await;
+                        let result = a.exec(op).await.map_err(Failure::refused);
                         let _ = r.link().send(PeerMsg::Response { id, result });
                     });
                 }
