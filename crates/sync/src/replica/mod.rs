@@ -83,6 +83,10 @@ pub struct ReplicaConfig {
     /// write crosses several threads (the active's, its HA standby's, the acknowledgement's),
     /// each of which would otherwise queue behind the bulk work. `None`: nothing is done.
     pub background_thread: Option<fn()>,
+    /// Frame formats this end reads and writes, announced at connect; a link
+    /// uses the highest format both ends have (default
+    /// [`wire::FormatRange::BUILD`]).
+    pub formats: wire::FormatRange,
 }
 
 impl ReplicaConfig {
@@ -105,6 +109,7 @@ impl ReplicaConfig {
             resume_log_batches: 1 << 16,
             ha_grace: Duration::ZERO,
             background_thread: None,
+            formats: wire::FormatRange::BUILD,
         }
     }
 }
@@ -1518,6 +1523,7 @@ impl Replica {
             ha,
             epoch: peer_epoch,
             resume,
+            formats: peer_formats,
         } = hello
         else {
             return Err(SyncError::Protocol("expected a hello".into()));
@@ -1567,6 +1573,16 @@ impl Replica {
                 return refuse(&mut conn, epoch, e);
             }
         };
+        let format = match wire::negotiate_format(
+            cfg.formats,
+            peer_formats.unwrap_or(wire::FormatRange::LEGACY),
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                let epoch = self.epoch();
+                return refuse(&mut conn, epoch, e.into());
+            }
+        };
         let mut st = self.state();
         if st.role != Role::Active {
             let (e, epoch) = (not_active(&st), st.epoch);
@@ -1604,12 +1620,15 @@ impl Replica {
         }
         st.links.retain(|l| l.link.node != node);
         let epoch = st.epoch;
-        let mut w = conn.writer;
+        // Frames after the welcome (itself in the frozen handshake format) are
+        // written in the negotiated format.
+        let mut w = wire::format_writer(conn.writer, format).expect("negotiated a known format");
         let welcome = Control::Welcome {
             node: cfg.node.clone(),
             native: schema.version(),
             stream_version,
             tables: schema.tables_of(stream_version).to_vec(),
+            format: Some(format),
         }
         .encode(epoch, st.seq);
         let link = Arc::new(Link {
@@ -1839,7 +1858,9 @@ impl Replica {
         let mut r = io::BufReader::with_capacity(64 << 10, reader);
         let mut payload = Vec::new();
         loop {
-            let Some(h) = wire::read_frame_into(&mut r, &mut payload)? else {
+            let Some(h) =
+                wire::read_frame_into_in(&mut r, &mut payload, self.inner.config.formats)?
+            else {
                 return Err(SyncError::Protocol("the standby closed the link".into()));
             };
             let f = Incoming {
@@ -2012,6 +2033,7 @@ impl Replica {
             ha,
             epoch: my_epoch,
             resume,
+            formats: Some(cfg.formats),
         };
         let dog = Watchdog::arm(conn.closer.clone(), cfg.ack_timeout);
         let welcome = (|| -> Result<(wire::Frame, Control), SyncError> {
@@ -2036,11 +2058,25 @@ impl Replica {
                 c();
             }
         })?;
-        let stream_version = match welcome {
+        let (stream_version, format) = match welcome {
             Control::Refuse { reason } => return Err(SyncError::Refused(reason)),
-            Control::Welcome { stream_version, .. } => stream_version,
+            Control::Welcome {
+                stream_version,
+                format,
+                ..
+            } => (stream_version, format.unwrap_or(wire::HANDSHAKE_VERSION)),
             _ => unreachable!(),
         };
+        if !cfg.formats.contains(format) {
+            if let Some(c) = &conn.closer {
+                c();
+            }
+            return Err(SyncError::Protocol(format!(
+                "the active chose sync frame format {format}, outside this end's formats {}",
+                cfg.formats
+            )));
+        }
+        let writer = wire::format_writer(conn.writer, format)?;
         if !schema.reads().contains(stream_version) {
             return Err(SyncError::Protocol(format!(
                 "the active chose stream version {stream_version}, which this build cannot read"
@@ -2050,7 +2086,7 @@ impl Replica {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             core: LinkCore::new(conn.closer.clone()),
             leaving: AtomicBool::new(false),
-            writer: Mutex::new(conn.writer),
+            writer: Mutex::new(writer),
             result: Mutex::new(None),
         });
         {
@@ -2316,7 +2352,7 @@ impl Replica {
             if link.core.is_closed() {
                 return Ok(());
             }
-            let read = wire::read_frame_into(&mut r, &mut payload);
+            let read = wire::read_frame_into_in(&mut r, &mut payload, self.inner.config.formats);
             if read.is_err() && link.leaving.load(Ordering::Acquire) {
                 return Ok(());
             }
