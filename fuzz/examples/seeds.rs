@@ -293,6 +293,7 @@ fn instance_messages() -> Vec<(&'static str, InstanceMessage)> {
                 kernel_release: None,
                 service_addr: "127.0.0.1:17800".into(),
                 sync_addr: "127.0.0.1:17801".into(),
+                formats: Some(hitless_control::FormatRange::BUILD),
             }),
         ),
         (
