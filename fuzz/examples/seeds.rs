@@ -308,6 +308,7 @@ fn instance_messages() -> Vec<(&'static str, InstanceMessage)> {
                     acked_seq: 41,
                     fenced: false,
                     quiesced: false,
+                    memory: None,
                 },
             },
         ),
