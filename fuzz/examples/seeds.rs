@@ -11,7 +11,7 @@ use hitless_control::{
     InstanceStatus, Role, SchemaSupport, ServiceStatus, SyncMode,
 };
 use hitless_image::{Manifest, SchemaDecl};
-use hitless_sync::wire::{self, Control, FrameType, ResumePoint};
+use hitless_sync::wire::{self, Control, FormatRange, FrameType, ResumePoint, WIRE_VERSION};
 use hitless_sync::{Digest, Mutation};
 
 fn main() -> std::io::Result<()> {
@@ -75,6 +75,7 @@ fn controls() -> Vec<(&'static str, Control)> {
                 ha: true,
                 epoch: 3,
                 resume: Some(ResumePoint { seq: 41, epoch: 3 }),
+                formats: Some(FormatRange::BUILD),
             },
         ),
         (
@@ -84,6 +85,7 @@ fn controls() -> Vec<(&'static str, Control)> {
                 native: 2,
                 stream_version: 1,
                 tables: vec!["kv".into(), "meta".into()],
+                format: Some(WIRE_VERSION),
             },
         ),
         (
@@ -291,6 +293,7 @@ fn instance_messages() -> Vec<(&'static str, InstanceMessage)> {
                 kernel_release: None,
                 service_addr: "127.0.0.1:17800".into(),
                 sync_addr: "127.0.0.1:17801".into(),
+                formats: Some(hitless_control::FormatRange::BUILD),
             }),
         ),
         (
@@ -305,6 +308,7 @@ fn instance_messages() -> Vec<(&'static str, InstanceMessage)> {
                     acked_seq: 41,
                     fenced: false,
                     quiesced: false,
+                    memory: None,
                 },
             },
         ),

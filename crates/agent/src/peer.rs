@@ -7,6 +7,21 @@
 //! `interval x misses`, and recovered when messages arrive again. Outgoing messages wait in a
 //! bounded queue; when the queue is full the oldest non-heartbeat traffic is refused with an
 //! error rather than growing memory.
+//!
+//! # Formats
+//!
+//! Each agent reads and writes a range of message formats ([`PeerFormats`], default
+//! [`PeerFormats::BUILD`]). On each connection the connecting agent first sends a hello line
+//! with its range and the accepting agent answers a welcome line with its own range and the
+//! highest format in both (none: no common format, reported on both sides as
+//! [`PeerEvent::Malformed`] naming both ranges, and the connection is closed; the sender
+//! tries again after the loss bound, in case the peer was upgraded meanwhile). The two
+//! handshake lines are frozen: plain JSON lines (format 1), read by every build. A message
+//! line in format 1 is the JSON message itself (it starts with `{` or `"`, never a digit); in
+//! any later format it starts with the format number and a space. An agent from before
+//! negotiation sends no hello (its first line is a message: it speaks format 1) and answers
+//! none (after a heartbeat interval without a welcome, the sender takes the peer for such an agent;
+//! that agent reports the hello line as undecodable once and skips it).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +41,127 @@ use tracing::{debug, info, warn};
 pub const MAX_LINE: usize = 8 * 1024 * 1024;
 /// Outgoing messages queued at most.
 pub const OUTBOX: usize = 4096;
+/// The longest handshake line accepted.
+const MAX_HANDSHAKE_LINE: usize = 4096;
+/// The oldest peer message format this build reads and writes.
+pub const MIN_PEER_FORMAT: u8 = 1;
+/// The newest peer message format this build reads and writes.
+pub const PEER_FORMAT: u8 = 1;
+/// A test-only next format, standing in for the next release's: each line starts with `2 `.
+#[cfg(test)]
+pub const NEXT_PEER_FORMAT: u8 = 2;
+
+/// An inclusive range of peer message formats (what an agent reads and writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PeerFormats {
+    min: u8,
+    max: u8,
+}
+
+impl std::fmt::Display for PeerFormats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..={}", self.min, self.max)
+    }
+}
+
+impl Default for PeerFormats {
+    fn default() -> Self {
+        PeerFormats::BUILD
+    }
+}
+
+impl PeerFormats {
+    /// The formats this build reads and writes by default.
+    pub const BUILD: PeerFormats = PeerFormats {
+        min: MIN_PEER_FORMAT,
+        max: PEER_FORMAT,
+    };
+    /// What an agent from before negotiation speaks.
+    pub const LEGACY: PeerFormats = PeerFormats { min: 1, max: 1 };
+
+    /// The formats this build has codecs for (test builds also know the next one).
+    pub fn known() -> PeerFormats {
+        #[cfg(test)]
+        let max = NEXT_PEER_FORMAT;
+        #[cfg(not(test))]
+        let max = PEER_FORMAT;
+        PeerFormats {
+            min: MIN_PEER_FORMAT,
+            max,
+        }
+    }
+
+    /// The range `min..=max`; fails if it is empty or names a format this build does not know.
+    pub fn new(min: u8, max: u8) -> Result<PeerFormats, PeerError> {
+        let known = PeerFormats::known();
+        let r = PeerFormats { min, max };
+        if min > max || !known.contains(min) || !known.contains(max) {
+            return Err(PeerError::BadFormats { range: r, known });
+        }
+        Ok(r)
+    }
+
+    /// True if `version` is in the range.
+    pub fn contains(&self, version: u8) -> bool {
+        self.min <= version && version <= self.max
+    }
+
+    /// The highest format in both ranges, if any.
+    pub fn highest_common(&self, other: &PeerFormats) -> Option<u8> {
+        let lo = self.min.max(other.min);
+        let hi = self.max.min(other.max);
+        (lo <= hi).then_some(hi)
+    }
+}
+
+/// The frozen handshake lines (plain JSON lines whatever the formats).
+#[derive(Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Handshake {
+    /// Connecting agent -> accepting agent: the formats it reads and writes.
+    HitlessPeerHello { formats: PeerFormats },
+    /// Accepting agent -> connecting agent: its formats and the format chosen, if any.
+    HitlessPeerWelcome {
+        formats: PeerFormats,
+        format: Option<u8>,
+    },
+}
+
+/// Encodes one message line in format `version`.
+fn encode_line<M: Serialize>(version: u8, m: &M) -> Result<Vec<u8>, serde_json::Error> {
+    let mut line = Vec::new();
+    if version != 1 {
+        line.extend_from_slice(format!("{version} ").as_bytes());
+    }
+    serde_json::to_writer(&mut line, m)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// Decodes one message line in any format of `formats`.
+fn decode_line<M: DeserializeOwned>(line: &[u8], formats: PeerFormats) -> Result<M, String> {
+    let digits = line.iter().take_while(|b| b.is_ascii_digit()).count();
+    let (version, body) = if digits == 0 {
+        (1u32, line)
+    } else {
+        let v = std::str::from_utf8(&line[..digits])
+            .ok()
+            .and_then(|d| d.parse::<u32>().ok())
+            .unwrap_or(u32::MAX);
+        if line.get(digits) != Some(&b' ') {
+            return Err("undecodable peer message: a format number without a space".into());
+        }
+        (v, &line[digits + 1..])
+    };
+    let readable = u8::try_from(version)
+        .is_ok_and(|v| formats.contains(v) && PeerFormats::known().contains(v));
+    if !readable {
+        return Err(format!(
+            "peer message in format {version}: this agent reads peer formats {formats}; skipped"
+        ));
+    }
+    serde_json::from_slice::<M>(body).map_err(|e| format!("undecodable peer message: {e}"))
+}
 
 /// Errors of the peer link.
 #[derive(Debug, Error)]
@@ -39,6 +175,19 @@ pub enum PeerError {
     Full,
     #[error("the peer link is closed")]
     Closed,
+    #[error("peer format range {range} is invalid: this build knows peer formats {known}")]
+    BadFormats {
+        range: PeerFormats,
+        known: PeerFormats,
+    },
+    #[error(
+        "no common peer-link format: this agent reads and writes peer formats {local}, \
+         the peer agent {peer}"
+    )]
+    NoCommonFormat {
+        local: PeerFormats,
+        peer: PeerFormats,
+    },
 }
 
 /// What the link tells the agent.
@@ -50,7 +199,8 @@ pub enum PeerEvent<M> {
     Lost,
     /// Messages from the peer arrive again after a loss (or for the first time).
     Up,
-    /// A line from the peer that could not be decoded (it is skipped).
+    /// A line from the peer that could not be decoded (it is skipped), or a connection
+    /// closed at its handshake (no common format).
     Malformed(String),
 }
 
@@ -74,6 +224,27 @@ where
         misses: u32,
         heartbeat: impl Fn() -> M + Send + Sync + 'static,
     ) -> Result<(Self, mpsc::Receiver<PeerEvent<M>>), PeerError> {
+        Self::start_with_formats(
+            listen,
+            peer,
+            interval,
+            misses,
+            PeerFormats::BUILD,
+            heartbeat,
+        )
+        .await
+    }
+
+    /// Like [`Self::start`] for an agent that reads and writes the message formats `formats`.
+    pub async fn start_with_formats(
+        listen: SocketAddr,
+        peer: SocketAddr,
+        interval: Duration,
+        misses: u32,
+        formats: PeerFormats,
+        heartbeat: impl Fn() -> M + Send + Sync + 'static,
+    ) -> Result<(Self, mpsc::Receiver<PeerEvent<M>>), PeerError> {
+        PeerFormats::new(formats.min, formats.max)?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| PeerError::Listen {
@@ -96,9 +267,11 @@ where
                 stream.set_nodelay(true).ok();
                 let ev = ev.clone();
                 let seen = seen_tx.clone();
+                let formats = formats;
                 tokio::spawn(async move {
                     let mut reader = BufReader::new(stream);
                     let mut line = Vec::new();
+                    let mut first = true;
                     loop {
                         line.clear();
                         let n = match (&mut reader)
@@ -117,19 +290,26 @@ where
                                 .await;
                             break;
                         }
+                        if std::mem::take(&mut first) {
+                            match accept_handshake(&mut reader, &line, formats).await {
+                                Ok(true) => continue,
+                                Ok(false) => {}
+                                Err(e) => {
+                                    warn!(%from, "peer link: {e}");
+                                    let _ = ev.send(PeerEvent::Malformed(e)).await;
+                                    break;
+                                }
+                            }
+                        }
                         seen.send_replace(Some(Instant::now()));
-                        match serde_json::from_slice::<M>(&line) {
+                        match decode_line::<M>(&line, formats) {
                             Ok(m) => {
                                 if ev.send(PeerEvent::Message(m)).await.is_err() {
                                     return;
                                 }
                             }
                             Err(e) => {
-                                let _ = ev
-                                    .send(PeerEvent::Malformed(format!(
-                                        "undecodable peer message: {e}"
-                                    )))
-                                    .await;
+                                let _ = ev.send(PeerEvent::Malformed(e)).await;
                             }
                         }
                     }
@@ -184,7 +364,15 @@ where
             }
         });
         // Sender: keep a connection to the peer, send queued messages and heartbeats.
-        tokio::spawn(sender(peer, interval, out_rx, heartbeat));
+        tokio::spawn(sender(
+            peer,
+            interval,
+            interval * misses,
+            formats,
+            out_rx,
+            ev_tx,
+            heartbeat,
+        ));
         Ok((Self { tx, up }, ev_rx))
     }
 
@@ -202,22 +390,127 @@ where
     }
 }
 
+/// Accepting side of the handshake, on the first line of a connection: answers a hello
+/// (`Ok(true)`: the line is consumed) or takes a first line that is not one for a message of
+/// an agent from before negotiation (`Ok(false)`). `Err`: no common format (the welcome
+/// saying so was sent).
+async fn accept_handshake(
+    reader: &mut BufReader<TcpStream>,
+    line: &[u8],
+    formats: PeerFormats,
+) -> Result<bool, String> {
+    let (peer, hello) = match serde_json::from_slice::<Handshake>(line) {
+        Ok(Handshake::HitlessPeerHello { formats: peer }) => (peer, true),
+        _ => (PeerFormats::LEGACY, false),
+    };
+    let format = formats.highest_common(&peer);
+    if hello {
+        let welcome = Handshake::HitlessPeerWelcome { formats, format };
+        let mut out = serde_json::to_vec(&welcome).map_err(|e| e.to_string())?;
+        out.push(b'\n');
+        if let Err(e) = reader.get_mut().write_all(&out).await {
+            return Err(format!("cannot answer the peer agent's hello: {e}"));
+        }
+    }
+    match format {
+        Some(v) => {
+            debug!(%formats, %peer, format = v, "peer link format negotiated (incoming)");
+            Ok(hello)
+        }
+        None => Err(PeerError::NoCommonFormat {
+            local: formats,
+            peer,
+        }
+        .to_string()),
+    }
+}
+
+/// Connecting side of the handshake: the format to write, or why there is none.
+async fn connect_handshake(
+    s: &mut TcpStream,
+    formats: PeerFormats,
+    wait: Duration,
+) -> Result<u8, String> {
+    let mut hello =
+        serde_json::to_vec(&Handshake::HitlessPeerHello { formats }).map_err(|e| e.to_string())?;
+    hello.push(b'\n');
+    s.write_all(&hello)
+        .await
+        .map_err(|e| format!("cannot send the hello to the peer agent: {e}"))?;
+    let mut line = Vec::new();
+    let mut r = BufReader::new(&mut *s).take(MAX_HANDSHAKE_LINE as u64);
+    let reply = tokio::time::timeout(wait, r.read_until(b'\n', &mut line)).await;
+    let peer = match reply {
+        Ok(Ok(n)) if n > 0 => match serde_json::from_slice::<Handshake>(&line) {
+            Ok(Handshake::HitlessPeerWelcome {
+                formats: peer,
+                format,
+            }) => {
+                return match format {
+                    Some(v) if formats.contains(v) => Ok(v),
+                    Some(v) => Err(format!(
+                        "the peer agent chose peer format {v}, outside this agent's formats {formats}"
+                    )),
+                    None => Err(PeerError::NoCommonFormat {
+                        local: formats,
+                        peer,
+                    }
+                    .to_string()),
+                };
+            }
+            _ => return Err("the peer agent answered its hello with an undecodable line".into()),
+        },
+        Ok(Ok(_)) | Ok(Err(_)) => {
+            return Err("the peer agent closed the connection at its hello".into())
+        }
+        // No answer: an agent from before negotiation, which speaks format 1.
+        Err(_) => PeerFormats::LEGACY,
+    };
+    formats.highest_common(&peer).ok_or_else(|| {
+        PeerError::NoCommonFormat {
+            local: formats,
+            peer,
+        }
+        .to_string()
+    })
+}
+
 async fn sender<M: Serialize + Send + 'static>(
     peer: SocketAddr,
     interval: Duration,
+    bound: Duration,
+    formats: PeerFormats,
     mut out_rx: mpsc::Receiver<M>,
+    ev: mpsc::Sender<PeerEvent<M>>,
     heartbeat: impl Fn() -> M + Send + Sync + 'static,
 ) {
-    let mut conn: Option<TcpStream> = None;
+    let mut conn: Option<(TcpStream, u8)> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pending: Option<Vec<u8>> = None;
+    let mut pending: Option<M> = None;
     loop {
         if conn.is_none() {
             match tokio::time::timeout(interval, TcpStream::connect(peer)).await {
-                Ok(Ok(s)) => {
+                Ok(Ok(mut s)) => {
                     s.set_nodelay(true).ok();
-                    conn = Some(s);
+                    // Waiting for the welcome longer than a heartbeat interval could make
+                    // an agent from before negotiation (which never answers) take this one
+                    // for lost.
+                    match connect_handshake(&mut s, formats, interval).await {
+                        Ok(v) => {
+                            debug!(%formats, format = v, "peer link format negotiated (outgoing)");
+                            conn = Some((s, v));
+                        }
+                        Err(e) => {
+                            warn!("peer link: {e}");
+                            if ev.send(PeerEvent::Malformed(e)).await.is_err() {
+                                return;
+                            }
+                            // The peer may be upgraded meanwhile: try again, not in a loop.
+                            tokio::time::sleep(bound).await;
+                            continue;
+                        }
+                    }
                 }
                 _ => {
                     // Keep the queue bounded while disconnected: drop nothing, wait a beat.
@@ -226,29 +519,25 @@ async fn sender<M: Serialize + Send + 'static>(
                 }
             }
         }
-        let line = match pending.take() {
-            Some(l) => l,
-            None => {
-                let msg = tokio::select! {
-                    m = out_rx.recv() => match m { Some(m) => m, None => return },
-                    _ = tick.tick() => heartbeat(),
-                };
-                let mut line = match serde_json::to_vec(&msg) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        warn!("cannot encode a peer message: {e}");
-                        continue;
-                    }
-                };
-                line.push(b'\n');
-                line
+        let msg = match pending.take() {
+            Some(m) => m,
+            None => tokio::select! {
+                m = out_rx.recv() => match m { Some(m) => m, None => return },
+                _ = tick.tick() => heartbeat(),
+            },
+        };
+        let (s, version) = conn.as_mut().expect("connected above");
+        let line = match encode_line(*version, &msg) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("cannot encode a peer message: {e}");
+                continue;
             }
         };
-        let s = conn.as_mut().expect("connected above");
         if let Err(e) = s.write_all(&line).await {
             debug!("peer link write failed: {e}; reconnecting");
             conn = None;
-            pending = Some(line);
+            pending = Some(msg);
         }
     }
 }
@@ -256,6 +545,7 @@ async fn sender<M: Serialize + Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncBufReadExt;
 
     #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
     enum Msg {
@@ -360,6 +650,165 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
+    }
+
+    fn fmts(min: u8, max: u8) -> PeerFormats {
+        PeerFormats::new(min, max).unwrap()
+    }
+
+    fn next() -> PeerFormats {
+        fmts(PEER_FORMAT, NEXT_PEER_FORMAT)
+    }
+
+    async fn link(
+        listen: SocketAddr,
+        peer: SocketAddr,
+        f: PeerFormats,
+    ) -> (PeerLink<Msg>, mpsc::Receiver<PeerEvent<Msg>>) {
+        PeerLink::start_with_formats(listen, peer, Duration::from_millis(20), 3, f, || Msg::Beat)
+            .await
+            .unwrap()
+    }
+
+    async fn messages_cross(fa: PeerFormats, fb: PeerFormats) {
+        let (a_addr, b_addr) = (free_addr(), free_addr());
+        let (a, mut a_rx) = link(a_addr, b_addr, fa).await;
+        let (b, mut b_rx) = link(b_addr, a_addr, fb).await;
+        assert!(matches!(next_non_beat(&mut b_rx).await, PeerEvent::Up));
+        assert!(matches!(next_non_beat(&mut a_rx).await, PeerEvent::Up));
+        a.send(Msg::Hello(7)).unwrap();
+        assert!(matches!(
+            next_non_beat(&mut b_rx).await,
+            PeerEvent::Message(Msg::Hello(7))
+        ));
+        b.send(Msg::Hello(9)).unwrap();
+        assert!(matches!(
+            next_non_beat(&mut a_rx).await,
+            PeerEvent::Message(Msg::Hello(9))
+        ));
+    }
+
+    #[tokio::test]
+    async fn next_release_and_current_agents_exchange_messages_both_ways() {
+        messages_cross(next(), PeerFormats::BUILD).await;
+        messages_cross(PeerFormats::BUILD, next()).await;
+    }
+
+    #[tokio::test]
+    async fn two_next_release_agents_negotiate_the_next_format_and_work() {
+        messages_cross(next(), next()).await;
+    }
+
+    /// A scripted accepting agent of range `theirs`: returns the hello it read and the first
+    /// message line after its welcome.
+    async fn scripted_acceptor(
+        mine: PeerFormats,
+        theirs: Option<PeerFormats>,
+    ) -> (PeerFormats, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (link, _rx) = link(free_addr(), addr, mine).await;
+        link.send(Msg::Hello(3)).unwrap();
+        let (s, _) = listener.accept().await.unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        let Handshake::HitlessPeerHello { formats } = serde_json::from_str(&line).unwrap() else {
+            panic!("not a hello: {line}");
+        };
+        // None: an agent from before negotiation, which answers nothing.
+        if let Some(theirs) = theirs {
+            let welcome = Handshake::HitlessPeerWelcome {
+                formats: theirs,
+                format: theirs.highest_common(&formats),
+            };
+            let mut out = serde_json::to_vec(&welcome).unwrap();
+            out.push(b'\n');
+            r.get_mut().write_all(&out).await.unwrap();
+        }
+        loop {
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            if line.contains("Hello") {
+                return (formats, line);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_on_the_wire_are_in_the_negotiated_format() {
+        let (hello, line) = scripted_acceptor(next(), Some(next())).await;
+        assert_eq!(hello, next());
+        assert_eq!(line, "2 {\"Hello\":3}\n");
+        let (hello, line) = scripted_acceptor(next(), Some(PeerFormats::BUILD)).await;
+        assert_eq!(hello, next());
+        assert_eq!(line, "{\"Hello\":3}\n");
+        let (_, line) = scripted_acceptor(PeerFormats::BUILD, Some(next())).await;
+        assert_eq!(line, "{\"Hello\":3}\n");
+        // An acceptor from before negotiation never answers: format 1 after an interval.
+        let (_, line) = scripted_acceptor(next(), None).await;
+        assert_eq!(line, "{\"Hello\":3}\n");
+    }
+
+    #[tokio::test]
+    async fn agents_without_a_common_format_are_refused_naming_both_ranges() {
+        let (a_addr, b_addr) = (free_addr(), free_addr());
+        let only_next = fmts(NEXT_PEER_FORMAT, NEXT_PEER_FORMAT);
+        let (a, mut a_rx) = link(a_addr, b_addr, only_next).await;
+        let (_b, mut b_rx) = link(b_addr, a_addr, PeerFormats::BUILD).await;
+        for (rx, local, peer) in [(&mut a_rx, "2..=2", "1..=1"), (&mut b_rx, "1..=1", "2..=2")] {
+            let want = format!(
+                "no common peer-link format: this agent reads and writes peer formats {local}, the peer agent {peer}"
+            );
+            match next_non_beat(rx).await {
+                PeerEvent::Malformed(m) => assert_eq!(m, want),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Nothing gets through, and neither side takes the other for up.
+        a.send(Msg::Hello(1)).unwrap();
+        let until = Instant::now() + Duration::from_millis(200);
+        while let Ok(Some(e)) = tokio::time::timeout_at(until, b_rx.recv()).await {
+            assert!(matches!(e, PeerEvent::Malformed(_)), "{e:?}");
+        }
+        assert!(!a.is_up());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_format_number_after_negotiation_is_reported_and_skipped() {
+        let a_addr = free_addr();
+        let (_a, mut a_rx) = link(a_addr, free_addr(), next()).await;
+        let mut s = TcpStream::connect(a_addr).await.unwrap();
+        s.write_all(b"{\"hitless-peer-hello\":{\"formats\":{\"min\":2,\"max\":2}}}\n")
+            .await
+            .unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert_eq!(
+            line,
+            "{\"hitless-peer-welcome\":{\"formats\":{\"min\":1,\"max\":2},\"format\":2}}\n"
+        );
+        let s = r.get_mut();
+        s.write_all(b"2 \"Beat\"\n9 {\"Hello\":4}\n99999999999 \"Beat\"\n2 {\"Hello\":5}\n")
+            .await
+            .unwrap();
+        let mut malformed = Vec::new();
+        loop {
+            match next_non_beat(&mut a_rx).await {
+                PeerEvent::Malformed(m) => malformed.push(m),
+                PeerEvent::Up => {}
+                PeerEvent::Message(Msg::Hello(5)) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            malformed,
+            [
+                "peer message in format 9: this agent reads peer formats 1..=2; skipped",
+                "peer message in format 4294967295: this agent reads peer formats 1..=2; skipped",
+            ]
+        );
     }
 
     /// An agent that was itself not running (starved of CPU) for longer than the bound while

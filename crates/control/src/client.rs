@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::message::{read_instance_message, write_agent_message};
+use crate::message::{read_instance_message_in, write_agent_message_in};
 use crate::{
-    AgentCommand, AgentMessage, Configure, ControlError, Hello, InstanceMessage, InstanceStatus,
+    AgentCommand, AgentMessage, Configure, ControlError, FormatRange, Hello, InstanceMessage,
+    InstanceStatus, HANDSHAKE_VERSION,
 };
 
 /// Bound on messages buffered between the reader thread and the caller.
@@ -35,6 +36,14 @@ pub enum Reply {
 /// instance restarted behind a persistent serial port) and is recorded.
 pub struct ControlClient<W: Write> {
     writer: W,
+    /// Control frame formats this end reads and writes.
+    formats: FormatRange,
+    /// Format of the frames written: the frozen handshake format until a hello is answered.
+    version: u8,
+    /// A hello arrived that this end has not answered yet.
+    hello_pending: bool,
+    /// The last hello announced formats none of which this end has (until the next hello).
+    refused: Option<FormatRange>,
     inbox: Receiver<Result<InstanceMessage, ControlError>>,
     next_id: u64,
     hello: Option<Hello>,
@@ -102,14 +111,28 @@ impl<W: Write> ControlClient<W> {
     /// Builds a client over any reader/writer pair. The reader moves to a thread that ends
     /// when the stream ends, fails beyond recovery, or the client is dropped and one more
     /// message arrives.
-    pub fn new<R: Read + Send + 'static>(mut reader: R, writer: W) -> Self {
+    pub fn new<R: Read + Send + 'static>(reader: R, writer: W) -> Self {
+        Self::with_formats(reader, writer, FormatRange::BUILD)
+    }
+
+    /// Like [`Self::new`] for an agent end that reads and writes the control frame formats
+    /// `formats` (see [`FormatRange::new`]). On the instance's [`Hello`] this end answers
+    /// with its own range ([`AgentCommand::Hello`], in the frozen
+    /// [`crate::HANDSHAKE_VERSION`]) and both ends then write the highest format in both
+    /// ranges; with none, requests fail with [`ControlError::NoCommonFormat`] until the
+    /// instance says hello again.
+    pub fn with_formats<R: Read + Send + 'static>(
+        mut reader: R,
+        writer: W,
+        formats: FormatRange,
+    ) -> Self {
         let (tx, rx) = sync_channel(INBOX_BOUND);
         let heard = Heard::new();
         let touched = heard.clone();
         let handle = std::thread::Builder::new()
             .name("control-client-reader".into())
             .spawn(move || loop {
-                match read_instance_message(&mut reader) {
+                match read_instance_message_in(&mut reader, formats) {
                     Ok(Some(msg)) => {
                         touched.touch();
                         if tx.send(Ok(msg)).is_err() {
@@ -128,6 +151,10 @@ impl<W: Write> ControlClient<W> {
             .expect("spawning a thread only fails when the process is out of resources");
         ControlClient {
             writer,
+            formats,
+            version: HANDSHAKE_VERSION,
+            hello_pending: false,
+            refused: None,
             inbox: rx,
             next_id: 1,
             hello: None,
@@ -169,7 +196,46 @@ impl<W: Write> ControlClient<W> {
                 }
             }
         }
+        self.answer_hello()?;
         Ok(self.hello.clone().expect("checked above"))
+    }
+
+    /// Answers the last hello if not done yet: picks the format both ends write from now on.
+    fn answer_hello(&mut self) -> Result<(), ControlError> {
+        if self.hello_pending {
+            self.hello_pending = false;
+            self.refused = None;
+            let announced = self.hello.as_ref().and_then(|h| h.formats);
+            let instance = announced.unwrap_or(FormatRange::LEGACY);
+            let common = self.formats.highest_common(&instance);
+            if announced.is_some() {
+                // Sent even without a common format, so the instance can tell why.
+                write_agent_message_in(
+                    &mut self.writer,
+                    HANDSHAKE_VERSION,
+                    &AgentMessage {
+                        request_id: 0,
+                        command: AgentCommand::Hello {
+                            formats: self.formats,
+                        },
+                    },
+                )?;
+            }
+            match common {
+                Some(v) => {
+                    tracing::debug!(agent = %self.formats, %instance, format = v, "control format negotiated");
+                    self.version = v;
+                }
+                None => self.refused = Some(instance),
+            }
+        }
+        match self.refused {
+            Some(instance) => Err(ControlError::NoCommonFormat {
+                agent: self.formats,
+                instance,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Sends `command` and waits up to `timeout` for its reply.
@@ -204,11 +270,13 @@ impl<W: Write> ControlClient<W> {
         if self.closed {
             return Err(ControlError::Closed);
         }
+        self.answer_hello()?;
         let request_id = self.next_id;
         self.next_id += 1;
         let wants_status = matches!(command, AgentCommand::StatusRequest);
-        write_agent_message(
+        write_agent_message_in(
             &mut self.writer,
+            self.version,
             &AgentMessage {
                 request_id,
                 command,
@@ -319,6 +387,9 @@ impl<W: Write> ControlClient<W> {
                 tracing::debug!(instance = %h.instance_id, version = %h.image_version, "control hello");
                 self.hello = Some(h);
                 self.hellos_seen += 1;
+                // A new connection (or a restarted instance): negotiate afresh.
+                self.hello_pending = true;
+                self.version = HANDSHAKE_VERSION;
             }
             other => tracing::debug!(?other, "discarding a stale control reply"),
         }

@@ -9,13 +9,34 @@ pub enum ControlError {
     /// The frame does not start with the control magic.
     #[error("frame starts with {0:02x?} instead of the control magic \"HLCT\"; the peer does not speak the control protocol")]
     BadMagic([u8; 4]),
-    /// The frame format version is not one this end understands.
-    #[error("frame format version {found} is not supported; this end speaks version {supported}")]
+    /// The frame format version is not one this end reads.
+    #[error(
+        "control frame format {found} is not supported; this end reads control formats {range}"
+    )]
     UnsupportedVersion {
         /// Version found in the frame.
         found: u8,
-        /// Version this end speaks.
-        supported: u8,
+        /// Formats this end reads.
+        range: crate::FormatRange,
+    },
+    /// The agent and the instance share no frame format.
+    #[error(
+        "no common control frame format: the agent reads and writes control formats {agent}, \
+         the instance {instance}"
+    )]
+    NoCommonFormat {
+        /// Range of the agent end.
+        agent: crate::FormatRange,
+        /// Range of the instance end.
+        instance: crate::FormatRange,
+    },
+    /// A configured format range is empty or names a format this build does not know.
+    #[error("control format range {range} is invalid: this build knows control formats {known}")]
+    BadFormatRange {
+        /// The range asked for.
+        range: crate::FormatRange,
+        /// Formats this build knows.
+        known: crate::FormatRange,
     },
     /// The frame kind byte is neither agent nor instance.
     #[error("frame kind {0} is unknown")]

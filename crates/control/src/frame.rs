@@ -4,8 +4,94 @@ use crate::ControlError;
 
 /// Magic bytes opening every frame.
 pub const MAGIC: [u8; 4] = *b"HLCT";
-/// The frame format version this crate speaks.
+/// The frame format version this build writes by default (its newest).
 pub const FRAME_VERSION: u8 = 1;
+/// The oldest frame format this build reads and writes (the journal's
+/// `MIN_FORMAT_VERSION..=FORMAT_VERSION` in the same style).
+pub const MIN_FRAME_VERSION: u8 = 1;
+/// Format of the handshake frames (the instance's [`crate::Hello`], the agent's
+/// [`crate::AgentCommand::Hello`] and the instance's answer to it): frozen, so
+/// every build reads them whatever its range.
+pub const HANDSHAKE_VERSION: u8 = 1;
+/// A test-only next format standing in for the next release's: the CRC32C also
+/// covers the header bytes 4..10 (version, kind, length), not only the body.
+#[cfg(any(test, feature = "next-format"))]
+pub const NEXT_FRAME_VERSION: u8 = 2;
+
+/// An inclusive range of control frame formats (what an end reads and writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct FormatRange {
+    min: u8,
+    max: u8,
+}
+
+impl Default for FormatRange {
+    fn default() -> Self {
+        FormatRange::BUILD
+    }
+}
+
+impl std::fmt::Display for FormatRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..={}", self.min, self.max)
+    }
+}
+
+impl FormatRange {
+    /// The formats this build reads and writes by default.
+    pub const BUILD: FormatRange = FormatRange {
+        min: MIN_FRAME_VERSION,
+        max: FRAME_VERSION,
+    };
+    /// What an end that announces no range speaks (a build from before negotiation).
+    pub const LEGACY: FormatRange = FormatRange { min: 1, max: 1 };
+
+    /// The formats this build has codecs for (test builds also know [`NEXT_FRAME_VERSION`]).
+    pub fn known() -> FormatRange {
+        #[cfg(any(test, feature = "next-format"))]
+        let max = NEXT_FRAME_VERSION;
+        #[cfg(not(any(test, feature = "next-format")))]
+        let max = FRAME_VERSION;
+        FormatRange {
+            min: MIN_FRAME_VERSION,
+            max,
+        }
+    }
+
+    /// The range `min..=max`; fails if it is empty or names a format this build does not know.
+    pub fn new(min: u8, max: u8) -> Result<FormatRange, ControlError> {
+        let known = FormatRange::known();
+        if min > max || !known.contains(min) || !known.contains(max) {
+            return Err(ControlError::BadFormatRange {
+                range: FormatRange { min, max },
+                known,
+            });
+        }
+        Ok(FormatRange { min, max })
+    }
+
+    /// Oldest format of the range.
+    pub fn min(&self) -> u8 {
+        self.min
+    }
+
+    /// Newest format of the range.
+    pub fn max(&self) -> u8 {
+        self.max
+    }
+
+    /// True if `version` is in the range.
+    pub fn contains(&self, version: u8) -> bool {
+        self.min <= version && version <= self.max
+    }
+
+    /// The highest format in both ranges, if any.
+    pub fn highest_common(&self, other: &FormatRange) -> Option<u8> {
+        let lo = self.min.max(other.min);
+        let hi = self.max.min(other.max);
+        (lo <= hi).then_some(hi)
+    }
+}
 /// Bytes in a frame header: magic, version, kind, length, CRC32C.
 pub const HEADER_LEN: usize = 14;
 /// Largest body accepted or produced (1 MiB).
@@ -31,20 +117,26 @@ impl FrameKind {
 }
 
 struct Header {
+    version: u8,
     kind: FrameKind,
     len: usize,
     crc: u32,
 }
 
-fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, ControlError> {
+/// Checks a header of a frame in any format of `formats` or in the frozen
+/// [`HANDSHAKE_VERSION`] (whether such a frame is a handshake message is
+/// checked once its body is decoded, see `crate::message`).
+fn parse_header(h: &[u8; HEADER_LEN], formats: FormatRange) -> Result<Header, ControlError> {
     let magic = [h[0], h[1], h[2], h[3]];
     if magic != MAGIC {
         return Err(ControlError::BadMagic(magic));
     }
-    if h[4] != FRAME_VERSION {
+    let version = h[4];
+    let readable = formats.contains(version) && FormatRange::known().contains(version);
+    if !readable && version != HANDSHAKE_VERSION {
         return Err(ControlError::UnsupportedVersion {
-            found: h[4],
-            supported: FRAME_VERSION,
+            found: version,
+            range: formats,
         });
     }
     let kind = FrameKind::from_byte(h[5])?;
@@ -56,11 +148,28 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, ControlError> {
         });
     }
     let crc = u32::from_be_bytes([h[10], h[11], h[12], h[13]]);
-    Ok(Header { kind, len, crc })
+    Ok(Header {
+        version,
+        kind,
+        len,
+        crc,
+    })
 }
 
-fn check_crc(expected: u32, body: &[u8]) -> Result<(), ControlError> {
-    let actual = crc32c::crc32c(body);
+/// The CRC32C of a frame in format `version`: of the body, and in the next
+/// format of the header's version, kind and length too.
+fn frame_crc(version: u8, header: &[u8], body: &[u8]) -> u32 {
+    #[cfg(any(test, feature = "next-format"))]
+    if version == NEXT_FRAME_VERSION {
+        return crc32c::crc32c_append(crc32c::crc32c(&header[4..10]), body);
+    }
+    let _ = (version, header);
+    crc32c::crc32c(body)
+}
+
+fn check_crc(h: &Header, header: &[u8], body: &[u8]) -> Result<(), ControlError> {
+    let expected = h.crc;
+    let actual = frame_crc(h.version, header, body);
     if actual != expected {
         return Err(ControlError::Checksum { expected, actual });
     }
@@ -69,6 +178,17 @@ fn check_crc(expected: u32, body: &[u8]) -> Result<(), ControlError> {
 
 /// Encodes one frame around `body`.
 pub fn encode_frame(kind: FrameKind, body: &[u8]) -> Result<Vec<u8>, ControlError> {
+    encode_frame_in(FRAME_VERSION, kind, body)
+}
+
+/// Encodes one frame around `body` in format `version` (one of [`FormatRange::known`]).
+pub fn encode_frame_in(version: u8, kind: FrameKind, body: &[u8]) -> Result<Vec<u8>, ControlError> {
+    if !FormatRange::known().contains(version) {
+        return Err(ControlError::UnsupportedVersion {
+            found: version,
+            range: FormatRange::known(),
+        });
+    }
     if body.len() > MAX_BODY_LEN {
         return Err(ControlError::Oversized {
             len: body.len(),
@@ -77,10 +197,11 @@ pub fn encode_frame(kind: FrameKind, body: &[u8]) -> Result<Vec<u8>, ControlErro
     }
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
-    out.push(FRAME_VERSION);
+    out.push(version);
     out.push(kind as u8);
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&crc32c::crc32c(body).to_be_bytes());
+    let crc = frame_crc(version, &out, body);
+    out.extend_from_slice(&crc.to_be_bytes());
     out.extend_from_slice(body);
     Ok(out)
 }
@@ -90,6 +211,18 @@ pub fn encode_frame(kind: FrameKind, body: &[u8]) -> Result<Vec<u8>, ControlErro
 /// Returns `Ok(None)` when `buf` holds only part of a frame (more bytes are needed), or the
 /// kind, the body and the number of bytes consumed.
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(FrameKind, Vec<u8>, usize)>, ControlError> {
+    Ok(decode_frame_in(buf, FormatRange::BUILD)?.map(|(_, k, b, n)| (k, b, n)))
+}
+
+/// A decoded frame: its format, kind, body and the bytes it took.
+pub type VersionedFrame = (u8, FrameKind, Vec<u8>, usize);
+
+/// Like [`decode_frame`] for a frame in any format of `formats` (or in the frozen
+/// [`HANDSHAKE_VERSION`]); also returns the frame's format.
+pub fn decode_frame_in(
+    buf: &[u8],
+    formats: FormatRange,
+) -> Result<Option<VersionedFrame>, ControlError> {
     if buf.len() < HEADER_LEN {
         // Reject a wrong magic as early as possible.
         let n = buf.len().min(4);
@@ -102,14 +235,14 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(FrameKind, Vec<u8>, usize)>, C
     }
     let mut h = [0u8; HEADER_LEN];
     h.copy_from_slice(&buf[..HEADER_LEN]);
-    let header = parse_header(&h)?;
+    let header = parse_header(&h, formats)?;
     let end = HEADER_LEN + header.len;
     if buf.len() < end {
         return Ok(None);
     }
     let body = &buf[HEADER_LEN..end];
-    check_crc(header.crc, body)?;
-    Ok(Some((header.kind, body.to_vec(), end)))
+    check_crc(&header, &h, body)?;
+    Ok(Some((header.version, header.kind, body.to_vec(), end)))
 }
 
 /// Reads exactly `buf.len()` bytes. Returns the count read before EOF if the stream ends.
@@ -134,6 +267,15 @@ fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> Result<usize, Contr
 pub fn read_frame<R: Read + ?Sized>(
     r: &mut R,
 ) -> Result<Option<(FrameKind, Vec<u8>)>, ControlError> {
+    Ok(read_frame_in(r, FormatRange::BUILD)?.map(|(_, k, b)| (k, b)))
+}
+
+/// Like [`read_frame`] for a frame in any format of `formats` (or in the frozen
+/// [`HANDSHAKE_VERSION`]); also returns the frame's format.
+pub fn read_frame_in<R: Read + ?Sized>(
+    r: &mut R,
+    formats: FormatRange,
+) -> Result<Option<(u8, FrameKind, Vec<u8>)>, ControlError> {
     let mut h = [0u8; HEADER_LEN];
     let got = read_full(r, &mut h)?;
     if got == 0 {
@@ -152,7 +294,7 @@ pub fn read_frame<R: Read + ?Sized>(
             want: HEADER_LEN,
         });
     }
-    let header = parse_header(&h)?;
+    let header = parse_header(&h, formats)?;
     let mut body = vec![0u8; header.len];
     let got = read_full(r, &mut body)?;
     if got < header.len {
@@ -161,8 +303,8 @@ pub fn read_frame<R: Read + ?Sized>(
             want: HEADER_LEN + header.len,
         });
     }
-    check_crc(header.crc, &body)?;
-    Ok(Some((header.kind, body)))
+    check_crc(&header, &h, &body)?;
+    Ok(Some((header.version, header.kind, body)))
 }
 
 /// Writes one frame and flushes the stream.
@@ -171,7 +313,17 @@ pub fn write_frame<W: Write + ?Sized>(
     kind: FrameKind,
     body: &[u8],
 ) -> Result<(), ControlError> {
-    let frame = encode_frame(kind, body)?;
+    write_frame_in(w, FRAME_VERSION, kind, body)
+}
+
+/// Writes one frame in format `version` and flushes the stream.
+pub fn write_frame_in<W: Write + ?Sized>(
+    w: &mut W,
+    version: u8,
+    kind: FrameKind,
+    body: &[u8],
+) -> Result<(), ControlError> {
+    let frame = encode_frame_in(version, kind, body)?;
     w.write_all(&frame)?;
     w.flush()?;
     Ok(())
@@ -248,6 +400,58 @@ mod tests {
             decode_frame(b"GET / HTTP/1.1"),
             Err(ControlError::BadMagic(_))
         ));
+    }
+
+    #[test]
+    fn next_format_differs_on_the_wire_and_decodes_only_within_range() {
+        let body = b"{\"type\":\"ack\",\"request_id\":3}";
+        let v1 = encode_frame(FrameKind::Instance, body).unwrap();
+        let v2 = encode_frame_in(NEXT_FRAME_VERSION, FrameKind::Instance, body).unwrap();
+        assert_eq!(v2[4], NEXT_FRAME_VERSION);
+        // The checksum covers more in the next format.
+        assert_ne!(v1[10..14], v2[10..14]);
+        let next = FormatRange::new(1, 2).unwrap();
+        let (v, k, b, used) = decode_frame_in(&v2, next).unwrap().unwrap();
+        assert_eq!(
+            (v, k, b.as_slice(), used),
+            (2, FrameKind::Instance, &body[..], v2.len())
+        );
+        let (v, k, b) = read_frame_in(&mut std::io::Cursor::new(&v2), next)
+            .unwrap()
+            .unwrap();
+        assert_eq!((v, k, b.as_slice()), (2, FrameKind::Instance, &body[..]));
+        let err = decode_frame(&v2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "control frame format 2 is not supported; this end reads control formats 1..=1"
+        );
+        // Relabelled as format 1, the next format's checksum does not hold.
+        let mut relabelled = v2.clone();
+        relabelled[4] = 1;
+        assert!(matches!(
+            decode_frame_in(&relabelled, next),
+            Err(ControlError::Checksum { .. })
+        ));
+    }
+
+    #[test]
+    fn format_ranges_are_checked_and_negotiate_the_highest_common_format() {
+        assert!(matches!(
+            FormatRange::new(2, 1),
+            Err(ControlError::BadFormatRange { .. })
+        ));
+        let err = FormatRange::new(1, 9).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "control format range 1..=9 is invalid: this build knows control formats 1..=2"
+        );
+        let a = FormatRange::new(1, 2).unwrap();
+        let b = FormatRange::new(2, 2).unwrap();
+        assert_eq!(a.highest_common(&b), Some(2));
+        assert_eq!(a.highest_common(&FormatRange::BUILD), Some(1));
+        assert_eq!(b.highest_common(&FormatRange::BUILD), None);
+        assert!(!FormatRange::BUILD.contains(NEXT_FRAME_VERSION));
+        assert!(encode_frame_in(9, FrameKind::Agent, b"").is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::frame::{read_frame, write_frame, FrameKind};
+use crate::frame::{read_frame_in, write_frame, write_frame_in, FormatRange, FrameKind};
 use crate::ControlError;
 
 /// The role the agent assigns to an instance.
@@ -87,6 +87,15 @@ pub enum AgentCommand {
     StatusRequest,
     /// Exit cleanly.
     Shutdown,
+    /// The agent's answer to the instance's [`Hello`]: the control frame formats it reads and
+    /// writes. Sent with request id 0 and in the frozen [`crate::HANDSHAKE_VERSION`], only to
+    /// an instance whose hello announced its formats; not answered. Both ends then write the
+    /// highest format in both ranges; with none, the instance answers an `Error` and ends
+    /// the connection.
+    Hello {
+        /// Formats the agent reads and writes.
+        formats: crate::FormatRange,
+    },
 }
 
 impl AgentCommand {
@@ -101,6 +110,7 @@ impl AgentCommand {
             AgentCommand::StandbyGone { .. } => "standby_gone",
             AgentCommand::StatusRequest => "status_request",
             AgentCommand::Shutdown => "shutdown",
+            AgentCommand::Hello { .. } => "hello",
         }
     }
 }
@@ -140,6 +150,10 @@ pub struct Hello {
     pub service_addr: String,
     /// Address standbys attach to for state sync.
     pub sync_addr: String,
+    /// Control frame formats the instance reads and writes; [`crate::serve`] fills it in
+    /// (`None`: an instance from before negotiation, [`crate::FormatRange::LEGACY`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formats: Option<crate::FormatRange>,
 }
 
 /// State-sync progress of one replicated service.
@@ -226,8 +240,10 @@ fn to_body<T: Serialize>(msg: &T) -> Result<Vec<u8>, ControlError> {
 fn read_kind<R: Read + ?Sized, T: for<'de> Deserialize<'de>>(
     r: &mut R,
     expected: FrameKind,
+    formats: FormatRange,
+    is_handshake: impl Fn(&T) -> bool,
 ) -> Result<Option<T>, ControlError> {
-    let Some((kind, body)) = read_frame(r)? else {
+    let Some((version, kind, body)) = read_frame_in(r, formats)? else {
         return Ok(None);
     };
     if kind != expected {
@@ -236,9 +252,15 @@ fn read_kind<R: Read + ?Sized, T: for<'de> Deserialize<'de>>(
             found: kind,
         });
     }
-    serde_json::from_slice(&body)
-        .map(Some)
-        .map_err(|e| ControlError::Body(e.to_string()))
+    let msg: T = serde_json::from_slice(&body).map_err(|e| ControlError::Body(e.to_string()))?;
+    // Out of range, only a handshake message in the frozen format is read.
+    if !formats.contains(version) && !is_handshake(&msg) {
+        return Err(ControlError::UnsupportedVersion {
+            found: version,
+            range: formats,
+        });
+    }
+    Ok(Some(msg))
 }
 
 /// Writes one agent message as a frame.
@@ -257,18 +279,58 @@ pub fn write_instance_message<W: Write + ?Sized>(
     write_frame(w, FrameKind::Instance, &to_body(msg)?)
 }
 
+/// Writes one agent message as a frame in format `version`.
+pub fn write_agent_message_in<W: Write + ?Sized>(
+    w: &mut W,
+    version: u8,
+    msg: &AgentMessage,
+) -> Result<(), ControlError> {
+    write_frame_in(w, version, FrameKind::Agent, &to_body(msg)?)
+}
+
+/// Writes one instance message as a frame in format `version`.
+pub fn write_instance_message_in<W: Write + ?Sized>(
+    w: &mut W,
+    version: u8,
+    msg: &InstanceMessage,
+) -> Result<(), ControlError> {
+    write_frame_in(w, version, FrameKind::Instance, &to_body(msg)?)
+}
+
 /// Reads one agent message; `Ok(None)` on a clean end of stream.
 pub fn read_agent_message<R: Read + ?Sized>(
     r: &mut R,
 ) -> Result<Option<AgentMessage>, ControlError> {
-    read_kind(r, FrameKind::Agent)
+    read_agent_message_in(r, FormatRange::BUILD)
+}
+
+/// Reads one agent message in any format of `formats` (or the agent's hello in the frozen
+/// [`crate::HANDSHAKE_VERSION`]).
+pub fn read_agent_message_in<R: Read + ?Sized>(
+    r: &mut R,
+    formats: FormatRange,
+) -> Result<Option<AgentMessage>, ControlError> {
+    read_kind(r, FrameKind::Agent, formats, |m: &AgentMessage| {
+        matches!(m.command, AgentCommand::Hello { .. })
+    })
 }
 
 /// Reads one instance message; `Ok(None)` on a clean end of stream.
 pub fn read_instance_message<R: Read + ?Sized>(
     r: &mut R,
 ) -> Result<Option<InstanceMessage>, ControlError> {
-    read_kind(r, FrameKind::Instance)
+    read_instance_message_in(r, FormatRange::BUILD)
+}
+
+/// Reads one instance message in any format of `formats` (or the instance's hello in the
+/// frozen [`crate::HANDSHAKE_VERSION`]).
+pub fn read_instance_message_in<R: Read + ?Sized>(
+    r: &mut R,
+    formats: FormatRange,
+) -> Result<Option<InstanceMessage>, ControlError> {
+    read_kind(r, FrameKind::Instance, formats, |m: &InstanceMessage| {
+        matches!(m, InstanceMessage::Hello(_))
+    })
 }
 
 #[cfg(test)]
@@ -322,6 +384,9 @@ pub(crate) mod tests {
             text().prop_map(|instance_id| AgentCommand::StandbyGone { instance_id }),
             Just(AgentCommand::StatusRequest),
             Just(AgentCommand::Shutdown),
+            (1u8..=2, 0u8..=1).prop_map(|(min, extra)| AgentCommand::Hello {
+                formats: crate::FormatRange::new(min, (min + extra).min(2)).unwrap(),
+            }),
         ]
     }
 
@@ -383,6 +448,7 @@ pub(crate) mod tests {
                             kernel_release,
                             service_addr,
                             sync_addr,
+                            formats: None,
                         })
                     }
                 ),

@@ -1,8 +1,11 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 
-use crate::message::{read_agent_message, write_instance_message};
-use crate::{AgentCommand, Configure, ControlError, Hello, InstanceMessage, InstanceStatus};
+use crate::message::{read_agent_message_in, write_instance_message_in};
+use crate::{
+    AgentCommand, Configure, ControlError, FormatRange, Hello, InstanceMessage, InstanceStatus,
+    HANDSHAKE_VERSION,
+};
 
 /// What an instance does with each control command. Each method returns `Err(message)` to
 /// refuse; the message goes back to the agent.
@@ -43,19 +46,41 @@ pub enum ServeOutcome {
 /// serving continues; a framing error (bad magic, version, length, truncation) is returned
 /// because the stream can no longer be trusted to be aligned.
 pub fn serve<R: Read, W: Write, H: ControlHandler + ?Sized>(
+    reader: R,
+    writer: W,
+    handler: &mut H,
+) -> Result<ServeOutcome, ControlError> {
+    serve_with_formats(reader, writer, handler, FormatRange::BUILD)
+}
+
+/// Like [`serve`] for an instance end that reads and writes the control frame formats
+/// `formats`: its [`Hello`] announces them (in the frozen [`crate::HANDSHAKE_VERSION`]), and
+/// once the agent's [`AgentCommand::Hello`] arrives it writes the highest format in both
+/// ranges. With no common format it answers an `Error` naming both ranges and returns
+/// [`ControlError::NoCommonFormat`]. An agent from before negotiation sends no hello: the
+/// instance then writes [`crate::HANDSHAKE_VERSION`], the only format such an agent reads.
+pub fn serve_with_formats<R: Read, W: Write, H: ControlHandler + ?Sized>(
     mut reader: R,
     mut writer: W,
     handler: &mut H,
+    formats: FormatRange,
 ) -> Result<ServeOutcome, ControlError> {
-    write_instance_message(&mut writer, &InstanceMessage::Hello(handler.hello()))?;
+    FormatRange::new(formats.min(), formats.max())?;
+    let mut version = HANDSHAKE_VERSION;
+    let hello = Hello {
+        formats: Some(formats),
+        ..handler.hello()
+    };
+    write_instance_message_in(&mut writer, version, &InstanceMessage::Hello(hello))?;
     loop {
-        let msg = match read_agent_message(&mut reader) {
+        let msg = match read_agent_message_in(&mut reader, formats) {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(ServeOutcome::Disconnected),
             Err(e) if e.is_recoverable() => {
                 tracing::warn!(error = %e, "rejecting a malformed control frame");
-                write_instance_message(
+                write_instance_message_in(
                     &mut writer,
+                    version,
                     &InstanceMessage::Error {
                         request_id: 0,
                         message: e.to_string(),
@@ -65,6 +90,30 @@ pub fn serve<R: Read, W: Write, H: ControlHandler + ?Sized>(
             }
             Err(e) => return Err(e),
         };
+        if let AgentCommand::Hello { formats: agent } = msg.command {
+            match formats.highest_common(&agent) {
+                Some(v) => {
+                    tracing::debug!(%agent, instance = %formats, format = v, "control format negotiated");
+                    version = v;
+                    continue;
+                }
+                None => {
+                    let e = ControlError::NoCommonFormat {
+                        agent,
+                        instance: formats,
+                    };
+                    write_instance_message_in(
+                        &mut writer,
+                        HANDSHAKE_VERSION,
+                        &InstanceMessage::Error {
+                            request_id: msg.request_id,
+                            message: e.to_string(),
+                        },
+                    )?;
+                    return Err(e);
+                }
+            }
+        }
         let id = msg.request_id;
         tracing::debug!(request_id = id, command = ?msg.command, "control command");
         let (result, shutting_down) = match &msg.command {
@@ -80,10 +129,12 @@ pub fn serve<R: Read, W: Write, H: ControlHandler + ?Sized>(
             ),
             AgentCommand::Fence { epoch } => (handler.fence(*epoch), false),
             AgentCommand::StandbyGone { instance_id } => (handler.standby_gone(instance_id), false),
+            AgentCommand::Hello { .. } => unreachable!("handled above"),
             AgentCommand::StatusRequest => {
                 let status = handler.status();
-                write_instance_message(
+                write_instance_message_in(
                     &mut writer,
+                    version,
                     &InstanceMessage::Status {
                         request_id: id,
                         status,
@@ -103,7 +154,7 @@ pub fn serve<R: Read, W: Write, H: ControlHandler + ?Sized>(
                 }
             }
         };
-        write_instance_message(&mut writer, &reply)?;
+        write_instance_message_in(&mut writer, version, &reply)?;
         if shutting_down && result.is_ok() {
             return Ok(ServeOutcome::Shutdown);
         }

@@ -55,6 +55,7 @@ impl ControlHandler for Fake {
             kernel_release: None,
             service_addr: "127.0.0.1:1".into(),
             sync_addr: "127.0.0.1:2".into(),
+            formats: None,
         }
     }
     fn configure(&mut self, cfg: &Configure) -> Result<(), String> {

@@ -354,6 +354,7 @@ impl ControlHandler for NodeControl {
             kernel_release: n.cfg.kernel_release.clone(),
             service_addr: n.cfg.service_addr.clone(),
             sync_addr: n.cfg.sync_addr.clone(),
+            formats: None,
         }
     }
 

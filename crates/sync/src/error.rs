@@ -76,6 +76,9 @@ pub enum SyncError {
         /// Versions the standby can write (needed for digest comparison).
         standby_writes: crate::VersionSet,
     },
+    /// The two ends share no frame format, or a configured range is invalid.
+    #[error(transparent)]
+    Format(#[from] crate::wire::FormatError),
     /// The peer refused the connection.
     #[error("the peer refused the connection: {0}")]
     Refused(String),

@@ -13,6 +13,29 @@
 //! | 20     | 8    | sequence number, little endian                     |
 //! | 28     | 4    | CRC32C of bytes 0..28 followed by the payload      |
 //!
+//! # Format versions and negotiation
+//!
+//! A build reads and writes the formats of a [`FormatRange`] (by default
+//! [`FormatRange::BUILD`], [`MIN_WIRE_VERSION`]`..=`[`WIRE_VERSION`]). The
+//! standby announces its range in its [`Control::Hello`]; the active picks the
+//! highest format in both ranges ([`negotiate_format`]) and names it in its
+//! [`Control::Welcome`], or refuses with [`FormatError::NoCommonFormat`], which
+//! names both ranges. From then on each end writes the negotiated format
+//! ([`FormatWriter`] re-encodes the frames this build builds in
+//! [`WIRE_VERSION`]) and reads any format of its range ([`decode_header_in`]).
+//!
+//! The handshake frames ([`FrameType::Hello`], [`FrameType::Welcome`],
+//! [`FrameType::Refuse`]) are frozen: always written in format
+//! [`HANDSHAKE_VERSION`] with the layout above, and every decoder accepts them
+//! in that format whatever its range, so two ends can always learn each
+//! other's ranges (and a build that predates negotiation, which reads only
+//! format 2, reads them too: it ignores the added JSON fields).
+//!
+//! Test builds (`cfg(test)` or feature `next-format`) also know
+//! [`NEXT_WIRE_VERSION`], a stand-in for the next release's format: the
+//! epoch and sequence fields trade places (epoch at 20, sequence at 12). It is
+//! never in [`FormatRange::BUILD`]; a test opts in by configuring a wider range.
+//!
 //! The payload is at most [`MAX_PAYLOAD`] bytes. Decoding checks every field
 //! and the CRC before returning anything, so a frame is either accepted whole
 //! or rejected with a [`FrameError`]; nothing of a bad frame is ever applied.
@@ -36,6 +59,16 @@ pub const MAGIC: [u8; 4] = *b"HLSY";
 /// with the sequence it was read at, live `Batch` frames come between the
 /// chunks, and `BulkEnd` names the sequence the transfer ended at).
 pub const WIRE_VERSION: u8 = 2;
+/// Oldest frame format this build reads and writes (the journal's
+/// `MIN_FORMAT_VERSION..=FORMAT_VERSION` in the same style).
+pub const MIN_WIRE_VERSION: u8 = 2;
+/// Format of the handshake frames (hello, welcome, refuse): frozen, so every
+/// build can read them whatever formats it reads otherwise.
+pub const HANDSHAKE_VERSION: u8 = 2;
+/// A test-only next format (epoch and sequence trade places in the header),
+/// standing in for the format the next release would add.
+#[cfg(any(test, feature = "next-format"))]
+pub const NEXT_WIRE_VERSION: u8 = 3;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload accepted or produced: 16 MiB.
@@ -142,9 +175,16 @@ pub enum FrameError {
     /// The magic is wrong.
     #[error("bad frame magic {0:02x?}")]
     BadMagic([u8; 4]),
-    /// The frame format version is not supported.
-    #[error("unsupported frame format version {0} (this build reads version {WIRE_VERSION})")]
-    BadVersion(u8),
+    /// The frame format version is outside the formats this end reads.
+    #[error("unsupported sync frame format {version} (this end reads formats {min}..={max})")]
+    BadVersion {
+        /// Version byte of the frame.
+        version: u8,
+        /// Oldest format this end reads.
+        min: u8,
+        /// Newest format this end reads.
+        max: u8,
+    },
     /// The frame type is unknown.
     #[error("unknown frame type {0}")]
     BadType(u8),
@@ -180,6 +220,8 @@ pub enum FrameError {
 /// A decoded frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// Format version the frame was written in.
+    pub version: u8,
     /// Frame type.
     pub kind: FrameType,
     /// Payload length.
@@ -205,8 +247,175 @@ pub struct Frame {
     pub payload: Bytes,
 }
 
-/// Parses and validates a header (everything but the CRC, which needs the payload).
+/// Why a format range or a negotiation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// The two ranges do not overlap.
+    #[error(
+        "no common sync frame format: the active reads and writes sync formats {active}, \
+         the standby {standby}"
+    )]
+    NoCommonFormat {
+        /// Range of the active.
+        active: FormatRange,
+        /// Range of the standby.
+        standby: FormatRange,
+    },
+    /// A range is empty (its oldest format is newer than its newest).
+    #[error("sync format range {min}..={max} is empty")]
+    Empty {
+        /// Oldest format.
+        min: u8,
+        /// Newest format.
+        max: u8,
+    },
+    /// A configured range names a format this build cannot read or write.
+    #[error(
+        "sync format {version} of the range {range} is not known to this build (it knows {known})"
+    )]
+    Unknown {
+        /// The unknown format.
+        version: u8,
+        /// The configured range.
+        range: FormatRange,
+        /// Formats this build knows.
+        known: FormatRange,
+    },
+}
+
+/// An inclusive range of frame format versions (what an end reads and writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FormatRange {
+    min: u8,
+    max: u8,
+}
+
+impl Default for FormatRange {
+    fn default() -> Self {
+        FormatRange::BUILD
+    }
+}
+
+impl std::fmt::Display for FormatRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..={}", self.min, self.max)
+    }
+}
+
+impl FormatRange {
+    /// The formats this build reads and writes by default.
+    pub const BUILD: FormatRange = FormatRange {
+        min: MIN_WIRE_VERSION,
+        max: WIRE_VERSION,
+    };
+    /// What a peer that announces no range speaks: a build from before
+    /// negotiation reads and writes format 2 only.
+    pub const LEGACY: FormatRange = FormatRange { min: 2, max: 2 };
+
+    /// The formats this build has codecs for (wider than [`FormatRange::BUILD`]
+    /// in test builds, which also know [`NEXT_WIRE_VERSION`]).
+    pub fn known() -> FormatRange {
+        #[cfg(any(test, feature = "next-format"))]
+        let max = NEXT_WIRE_VERSION;
+        #[cfg(not(any(test, feature = "next-format")))]
+        let max = WIRE_VERSION;
+        FormatRange {
+            min: MIN_WIRE_VERSION,
+            max,
+        }
+    }
+
+    /// The range `min..=max`; fails if it is empty or names a format this
+    /// build does not know.
+    pub fn new(min: u8, max: u8) -> Result<FormatRange, FormatError> {
+        let r = FormatRange { min, max };
+        r.check()?;
+        Ok(r)
+    }
+
+    /// Checks the range is non-empty and within [`FormatRange::known`] (a
+    /// range announced by a peer need not be: only this end's own must).
+    pub fn check(&self) -> Result<(), FormatError> {
+        if self.min > self.max {
+            return Err(FormatError::Empty {
+                min: self.min,
+                max: self.max,
+            });
+        }
+        let known = FormatRange::known();
+        for version in [self.min, self.max] {
+            if !known.contains(version) {
+                return Err(FormatError::Unknown {
+                    version,
+                    range: *self,
+                    known,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Oldest format of the range.
+    pub fn min(&self) -> u8 {
+        self.min
+    }
+
+    /// Newest format of the range.
+    pub fn max(&self) -> u8 {
+        self.max
+    }
+
+    /// True if `version` is in the range.
+    pub fn contains(&self, version: u8) -> bool {
+        self.min <= version && version <= self.max
+    }
+
+    /// The highest format in both ranges, if any.
+    pub fn highest_common(&self, other: &FormatRange) -> Option<u8> {
+        let lo = self.min.max(other.min);
+        let hi = self.max.min(other.max);
+        (lo <= hi).then_some(hi)
+    }
+}
+
+/// Active side of the negotiation: the format a link uses, the highest in
+/// both the active's (checked against what this build knows) and the
+/// standby's announced range.
+pub fn negotiate_format(active: FormatRange, standby: FormatRange) -> Result<u8, FormatError> {
+    active.check()?;
+    active
+        .highest_common(&standby)
+        .ok_or(FormatError::NoCommonFormat { active, standby })
+}
+
+fn is_handshake(kind: FrameType) -> bool {
+    matches!(
+        kind,
+        FrameType::Hello | FrameType::Welcome | FrameType::Refuse
+    )
+}
+
+/// Offsets of the epoch and sequence fields in format `version`.
+fn epoch_seq_offsets(version: u8) -> (usize, usize) {
+    #[cfg(any(test, feature = "next-format"))]
+    if version == NEXT_WIRE_VERSION {
+        return (20, 12);
+    }
+    let _ = version;
+    (12, 20)
+}
+
+/// Parses and validates a header of a format in [`FormatRange::BUILD`] (or a
+/// handshake frame); see [`decode_header_in`].
 pub fn decode_header(buf: &[u8]) -> Result<Header, FrameError> {
+    decode_header_in(buf, FormatRange::BUILD)
+}
+
+/// Parses and validates a header (everything but the CRC, which needs the
+/// payload) of a frame in any format of `formats`, or a handshake frame in
+/// [`HANDSHAKE_VERSION`]. A range naming formats this build does not know
+/// reads only those it knows.
+pub fn decode_header_in(buf: &[u8], formats: FormatRange) -> Result<Header, FrameError> {
     if buf.len() < HEADER_LEN {
         return Err(FrameError::Truncated {
             needed: HEADER_LEN,
@@ -217,10 +426,18 @@ pub fn decode_header(buf: &[u8]) -> Result<Header, FrameError> {
     if magic != MAGIC {
         return Err(FrameError::BadMagic(magic));
     }
-    if buf[4] != WIRE_VERSION {
-        return Err(FrameError::BadVersion(buf[4]));
+    let version = buf[4];
+    let readable = formats.contains(version) && FormatRange::known().contains(version);
+    let kind = FrameType::from_u8(buf[5]);
+    let handshake = version == HANDSHAKE_VERSION && kind.is_some_and(is_handshake);
+    if !readable && !handshake {
+        return Err(FrameError::BadVersion {
+            version,
+            min: formats.min,
+            max: formats.max,
+        });
     }
-    let kind = FrameType::from_u8(buf[5]).ok_or(FrameError::BadType(buf[5]))?;
+    let kind = kind.ok_or(FrameError::BadType(buf[5]))?;
     let flags = u16::from_le_bytes([buf[6], buf[7]]);
     if flags != 0 {
         return Err(FrameError::BadFlags(flags));
@@ -232,11 +449,13 @@ pub fn decode_header(buf: &[u8]) -> Result<Header, FrameError> {
             limit: MAX_PAYLOAD,
         });
     }
+    let (e, s) = epoch_seq_offsets(version);
     Ok(Header {
+        version,
         kind,
         len,
-        epoch: u64::from_le_bytes(buf[12..20].try_into().expect("8 bytes")),
-        seq: u64::from_le_bytes(buf[20..28].try_into().expect("8 bytes")),
+        epoch: u64::from_le_bytes(buf[e..e + 8].try_into().expect("8 bytes")),
+        seq: u64::from_le_bytes(buf[s..s + 8].try_into().expect("8 bytes")),
         crc: u32::from_le_bytes(buf[28..32].try_into().expect("4 bytes")),
     })
 }
@@ -260,7 +479,12 @@ fn check_crc(h: &Header, header: &[u8], payload: &[u8]) -> Result<(), FrameError
 ///
 /// Fails with [`FrameError::Truncated`] if `buf` holds less than a whole frame.
 pub fn decode_frame(buf: &[u8]) -> Result<(Frame, usize), FrameError> {
-    let h = decode_header(buf)?;
+    decode_frame_in(buf, FormatRange::BUILD)
+}
+
+/// Like [`decode_frame`] for a frame in any format of `formats`.
+pub fn decode_frame_in(buf: &[u8], formats: FormatRange) -> Result<(Frame, usize), FrameError> {
+    let h = decode_header_in(buf, formats)?;
     let total = HEADER_LEN + h.len;
     if buf.len() < total {
         return Err(FrameError::Truncated {
@@ -286,6 +510,14 @@ pub fn decode_frame(buf: &[u8]) -> Result<(Frame, usize), FrameError> {
 /// Returns `Ok(None)` on a clean end of stream before any byte of a frame.
 /// The payload is read into a fresh buffer and CRC-checked before it is returned.
 pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, crate::SyncError> {
+    read_frame_in(r, FormatRange::BUILD)
+}
+
+/// Like [`read_frame`] for a frame in any format of `formats`.
+pub fn read_frame_in<R: Read + ?Sized>(
+    r: &mut R,
+    formats: FormatRange,
+) -> Result<Option<Frame>, crate::SyncError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -303,7 +535,7 @@ pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, crate::S
             Err(e) => return Err(e.into()),
         }
     }
-    let h = decode_header(&header)?;
+    let h = decode_header_in(&header, formats)?;
     let mut payload = vec![0u8; h.len];
     let mut got = 0;
     while got < h.len {
@@ -340,6 +572,15 @@ pub fn read_frame_into<R: Read + ?Sized>(
     r: &mut R,
     payload: &mut Vec<u8>,
 ) -> Result<Option<Header>, crate::SyncError> {
+    read_frame_into_in(r, payload, FormatRange::BUILD)
+}
+
+/// Like [`read_frame_into`] for a frame in any format of `formats`.
+pub fn read_frame_into_in<R: Read + ?Sized>(
+    r: &mut R,
+    payload: &mut Vec<u8>,
+    formats: FormatRange,
+) -> Result<Option<Header>, crate::SyncError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -357,7 +598,7 @@ pub fn read_frame_into<R: Read + ?Sized>(
             Err(e) => return Err(e.into()),
         }
     }
-    let h = decode_header(&header)?;
+    let h = decode_header_in(&header, formats)?;
     // Read straight into the buffer's spare capacity: nothing is zeroed.
     payload.clear();
     payload.reserve(h.len);
@@ -490,6 +731,151 @@ pub fn encode_frame(kind: FrameType, epoch: Epoch, seq: Seq, payload: &[u8]) -> 
     let mut w = FrameWriter::new();
     w.frame(kind, epoch, seq, payload);
     w.take()
+}
+
+/// Encodes a frame in format `version` (a format of [`FormatRange::known`];
+/// handshake frames are always written in [`HANDSHAKE_VERSION`]).
+pub fn encode_frame_in(
+    version: u8,
+    kind: FrameType,
+    epoch: Epoch,
+    seq: Seq,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = encode_frame(kind, epoch, seq, payload);
+    reencode_header(&mut out, version);
+    out
+}
+
+/// Rewrites the native ([`WIRE_VERSION`]) frame at the front of `frame` (its
+/// header and whole payload) into format `version`: header fields moved, CRC
+/// recomputed. Handshake frames keep their frozen format.
+fn reencode_header(frame: &mut [u8], version: u8) {
+    let kind = FrameType::from_u8(frame[5]);
+    if version == frame[4] || kind.is_some_and(is_handshake) {
+        return;
+    }
+    let (e0, s0) = epoch_seq_offsets(frame[4]);
+    let (e1, s1) = epoch_seq_offsets(version);
+    let mut epoch = [0u8; 8];
+    let mut seq = [0u8; 8];
+    epoch.copy_from_slice(&frame[e0..e0 + 8]);
+    seq.copy_from_slice(&frame[s0..s0 + 8]);
+    frame[4] = version;
+    frame[e1..e1 + 8].copy_from_slice(&epoch);
+    frame[s1..s1 + 8].copy_from_slice(&seq);
+    let crc = frame_crc(&frame[..HEADER_LEN], &frame[HEADER_LEN..]);
+    frame[28..32].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A writer that re-encodes the frames this build builds (in
+/// [`WIRE_VERSION`]) into the format negotiated for a link before they reach
+/// the stream. Frames may arrive split across writes; at most one incomplete
+/// frame is held (bounded by [`HEADER_LEN`] + [`MAX_PAYLOAD`]). Handshake
+/// frames pass unchanged (their format is frozen).
+pub struct FormatWriter<W: std::io::Write> {
+    inner: W,
+    version: u8,
+    pending: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl<W: std::io::Write> std::fmt::Debug for FormatWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FormatWriter")
+            .field("version", &self.version)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl<W: std::io::Write> FormatWriter<W> {
+    /// Writes frames to `inner` in format `version`; fails if this build has
+    /// no codec for it.
+    pub fn new(inner: W, version: u8) -> Result<FormatWriter<W>, FormatError> {
+        FormatRange::new(version, version)?;
+        Ok(FormatWriter {
+            inner,
+            version,
+            pending: Vec::new(),
+            out: Vec::new(),
+        })
+    }
+
+    /// Re-encodes the whole frames at the front of `buf` into `self.out`;
+    /// returns the bytes consumed.
+    fn convert(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut pos = 0;
+        while buf.len() - pos >= HEADER_LEN {
+            let h = decode_header(&buf[pos..])
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            let total = HEADER_LEN + h.len;
+            if buf.len() - pos < total {
+                break;
+            }
+            let start = self.out.len();
+            self.out.extend_from_slice(&buf[pos..pos + total]);
+            reencode_header(&mut self.out[start..], self.version);
+            pos += total;
+        }
+        Ok(pos)
+    }
+}
+
+/// Wraps a link's writer so it writes format `version`: the writer itself if
+/// that is the format this build builds frames in.
+pub fn format_writer(
+    inner: Box<dyn std::io::Write + Send>,
+    version: u8,
+) -> Result<Box<dyn std::io::Write + Send>, FormatError> {
+    if version == WIRE_VERSION {
+        FormatRange::new(version, version)?;
+        return Ok(inner);
+    }
+    Ok(Box::new(FormatWriter::new(inner, version)?))
+}
+
+impl<W: std::io::Write> std::io::Write for FormatWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.clear();
+        if self.pending.is_empty() {
+            let used = self.convert(buf)?;
+            self.pending.extend_from_slice(&buf[used..]);
+        } else {
+            let mut pending = std::mem::take(&mut self.pending);
+            pending.extend_from_slice(buf);
+            let used = self.convert(&pending);
+            match used {
+                Ok(used) => {
+                    pending.drain(..used);
+                    self.pending = pending;
+                }
+                Err(e) => {
+                    self.pending = pending;
+                    return Err(e);
+                }
+            }
+        }
+        if self.pending.len() > HEADER_LEN + MAX_PAYLOAD {
+            // Cannot happen with a valid header in front: a guard all the same.
+            self.pending.clear();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "an incomplete frame exceeds the largest frame",
+            ));
+        }
+        let out = std::mem::take(&mut self.out);
+        let r = self.inner.write_all(&out);
+        self.out = out;
+        if self.out.capacity() > BULK_PAYLOAD + HEADER_LEN {
+            self.out = Vec::new();
+        }
+        r.map(|_| buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 const OP_PUT: u8 = 1;
@@ -884,6 +1270,10 @@ pub enum Control {
         /// would like to resume from instead of receiving a snapshot.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume: Option<ResumePoint>,
+        /// Frame formats the standby reads and writes (`None`: a build from
+        /// before negotiation, [`FormatRange::LEGACY`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        formats: Option<FormatRange>,
     },
     /// Active's acceptance.
     Welcome {
@@ -895,6 +1285,10 @@ pub enum Control {
         stream_version: SchemaVersion,
         /// Tables of the stream version.
         tables: Vec<String>,
+        /// Frame format chosen for the link, which both ends write from the
+        /// next frame on (`None`: a build from before negotiation, format 2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        format: Option<u8>,
     },
     /// Refusal.
     Refuse {
@@ -1011,6 +1405,155 @@ mod tests {
         let mut p = first.to_le_bytes().to_vec();
         p.extend(encode_batch_payload(muts));
         p
+    }
+
+    fn range(min: u8, max: u8) -> FormatRange {
+        FormatRange::new(min, max).unwrap()
+    }
+
+    #[test]
+    fn negotiation_picks_the_highest_common_format_or_names_both_ranges() {
+        assert_eq!(negotiate_format(range(2, 3), range(2, 2)), Ok(2));
+        assert_eq!(negotiate_format(range(2, 2), range(2, 3)), Ok(2));
+        assert_eq!(negotiate_format(range(2, 3), range(2, 3)), Ok(3));
+        // A peer's range may name formats this build does not know.
+        assert_eq!(
+            negotiate_format(range(2, 3), FormatRange { min: 3, max: 9 }),
+            Ok(3)
+        );
+        let err = negotiate_format(range(3, 3), range(2, 2)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("3..=3") && msg.contains("2..=2"), "{msg}");
+        assert!(msg.contains("no common sync frame format"), "{msg}");
+        // This end's own range must be known and non-empty.
+        assert!(matches!(
+            FormatRange::new(2, 9),
+            Err(FormatError::Unknown { version: 9, .. })
+        ));
+        assert!(matches!(
+            FormatRange::new(3, 2),
+            Err(FormatError::Empty { min: 3, max: 2 })
+        ));
+        assert!(!FormatRange::BUILD.contains(NEXT_WIRE_VERSION));
+    }
+
+    #[test]
+    fn next_format_differs_on_the_wire_and_decodes_only_within_range() {
+        let v2 = encode_frame(FrameType::Ack, 7, 42, b"xy");
+        let v3 = encode_frame_in(NEXT_WIRE_VERSION, FrameType::Ack, 7, 42, b"xy");
+        assert_eq!(v3[4], NEXT_WIRE_VERSION);
+        assert_eq!(&v3[12..20], &42u64.to_le_bytes());
+        assert_eq!(&v3[20..28], &7u64.to_le_bytes());
+        assert_ne!(v2[..HEADER_LEN], v3[..HEADER_LEN]);
+        let (f, used) = decode_frame_in(&v3, range(2, 3)).unwrap();
+        assert_eq!(
+            (f.kind, f.epoch, f.seq, used),
+            (FrameType::Ack, 7, 42, v3.len())
+        );
+        assert_eq!(&f.payload[..], b"xy");
+        assert_eq!(decode_header_in(&v3, range(3, 3)).unwrap().version, 3);
+        // Out of range: a clear error naming the version and the range.
+        let err = decode_frame(&v3).unwrap_err();
+        assert_eq!(
+            err,
+            FrameError::BadVersion {
+                version: 3,
+                min: 2,
+                max: 2
+            }
+        );
+        assert!(err.to_string().contains("format 3") && err.to_string().contains("2..=2"));
+        let err = decode_frame_in(&v2, range(3, 3)).unwrap_err();
+        assert!(
+            matches!(err, FrameError::BadVersion { version: 2, .. }),
+            "{err}"
+        );
+        // read_frame_in and read_frame_into_in agree.
+        let f2 = read_frame_in(&mut &v3[..], range(2, 3)).unwrap().unwrap();
+        assert_eq!(f2, f);
+        let mut buf = Vec::new();
+        let h = read_frame_into_in(&mut &v3[..], &mut buf, range(2, 3))
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.epoch, h.seq, h.version), (7, 42, 3));
+    }
+
+    #[test]
+    fn handshake_frames_keep_the_frozen_format_and_decode_in_any_range() {
+        for kind in [FrameType::Hello, FrameType::Welcome, FrameType::Refuse] {
+            let f = encode_frame_in(NEXT_WIRE_VERSION, kind, 1, 2, b"{}");
+            assert_eq!(f[4], HANDSHAKE_VERSION);
+            assert_eq!(f, encode_frame(kind, 1, 2, b"{}"));
+            let (d, _) = decode_frame_in(&f, range(3, 3)).unwrap();
+            assert_eq!((d.kind, d.epoch, d.seq), (kind, 1, 2));
+        }
+        // Only handshake frames: anything else in the frozen format is out of range.
+        let ack = encode_frame(FrameType::Ack, 1, 2, &[]);
+        assert!(matches!(
+            decode_frame_in(&ack, range(3, 3)),
+            Err(FrameError::BadVersion {
+                version: 2,
+                min: 3,
+                max: 3
+            })
+        ));
+    }
+
+    #[test]
+    fn corrupt_version_byte_after_negotiation_is_an_error_not_a_panic() {
+        let good = encode_frame_in(NEXT_WIRE_VERSION, FrameType::Heartbeat, 3, 4, b"abc");
+        for v in [0u8, 1, 2, 4, 200, 255] {
+            let mut f = good.clone();
+            f[4] = v;
+            let err = decode_frame_in(&f, range(2, 3)).unwrap_err();
+            match v {
+                // In range but not what the frame was written in: the CRC covers the byte.
+                2 => assert!(matches!(err, FrameError::BadCrc { .. }), "{err}"),
+                _ => assert_eq!(
+                    err,
+                    FrameError::BadVersion {
+                        version: v,
+                        min: 2,
+                        max: 3
+                    }
+                ),
+            }
+            assert!(read_frame_in(&mut &f[..], range(2, 3)).is_err());
+        }
+    }
+
+    #[test]
+    fn format_writer_reencodes_frames_split_across_writes() {
+        use std::io::Write;
+        let frames = [
+            encode_frame(FrameType::Hello, 0, 0, b"{}"),
+            encode_frame(FrameType::Batch, 5, 9, &[1u8; 300]),
+            encode_frame(FrameType::Ack, 5, 9, &[]),
+            encode_frame(FrameType::Refuse, 5, 0, b"{}"),
+            encode_frame(FrameType::Heartbeat, 6, 10, b"x"),
+        ];
+        let native: Vec<u8> = frames.concat();
+        let expected: Vec<u8> = frames
+            .iter()
+            .map(|f| {
+                let (d, _) = decode_frame(f).unwrap();
+                encode_frame_in(NEXT_WIRE_VERSION, d.kind, d.epoch, d.seq, &d.payload)
+            })
+            .collect::<Vec<_>>()
+            .concat();
+        for step in [1usize, 7, 31, 32, 33, 100, native.len()] {
+            let mut w = FormatWriter::new(Vec::new(), NEXT_WIRE_VERSION).unwrap();
+            for chunk in native.chunks(step) {
+                w.write_all(chunk).unwrap();
+            }
+            assert!(w.pending.is_empty());
+            assert_eq!(w.inner, expected, "chunks of {step}");
+        }
+        // Garbage is refused, not passed on.
+        let mut w = FormatWriter::new(Vec::new(), NEXT_WIRE_VERSION).unwrap();
+        assert!(w.write_all(&[0u8; 40]).is_err());
+        assert!(w.inner.is_empty());
+        assert!(FormatWriter::new(Vec::new(), 9).is_err());
     }
 
     #[test]

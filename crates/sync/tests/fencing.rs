@@ -81,6 +81,7 @@ fn fake_active(welcome_epoch: u64, frames: Vec<Vec<u8>>) -> std::net::SocketAddr
             native: 1,
             stream_version: 1,
             tables: vec!["kv".into()],
+            format: None,
         };
         use std::io::Write;
         let _ = s.write_all(&w.encode(welcome_epoch, 0));

@@ -31,6 +31,7 @@ fn feed(bad: Vec<u8>, close_after: bool) -> (u64, Vec<hitless_sync::Record>, Str
             native: 1,
             stream_version: 1,
             tables: vec!["kv".into()],
+            format: None,
         }
         .encode(1, 0);
         out.extend(Control::BulkBegin { seq: 0, records: 0 }.encode(1, 0));
@@ -131,7 +132,7 @@ fn decoder_rejects_bad_magic_version_type_and_flags() {
     f[4] = 9;
     assert!(matches!(
         wire::decode_frame(&f),
-        Err(FrameError::BadVersion(9))
+        Err(FrameError::BadVersion { version: 9, .. })
     ));
     let mut f = good.clone();
     f[5] = 200;
@@ -219,6 +220,7 @@ fn control_messages_round_trip_and_older_ones_still_decode() {
             ha: true,
             epoch: 3,
             resume: Some(hitless_sync::ResumePoint { seq: 9, epoch: 2 }),
+            formats: Some(wire::FormatRange::BUILD),
         },
     ] {
         let (f, _) = wire::decode_frame(&c.encode(3, 9)).unwrap();

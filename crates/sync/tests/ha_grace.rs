@@ -144,6 +144,7 @@ fn a_leaving_standby_lets_the_active_close_the_link() {
             native: 1,
             stream_version: 1,
             tables: vec!["kv".into()],
+            format: None,
         };
         c.write_all(&welcome.encode(1, 0)).unwrap();
         c.write_all(&Control::BulkBegin { seq: 0, records: 0 }.encode(1, 0))

@@ -242,6 +242,7 @@ fn fake_active(
             native: 1,
             stream_version: 1,
             tables: vec!["kv".into()],
+            format: None,
         }
         .encode(1, 0);
         out.extend(frames(&hello));

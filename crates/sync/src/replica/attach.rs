@@ -175,6 +175,7 @@ impl Replica {
             ha,
             epoch: peer_epoch,
             resume,
+            formats: peer_formats,
         } = hello
         else {
             return Err(SyncError::Protocol("expected a hello".into()));
@@ -224,6 +225,16 @@ impl Replica {
                 return refuse(&mut conn, epoch, e);
             }
         };
+        let format = match wire::negotiate_format(
+            cfg.formats,
+            peer_formats.unwrap_or(wire::FormatRange::LEGACY),
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                let epoch = self.epoch();
+                return refuse(&mut conn, epoch, e.into());
+            }
+        };
         let mut st = self.state();
         if st.role != Role::Active {
             let (e, epoch) = (not_active(&st), st.epoch);
@@ -261,12 +272,15 @@ impl Replica {
         }
         st.links.retain(|l| l.link.node != node);
         let epoch = st.epoch;
-        let mut w = conn.writer;
+        // Frames after the welcome (itself in the frozen handshake format) are written in the
+        // negotiated format.
+        let mut w = wire::format_writer(conn.writer, format).expect("negotiated a known format");
         let welcome = Control::Welcome {
             node: cfg.node.clone(),
             native: schema.version(),
             stream_version,
             tables: schema.tables_of(stream_version).to_vec(),
+            format: Some(format),
         }
         .encode(epoch, st.seq);
         let link = Arc::new(Link {
@@ -366,7 +380,7 @@ impl Replica {
             })?;
         let me = self.clone();
         let l2 = link.clone();
-        let mut frames = FrameReader::new(conn.reader, 64 << 10);
+        let mut frames = FrameReader::new(conn.reader, 64 << 10, cfg.formats);
         thread::Builder::new()
             .name("sync-acks".into())
             .spawn(move || {

@@ -74,6 +74,9 @@ pub struct ReplicaConfig {
     /// write crosses several threads (the active's, its HA standby's, the acknowledgement's),
     /// each of which would otherwise queue behind the bulk work. `None`: nothing is done.
     pub background_thread: Option<fn()>,
+    /// Frame formats this end reads and writes, announced at connect; a link uses the highest
+    /// format both ends have (default [`crate::wire::FormatRange::BUILD`]).
+    pub formats: crate::wire::FormatRange,
 }
 
 impl ReplicaConfig {
@@ -96,6 +99,7 @@ impl ReplicaConfig {
             resume_log_batches: 1 << 16,
             ha_grace: Duration::ZERO,
             background_thread: None,
+            formats: crate::wire::FormatRange::BUILD,
         }
     }
 }

@@ -130,6 +130,7 @@ impl Replica {
             ha,
             epoch: my_epoch,
             resume,
+            formats: Some(cfg.formats),
         };
         let dog = Watchdog::arm(conn.closer.clone(), cfg.ack_timeout);
         let welcome = (|| -> Result<(wire::Frame, Control), SyncError> {
@@ -154,11 +155,25 @@ impl Replica {
                 c();
             }
         })?;
-        let stream_version = match welcome {
+        let (stream_version, format) = match welcome {
             Control::Refuse { reason } => return Err(SyncError::Refused(reason)),
-            Control::Welcome { stream_version, .. } => stream_version,
+            Control::Welcome {
+                stream_version,
+                format,
+                ..
+            } => (stream_version, format.unwrap_or(wire::HANDSHAKE_VERSION)),
             _ => unreachable!(),
         };
+        if !cfg.formats.contains(format) {
+            if let Some(c) = &conn.closer {
+                c();
+            }
+            return Err(SyncError::Protocol(format!(
+                "the active chose sync frame format {format}, outside this end's formats {}",
+                cfg.formats
+            )));
+        }
+        let writer = wire::format_writer(conn.writer, format)?;
         if !schema.reads().contains(stream_version) {
             return Err(SyncError::Protocol(format!(
                 "the active chose stream version {stream_version}, which this build cannot read"
@@ -168,7 +183,7 @@ impl Replica {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             core: LinkCore::new(conn.closer.clone()),
             leaving: AtomicBool::new(false),
-            writer: Mutex::new(conn.writer),
+            writer: Mutex::new(writer),
             result: Mutex::new(None),
         });
         {
@@ -423,7 +438,7 @@ impl Replica {
         reader: Box<dyn Read + Send>,
         sv: SchemaVersion,
     ) -> Result<(), SyncError> {
-        let mut frames = FrameReader::new(reader, 1 << 20);
+        let mut frames = FrameReader::new(reader, 1 << 20, self.inner.config.formats);
         let mut session = Session::new(self, link, sv);
         loop {
             if link.core.is_closed() {

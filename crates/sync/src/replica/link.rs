@@ -219,20 +219,26 @@ impl Incoming<'_> {
 pub(super) struct FrameReader {
     r: io::BufReader<Box<dyn Read + Send>>,
     payload: Vec<u8>,
+    formats: wire::FormatRange,
 }
 
 impl FrameReader {
-    /// Reads `reader` through a buffer of `buffer` bytes.
-    pub(super) fn new(reader: Box<dyn Read + Send>, buffer: usize) -> Self {
+    /// Reads `reader` through a buffer of `buffer` bytes, frames of any format in `formats`.
+    pub(super) fn new(
+        reader: Box<dyn Read + Send>,
+        buffer: usize,
+        formats: wire::FormatRange,
+    ) -> Self {
         FrameReader {
             r: io::BufReader::with_capacity(buffer, reader),
             payload: Vec::new(),
+            formats,
         }
     }
 
     /// The next frame (`None`: the peer closed the stream between frames); touches `core`.
     pub(super) fn next(&mut self, core: &LinkCore) -> Result<Option<Incoming<'_>>, SyncError> {
-        let Some(h) = wire::read_frame_into(&mut self.r, &mut self.payload)? else {
+        let Some(h) = wire::read_frame_into_in(&mut self.r, &mut self.payload, self.formats)? else {
             return Ok(None);
         };
         core.touch();
@@ -255,7 +261,11 @@ mod tests {
     use super::*;
 
     fn reader(bytes: Vec<u8>) -> FrameReader {
-        FrameReader::new(Box::new(io::Cursor::new(bytes)), 64 << 10)
+        FrameReader::new(
+            Box::new(io::Cursor::new(bytes)),
+            64 << 10,
+            wire::FormatRange::BUILD,
+        )
     }
 
     #[test]
