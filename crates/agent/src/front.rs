@@ -829,10 +829,18 @@ async fn relay(front: &Front, mut client: TcpStream) -> Result<&'static str, Str
                 }
             }
         }
+        // When to look again: a connection waiting for a route polls; a draining one wakes at
+        // the drain deadline, or when it will have been quiet long enough if nothing is left
+        // to pass on (otherwise the bytes moving, or the deadline, wake it).
         let wake = match (&backend, drain_since) {
             (None, _) => Some(now + Duration::from_millis(50)),
             (Some(_), Some(since)) => {
-                Some((last_activity + limits.drain_quiet).min(since + limits.drain_timeout))
+                let deadline = since + limits.drain_timeout;
+                if cbuf.is_empty() && cout.is_empty() {
+                    Some((last_activity + limits.drain_quiet).min(deadline))
+                } else {
+                    Some(deadline)
+                }
             }
             (Some(_), None) => None,
         };

@@ -573,6 +573,44 @@ async fn opaque_drain_closes_a_connection_still_busy_at_the_deadline() {
     writer.abort();
 }
 
+/// A client that stops reading leaves instance bytes in the front's buffers, so its
+/// connection never looks quiet: the drain closes it at the deadline all the same, after a
+/// bounded wait for the client to take them.
+#[tokio::test]
+async fn opaque_drain_closes_a_client_that_does_not_read_at_the_deadline() {
+    let (a, _) = echo("a", Protocol::Opaque).await;
+    let limits = opaque_limits(Duration::from_millis(30), Duration::from_millis(200));
+    let (front, listening) = front_with(Protocol::Opaque, limits, a);
+    let client = TcpStream::connect(listening.addr).await.unwrap();
+    let (_r, mut w) = client.into_split();
+    // More than the socket buffers and the front's buffers hold: the echo backs up.
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..128 {
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = tokio::time::Instant::now();
+    front.hold();
+    let deadline = t0 + Duration::from_secs(3);
+    while front.stats(true).connections > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a client that does not read outlived the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(150),
+        "closed before the deadline"
+    );
+    assert_eq!(front.stats(true).drained, 1);
+    writer.abort();
+}
+
 /// When the instance of an opaque connection is lost, the connection is closed, and what the
 /// client had sent is not replayed to the successor.
 #[tokio::test]
