@@ -25,6 +25,7 @@ fn main() -> std::io::Result<()> {
         ("journal_envelope", journal_envelope()),
         ("kvd_resp", kvd_resp()),
         ("agent_resp", agent_resp()),
+        ("agent_length_prefixed", agent_length_prefixed()),
         ("image_manifest", image_manifest()),
         ("agent_config", agent_config()),
         ("agent_peer_msg", agent_peer_msg()),
@@ -409,6 +410,28 @@ fn agent_resp() -> Seeds {
         ("inline", b"PING\r\n".to_vec()),
         ("nested", b"*1\r\n*1\r\n*1\r\n-ERR x\r\n".to_vec()),
     ]
+}
+
+/// A bound selector byte (255: the front's own bound), then length-prefixed messages.
+fn agent_length_prefixed() -> Seeds {
+    let framed = |payloads: &[&[u8]]| -> Vec<u8> {
+        let mut out = vec![u8::MAX];
+        for p in payloads {
+            out.extend_from_slice(&u32::try_from(p.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(p);
+        }
+        out
+    };
+    let seeds = vec![
+        ("one", framed(&[b"hello"])),
+        ("pipeline", framed(&[b"a", b"", b"\x00\xff\r\n", b"last"])),
+        ("partial", framed(&[b"whole", b"cut"])[..16].to_vec()),
+        ("over-bound", vec![1, 0, 0, 0, 17, b'x']),
+    ];
+    let check =
+        hitless_agent::framing::LengthPrefixedFraming::new(hitless_agent::resp::MAX_MESSAGE);
+    assert_eq!(check.message_len(&seeds[0].1[1..]), Ok(Some(9)));
+    seeds
 }
 
 fn image_manifest() -> Seeds {

@@ -6,9 +6,12 @@
 //! length does not depend on the bytes after it, every strict prefix of it needs more bytes
 //! (a message arriving in pieces is never refused), and the front agrees with the service on
 //! boundaries: a multibulk request kvd parses, and a reply kvd's client parser accepts within
-//! the front's nesting bound, have the same length for both.
+//! the front's nesting bound, have the same length for both. The front's RESP framing
+//! (`hitless_agent::framing::RespFraming`, what a connection calls) frames exactly as these
+//! functions do.
 #![no_main]
 
+use hitless_agent::framing::{Framing, FramingError, RespFraming};
 use hitless_agent::resp::{message_len, reply_len, MAX_DEPTH};
 use kvd::resp::{parse_reply, parse_request, Limits, Reply};
 use libfuzzer_sys::fuzz_target;
@@ -32,13 +35,35 @@ fuzz_target!(|buf: &[u8]| {
         }
     }
     let rr = reply_len(buf);
+    assert_eq!(
+        RespFraming.request_len(buf),
+        r.clone().map_err(FramingError::from),
+        "the framing and message_len differ"
+    );
+    assert_eq!(
+        RespFraming.reply_len(buf),
+        rr.clone().map_err(FramingError::from),
+        "the framing and reply_len differ"
+    );
     if let Ok(Some(f)) = rr {
         let n = f.len;
-        assert!(n >= 1 && n <= buf.len(), "reply length {n} of {} bytes", buf.len());
-        assert_eq!(reply_len(&buf[..n]), Ok(Some(f)), "reply depends on bytes after it");
+        assert!(
+            n >= 1 && n <= buf.len(),
+            "reply length {n} of {} bytes",
+            buf.len()
+        );
+        assert_eq!(
+            reply_len(&buf[..n]),
+            Ok(Some(f)),
+            "reply depends on bytes after it"
+        );
         let step = (n / 128).max(1);
         for cut in (0..n).step_by(step).chain(n.saturating_sub(4)..n) {
-            assert_eq!(reply_len(&buf[..cut]), Ok(None), "reply prefix {cut} of {n}");
+            assert_eq!(
+                reply_len(&buf[..cut]),
+                Ok(None),
+                "reply prefix {cut} of {n}"
+            );
         }
     }
     if buf.first() == Some(&b'*') {

@@ -2,8 +2,9 @@
 //!
 //! Clients connect to the front; the front forwards each connection to the instance in
 //! control, whichever appliance it is on, over a connection of its own to that instance. It
-//! understands RESP framing (not the commands), so it knows how many requests of each
-//! connection are in flight. That lets it:
+//! understands the framing of the service's protocol (not the commands; see
+//! [`crate::framing`]: RESP by default, or length-prefixed messages), so it knows how many
+//! requests of each connection are in flight. That lets it:
 //! - *hold* for a planned switchover: new requests wait in the front. Requests already
 //!   forwarded are not waited for (a long pipeline or a client that never reads its replies
 //!   must not decide whether the pair can switch): they finish at the old instance, which
@@ -20,6 +21,14 @@
 //!   loses nothing; a non-idempotent command (INCR, LPUSH) that the dead instance applied but
 //!   never answered may be applied twice: at-least-once for unanswered requests, exactly as a
 //!   client library retrying on a new connection would do.
+//!
+//! A protocol whose framing the front does not know ([`Protocol::Opaque`]) is relayed byte for
+//! byte, and nothing can be held or replayed. A planned switchover *drains* such connections
+//! instead: while the fronts hold, each connection to the old instance keeps flowing and is
+//! closed once it has been quiet in both directions for [`FrontLimits::drain_quiet`], or
+//! [`FrontLimits::drain_timeout`] after the hold began, or when the route moves on, whichever
+//! comes first; new connections wait (bounded) for the new route. A connection whose instance
+//! is lost, or which is still open when control moves, is closed: the client reconnects.
 //!
 //! Connections are served on the front's own runtime (its own worker threads), apart from the
 //! agent's control plane: hundreds of busy clients must not delay the peer heartbeats, the
@@ -46,6 +55,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::framing::{Framing, OnProtocolError, Protocol};
 use crate::resp;
 
 /// Where the front sends requests.
@@ -64,7 +74,8 @@ pub struct Route {
 pub struct FrontLimits {
     /// The most client input buffered per connection ahead of forwarding, and the most
     /// replies buffered per connection ahead of the client reading them (a single message
-    /// larger than this is still passed on, up to [`resp::MAX_MESSAGE`]).
+    /// larger than this is still passed on, up to [`resp::MAX_MESSAGE`]). With the opaque
+    /// protocol, the bytes buffered each way.
     pub max_buffered: usize,
     /// The most bytes of requests in flight (forwarded, not answered) per connection; more
     /// wait in the client's input until replies come back.
@@ -77,6 +88,13 @@ pub struct FrontLimits {
     pub connect_timeout: Duration,
     /// The most client connections at once.
     pub max_connections: usize,
+    /// Opaque protocol: how long a connection to the old instance must have moved no byte,
+    /// either way, before a planned switchover's drain closes it.
+    pub drain_quiet: Duration,
+    /// Opaque protocol: how long after a hold began a connection that never went quiet is
+    /// closed anyway, and the most a closing connection waits for its client to take the
+    /// bytes already read from the instance.
+    pub drain_timeout: Duration,
 }
 
 impl Default for FrontLimits {
@@ -88,6 +106,8 @@ impl Default for FrontLimits {
             failover_wait: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(1),
             max_connections: 4096,
+            drain_quiet: Duration::from_millis(30),
+            drain_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -145,6 +165,10 @@ struct Shared {
     connections: AtomicUsize,
     forwarded: AtomicU64,
     replayed: AtomicU64,
+    protocol_errors: AtomicU64,
+    drained: AtomicU64,
+    /// The framing of new connections.
+    framing: std::sync::RwLock<Arc<dyn Framing>>,
     limits: FrontLimits,
 }
 
@@ -157,6 +181,17 @@ pub struct FrontStats {
     pub replayed: u64,
     pub route: Option<Route>,
     pub listening: bool,
+    /// The protocol of new connections.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Client requests that could not be framed, and instance replies that could not: each
+    /// closed its connection (a RESP client got an error reply first).
+    #[serde(default)]
+    pub protocol_errors: u64,
+    /// Opaque connections the front closed because control moved: drained during a planned
+    /// switchover, or still open when the route changed.
+    #[serde(default)]
+    pub drained: u64,
 }
 
 /// The service front. Cheap to clone.
@@ -186,9 +221,15 @@ impl Drop for Listening {
 }
 
 impl Front {
-    /// A front with no route yet: connections wait (bounded) until one is set. It starts its
-    /// own runtime for the connections.
+    /// A RESP front with no route yet: connections wait (bounded) until one is set. It starts
+    /// its own runtime for the connections.
     pub fn new(limits: FrontLimits) -> Result<Self, FrontError> {
+        Self::with_protocol(limits, Protocol::Resp)
+    }
+
+    /// A front speaking `protocol`, with no route yet (see [`Self::new`]). A length-prefixed
+    /// message may declare at most [`resp::MAX_MESSAGE`] bytes, the bound of any message.
+    pub fn with_protocol(limits: FrontLimits, protocol: Protocol) -> Result<Self, FrontError> {
         let (route, _) = watch::channel(Route {
             epoch: 0,
             backend: None,
@@ -210,6 +251,9 @@ impl Front {
                 connections: AtomicUsize::new(0),
                 forwarded: AtomicU64::new(0),
                 replayed: AtomicU64::new(0),
+                protocol_errors: AtomicU64::new(0),
+                drained: AtomicU64::new(0),
+                framing: std::sync::RwLock::new(protocol.framing(resp::MAX_MESSAGE)),
                 limits,
             }),
         })
@@ -268,6 +312,30 @@ impl Front {
         self.shared.route.send_replace(route);
     }
 
+    /// Sets the protocol of the connections accepted from now on; established connections
+    /// keep theirs.
+    pub fn set_protocol(&self, protocol: Protocol) {
+        info!(%protocol, "front protocol");
+        *self
+            .shared
+            .framing
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = protocol.framing(resp::MAX_MESSAGE);
+    }
+
+    /// The protocol of new connections.
+    pub fn protocol(&self) -> Protocol {
+        self.framing().protocol()
+    }
+
+    fn framing(&self) -> Arc<dyn Framing> {
+        self.shared
+            .framing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The most client connections this front serves at once.
     pub fn max_connections(&self) -> usize {
         self.shared.limits.max_connections
@@ -292,6 +360,9 @@ impl Front {
             replayed: self.shared.replayed.load(Ordering::Relaxed),
             route: Some(self.route()),
             listening,
+            protocol: self.protocol(),
+            protocol_errors: self.shared.protocol_errors.load(Ordering::Relaxed),
+            drained: self.shared.drained.load(Ordering::Relaxed),
         }
     }
 
@@ -308,17 +379,26 @@ impl Front {
     }
 
     async fn serve(self, client: TcpStream) {
-        let mut conn = Conn {
-            front: self.clone(),
-            lens: VecDeque::new(),
-            unanswered: BytesMut::new(),
-            written: 0,
-        };
-        if let Err(reason) = conn.run(client).await {
-            debug!("client connection closed: {reason}");
+        let framing = self.framing();
+        if framing.holds_requests() {
+            let mut conn = Conn {
+                front: self.clone(),
+                framing,
+                lens: VecDeque::new(),
+                unanswered: BytesMut::new(),
+                written: 0,
+            };
+            if let Err(reason) = conn.run(client).await {
+                debug!("client connection closed: {reason}");
+            }
+            let left = conn.lens.len();
+            self.shared.inflight.fetch_sub(left, Ordering::AcqRel);
+        } else {
+            match relay(&self, client).await {
+                Ok(reason) => debug!("client connection closed: {reason}"),
+                Err(reason) => debug!("client connection closed: {reason}"),
+            }
         }
-        let left = conn.lens.len();
-        self.shared.inflight.fetch_sub(left, Ordering::AcqRel);
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -327,6 +407,8 @@ impl Front {
 /// while its replies come back), each through a bounded buffer.
 struct Conn {
     front: Front,
+    /// Where this connection's requests and replies end.
+    framing: Arc<dyn Framing>,
     /// Lengths of the requests forwarded and not yet answered, oldest first.
     lens: VecDeque<usize>,
     /// Their bytes, in order: kept until answered, so that they can be sent again to another
@@ -418,7 +500,7 @@ impl Conn {
             if !client_open && cout.is_empty() {
                 // A closed client's partial request can never complete: nothing is left to do
                 // once everything it sent whole was answered.
-                let whole_left = !matches!(resp::message_len(&cbuf), Ok(None));
+                let whole_left = !matches!(self.framing.request_len(&cbuf), Ok(None));
                 if self.lens.is_empty() && !whole_left {
                     return Ok(());
                 }
@@ -437,7 +519,7 @@ impl Conn {
             // (one request may exceed the bound, up to the message limit).
             let can_read_client = client_open
                 && (cbuf.len() < limits.max_buffered
-                    || matches!(resp::message_len(&cbuf), Ok(None)));
+                    || matches!(self.framing.request_len(&cbuf), Ok(None)));
             let can_read_backend = backend.is_some() && cout.len() < limits.max_buffered;
             let to_send = self.written < self.unanswered.len();
             let no_backend = backend.is_none();
@@ -508,7 +590,7 @@ impl Conn {
         // reply; `redis-cli --pipe` input often has some) or where forwarding stops; bounded
         // by the buffer, each round consuming bytes.
         loop {
-            let blank = resp::blank_prefix(cbuf);
+            let blank = self.framing.filler_len(cbuf);
             if blank > 0 {
                 cbuf.advance(blank);
             }
@@ -516,11 +598,11 @@ impl Conn {
             let mut added = 0;
             let mut at_blank = false;
             loop {
-                if out_len > 0 && resp::blank_prefix(&cbuf[out_len..]) > 0 {
+                if out_len > 0 && self.framing.filler_len(&cbuf[out_len..]) > 0 {
                     at_blank = true;
                     break;
                 }
-                match resp::message_len(&cbuf[out_len..]) {
+                match self.framing.request_len(&cbuf[out_len..]) {
                     Ok(Some(n))
                         if !(self.lens.is_empty() && added == 0)
                             && self.unanswered.len() + out_len + n > limits.max_inflight =>
@@ -534,9 +616,15 @@ impl Conn {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        let msg = format!("-ERR protocol error: {e}\r\n");
-                        let _ = cw.write_all(msg.as_bytes()).await;
-                        return Err(format!("client sent malformed RESP: {e}"));
+                        let shared = &self.front.shared;
+                        shared.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        if let OnProtocolError::Reply(reply) = self.framing.on_protocol_error(&e) {
+                            let _ = cw.write_all(&reply).await;
+                        }
+                        return Err(format!(
+                            "client sent bytes that are no {} request: {e}",
+                            self.framing.protocol()
+                        ));
                     }
                 }
             }
@@ -554,7 +642,8 @@ impl Conn {
     }
 
     /// Splits complete replies off `bbuf`: each answers the oldest request in flight, except
-    /// a push (RESP3 `>`), which goes to the client and answers nothing.
+    /// a push (RESP3 `>`), which goes to the client and answers nothing. A reply with no
+    /// request in flight is dropped.
     fn answered(&mut self, bbuf: &mut BytesMut, cout: &mut BytesMut) -> Result<(), String> {
         // Each round consumes at least one whole frame of the bounded buffer.
         while self.answered_once(bbuf, cout)? {}
@@ -568,7 +657,7 @@ impl Conn {
         let mut len = 0;
         let mut unsolicited = 0;
         loop {
-            match resp::reply_len(&bbuf[len..]) {
+            match self.framing.reply_len(&bbuf[len..]) {
                 Ok(Some(f)) if f.push => len += f.len,
                 Ok(Some(f)) if n_replies < self.lens.len() => {
                     len += f.len;
@@ -580,7 +669,11 @@ impl Conn {
                     break;
                 }
                 Ok(None) => break,
-                Err(e) => return Err(format!("instance sent a malformed reply: {e}")),
+                Err(e) => {
+                    let shared = &self.front.shared;
+                    shared.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(format!("instance sent a malformed reply: {e}"));
+                }
             }
         }
         if len > 0 {
@@ -595,7 +688,7 @@ impl Conn {
                 .shared
                 .inflight
                 .fetch_sub(n_replies, Ordering::AcqRel);
-        } else if bbuf.len() > resp::MAX_MESSAGE {
+        } else if bbuf.len() > self.framing.max_message() {
             return Err("instance reply exceeds the message limit".into());
         }
         if unsolicited > 0 {
@@ -621,5 +714,228 @@ impl Conn {
         }
         self.written = 0;
         bbuf.clear();
+    }
+}
+
+/// Serves a client of a protocol whose framing the front does not know: bytes go both ways as
+/// they come, each way through a buffer of at most [`FrontLimits::max_buffered`] bytes.
+/// Nothing is held or replayed. The connection waits (bounded by
+/// [`FrontLimits::failover_wait`]) for a route that does not hold, connects to its instance,
+/// and stays with that instance: a hold drains it (it is closed once quiet in both directions,
+/// or at the drain deadline), and it is closed when the route moves to another instance or
+/// epoch or its instance closes or fails. A client that half-closes has its end passed on; the
+/// connection ends once the instance closes too. Returns why the connection ended: `Ok` for
+/// an orderly end, `Err` for a failure.
+async fn relay(front: &Front, mut client: TcpStream) -> Result<&'static str, String> {
+    client.set_nodelay(true).ok();
+    let (mut cr, mut cw) = client.split();
+    let shared = &front.shared;
+    let limits = &shared.limits;
+    let mut route_rx = shared.route.subscribe();
+    // Client bytes not yet sent to the instance; instance bytes not yet written to the client.
+    // Reads land in `cin` and `bin` first and join them at the top of each round (a buffer
+    // cannot be read into while it is being written from).
+    let mut cbuf = BytesMut::with_capacity(4 * 1024);
+    let mut cout = BytesMut::with_capacity(4 * 1024);
+    let mut cin = BytesMut::with_capacity(4 * 1024);
+    let mut bin = BytesMut::with_capacity(4 * 1024);
+    let mut backend: Option<Backend> = None;
+    let waiting_since = tokio::time::Instant::now();
+    let mut client_open = true;
+    // The client's end was passed on to the instance.
+    let mut shut_down = false;
+    let mut last_activity = tokio::time::Instant::now();
+    let mut drain_since: Option<tokio::time::Instant> = None;
+    loop {
+        join(&mut cbuf, &mut cin);
+        join(&mut cout, &mut bin);
+        cin.reserve(4 * 1024);
+        bin.reserve(4 * 1024);
+        let route = route_rx.borrow_and_update().clone();
+        let now = tokio::time::Instant::now();
+        match backend.as_mut() {
+            None => {
+                if !client_open && cbuf.is_empty() {
+                    return Ok("the client left before it was connected");
+                }
+                match route.backend {
+                    Some(addr) if !route.hold => {
+                        match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(addr))
+                            .await
+                        {
+                            Ok(Ok(stream)) => {
+                                stream.set_nodelay(true).ok();
+                                let (r, w) = stream.into_split();
+                                backend = Some(Backend {
+                                    r,
+                                    w,
+                                    epoch: route.epoch,
+                                    addr,
+                                });
+                                last_activity = tokio::time::Instant::now();
+                                continue;
+                            }
+                            Ok(Err(e)) => {
+                                debug!(%addr, "connect to the instance in control failed: {e}");
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err(_) => {
+                                debug!(%addr, "connect to the instance in control timed out")
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                if waiting_since.elapsed() > limits.failover_wait {
+                    return Err(format!(
+                        "no instance in control to connect to within {:?}",
+                        limits.failover_wait
+                    ));
+                }
+            }
+            Some(b) => {
+                if route.backend != Some(b.addr) || route.epoch != b.epoch {
+                    // Control moved on: this instance is no longer the one clients reach.
+                    shared.drained.fetch_add(1, Ordering::Relaxed);
+                    finish(&mut cw, &cout, limits.drain_timeout).await;
+                    return Ok("control moved to another instance");
+                }
+                if route.hold {
+                    drain_since.get_or_insert(now);
+                } else {
+                    // A released hold (an aborted switchover): the connection carries on.
+                    drain_since = None;
+                }
+                if let Some(since) = drain_since {
+                    let quiet = cbuf.is_empty()
+                        && cout.is_empty()
+                        && now.duration_since(last_activity) >= limits.drain_quiet;
+                    if quiet || now.duration_since(since) >= limits.drain_timeout {
+                        shared.drained.fetch_add(1, Ordering::Relaxed);
+                        finish(&mut cw, &cout, limits.drain_timeout).await;
+                        return Ok(if quiet {
+                            "drained for a planned switchover"
+                        } else {
+                            "still busy at the end of the drain"
+                        });
+                    }
+                }
+                if !client_open && cbuf.is_empty() && !shut_down {
+                    // Pass the client's end on; the instance's replies may still follow.
+                    if let Err(e) = b.w.shutdown().await {
+                        debug!(addr = %b.addr, "passing the client's end to the instance failed: {e}");
+                    }
+                    shut_down = true;
+                }
+            }
+        }
+        // When to look again: a connection waiting for a route polls; a draining one wakes at
+        // the drain deadline, or when it will have been quiet long enough if nothing is left
+        // to pass on (otherwise the bytes moving, or the deadline, wake it).
+        let wake = match (&backend, drain_since) {
+            (None, _) => Some(now + Duration::from_millis(50)),
+            (Some(_), Some(since)) => {
+                let deadline = since + limits.drain_timeout;
+                if cbuf.is_empty() && cout.is_empty() {
+                    Some((last_activity + limits.drain_quiet).min(deadline))
+                } else {
+                    Some(deadline)
+                }
+            }
+            (Some(_), None) => None,
+        };
+        let can_read_client = client_open && cbuf.len() < limits.max_buffered;
+        let can_read_backend = backend.is_some() && cout.len() < limits.max_buffered;
+        let to_send = backend.is_some() && !cbuf.is_empty();
+        let (br, bw) = match backend.as_mut() {
+            Some(b) => (Some(&mut b.r), Some(&mut b.w)),
+            None => (None, None),
+        };
+        enum Event {
+            ClientRead(std::io::Result<usize>),
+            Sent(std::io::Result<usize>),
+            BackendRead(std::io::Result<usize>),
+            ClientWritten(std::io::Result<usize>),
+            Other,
+        }
+        let ev = tokio::select! {
+            r = cr.read_buf(&mut cin), if can_read_client => Event::ClientRead(r),
+            r = async {
+                match bw {
+                    Some(w) => w.write(&cbuf).await,
+                    None => std::future::pending().await,
+                }
+            }, if to_send => Event::Sent(r),
+            r = async {
+                match br {
+                    Some(r) => r.read_buf(&mut bin).await,
+                    None => std::future::pending().await,
+                }
+            }, if can_read_backend => Event::BackendRead(r),
+            r = cw.write(&cout), if !cout.is_empty() => Event::ClientWritten(r),
+            _ = route_rx.changed() => Event::Other,
+            _ = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => Event::Other,
+        };
+        match ev {
+            Event::ClientRead(Ok(0)) => client_open = false,
+            Event::ClientRead(Ok(_)) => last_activity = tokio::time::Instant::now(),
+            Event::ClientRead(Err(e)) => return Err(format!("client read: {e}")),
+            Event::Sent(Ok(n)) => {
+                cbuf.advance(n);
+                last_activity = tokio::time::Instant::now();
+            }
+            Event::Sent(Err(e)) => {
+                finish(&mut cw, &cout, limits.drain_timeout).await;
+                return Err(format!("write to the instance failed: {e}"));
+            }
+            Event::BackendRead(Ok(0)) => {
+                finish(&mut cw, &cout, limits.drain_timeout).await;
+                return Ok("the instance closed the connection");
+            }
+            Event::BackendRead(Ok(_)) => last_activity = tokio::time::Instant::now(),
+            Event::BackendRead(Err(e)) => {
+                finish(&mut cw, &cout, limits.drain_timeout).await;
+                return Err(format!("read from the instance failed: {e}"));
+            }
+            Event::ClientWritten(Ok(n)) => {
+                cout.advance(n);
+                last_activity = tokio::time::Instant::now();
+            }
+            Event::ClientWritten(Err(e)) => return Err(format!("client write: {e}")),
+            Event::Other => {}
+        }
+    }
+}
+
+/// Appends what `from` holds to `to`, leaving `from` empty.
+fn join(to: &mut BytesMut, from: &mut BytesMut) {
+    if from.is_empty() {
+        return;
+    }
+    if to.is_empty() {
+        std::mem::swap(to, from);
+    } else {
+        to.extend_from_slice(from);
+        from.clear();
+    }
+}
+
+/// Gives a closing client what its instance already sent, for at most `bound`.
+async fn finish(cw: &mut tokio::net::tcp::WriteHalf<'_>, cout: &[u8], bound: Duration) {
+    if cout.is_empty() {
+        return;
+    }
+    match tokio::time::timeout(bound, cw.write_all(cout)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!("client write while closing: {e}"),
+        Err(_) => debug!(
+            bytes = cout.len(),
+            "the client took not all of the instance's last bytes within {bound:?}"
+        ),
     }
 }

@@ -12,7 +12,7 @@ pub const MAX_DEPTH: usize = 32;
 pub const MAX_ELEMENTS: i64 = 16 * 1024 * 1024;
 
 /// Malformed RESP input.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error("a RESP message has an invalid length header: {0:?}")]
     BadLength(String),
@@ -72,15 +72,7 @@ pub fn message_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
     r
 }
 
-/// One complete reply at the head of a buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplyFrame {
-    /// Its length in bytes.
-    pub len: usize,
-    /// A RESP3 push (`>`): out-of-band data for the client (pub/sub, invalidation), which
-    /// answers no request.
-    pub push: bool,
-}
+pub use crate::framing::ReplyFrame;
 
 /// Returns the first complete reply in `buf` (RESP2, or RESP3 with its maps, sets, pushes,
 /// attributes, doubles, big numbers, booleans, nulls, blob errors and verbatim strings),
