@@ -102,9 +102,11 @@ pub enum FailureKind {
 
 /// An op's failure as the peer link carries it: its kind and its sentence.
 ///
-/// Agents of earlier releases send the sentence alone (`"Err": "..."`); that shape still
-/// decodes, as [`FailureKind::Refused`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Agents of earlier releases send and read the sentence alone (`"Err": "..."`), so a
+/// [`FailureKind::Refused`] is written in that shape, which every release reads; only a kind
+/// that an earlier release does not know is written as `{"kind", "message"}`. Both shapes
+/// decode.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(from = "FailureShape")]
 pub struct Failure {
     pub kind: FailureKind,
@@ -117,6 +119,21 @@ pub struct Failure {
 enum FailureShape {
     Typed { kind: FailureKind, message: String },
     Sentence(String),
+}
+
+impl Serialize for Failure {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        match self.kind {
+            FailureKind::Refused => s.serialize_str(&self.message),
+            kind => {
+                let mut st = s.serialize_struct("Failure", 2)?;
+                st.serialize_field("kind", &kind)?;
+                st.serialize_field("message", &self.message)?;
+                st.end()
+            }
+        }
+    }
 }
 
 impl From<FailureShape> for Failure {
@@ -505,10 +522,14 @@ mod tests {
             result: Err(Failure::refused("no free instance slot")),
         };
         let json = serde_json::to_string(&msg).unwrap();
-        assert!(
-            json.contains(r#""Err":{"kind":"refused","message":"no free instance slot"}"#),
-            "{json}"
-        );
+        // A refusal keeps the shape an agent of the previous release reads.
+        assert!(json.contains(r#""Err":"no free instance slot""#), "{json}");
+        #[derive(Deserialize)]
+        struct PreviousRelease {
+            result: Result<serde_json::Value, String>,
+        }
+        let old: PreviousRelease = serde_json::from_str(&json).unwrap();
+        assert_eq!(old.result.unwrap_err(), "no free instance slot");
         let PeerMsg::Response { result, .. } = serde_json::from_str::<PeerMsg>(&json).unwrap()
         else {
             panic!("not a response");
@@ -526,6 +547,13 @@ mod tests {
         let f = result.unwrap_err();
         assert_eq!(f.kind, FailureKind::Other);
         assert_eq!(f.message, "the host is out of memory");
+        // A kind the previous release does not know goes typed, and reads back.
+        let json = serde_json::to_string(&f).unwrap();
+        assert_eq!(
+            json,
+            r#"{"kind":"other","message":"the host is out of memory"}"#
+        );
+        assert_eq!(serde_json::from_str::<Failure>(&json).unwrap(), f);
     }
 
     #[test]

@@ -238,7 +238,8 @@ impl FrameReader {
 
     /// The next frame (`None`: the peer closed the stream between frames); touches `core`.
     pub(super) fn next(&mut self, core: &LinkCore) -> Result<Option<Incoming<'_>>, SyncError> {
-        let Some(h) = wire::read_frame_into_in(&mut self.r, &mut self.payload, self.formats)? else {
+        let Some(h) = wire::read_frame_into_in(&mut self.r, &mut self.payload, self.formats)?
+        else {
             return Ok(None);
         };
         core.touch();
