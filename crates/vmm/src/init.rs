@@ -30,7 +30,8 @@
 //! of the payload, not a separate program re-executed in a hidden mode: a re-exec would
 //! depend on the embedding binary (the agent, a test harness) handling that mode, and would
 //! add a second exec that can fail. The function runs in a single-threaded copy of the agent
-//! and makes only async-signal-safe system calls (`sigaction`, `sigprocmask`, `fork`,
+//! and makes only async-signal-safe system calls (`sigaction`, `sigprocmask`, a raw `clone`
+//! that forks without libc's atfork handlers and locks,
 //! `close_range`/`close`, `sigwaitinfo`, `kill`, `waitpid`, `prctl`, `_exit`); it never
 //! allocates or takes a lock. Right after the fork it closes every inherited descriptor but
 //! stdin, stdout and stderr: a copy of the agent that never execs would otherwise keep the
@@ -147,7 +148,17 @@ pub(crate) unsafe fn run(exec_child: impl FnOnce()) -> InitFailure {
         if !set_handlers(noop as extern "C" fn(libc::c_int) as libc::sighandler_t) {
             return InitFailure::Signals;
         }
-        let child = libc::fork();
+        // The raw system call, not libc's fork(): that runs the atfork handlers and takes
+        // the allocator's locks, which another thread of the agent may have held at the
+        // moment of the clone; in this copy nobody would ever release them.
+        let child = libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        ) as libc::pid_t;
         if child < 0 {
             return InitFailure::Fork;
         }

@@ -491,6 +491,14 @@ pub trait InstanceHandle: Send {
     /// PID 1, or the QEMU process). `None` once the instance is reaped.
     fn pid(&self) -> Option<u32>;
 
+    /// Host pid of the service itself: for a process instance the payload,
+    /// the only child of the sandbox's init; otherwise [`InstanceHandle::pid`].
+    /// What to sample for the service's memory, to renice, or to freeze in a
+    /// fault test. `None` once the instance is reaped.
+    fn service_pid(&self) -> Option<u32> {
+        self.pid()
+    }
+
     /// Current status (never blocks).
     fn status(&mut self) -> InstanceStatus;
 

@@ -22,7 +22,7 @@
 //! PID namespace). The agent is multithreaded, so between `clone` and
 //! `execve` the child only makes raw system calls that are async-signal-safe
 //! (`read`, `write`, `close`, `prctl`, `setsid`, `mount`, `sethostname`,
-//! `chdir`, `dup2`, `sigaction`, `sigprocmask`, `fork`, `sigwaitinfo`,
+//! `chdir`, `dup2`, `sigaction`, `sigprocmask`, `clone` (as a fork), `sigwaitinfo`,
 //! `kill`, `waitpid`, `execve`, `_exit`) on data
 //! prepared before the clone; it never allocates or takes a lock.
 //!
@@ -562,10 +562,17 @@ impl ProcessBackend {
         if let Err((stage, e)) = read_launch_report(&err_r) {
             return Err(fail(STAGES[stage], e, &mut cgroup));
         }
-        tracing::info!(id = %spec.id, pid, binary = %p.binary.display(), "sandboxed instance started");
+        // The payload's process exists once its exec closed the pipe: it is the init's only
+        // child (it may have ended already, or not be listed without CONFIG_PROC_CHILDREN).
+        let service_pid = first_child(pid as u32);
+        if service_pid.is_none() {
+            tracing::warn!(id = %spec.id, pid, "cannot find the payload's pid under the sandbox init");
+        }
+        tracing::info!(id = %spec.id, pid, ?service_pid, binary = %p.binary.display(), "sandboxed instance started");
         Ok(ProcessHandle {
             id: spec.id.clone(),
             pid: pid as u32,
+            service_pid,
             watch,
             cgroup,
             console,
@@ -592,11 +599,24 @@ impl Backend for ProcessBackend {
     }
 }
 
+/// The first child of `pid`'s main thread, from `/proc`.
+fn first_child(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A running sandboxed process.
 #[derive(Debug)]
 pub struct ProcessHandle {
     id: String,
+    /// The sandbox's init (PID 1 inside).
     pid: u32,
+    /// The payload (PID 2 inside), if found.
+    service_pid: Option<u32>,
     watch: ExitWatch,
     cgroup: Option<InstanceCgroup>,
     console: PathBuf,
@@ -643,6 +663,13 @@ impl InstanceHandle for ProcessHandle {
     fn pid(&self) -> Option<u32> {
         match self.watch.get() {
             None => Some(self.pid),
+            Some(_) => None,
+        }
+    }
+
+    fn service_pid(&self) -> Option<u32> {
+        match self.watch.get() {
+            None => self.service_pid.or(Some(self.pid)),
             Some(_) => None,
         }
     }

@@ -56,6 +56,14 @@ fn instance_runs_in_its_own_namespaces_under_the_sandbox_init() {
     let mut h = ProcessBackend::default().start(&s).unwrap();
     let pid = h.pid().unwrap().to_string();
     let log = wait_for_log(h.console_log(), "err", Duration::from_secs(5));
+    // The service's pid is the init's only child.
+    let service = h.service_pid().unwrap();
+    assert_ne!(service.to_string(), pid);
+    let children: Vec<u32> = children_states(h.pid().unwrap())
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(children, [service]);
     // The payload is the only child of the sandbox's init, which is PID 1.
     assert!(log.contains("pid=2\n"), "{log}");
     assert!(log.contains("init=hitless-init\n"), "{log}");
