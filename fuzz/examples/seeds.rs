@@ -418,6 +418,10 @@ fn image_manifest() -> Seeds {
             path: "bin/kvd".into(),
             args: vec!["--schema".into(), "2".into()],
         },
+        service: hitless_image::ServiceContract::legacy(
+            hitless_image::Kind::Process,
+            &["--schema".into(), "2".into()],
+        ),
         schemas: BTreeMap::from([
             ("kvd".to_string(), SchemaDecl::new(2, [1, 2]).unwrap()),
             (
