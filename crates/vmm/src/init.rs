@@ -38,6 +38,13 @@
 //! agent's listening sockets, peer connections and files open for the lifetime of the
 //! instance.
 //!
+//! The cost of not exec'ing: PID 1 keeps a copy-on-write image of the agent's memory as it was
+//! at the clone. The pages are shared with the agent and copied for neither side until one
+//! writes them, but a page the agent later changes or frees stays with the init, so each
+//! instance may pin up to the agent's resident memory at its start (charged to the agent's
+//! cgroup, not the instance's). A small init program exec'd in place (the agent's binary in a
+//! hidden mode) would avoid it, at the price of depending on the binary that embeds this crate.
+//!
 //! The forwarded signals and SIGCHLD are blocked and taken with `sigwaitinfo`; they also get
 //! a no-op handler, so the PID-1 rule can never discard them whatever their blocked state. The
 //! child restores default dispositions and an empty signal mask before it execs.
