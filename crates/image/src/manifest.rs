@@ -583,13 +583,17 @@ impl Manifest {
             Ok(())
         };
         listed("entrypoint.path", &self.entrypoint.path)?;
-        if self.format >= SERVICE_FORMAT && !self.entrypoint.args.is_empty() {
-            return Err(invalid(
-                "entrypoint.args",
-                format!("from manifest format {SERVICE_FORMAT} on, the arguments are the template `service.args`"),
-            ));
+        if self.format >= SERVICE_FORMAT {
+            if !self.entrypoint.args.is_empty() {
+                return Err(invalid(
+                    "entrypoint.args",
+                    format!("from manifest format {SERVICE_FORMAT} on, the arguments are the template `service.args`"),
+                ));
+            }
+            // A format-1 manifest's contract is derived, not declared: its literal arguments
+            // keep format 1's own bounds (checked above).
+            self.service.validate()?;
         }
-        self.service.validate()?;
         if self.entrypoint.args.len() > MAX_ARGS {
             return Err(invalid(
                 "entrypoint.args",
@@ -1056,6 +1060,19 @@ args = ["--listen={{service_listen}}", "--sync", "{{sync_listen}}", "--control",
             + &format!("[files]\n\"bin/kvd\" = \"{DIGEST}\"\n");
         let m = Manifest::from_toml(&p).unwrap();
         assert_eq!(m.service, ServiceContract::legacy(Kind::Process, &[]));
+    }
+
+    #[test]
+    fn format_1_arguments_keep_format_1_bounds() {
+        // Longer than a template argument may be, with braces: literal in format 1.
+        let arg = format!("--x={}", "{y}".repeat(1000));
+        let text = good_vm().replace(
+            "args = [\"--port\", \"6379\"]",
+            &format!("args = [\"{arg}\"]"),
+        );
+        let m = Manifest::from_toml(&text).unwrap();
+        assert_eq!(m.service.args_text().len(), 1);
+        assert_eq!(m.entrypoint.args, [arg]);
     }
 
     #[test]
