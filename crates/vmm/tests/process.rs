@@ -471,3 +471,45 @@ fn agent_death_kills_its_instances() {
         }
     }
 }
+
+#[test]
+fn launches_never_hang_while_other_threads_allocate() {
+    // The sandbox init forks in a copy of this multithreaded process: it must not take a lock
+    // (the allocator's, libc's atfork ones) that another thread held at the moment of the
+    // clone, or it would wait forever and the launch would time out.
+    let dir = tempfile::tempdir().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut keep = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    keep.push(vec![0u8; 4096]);
+                    if keep.len() > 256 {
+                        keep.clear();
+                    }
+                }
+            })
+        })
+        .collect();
+    let backend = ProcessBackend::default();
+    for i in 0..20 {
+        let s = spec(dir.path(), &unique(&format!("churn{i}")), "exec sleep 30");
+        let t = Instant::now();
+        let mut h = backend.start(&s).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "launch {i} took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            h.stop(Duration::from_secs(5)).unwrap(),
+            ExitInfo::Code(128 + libc::SIGTERM)
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in churn {
+        t.join().unwrap();
+    }
+}
