@@ -50,8 +50,8 @@ fn an_instance_runs_from_its_contract_and_stops_gracefully() {
         .unwrap();
     let mut catalog = ImageCatalog::default();
     let image = catalog.add(&dir).unwrap();
-    // Ports of this test's own, away from the lab's and other tests'.
-    let port_base = 21000 + (std::process::id() % 500) as u16 * 40;
+    // Ports of this test's own, away from the lab's and below the ephemeral range.
+    let port_base = 21000 + (std::process::id() % 250) as u16 * 40;
     let config = AgentConfig {
         appliance: ApplianceRole::Primary,
         api_listen: "127.0.0.1:0".parse().unwrap(),
