@@ -445,6 +445,10 @@ fn image_manifest() -> Seeds {
             path: "bin/kvd".into(),
             args: vec!["--schema".into(), "2".into()],
         },
+        service: hitless_image::ServiceContract::legacy(
+            hitless_image::Kind::Process,
+            &["--schema".into(), "2".into()],
+        ),
         schemas: BTreeMap::from([
             ("kvd".to_string(), SchemaDecl::new(2, [1, 2]).unwrap()),
             (
@@ -470,9 +474,30 @@ fn image_manifest() -> Seeds {
     });
     vm.files.insert("boot/vmlinuz".into(), digest.clone());
     vm.files.insert("boot/initramfs.cpio".into(), digest);
+    // Format 2: the service contract with every placeholder and an escaped brace.
+    let mut v2 = process.clone();
+    v2.format = 2;
+    v2.entrypoint.args.clear();
+    v2.service = hitless_image::ServiceContract::from_parts(
+        hitless_image::Protocol::LengthPrefixed,
+        9000,
+        9001,
+        &[
+            "--id={instance_id}".into(),
+            "{service_listen}".into(),
+            "{sync_listen}".into(),
+            "{service_port}:{sync_port}".into(),
+            "--control".into(),
+            "{control}".into(),
+            "--grace={ha_grace_ms}ms".into(),
+            "{{literal}}".into(),
+        ],
+    )
+    .unwrap();
     let seeds: Seeds = vec![
         ("process", process.to_toml().into_bytes()),
         ("vm", vm.to_toml().into_bytes()),
+        ("process-v2", v2.to_toml().into_bytes()),
     ];
     for (name, s) in &seeds {
         Manifest::from_toml(std::str::from_utf8(s).unwrap())

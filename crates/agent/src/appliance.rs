@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use hitless_control::{AgentCommand, Configure, ControlClient, Hello, InstanceStatus};
 use hitless_core::{ApplianceId, ImageRef, InstanceId};
+use hitless_image::service::{self, Protocol, ServiceContract};
 use hitless_vmm::{
     Backend, InstanceHandle, InstanceSpec, Payload, PortForward, ProcessPayload, ResourceLimits,
     VmPayload,
@@ -27,10 +28,6 @@ use crate::front::{Front, Listening, Route};
 use crate::images::{ImageCatalog, ImageKind};
 use crate::remote::OpError;
 
-/// The port a service listens on inside a VM guest.
-pub const GUEST_SERVICE_PORT: u16 = 6379;
-/// The port state sync listens on inside a VM guest.
-pub const GUEST_SYNC_PORT: u16 = 7000;
 /// The guest device of the control channel (the QEMU backend's second serial port).
 pub const GUEST_CONTROL_DEVICE: &str = "ttyS1";
 /// The address of the host's loopback as seen from a QEMU user-networking guest.
@@ -77,6 +74,10 @@ pub struct Started {
     pub service_addr: SocketAddr,
     /// Where a standby of the same backend attaches for state sync.
     pub sync_addr: String,
+    /// The client protocol the image declares (the front frames the instance's traffic by
+    /// it). Agents that predate it only ran RESP services.
+    #[serde(default)]
+    pub protocol: Protocol,
     pub pid: Option<u32>,
     pub kernel_release: Option<String>,
     pub hello: Hello,
@@ -295,24 +296,11 @@ impl Appliance {
                 local.stopping.store(true, Ordering::Release);
                 let grace = Duration::from_millis(self.config.instances.stop_grace_ms);
                 let me = self.clone();
-                // A health probe may hold the channel for up to its own bound: wait that long
-                // for it rather than skip the graceful request.
                 let probe = HealthProbe::for_backend(self.config.backend);
-                let channel_wait = probe.timeout + Duration::from_millis(250);
                 tokio::task::spawn_blocking(move || {
                     if !kill {
                         // Ask nicely first over the control channel, then through the backend.
-                        match lock_within(&local.control, channel_wait) {
-                            Some(mut c) => {
-                                if let Err(e) = c.shutdown(probe.timeout) {
-                                    warn!(%instance, "the instance did not acknowledge its shutdown request: {e}");
-                                }
-                            }
-                            None => warn!(
-                                %instance,
-                                "the control channel stayed busy for {channel_wait:?}: stopping without the shutdown request"
-                            ),
-                        }
+                        ask_to_stop(&local.control, instance, &probe);
                     }
                     let mut h = local.handle.lock().expect("handle lock");
                     let exit = if kill { h.kill() } else { h.stop(grace) };
@@ -475,25 +463,21 @@ impl Appliance {
                 u64::from(self.config.instances.cpu_percent) * 10,
             )),
             // The front opens one connection to the instance per client, and a service may
-            // serve each with a thread (kvd does): allow every client the front accepts, plus
-            // the service's own threads.
+            // serve each with a thread: allow every client the front accepts, plus the
+            // service's own threads.
             pids_max: Some(self.front.max_connections() as u64 + 256),
         };
         let loopback = std::net::Ipv4Addr::LOCALHOST;
+        let contract = &img.manifest.service;
         let (payload, ports, sync_addr) = match (self.config.backend, &img.kind) {
             (BackendKind::Process, _) => {
-                let args = vec![
-                    "--instance-id".into(),
-                    id.to_string(),
-                    "--service-listen".into(),
-                    format!("{loopback}:{service_port}"),
-                    "--sync-listen".into(),
-                    format!("{loopback}:{sync_port}"),
-                    "--control-listen".into(),
-                    control_socket.display().to_string(),
-                    "--ha-grace-ms".into(),
-                    self.ha_grace_ms().to_string(),
-                ];
+                let args = process_args(
+                    contract,
+                    id,
+                    (service_port, sync_port),
+                    &control_socket,
+                    self.ha_grace_ms(),
+                );
                 (
                     Payload::Process(ProcessPayload {
                         binary: img.binary.clone(),
@@ -512,13 +496,7 @@ impl Appliance {
                     cmdline: base,
                 },
             ) => {
-                // The guest's init exports every hitless.<key>= parameter as HITLESS_<KEY>,
-                // which kvd reads for what differs per instance. The control channel is the
-                // guest's second serial port (the QEMU backend's default).
-                let cmdline = format!(
-                    "{base} quiet hitless.instance={id} hitless.service=0.0.0.0:{GUEST_SERVICE_PORT} hitless.sync=0.0.0.0:{GUEST_SYNC_PORT} hitless.control_device=/dev/{GUEST_CONTROL_DEVICE} hitless.ha_grace_ms={}",
-                    self.ha_grace_ms()
-                );
+                let cmdline = vm_cmdline(base, contract, id, self.ha_grace_ms());
                 (
                     Payload::Vm(VmPayload {
                         kernel: kernel.clone(),
@@ -528,8 +506,8 @@ impl Appliance {
                         vcpus: self.config.instances.vcpus,
                     }),
                     vec![
-                        PortForward::loopback(service_port, GUEST_SERVICE_PORT),
-                        PortForward::loopback(sync_port, GUEST_SYNC_PORT),
+                        PortForward::loopback(service_port, contract.service_port),
+                        PortForward::loopback(sync_port, contract.sync_port),
                     ],
                     format!("{GUEST_HOST_ADDR}:{sync_port}"),
                 )
@@ -576,7 +554,10 @@ impl Appliance {
             image,
             service_addr: SocketAddr::from((loopback, service_port)),
             sync_addr,
-            pid: handle.pid(),
+            protocol: contract.protocol,
+            // The service's own process (not the sandbox's init): what is reniced below and
+            // what memory sampling and fault injection look at.
+            pid: handle.service_pid(),
             kernel_release: hello.kernel_release.clone().or(info.kernel_release),
             hello,
             console_log: handle.console_log().to_owned(),
@@ -647,6 +628,79 @@ impl Appliance {
     }
 }
 
+/// The command line of a process instance: the image's argument template with this
+/// instance's values. A process shares the host's network, so it listens on the host
+/// loopback ports of its slot.
+fn process_args(
+    contract: &ServiceContract,
+    id: InstanceId,
+    (service_port, sync_port): (u16, u16),
+    control_socket: &std::path::Path,
+    ha_grace_ms: u64,
+) -> Vec<String> {
+    let loopback = std::net::Ipv4Addr::LOCALHOST;
+    service::expand(
+        &contract.args,
+        &service::Values {
+            instance_id: id.to_string(),
+            service_listen: format!("{loopback}:{service_port}"),
+            sync_listen: format!("{loopback}:{sync_port}"),
+            service_port,
+            sync_port,
+            control: control_socket.display().to_string(),
+            ha_grace_ms,
+        },
+    )
+}
+
+/// The kernel command line of a VM instance: the image's own, plus the `hitless.*`
+/// parameters the guest's init exports as `HITLESS_*` and substitutes into the image's
+/// argument template. The guest listens on the contract's ports on every interface (the
+/// backend forwards host loopback ports to them); the control channel is the guest's second
+/// serial port (the QEMU backend's default).
+fn vm_cmdline(base: &str, contract: &ServiceContract, id: InstanceId, ha_grace_ms: u64) -> String {
+    let params = service::kernel_params(&service::Values {
+        instance_id: id.to_string(),
+        service_listen: format!("0.0.0.0:{}", contract.service_port),
+        sync_listen: format!("0.0.0.0:{}", contract.sync_port),
+        service_port: contract.service_port,
+        sync_port: contract.sync_port,
+        control: format!("/dev/{GUEST_CONTROL_DEVICE}"),
+        ha_grace_ms,
+    });
+    format!("{base} quiet {params}")
+}
+
+/// Asks an instance over its control channel to shut down; returns whether it acknowledged.
+/// The request is never skipped because the channel is busy: health probes stop probing
+/// once `stopping` is set and yield the channel to a pending stop, and a probe already in
+/// flight ends within its own bound, which is what this waits for the channel (plus a
+/// margin). Only a request that holds the channel longer than that (a hung instance's)
+/// makes the stop go on without the request.
+fn ask_to_stop<W: std::io::Write>(
+    control: &Mutex<ControlClient<W>>,
+    instance: InstanceId,
+    probe: &HealthProbe,
+) -> bool {
+    let channel_wait = probe.timeout + Duration::from_millis(250);
+    match lock_within(control, channel_wait) {
+        Some(mut c) => match c.shutdown(probe.timeout) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(%instance, "the instance did not acknowledge its shutdown request: {e}");
+                false
+            }
+        },
+        None => {
+            warn!(
+                %instance,
+                "the control channel stayed busy for {channel_wait:?}: stopping without the shutdown request"
+            );
+            false
+        }
+    }
+}
+
 /// Takes `m` within `bound` (polling: the holder is a blocking request with its own bound).
 fn lock_within<T>(m: &Mutex<T>, bound: Duration) -> Option<std::sync::MutexGuard<'_, T>> {
     let deadline = Instant::now() + bound;
@@ -683,16 +737,23 @@ impl Health {
 
     /// One probe; returns what to report when the instance just became unresponsive.
     fn probe(&mut self, local: &Local, probe: &HealthProbe) -> Option<String> {
-        self.probe_channel(&local.control, &local.heard, probe)
+        self.probe_channel(&local.control, &local.heard, &local.stopping, probe)
     }
 
+    /// One probe over `control`. A probe yields to a stop: none is sent once `stopping` is
+    /// set, even after the channel was taken (the stop's shutdown request is waiting for it).
     fn probe_channel<W: std::io::Write>(
         &mut self,
         control: &Mutex<ControlClient<W>>,
         heard: &hitless_control::Heard,
+        stopping: &AtomicBool,
         probe: &HealthProbe,
     ) -> Option<String> {
+        if stopping.load(Ordering::Acquire) {
+            return None;
+        }
         let failure = match control.try_lock() {
+            Ok(_) if stopping.load(Ordering::Acquire) => return None,
             Ok(mut c) => {
                 self.busy_since = None;
                 match c.status(probe.timeout) {
@@ -860,7 +921,7 @@ mod tests {
         let began = Instant::now();
         let mut report = None;
         while began.elapsed() < span && report.is_none() {
-            report = health.probe_channel(&control, &heard, &PROBE);
+            report = health.probe_channel(&control, &heard, &AtomicBool::new(false), &PROBE);
             std::thread::sleep(PROBE.interval);
         }
         stop.store(true, Ordering::Release);
@@ -882,5 +943,137 @@ mod tests {
             report.contains("3 health probes in a row failed") && report.contains("silent"),
             "{report}"
         );
+    }
+
+    fn contract(args: &[&str]) -> ServiceContract {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        ServiceContract::from_parts(Protocol::LengthPrefixed, 9000, 9001, &args).unwrap()
+    }
+
+    #[test]
+    fn the_process_command_line_is_the_images_template_expanded() {
+        let c = contract(&[
+            "serve",
+            "--bind={service_listen}",
+            "--replicate",
+            "{sync_listen}",
+            "--ctl",
+            "{control}",
+            "--name={instance_id}",
+            "--grace",
+            "{ha_grace_ms}",
+            "--ports={service_port},{sync_port}",
+        ]);
+        let args = process_args(
+            &c,
+            InstanceId(7),
+            (20010, 20011),
+            std::path::Path::new("/data/instances/i7/control.sock"),
+            1500,
+        );
+        assert_eq!(
+            args,
+            [
+                "serve",
+                "--bind=127.0.0.1:20010",
+                "--replicate",
+                "127.0.0.1:20011",
+                "--ctl",
+                "/data/instances/i7/control.sock",
+                "--name=i7",
+                "--grace",
+                "1500",
+                "--ports=20010,20011",
+            ]
+        );
+        // A format-1 process image gets the command line every image got before contracts.
+        let legacy = ServiceContract::legacy(hitless_image::Kind::Process, &[]);
+        let args = process_args(&legacy, InstanceId(2), (1, 2), "/c".as_ref(), 1000);
+        assert_eq!(args.len(), 10, "{args:?}");
+        for value in ["i2", "127.0.0.1:1", "127.0.0.1:2", "/c", "1000"] {
+            assert!(args.iter().any(|a| a == value), "{value} in {args:?}");
+        }
+        // An image with an empty template gets no arguments at all.
+        assert!(process_args(&contract(&[]), InstanceId(1), (1, 2), "/c".as_ref(), 1).is_empty());
+    }
+
+    #[test]
+    fn the_vm_command_line_carries_the_contracts_ports() {
+        let line = vm_cmdline("console=ttyS0", &contract(&[]), InstanceId(3), 5000);
+        assert_eq!(
+            line,
+            "console=ttyS0 quiet hitless.instance=i3 hitless.service=0.0.0.0:9000 \
+             hitless.sync=0.0.0.0:9001 hitless.control_device=/dev/ttyS1 hitless.ha_grace_ms=5000"
+        );
+    }
+
+    #[test]
+    fn a_stop_waits_for_a_busy_channel_and_still_asks_the_instance() {
+        let (agent_end, mut instance_end) = UnixStream::pair().expect("socket pair");
+        let control = Arc::new(Mutex::new(
+            ControlClient::from_unix(agent_end).expect("client"),
+        ));
+        // A "probe" holds the channel for 150 ms when the stop comes.
+        let held = control.clone();
+        let (taken_tx, taken_rx) = std::sync::mpsc::channel();
+        let prober = std::thread::spawn(move || {
+            let _g = held.lock().unwrap();
+            taken_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        });
+        taken_rx.recv().unwrap();
+        let instance = std::thread::spawn(move || {
+            let msg = hitless_control::read_agent_message(&mut instance_end)
+                .expect("read")
+                .expect("a message");
+            let ack = InstanceMessage::Ack {
+                request_id: msg.request_id,
+            };
+            write_instance_message(&mut instance_end, &ack).expect("write");
+            msg.command
+        });
+        let probe = HealthProbe::for_backend(BackendKind::Process);
+        let t = Instant::now();
+        assert!(ask_to_stop(&control, InstanceId(1), &probe));
+        assert!(
+            t.elapsed() >= Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(matches!(instance.join().unwrap(), AgentCommand::Shutdown));
+        prober.join().unwrap();
+    }
+
+    #[test]
+    fn a_health_probe_yields_to_a_pending_stop() {
+        let (agent_end, instance_end) = UnixStream::pair().expect("socket pair");
+        let control = Mutex::new(ControlClient::from_unix(agent_end).expect("client"));
+        let heard = control.lock().unwrap().heard();
+        let stopping = AtomicBool::new(true);
+        let mut health = Health::default();
+        let t = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(
+                health.probe_channel(&control, &heard, &stopping, &PROBE),
+                None
+            );
+        }
+        // No probe waited for an answer, none was sent, and none counted as a miss.
+        assert!(t.elapsed() < PROBE.timeout, "{:?}", t.elapsed());
+        assert_eq!(health.misses, 0);
+        instance_end.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 1];
+        let read = std::io::Read::read(&mut &instance_end, &mut buf);
+        assert!(
+            matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the instance received {read:?}"
+        );
+        // Without a stop, the same probe is sent (and times out on this silent instance).
+        stopping.store(false, Ordering::Release);
+        assert_eq!(
+            health.probe_channel(&control, &heard, &stopping, &PROBE),
+            None
+        );
+        assert_eq!(health.misses, 1);
     }
 }

@@ -138,3 +138,52 @@ impl ImageCatalog {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hitless_image::service::{Protocol, ServiceContract};
+
+    fn image(dir: &Path, version: &str, protocol: Protocol) -> PathBuf {
+        let bin = dir.join(format!("svc-{version}"));
+        std::fs::write(&bin, b"\x7fELF pretend service").unwrap();
+        let args = vec!["--listen".to_string(), "{service_listen}".to_string()];
+        let contract = ServiceContract::from_parts(protocol, 9000, 9001, &args).unwrap();
+        let schemas = hitless_image::manifest::parse_schema_spec("svc=1:1").unwrap();
+        let out = dir.join(format!("img-{version}"));
+        hitless_image::build::process_image(&out, "svc", version, &bin, &contract, &schemas)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn the_verdict_refuses_a_change_of_protocol_with_its_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cat = ImageCatalog::default();
+        let v1 = cat
+            .add(&image(tmp.path(), "1.0.0", Protocol::LengthPrefixed))
+            .unwrap();
+        let same = cat
+            .add(&image(tmp.path(), "1.1.0", Protocol::LengthPrefixed))
+            .unwrap();
+        let other = cat
+            .add(&image(tmp.path(), "2.0.0", Protocol::Opaque))
+            .unwrap();
+        // The registered image carries its contract.
+        assert_eq!(
+            cat.get(&v1).unwrap().manifest.service.protocol,
+            Protocol::LengthPrefixed
+        );
+        let ok = cat.compat(&v1, &same).unwrap();
+        assert!(ok.upgrade_ok && ok.downgrade_ok, "{}", ok.detail);
+        let refused = cat.compat(&v1, &other).unwrap();
+        assert!(!refused.upgrade_ok && !refused.downgrade_ok);
+        assert!(
+            refused.detail.contains(
+                "client protocol changes from length-prefixed (svc 1.0.0) to opaque (svc 2.0.0)"
+            ),
+            "{}",
+            refused.detail
+        );
+    }
+}

@@ -6,7 +6,7 @@
 //! and its HA standby what they use ([`MemoryUse`]: resident memory, records, limit) and checks
 //! that an instance of the same state fits its limit with [`HEADROOM_PERCENT`] to spare: room
 //! for the live stream and the bulk transfer's buffers while it attaches, and for the target
-//! version's representation of the same records (kvd v2 takes about as much as v1). A
+//! version's representation of the same records (which may differ from the running one's). A
 //! service that reports no memory use is not planned for (the driver logs it).
 
 use hitless_control::MemoryUse;

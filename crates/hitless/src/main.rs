@@ -229,6 +229,20 @@ enum ImageCommand {
         /// Replicated schema: SERVICE=WRITES:READS[,READS...] (e.g. kvd=2:1,2).
         #[arg(long)]
         schema: String,
+        /// Client protocol of the service: resp, length-prefixed or opaque.
+        #[arg(long, default_value = "resp")]
+        protocol: String,
+        /// Port the service listens on inside a VM guest.
+        #[arg(long, default_value_t = 6379)]
+        service_port: u16,
+        /// Port state sync listens on inside a VM guest.
+        #[arg(long, default_value_t = 7000)]
+        sync_port: u16,
+        /// One argument of the entrypoint's template (repeat, in order); placeholders:
+        /// {instance_id} {service_listen} {sync_listen} {service_port} {sync_port} {control}
+        /// {ha_grace_ms}. Without any, the reference service kvd's arguments.
+        #[arg(long = "arg", allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Verify and describe an image directory.
     Inspect {
@@ -296,7 +310,24 @@ fn main() {
                 version,
                 binary,
                 schema,
-            } => image_cmd::build(&kind, &out, &name, &version, &binary, &schema),
+                protocol,
+                service_port,
+                sync_port,
+                args,
+            } => image_cmd::build(
+                &kind,
+                &out,
+                &name,
+                &version,
+                &binary,
+                &schema,
+                &image_cmd::ContractArgs {
+                    protocol,
+                    service_port,
+                    sync_port,
+                    args,
+                },
+            ),
             ImageCommand::Inspect { dir, json } => image_cmd::inspect(&dir, json),
         },
     };

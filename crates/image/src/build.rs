@@ -19,6 +19,7 @@ use crate::cpio::CpioWriter;
 use crate::manifest::{
     validate_name, Entrypoint, Kind, Manifest, SchemaDecl, VmBoot, MANIFEST_FORMAT,
 };
+use crate::service::ServiceContract;
 use crate::{io_err, sha256_file, Image, ImageError, Result, MANIFEST_FILE};
 
 /// Modules an image cannot boot usefully without (unless built into the kernel).
@@ -171,7 +172,7 @@ fn base_manifest(
     version: &str,
     kind: Kind,
     entry: &str,
-    args: &[String],
+    service: &ServiceContract,
     schemas: &BTreeMap<String, SchemaDecl>,
 ) -> Result<Manifest> {
     let merr = |source| ImageError::Manifest {
@@ -192,8 +193,9 @@ fn base_manifest(
         kind,
         entrypoint: Entrypoint {
             path: entry.to_string(),
-            args: args.to_vec(),
+            args: Vec::new(),
         },
+        service: service.clone(),
         schemas: schemas.clone(),
         vm: None,
         files: [(entry.to_string(), String::new())].into(),
@@ -210,11 +212,19 @@ pub fn process_image(
     name: &str,
     version: &str,
     binary: &Path,
-    args: &[String],
+    service: &ServiceContract,
     schemas: &BTreeMap<String, SchemaDecl>,
 ) -> Result<Image> {
     let entry = format!("bin/{}", binary_name(out_dir, binary)?);
-    let mut manifest = base_manifest(out_dir, name, version, Kind::Process, &entry, args, schemas)?;
+    let mut manifest = base_manifest(
+        out_dir,
+        name,
+        version,
+        Kind::Process,
+        &entry,
+        service,
+        schemas,
+    )?;
     let staging = Staging::new(out_dir)?;
     copy_executable(binary, &staging.tmp.join(&entry))?;
     finish(staging, &mut manifest, out_dir)
@@ -229,7 +239,7 @@ pub fn vm_image(
     name: &str,
     version: &str,
     binary: &Path,
-    args: &[String],
+    service: &ServiceContract,
     schemas: &BTreeMap<String, SchemaDecl>,
     kernel: Option<&Path>,
 ) -> Result<Image> {
@@ -237,7 +247,7 @@ pub fn vm_image(
         kernel: kernel.map(Path::to_path_buf),
         ..VmOptions::default()
     };
-    vm_image_with(out_dir, name, version, binary, args, schemas, &opts)
+    vm_image_with(out_dir, name, version, binary, service, schemas, &opts)
 }
 
 /// Builds a bootable VM image in `out_dir`: `boot/vmlinuz`, `boot/initramfs.cpio` and the
@@ -251,7 +261,7 @@ pub fn vm_image_with(
     name: &str,
     version: &str,
     binary: &Path,
-    args: &[String],
+    service: &ServiceContract,
     schemas: &BTreeMap<String, SchemaDecl>,
     opts: &VmOptions,
 ) -> Result<Image> {
@@ -259,7 +269,7 @@ pub fn vm_image_with(
     if entry == "bin/busybox" {
         return Err(build_err(out_dir, "the service binary of a VM image may not be named busybox (that name holds the guest's busybox)"));
     }
-    let mut manifest = base_manifest(out_dir, name, version, Kind::Vm, &entry, args, schemas)?;
+    let mut manifest = base_manifest(out_dir, name, version, Kind::Vm, &entry, service, schemas)?;
     let kernel = match &opts.kernel {
         Some(k) => k.clone(),
         None => newest_kernel(Path::new("/boot")).ok_or_else(|| {
@@ -343,7 +353,7 @@ pub fn vm_image_with(
         w.add_file(&guest, 0o644, &data).map_err(cerr)?;
         guest_mods.push(format!("/{guest}"));
     }
-    let init = init_script(&release, &guest_mods, &format!("/{entry}"), args);
+    let init = init_script(&release, &guest_mods, &format!("/{entry}"), service);
     w.add_file("init", 0o755, init.as_bytes()).map_err(cerr)?;
     let info = format!("name={name}\nversion={version}\nkernel_release={release}\n");
     w.add_file("etc/hitless-image", 0o644, info.as_bytes())
@@ -380,8 +390,15 @@ pub fn sh_quote(s: &str) -> String {
 /// The guest's `/init`: mounts proc, sys, devtmpfs and tmpfs; loads `modules` in order; exports
 /// every `hitless.<key>=<value>` kernel parameter as `HITLESS_<KEY>`; brings up `lo` and `eth0`
 /// for QEMU user networking (address `hitless.ip`, default 10.0.2.15/24; gateway `hitless.gw`,
-/// default 10.0.2.2); prints the kernel release and [`READY_LINE`]; then execs the entrypoint.
-pub fn init_script(release: &str, modules: &[String], entrypoint: &str, args: &[String]) -> String {
+/// default 10.0.2.2); prints the kernel release and [`READY_LINE`]; then execs the entrypoint
+/// with the contract's argument template, its placeholders read from those variables (see
+/// [`crate::service::ArgTemplate::shell_word`]).
+pub fn init_script(
+    release: &str,
+    modules: &[String],
+    entrypoint: &str,
+    service: &ServiceContract,
+) -> String {
     let mut s = String::from(
         r#"#!/bin/sh
 # hitless guest init
@@ -432,9 +449,9 @@ fi
     );
     s.push_str(&format!("echo \"{READY_LINE}\"\n"));
     let mut cmd = format!("exec {}", sh_quote(entrypoint));
-    for a in args {
+    for a in &service.args {
         cmd.push(' ');
-        cmd.push_str(&sh_quote(a));
+        cmd.push_str(&a.shell_word((service.service_port, service.sync_port)));
     }
     s.push_str(&cmd);
     s.push('\n');
@@ -845,13 +862,21 @@ kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drive
             "6.1.0-56-amd64",
             &["/lib/modules/r/a.ko".into(), "/lib/modules/r/b.ko".into()],
             "/bin/kvd",
-            &["--name".into(), "it's".into()],
+            &crate::service::ServiceContract::from_parts(
+                crate::service::Protocol::Resp,
+                80,
+                81,
+                &["--name".into(), "it's".into(), "--at={sync_listen}".into()],
+            )
+            .unwrap(),
         );
         assert!(s.starts_with("#!/bin/sh\n"));
         let a = s.find("insmod '/lib/modules/r/a.ko'").unwrap();
         let b = s.find("insmod '/lib/modules/r/b.ko'").unwrap();
         let ready = s.find(READY_LINE).unwrap();
-        let exec = s.find("exec '/bin/kvd' '--name' 'it'\\''s'").unwrap();
+        let exec = s
+            .find("exec '/bin/kvd' '--name' 'it'\\''s' '--at='\"${HITLESS_SYNC}\"")
+            .unwrap();
         assert!(a < b && b < ready && ready < exec);
         assert!(s.contains("mount -t devtmpfs devtmpfs /dev"));
         assert!(s.contains("10.0.2.2"));

@@ -11,6 +11,10 @@
 //! An upgrade keeps a stateful fallback only if every service flows both ways: running -> target
 //! (the new version follows the old) and target -> running (the old version follows the new,
 //! so control can move back).
+//!
+//! Neither direction is possible when the two images speak different client protocols
+//! ([`crate::service::Protocol`]): the front carries clients from one instance to the other
+//! by the protocol's message boundaries, so an upgrade must keep the protocol.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -18,6 +22,16 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::manifest::{fmt_set, Manifest, SchemaDecl};
+use crate::service::Protocol;
+
+/// The client protocols of two images that differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProtocolChange {
+    /// The running image's protocol.
+    pub running: Protocol,
+    /// The target image's protocol.
+    pub target: Protocol,
+}
 
 /// Why state of one service cannot flow in one direction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -118,17 +132,22 @@ pub struct CompatReport {
     pub target: String,
     /// One entry per service declared by either image, sorted by name.
     pub services: Vec<ServiceCompat>,
+    /// Set when the images speak different client protocols: nothing flows either way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol_change: Option<ProtocolChange>,
 }
 
 impl CompatReport {
     /// Every service's state flows from the running image to the target.
     pub fn forward_ok(&self) -> bool {
-        self.services.iter().all(|s| s.forward.version().is_some())
+        self.protocol_change.is_none()
+            && self.services.iter().all(|s| s.forward.version().is_some())
     }
 
     /// Every service's state flows from the target back to the running image.
     pub fn backward_ok(&self) -> bool {
-        self.services.iter().all(|s| s.backward.version().is_some())
+        self.protocol_change.is_none()
+            && self.services.iter().all(|s| s.backward.version().is_some())
     }
 
     /// State flows both ways: the upgrade keeps a stateful fallback.
@@ -139,6 +158,9 @@ impl CompatReport {
     /// One sentence per blocked service and direction.
     pub fn blockers(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(c) = &self.protocol_change {
+            out.push(protocol_blocker(c, &self.running, &self.target));
+        }
         for s in &self.services {
             for (dir, flow, from, to) in [
                 ("forward", &s.forward, &self.running, &self.target),
@@ -165,6 +187,9 @@ impl fmt::Display for CompatReport {
             (false, false) => "incompatible",
         };
         writeln!(f, "{} -> {}: {verdict}", self.running, self.target)?;
+        if let Some(c) = &self.protocol_change {
+            writeln!(f, "  {}", protocol_blocker(c, &self.running, &self.target))?;
+        }
         for s in &self.services {
             writeln!(
                 f,
@@ -174,6 +199,13 @@ impl fmt::Display for CompatReport {
         }
         Ok(())
     }
+}
+
+fn protocol_blocker(c: &ProtocolChange, running: &str, target: &str) -> String {
+    format!(
+        "the client protocol changes from {} ({running}) to {} ({target}): the front cannot carry clients across a change of protocol, so neither image can take over from the other",
+        c.running, c.target
+    )
 }
 
 /// Negotiates the stream version from `sender` to `receiver` (see the module docs).
@@ -233,6 +265,12 @@ pub fn check(running: &Manifest, target: &Manifest) -> CompatReport {
         running: format!("{} {}", running.name, running.version),
         target: format!("{} {}", target.name, target.version),
         services,
+        protocol_change: (running.service.protocol != target.service.protocol).then_some(
+            ProtocolChange {
+                running: running.service.protocol,
+                target: target.service.protocol,
+            },
+        ),
     }
 }
 
@@ -240,6 +278,7 @@ pub fn check(running: &Manifest, target: &Manifest) -> CompatReport {
 mod tests {
     use super::*;
     use crate::manifest::{Entrypoint, Kind};
+    use crate::service::ServiceContract;
     use std::collections::BTreeMap;
 
     fn decl(writes: &[u32], reads: &[u32], native: u32) -> SchemaDecl {
@@ -260,6 +299,7 @@ mod tests {
                 path: "bin/kvd".into(),
                 args: vec![],
             },
+            service: ServiceContract::legacy(Kind::Process, &[]),
             schemas: schemas
                 .iter()
                 .map(|(k, d)| (k.to_string(), d.clone()))
@@ -373,5 +413,34 @@ mod tests {
         let r = decl(&[1, 2, 5], &[1, 2, 5], 5);
         let s = decl(&[1, 2, 3], &[1, 2, 3], 3);
         assert_eq!(negotiate(&s, &r).version(), Some(2));
+    }
+
+    #[test]
+    fn a_change_of_protocol_blocks_both_directions_with_a_reason() {
+        let running = manifest("1.0.0", &[("kv", decl(&[1], &[1], 1))]);
+        let mut target = manifest("1.1.0", &[("kv", decl(&[1], &[1], 1))]);
+        // Same schemas, same protocol: compatible.
+        assert!(check(&running, &target).both_ways());
+        target.service.protocol = Protocol::LengthPrefixed;
+        let r = check(&running, &target);
+        assert!(!r.forward_ok() && !r.backward_ok(), "{r}");
+        assert_eq!(
+            r.protocol_change,
+            Some(ProtocolChange {
+                running: Protocol::Resp,
+                target: Protocol::LengthPrefixed
+            })
+        );
+        let b = r.blockers();
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(
+            b[0].contains(
+                "client protocol changes from resp (kvd 1.0.0) to length-prefixed (kvd 1.1.0)"
+            ),
+            "{b:?}"
+        );
+        assert!(r.to_string().contains("incompatible"), "{r}");
+        // The schemas alone still negotiate: only the protocol blocks.
+        assert_eq!(r.services[0].forward, Flow::Negotiated { version: 1 });
     }
 }

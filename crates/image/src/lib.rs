@@ -9,6 +9,7 @@
 //!
 //! - [`manifest`]: the manifest format and its validation;
 //! - [`sign`]: signing and verifying manifests;
+//! - [`service`]: the service contract (protocol, ports, argument template);
 //! - [`compat`]: whether replicated state can flow between two images, both ways;
 //! - [`build`]: building process and bootable VM images;
 //! - [`cpio`]: the newc cpio writer used for initramfs archives.
@@ -19,6 +20,7 @@ pub mod build;
 pub mod compat;
 pub mod cpio;
 pub mod manifest;
+pub mod service;
 pub mod sign;
 
 use std::fs::{self, File};
@@ -29,6 +31,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 pub use manifest::{Kind, Manifest, ManifestError, SchemaDecl, Version};
+pub use service::{Protocol, ServiceContract};
 
 /// Name of the manifest file in an image directory.
 pub const MANIFEST_FILE: &str = "manifest.toml";

@@ -2,14 +2,19 @@
 //! schema versions it reads and writes, and the SHA-256 of every file it holds.
 //!
 //! ```toml
-//! format = 1
+//! format = 2
 //! name = "kvd"
 //! version = "1.2.0"
 //! kind = "vm"                      # or "process"
 //!
 //! [entrypoint]
 //! path = "bin/kvd"                 # relative to the image (and to the guest root for a VM)
-//! args = ["--port", "6379"]
+//!
+//! [service]                        # how the agent runs it: see crate::service
+//! protocol = "resp"
+//! service_port = 6379
+//! sync_port = 7000
+//! args = ["--service-listen", "{service_listen}", "--sync-listen", "{sync_listen}"]
 //!
 //! [schemas.kv]                     # one table per replicated service
 //! reads = [1, 2]
@@ -25,6 +30,10 @@
 //! [files]                          # every file of the image, with its SHA-256
 //! "bin/kvd" = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 //! ```
+//!
+//! Format 1 has no `[service]` table (and refuses one); its images get the legacy contract
+//! ([`ServiceContract::legacy`]), and `entrypoint.args` are literal arguments. In format 2 the
+//! arguments are the template `service.args`, and `entrypoint.args` must be absent or empty.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -33,8 +42,12 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::service::{Protocol, ServiceContract};
+
 /// Manifest format version written by this build.
-pub const MANIFEST_FORMAT: u32 = 1;
+pub const MANIFEST_FORMAT: u32 = 2;
+/// The first manifest format with a `[service]` table.
+pub const SERVICE_FORMAT: u32 = 2;
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_LEN: u64 = 1024 * 1024;
 /// Most files an image may list.
@@ -285,8 +298,9 @@ pub struct Entrypoint {
     /// Path of the executable relative to the image directory (for a VM image, the same path
     /// relative to the guest's root).
     pub path: String,
-    /// Arguments, not including the program name.
-    #[serde(default)]
+    /// Arguments, not including the program name (format 1 only: from format 2 on the
+    /// arguments are the template `service.args`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
 }
 
@@ -317,6 +331,8 @@ pub struct Manifest {
     pub kind: Kind,
     /// What the image runs.
     pub entrypoint: Entrypoint,
+    /// How the agent runs it (the legacy contract for format 1).
+    pub service: ServiceContract,
     /// Replicated services, by name.
     pub schemas: BTreeMap<String, SchemaDecl>,
     /// Boot description, present exactly when `kind` is [`Kind::Vm`].
@@ -343,12 +359,24 @@ struct RawSchema {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawService {
+    protocol: Option<Protocol>,
+    service_port: Option<u16>,
+    sync_port: Option<u16>,
+    #[serde(default)]
+    args: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawManifest {
     format: Option<u32>,
     name: Option<String>,
     version: Option<String>,
     kind: Option<String>,
     entrypoint: Option<Entrypoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<RawService>,
     #[serde(default)]
     schemas: BTreeMap<String, RawSchema>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -500,12 +528,31 @@ impl Manifest {
             d.validate(&field)?;
             schemas.insert(svc, d);
         }
+        let service = match (format >= SERVICE_FORMAT, raw.service) {
+            (false, Some(_)) => {
+                return Err(invalid(
+                    "service",
+                    format!("a [service] table needs manifest format {SERVICE_FORMAT} or newer (this one has format {format})"),
+                ))
+            }
+            (false, None) => ServiceContract::legacy(kind, &entrypoint.args),
+            (true, None) => return Err(missing("service")),
+            (true, Some(rs)) => ServiceContract::from_parts(
+                rs.protocol.ok_or_else(|| missing("service.protocol"))?,
+                rs.service_port
+                    .ok_or_else(|| missing("service.service_port"))?,
+                rs.sync_port.ok_or_else(|| missing("service.sync_port"))?,
+                &rs.args,
+            )
+?,
+        };
         let m = Manifest {
             format,
             name,
             version,
             kind,
             entrypoint,
+            service,
             schemas,
             vm: raw.vm,
             files: raw.files,
@@ -536,6 +583,17 @@ impl Manifest {
             Ok(())
         };
         listed("entrypoint.path", &self.entrypoint.path)?;
+        if self.format >= SERVICE_FORMAT {
+            if !self.entrypoint.args.is_empty() {
+                return Err(invalid(
+                    "entrypoint.args",
+                    format!("from manifest format {SERVICE_FORMAT} on, the arguments are the template `service.args`"),
+                ));
+            }
+            // A format-1 manifest's contract is derived, not declared: its literal arguments
+            // keep format 1's own bounds (checked above).
+            self.service.validate()?;
+        }
         if self.entrypoint.args.len() > MAX_ARGS {
             return Err(invalid(
                 "entrypoint.args",
@@ -598,6 +656,12 @@ impl Manifest {
             version: Some(self.version.to_string()),
             kind: Some(self.kind.to_string()),
             entrypoint: Some(self.entrypoint.clone()),
+            service: (self.format >= SERVICE_FORMAT).then(|| RawService {
+                protocol: Some(self.service.protocol),
+                service_port: Some(self.service.service_port),
+                sync_port: Some(self.service.sync_port),
+                args: self.service.args_text(),
+            }),
             schemas: self
                 .schemas
                 .iter()
@@ -677,6 +741,7 @@ pub fn parse_schema_spec(spec: &str) -> Result<BTreeMap<String, SchemaDecl>, Man
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::ServiceContract;
 
     const DIGEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
@@ -758,7 +823,7 @@ kernel_release = "6.1.0-56-amd64"
         type Edit = Box<dyn Fn(String) -> String>;
         let cases: Vec<(Edit, &str)> = vec![
             (
-                Box::new(|s| s.replace("format = 1", "format = 2")),
+                Box::new(|s| s.replace("format = 1", "format = 3")),
                 "newer than the newest format",
             ),
             (
@@ -913,5 +978,181 @@ kernel_release = "6.1.0-56-amd64"
             let msg = parse_schema_spec(bad).unwrap_err().to_string();
             assert!(msg.contains(want), "{bad}: {msg}");
         }
+    }
+
+    fn good_v2() -> String {
+        format!(
+            r#"
+format = 2
+name = "echo"
+version = "1.0.0"
+kind = "process"
+
+[entrypoint]
+path = "bin/echo"
+
+[service]
+protocol = "length-prefixed"
+service_port = 9000
+sync_port = 9001
+args = ["--listen={{service_listen}}", "--sync", "{{sync_listen}}", "--control", "{{control}}", "--id={{instance_id}}", "--grace", "{{ha_grace_ms}}", "{{{{literal}}}}"]
+
+[files]
+"bin/echo" = "{DIGEST}"
+"#
+        )
+    }
+
+    #[test]
+    fn format_2_carries_the_service_contract_and_round_trips() {
+        let m = Manifest::from_toml(&good_v2()).unwrap();
+        assert_eq!(m.format, 2);
+        assert_eq!(m.service.protocol, Protocol::LengthPrefixed);
+        assert_eq!((m.service.service_port, m.service.sync_port), (9000, 9001));
+        let v = crate::service::Values {
+            instance_id: "i3".into(),
+            service_listen: "127.0.0.1:5000".into(),
+            sync_listen: "127.0.0.1:5001".into(),
+            service_port: 5000,
+            sync_port: 5001,
+            control: "/run/c.sock".into(),
+            ha_grace_ms: 250,
+        };
+        assert_eq!(
+            crate::service::expand(&m.service.args, &v),
+            [
+                "--listen=127.0.0.1:5000",
+                "--sync",
+                "127.0.0.1:5001",
+                "--control",
+                "/run/c.sock",
+                "--id=i3",
+                "--grace",
+                "250",
+                "{literal}"
+            ]
+        );
+        let text = m.to_toml();
+        assert!(text.contains("[service]"), "{text}");
+        assert_eq!(Manifest::from_toml(&text).unwrap(), m);
+        assert_eq!(Manifest::from_toml(&text).unwrap().to_toml(), text);
+    }
+
+    #[test]
+    fn format_1_gets_the_legacy_contract_and_keeps_its_text() {
+        let m = Manifest::from_toml(&good_vm()).unwrap();
+        assert_eq!(m.format, 1);
+        assert_eq!(
+            m.service,
+            ServiceContract::legacy(Kind::Vm, &m.entrypoint.args)
+        );
+        assert_eq!(m.service.protocol, Protocol::Resp);
+        // Written back as format 1: no [service] table, the literal arguments kept.
+        let text = m.to_toml();
+        assert!(!text.contains("[service]"), "{text}");
+        assert!(text.contains("format = 1"), "{text}");
+        let p = good_vm()
+            .replace("kind = \"vm\"", "kind = \"process\"")
+            .split("[vm]")
+            .next()
+            .unwrap()
+            .to_string()
+            + &format!("[files]\n\"bin/kvd\" = \"{DIGEST}\"\n");
+        let m = Manifest::from_toml(&p).unwrap();
+        assert_eq!(m.service, ServiceContract::legacy(Kind::Process, &[]));
+    }
+
+    #[test]
+    fn format_1_arguments_keep_format_1_bounds() {
+        // Longer than a template argument may be, with braces: literal in format 1.
+        let arg = format!("--x={}", "{y}".repeat(1000));
+        let text = good_vm().replace(
+            "args = [\"--port\", \"6379\"]",
+            &format!("args = [\"{arg}\"]"),
+        );
+        let m = Manifest::from_toml(&text).unwrap();
+        assert_eq!(m.service.args_text().len(), 1);
+        assert_eq!(m.entrypoint.args, [arg]);
+    }
+
+    #[test]
+    fn each_malformed_service_field_is_refused_clearly() {
+        type Edit = Box<dyn Fn(String) -> String>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|s| s.replace("{instance_id}", "{instance}")),
+                "`service.args[5]` is invalid: argument \"--id={instance}\": {instance} is not a known placeholder",
+            ),
+            (
+                Box::new(|s| s.replace("\"--sync\"", "\"--sync={sync_listen\"")),
+                "`service.args[1]` is invalid: argument \"--sync={sync_listen\": the '{' at byte 7 is never closed",
+            ),
+            (
+                Box::new(|s| s.replace("\"--sync\"", "\"--sync}x\"")),
+                "`service.args[1]` is invalid",
+            ),
+            (
+                Box::new(|s| s.replace("length-prefixed", "http")),
+                "not a valid manifest document",
+            ),
+            (
+                Box::new(|s| s.replace("protocol = \"length-prefixed\"\n", "")),
+                "`service.protocol` is missing",
+            ),
+            (
+                Box::new(|s| s.replace("service_port = 9000\n", "")),
+                "`service.service_port` is missing",
+            ),
+            (
+                Box::new(|s| s.replace("sync_port = 9001", "sync_port = 9000")),
+                "`service.sync_port` is invalid",
+            ),
+            (
+                Box::new(|s| s.replace("service_port = 9000", "service_port = 0")),
+                "`service.service_port` is invalid",
+            ),
+            (
+                Box::new(|s| s.replace("service_port = 9000", "service_port = 70000")),
+                "not a valid manifest document",
+            ),
+            (
+                Box::new(|s| s.replace("sync_port = 9001", "sync_port = 9001\nport = 1")),
+                "unknown field",
+            ),
+            (
+                Box::new(|s| {
+                    let start = s.find("[service]").unwrap();
+                    let end = s.find("[files]").unwrap();
+                    format!("{}{}", &s[..start], &s[end..])
+                }),
+                "`service` is missing",
+            ),
+            (
+                Box::new(|s| s.replace("path = \"bin/echo\"", "path = \"bin/echo\"\nargs = [\"-x\"]")),
+                "`entrypoint.args` is invalid: from manifest format 2 on",
+            ),
+            (
+                Box::new(|s| s.replace("format = 2", "format = 1")),
+                "a [service] table needs manifest format 2",
+            ),
+        ];
+        for (edit, want) in cases {
+            let text = edit(good_v2());
+            let msg = Manifest::from_toml(&text)
+                .expect_err("must be refused")
+                .to_string();
+            assert!(msg.contains(want), "expected {want:?} in: {msg}");
+        }
+        // The template is bounded in count.
+        let many: Vec<String> = (0..=crate::service::MAX_TEMPLATE_ARGS)
+            .map(|i| format!("\"a{i}\""))
+            .collect();
+        let text = good_v2().replace(
+            "args = [\"--listen",
+            &format!("args = [{}]\nxargs = [\"--listen", many.join(", ")),
+        );
+        let text = text.replace("xargs", "# ");
+        let msg = Manifest::from_toml(&text).unwrap_err().to_string();
+        assert!(msg.contains("`service.args` is invalid"), "{msg}");
     }
 }

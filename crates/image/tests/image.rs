@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use hitless_image::build::{self, READY_LINE};
 use hitless_image::manifest::{parse_schema_spec, MAX_MANIFEST_LEN};
+use hitless_image::service::{Protocol, ServiceContract};
 use hitless_image::{
     sign, Image, ImageError, Kind, ManifestError, OpenOptions, SignatureStatus, MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -21,6 +22,12 @@ fn fake_binary(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
+/// A contract with the argument template `args`.
+fn contract(args: &[&str]) -> ServiceContract {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    ServiceContract::from_parts(Protocol::Resp, 6379, 7000, &args).unwrap()
+}
+
 fn process_image(dir: &Path) -> Image {
     let bin = fake_binary(dir, "kvd");
     let schemas = parse_schema_spec("kv=1:1,2").unwrap();
@@ -29,7 +36,7 @@ fn process_image(dir: &Path) -> Image {
         "kvd",
         "1.0.0",
         &bin,
-        &["--port".into(), "7000".into()],
+        &contract(&["--port", "7000"]),
         &schemas,
     )
     .unwrap()
@@ -44,7 +51,9 @@ fn process_image_builds_and_reopens_with_typed_fields() {
     assert_eq!(m.kind, Kind::Process);
     assert_eq!(m.version.to_string(), "1.0.0");
     assert_eq!(m.entrypoint.path, "bin/kvd");
-    assert_eq!(m.entrypoint.args, ["--port", "7000"]);
+    assert_eq!(m.service.args_text(), ["--port", "7000"]);
+    assert!(m.entrypoint.args.is_empty());
+    assert_eq!(m.format, hitless_image::manifest::MANIFEST_FORMAT);
     assert_eq!(m.schemas["kv"].native, 1);
     assert_eq!(
         m.files["bin/kvd"],
@@ -68,11 +77,19 @@ fn build_refuses_non_empty_output_and_bad_inputs() {
     let tmp = tempfile::tempdir().unwrap();
     let img = process_image(tmp.path());
     let bin = fake_binary(tmp.path(), "kvd");
-    let err =
-        build::process_image(&img.dir, "kvd", "1.0.0", &bin, &[], &BTreeMap::new()).unwrap_err();
+    let err = build::process_image(
+        &img.dir,
+        "kvd",
+        "1.0.0",
+        &bin,
+        &contract(&[]),
+        &BTreeMap::new(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
     let out = tmp.path().join("bad");
-    let err = build::process_image(&out, "kvd", "one", &bin, &[], &BTreeMap::new()).unwrap_err();
+    let err = build::process_image(&out, "kvd", "one", &bin, &contract(&[]), &BTreeMap::new())
+        .unwrap_err();
     assert!(
         err.to_string().contains("field `version` is invalid"),
         "{err}"
@@ -82,7 +99,7 @@ fn build_refuses_non_empty_output_and_bad_inputs() {
         "kvd",
         "1.0.0",
         &tmp.path().join("absent"),
-        &[],
+        &contract(&[]),
         &BTreeMap::new(),
     )
     .unwrap_err();
@@ -294,7 +311,7 @@ fn vm_image_build_has_kernel_modules_busybox_init_and_libraries() {
         "kvd",
         "2.0.0",
         &svc,
-        &["-c".into(), "echo hi".into()],
+        &contract(&["-c", "echo hi"]),
         &schemas,
         None,
     )
@@ -365,7 +382,7 @@ fn vm_image_boots_to_the_service() {
         "probe",
         "1.0.0",
         &svc,
-        &["-c".into(), script.into()],
+        &contract(&["-c", script]),
         &BTreeMap::new(),
         None,
     )

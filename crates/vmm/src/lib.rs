@@ -26,6 +26,15 @@
 //! Each handle owns a reaper thread that blocks in `waitid(2)`; the exit is
 //! published through an [`ExitWatch`], which can be cloned and waited on with
 //! a bound from any thread, without polling.
+//!
+//! # Stopping
+//!
+//! [`InstanceHandle::stop`] sends SIGTERM and kills after the grace. A process
+//! payload never runs as PID 1 of its PID namespace (where the kernel drops
+//! signals it has no handler for): the sandbox's PID 1 is a minimal init
+//! ([`init`]) that forwards SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 to
+//! it, reaps zombies and exits with its status, so a graceful stop does not
+//! depend on the service installing a handler.
 
 #![deny(missing_docs)]
 
@@ -38,6 +47,7 @@ use serde::{Deserialize, Serialize};
 
 mod cgroup;
 mod exit;
+pub mod init;
 mod process;
 mod qemu;
 
@@ -480,6 +490,14 @@ pub trait InstanceHandle: Send {
     /// Host pid whose SIGKILL takes the whole instance down (the sandbox's
     /// PID 1, or the QEMU process). `None` once the instance is reaped.
     fn pid(&self) -> Option<u32>;
+
+    /// Host pid of the service itself: for a process instance the payload,
+    /// the only child of the sandbox's init; otherwise [`InstanceHandle::pid`].
+    /// What to sample for the service's memory, to renice, or to freeze in a
+    /// fault test. `None` once the instance is reaped.
+    fn service_pid(&self) -> Option<u32> {
+        self.pid()
+    }
 
     /// Current status (never blocks).
     fn status(&mut self) -> InstanceStatus;

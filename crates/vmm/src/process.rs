@@ -5,22 +5,25 @@
 //! The payload is started with a single `clone(2)` carrying
 //! `CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC` (plus
 //! `CLONE_NEWNET` when configured). The cloned child is therefore PID 1 of a
-//! fresh PID namespace and then `execve`s the payload itself, so:
+//! fresh PID namespace. It stays there as a minimal init ([`crate::init`]):
+//! it forks the payload as its child (pid 2), forwards the stop signals to
+//! it, reaps zombies and exits with the payload's status. So:
 //!
-//! * the host pid the handle reports is the payload's own pid, and a SIGKILL
-//!   to it ends the whole namespace (the kernel kills every other process in
-//!   a PID namespace when its init dies);
-//! * the payload sees itself as pid 1. Like any init, it only receives the
-//!   signals it installed a handler for (SIGKILL excepted), so a payload
-//!   without a SIGTERM handler is stopped by the SIGKILL that follows the
-//!   grace period.
+//! * the host pid the handle reports is the init's, and a SIGKILL to it ends
+//!   the whole namespace (the kernel kills every other process in a PID
+//!   namespace when its init dies);
+//! * the payload is not PID 1, so SIGTERM has its ordinary default action:
+//!   a payload without a handler stops gracefully on the agent's SIGTERM,
+//!   and a payload that ends by a signal is reported as exiting with code
+//!   `128 + signal` (the init's own exit).
 //!
 //! `clone` is used rather than `fork` + `unshare` + `fork`, and rather than
 //! `Command::pre_exec` (which cannot put the exec'd program itself into a new
 //! PID namespace). The agent is multithreaded, so between `clone` and
 //! `execve` the child only makes raw system calls that are async-signal-safe
 //! (`read`, `write`, `close`, `prctl`, `setsid`, `mount`, `sethostname`,
-//! `chdir`, `dup2`, `sigaction`, `sigprocmask`, `execve`, `_exit`) on data
+//! `chdir`, `dup2`, `sigaction`, `sigprocmask`, `clone` (as a fork), `sigwaitinfo`,
+//! `kill`, `waitpid`, `execve`, `_exit`) on data
 //! prepared before the clone; it never allocates or takes a lock.
 //!
 //! Ordering and failure reporting use two close-on-exec pipes:
@@ -31,9 +34,11 @@
 //! 2. the agent moves the child into the instance cgroup, then releases it;
 //! 3. the child makes all mounts private, mounts a fresh `/proc`, sets the
 //!    hostname to the instance id, redirects stdin to `/dev/null` and
-//!    stdout+stderr to the console log, and execs. Any failing step writes
-//!    `(stage, errno)` to the *error* pipe; a successful exec closes it, so
-//!    EOF means the payload runs.
+//!    stdout+stderr to the console log, forks the payload and becomes its
+//!    init; the payload's process execs. Any failing step writes
+//!    `(stage, errno)` to the *error* pipe; the init closes its copy after the
+//!    fork and a successful exec closes the payload's, so EOF means the
+//!    payload runs.
 //!
 //! `PR_SET_PDEATHSIG` fires when the *thread* that created the child exits,
 //! so every clone happens on one long-lived spawner thread that lives as long
@@ -109,7 +114,7 @@ impl ProcessBackend {
 }
 
 /// Setup steps of the child, reported through the error pipe.
-const STAGES: [&str; 10] = [
+const STAGES: [&str; 11] = [
     "setting the parent-death signal",
     "waiting for the agent",
     "creating a session",
@@ -119,6 +124,7 @@ const STAGES: [&str; 10] = [
     "entering the run directory",
     "redirecting stdio",
     "resetting signals",
+    "starting the payload under the sandbox init",
     "executing the payload",
 ];
 
@@ -232,8 +238,19 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
             child_fail(ctx, 8);
         }
-        libc::execve(ctx.binary, ctx.argv, ctx.envp);
-        child_fail(ctx, 9)
+        // This process stays PID 1 of the namespace as the sandbox init (see
+        // `crate::init`); the payload runs as its child.
+        let failure = crate::init::run(|| {
+            libc::execve(ctx.binary, ctx.argv, ctx.envp);
+            child_fail(ctx, 10)
+        });
+        child_fail(
+            ctx,
+            match failure {
+                crate::init::InitFailure::Signals => 8,
+                crate::init::InitFailure::Fork => 9,
+            },
+        )
     }
 }
 
@@ -545,10 +562,17 @@ impl ProcessBackend {
         if let Err((stage, e)) = read_launch_report(&err_r) {
             return Err(fail(STAGES[stage], e, &mut cgroup));
         }
-        tracing::info!(id = %spec.id, pid, binary = %p.binary.display(), "sandboxed instance started");
+        // The payload's process exists once its exec closed the pipe: it is the init's only
+        // child (it may have ended already, or not be listed without CONFIG_PROC_CHILDREN).
+        let service_pid = first_child(pid as u32);
+        if service_pid.is_none() {
+            tracing::warn!(id = %spec.id, pid, "cannot find the payload's pid under the sandbox init");
+        }
+        tracing::info!(id = %spec.id, pid, ?service_pid, binary = %p.binary.display(), "sandboxed instance started");
         Ok(ProcessHandle {
             id: spec.id.clone(),
             pid: pid as u32,
+            service_pid,
             watch,
             cgroup,
             console,
@@ -575,11 +599,24 @@ impl Backend for ProcessBackend {
     }
 }
 
+/// The first child of `pid`'s main thread, from `/proc`.
+fn first_child(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A running sandboxed process.
 #[derive(Debug)]
 pub struct ProcessHandle {
     id: String,
+    /// The sandbox's init (PID 1 inside).
     pid: u32,
+    /// The payload (PID 2 inside), if found.
+    service_pid: Option<u32>,
     watch: ExitWatch,
     cgroup: Option<InstanceCgroup>,
     console: PathBuf,
@@ -626,6 +663,13 @@ impl InstanceHandle for ProcessHandle {
     fn pid(&self) -> Option<u32> {
         match self.watch.get() {
             None => Some(self.pid),
+            Some(_) => None,
+        }
+    }
+
+    fn service_pid(&self) -> Option<u32> {
+        match self.watch.get() {
+            None => self.service_pid.or(Some(self.pid)),
             Some(_) => None,
         }
     }

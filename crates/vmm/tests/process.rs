@@ -44,19 +44,29 @@ fn ns(pid: &str, kind: &str) -> PathBuf {
 }
 
 #[test]
-fn instance_runs_in_its_own_namespaces_as_pid_1() {
+fn instance_runs_in_its_own_namespaces_under_the_sandbox_init() {
     let dir = tempfile::tempdir().unwrap();
     let id = unique("ns");
     let s = spec(
         dir.path(),
         &id,
-        "echo pid=$$; echo host=$(hostname); echo env=$GREETING; echo ctl=$HITLESS_CONTROL_SOCKET; \
+        "echo pid=$$; echo init=$(cat /proc/1/comm); echo host=$(hostname); echo env=$GREETING; echo ctl=$HITLESS_CONTROL_SOCKET; \
          echo procs=$(ls /proc | grep -c '^[0-9]'); echo err >&2; exec sleep 30",
     );
     let mut h = ProcessBackend::default().start(&s).unwrap();
     let pid = h.pid().unwrap().to_string();
     let log = wait_for_log(h.console_log(), "err", Duration::from_secs(5));
-    assert!(log.contains("pid=1\n"), "{log}");
+    // The service's pid is the init's only child.
+    let service = h.service_pid().unwrap();
+    assert_ne!(service.to_string(), pid);
+    let children: Vec<u32> = children_states(h.pid().unwrap())
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(children, [service]);
+    // The payload is the only child of the sandbox's init, which is PID 1.
+    assert!(log.contains("pid=2\n"), "{log}");
+    assert!(log.contains("init=hitless-init\n"), "{log}");
     assert!(log.contains(&format!("host={id}\n")), "{log}");
     assert!(log.contains("env=hi\n"), "{log}");
     assert!(
@@ -170,6 +180,108 @@ fn graceful_stop_uses_sigterm() {
     assert_eq!(h.pid(), None);
     // Stopping again reports the same exit.
     assert_eq!(h.stop(Duration::from_secs(1)).unwrap(), ExitInfo::Code(3));
+}
+
+/// The children of `pid` (from `/proc/<pid>/task/<pid>/children`) and their states.
+fn children_states(pid: u32) -> Vec<(u32, char)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    text.split_whitespace()
+        .filter_map(|c| {
+            let stat = std::fs::read_to_string(format!("/proc/{c}/stat")).ok()?;
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            Some((c.parse().ok()?, state))
+        })
+        .collect()
+}
+
+#[test]
+fn a_payload_without_a_sigterm_handler_stops_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    // `sleep` installs no handler: as PID 1 it would ignore SIGTERM until the SIGKILL.
+    let s = spec(
+        dir.path(),
+        &unique("nohandler"),
+        "echo ready; exec sleep 1000",
+    );
+    let mut h = ProcessBackend::default().start(&s).unwrap();
+    wait_for_log(h.console_log(), "ready", Duration::from_secs(5));
+    let t = Instant::now();
+    let e = h.stop(Duration::from_secs(5)).unwrap();
+    // Ended by the forwarded SIGTERM (reported by the init as 128 + 15), not by a SIGKILL.
+    assert_eq!(e, ExitInfo::Code(128 + libc::SIGTERM));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
+
+#[test]
+fn forwarded_signals_reach_the_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        dir.path(),
+        &unique("usr1"),
+        "trap 'echo got-usr1' USR1; trap 'echo got-hup; exit 4' HUP; echo ready; \
+         while :; do sleep 0.05; done",
+    );
+    let mut h = ProcessBackend::default().start(&s).unwrap();
+    wait_for_log(h.console_log(), "ready", Duration::from_secs(5));
+    let pid = h.pid().unwrap() as i32;
+    // SAFETY: plain kill(2) on the sandbox's init, our child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    let log = wait_for_log(h.console_log(), "got-usr1", Duration::from_secs(5));
+    assert!(log.contains("got-usr1"), "{log}");
+    assert!(h.status().is_running(), "SIGUSR1 must not end the init");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    assert_eq!(
+        h.wait_timeout(Duration::from_secs(5)).unwrap(),
+        Some(ExitInfo::Code(4))
+    );
+}
+
+#[test]
+fn the_sandbox_init_keeps_none_of_the_agents_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    // A socket of the "agent" (this test): a copy that never execs must not keep it open.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let s = spec(dir.path(), &unique("fds"), "echo ready; exec sleep 1000");
+    let mut h = ProcessBackend::default().start(&s).unwrap();
+    wait_for_log(h.console_log(), "ready", Duration::from_secs(5));
+    let pid = h.pid().unwrap();
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    assert_eq!(fds, [0, 1, 2], "descriptors of the init");
+    drop(listener);
+    h.kill().unwrap();
+}
+
+#[test]
+fn the_sandbox_init_reaps_orphaned_zombies() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each subshell exits at once, orphaning its `sleep`, which is reparented to PID 1 and
+    // becomes a zombie of PID 1 when it ends.
+    let s = spec(
+        dir.path(),
+        &unique("zombies"),
+        "for i in 1 2 3 4 5 6 7 8; do (sleep 0.05 &); done; echo spawned; exec sleep 1000",
+    );
+    let mut h = ProcessBackend::default().start(&s).unwrap();
+    let pid = h.pid().unwrap();
+    wait_for_log(h.console_log(), "spawned", Duration::from_secs(5));
+    // Until the sleeps ended and were reaped, PID 1 has more than the payload as children.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut kids = children_states(pid);
+    while kids.len() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        kids = children_states(pid);
+    }
+    assert_eq!(kids.len(), 1, "children of the init: {kids:?}");
+    assert_ne!(kids[0].1, 'Z', "{kids:?}");
+    assert_eq!(
+        h.stop(Duration::from_secs(5)).unwrap(),
+        ExitInfo::Code(128 + libc::SIGTERM)
+    );
 }
 
 #[test]
@@ -357,5 +469,47 @@ fn agent_death_kills_its_instances() {
         while d.exists() && std::fs::remove_dir(&d).is_err() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+#[test]
+fn launches_never_hang_while_other_threads_allocate() {
+    // The sandbox init forks in a copy of this multithreaded process: it must not take a lock
+    // (the allocator's, libc's atfork ones) that another thread held at the moment of the
+    // clone, or it would wait forever and the launch would time out.
+    let dir = tempfile::tempdir().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut keep = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    keep.push(vec![0u8; 4096]);
+                    if keep.len() > 256 {
+                        keep.clear();
+                    }
+                }
+            })
+        })
+        .collect();
+    let backend = ProcessBackend::default();
+    for i in 0..20 {
+        let s = spec(dir.path(), &unique(&format!("churn{i}")), "exec sleep 30");
+        let t = Instant::now();
+        let mut h = backend.start(&s).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "launch {i} took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            h.stop(Duration::from_secs(5)).unwrap(),
+            ExitInfo::Code(128 + libc::SIGTERM)
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in churn {
+        t.join().unwrap();
     }
 }

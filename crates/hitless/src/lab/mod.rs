@@ -13,6 +13,7 @@ use hitless_core::sim::{FaultKind, FaultSpec};
 use hitless_core::Role;
 use hitless_image::manifest::SchemaDecl;
 
+use crate::image_cmd::kvd_contract;
 use crate::ops::{self, LAB_APIS};
 use crate::{ApiArgs, Backend, LabUpArgs};
 
@@ -93,7 +94,7 @@ fn build_images(dir: &Path, backend: Backend) -> anyhow::Result<[PathBuf; 2]> {
                 "kvd",
                 &version,
                 &bin,
-                &[],
+                &kvd_contract(hitless_image::Kind::Process),
                 &schemas(v)?,
             ),
             Backend::Qemu => hitless_image::build::vm_image(
@@ -101,7 +102,7 @@ fn build_images(dir: &Path, backend: Backend) -> anyhow::Result<[PathBuf; 2]> {
                 "kvd",
                 &version,
                 &bin,
-                &vm_args(),
+                &kvd_contract(hitless_image::Kind::Vm),
                 &schemas(v)?,
                 None,
             ),
@@ -110,12 +111,6 @@ fn build_images(dir: &Path, backend: Backend) -> anyhow::Result<[PathBuf; 2]> {
         out.push(image.dir);
     }
     Ok([out[0].clone(), out[1].clone()])
-}
-
-/// Arguments of kvd inside a VM guest: none; what differs per instance comes from the
-/// `hitless.*` kernel parameters the agent sets.
-fn vm_args() -> Vec<String> {
-    Vec::new()
 }
 
 fn write_config(
