@@ -56,8 +56,15 @@ pub enum Op {
     /// Hold the front: no new request is forwarded. Requests in flight are not waited for
     /// (see `front`); `bound_ms` is kept for agents that still wait for them.
     FrontHold { bound_ms: u64 },
-    /// Set the front's route; `listen` says whether this appliance owns the service address.
-    FrontRoute { route: Route, listen: bool },
+    /// Set the front's route; `listen` says whether this appliance owns the service address;
+    /// `protocol`, the protocol of the instance routed to, applies to new connections
+    /// (`None`: unchanged, as agents of earlier releases send).
+    FrontRoute {
+        route: Route,
+        listen: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        protocol: Option<Protocol>,
+    },
     /// Register an image directory in the catalog.
     AddImage { dir: PathBuf },
     /// Describe this appliance.
@@ -319,7 +326,14 @@ impl Appliance {
                 self.front.hold();
                 Ok(OpOk::Done)
             }
-            Op::FrontRoute { route, listen } => {
+            Op::FrontRoute {
+                route,
+                listen,
+                protocol,
+            } => {
+                if let Some(p) = protocol.filter(|p| *p != self.front.protocol()) {
+                    self.front.set_protocol(p);
+                }
                 self.front.set_route(route);
                 let mut l = self.listening.lock().expect("listening lock");
                 if listen && l.is_none() {

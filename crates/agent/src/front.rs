@@ -55,7 +55,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::framing::{Framing, OnProtocolError, Protocol};
+use crate::framing::{Framing, OnProtocolError, Protocol, ProtocolFraming};
 use crate::resp;
 
 /// Where the front sends requests.

@@ -23,7 +23,8 @@ fn kvd_binary() -> Option<PathBuf> {
 
 /// kvd's contract, spelled with options of its own (`--service-listen=ADDR` rather than the
 /// two-word form the legacy contract uses), so the command line can only come from the
-/// template.
+/// template. It declares the opaque protocol (kvd's RESP passes through as bytes), so the
+/// front's protocol can only come from the contract.
 fn kvd_contract() -> ServiceContract {
     let args: Vec<String> = [
         "--instance-id={instance_id}",
@@ -34,7 +35,7 @@ fn kvd_contract() -> ServiceContract {
     ]
     .map(String::from)
     .into();
-    ServiceContract::from_parts(Protocol::Resp, 6379, 7000, &args).unwrap()
+    ServiceContract::from_parts(Protocol::Opaque, 6379, 7000, &args).unwrap()
 }
 
 #[test]
@@ -73,7 +74,14 @@ fn an_instance_runs_from_its_contract_and_stops_gracefully() {
     ));
     let front = Front::new(FrontLimits::default()).unwrap();
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
-    let appliance = Appliance::new(ApplianceId::Primary, config, backend, catalog, front, tx);
+    let appliance = Appliance::new(
+        ApplianceId::Primary,
+        config,
+        backend,
+        catalog,
+        front.clone(),
+        tx,
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -90,7 +98,24 @@ fn an_instance_runs_from_its_contract_and_stops_gracefully() {
     // on the address named by {service_listen}.
     assert_eq!(started.hello.instance_id, id.to_string());
     assert_eq!(started.service_addr.port(), port_base);
-    assert_eq!(started.protocol, Protocol::Resp);
+    assert_eq!(started.protocol, Protocol::Opaque);
+    // Routing the front to it carries its protocol to the front.
+    assert_eq!(front.protocol(), Protocol::Resp);
+    let route = hitless_agent::front::Route {
+        epoch: 1,
+        backend: Some(started.service_addr),
+        hold: false,
+    };
+    match rt.block_on(appliance.exec(Op::FrontRoute {
+        route: route.clone(),
+        listen: false,
+        protocol: Some(started.protocol),
+    })) {
+        Ok(OpOk::Done) => {}
+        other => panic!("front route: {other:?}"),
+    }
+    assert_eq!(front.protocol(), Protocol::Opaque);
+    assert_eq!(front.route(), route);
     let mut c = std::net::TcpStream::connect(started.service_addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     std::io::Write::write_all(&mut c, b"PING\r\n").unwrap();

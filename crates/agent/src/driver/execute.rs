@@ -299,6 +299,7 @@ async fn run_ordered(
                                             hold: false,
                                         },
                                         listen: app == s.appliance,
+                                        protocol: Some(s.protocol),
                                     },
                                 )
                                 .await;

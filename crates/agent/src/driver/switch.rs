@@ -123,6 +123,7 @@ pub(super) async fn route_to(apps: &Appliances, epoch: u64, to: &Started) -> Res
         Op::FrontRoute {
             route: route.clone(),
             listen: true,
+            protocol: Some(to.protocol),
         },
     )
     .await?;
@@ -133,6 +134,7 @@ pub(super) async fn route_to(apps: &Appliances, epoch: u64, to: &Started) -> Res
             Op::FrontRoute {
                 route,
                 listen: false,
+                protocol: Some(to.protocol),
             },
         )
         .await

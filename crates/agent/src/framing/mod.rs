@@ -23,41 +23,25 @@ pub use length_prefixed::{LengthPrefixedFraming, LENGTH_PREFIX};
 pub use opaque::OpaqueFraming;
 pub use resp::RespFraming;
 
-/// The protocol the front speaks with clients and instances.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Protocol {
-    /// RESP2 and RESP3.
-    #[default]
-    Resp,
-    /// A big-endian `u32` length, then that many bytes, for each request and each reply.
-    LengthPrefixed,
-    /// Bytes with no framing the front knows.
-    Opaque,
-}
+/// The protocol the front speaks with clients and instances: the one the image's service
+/// contract declares (one vocabulary from the manifest to the front).
+pub use hitless_image::Protocol;
 
-impl Protocol {
+/// The framing of each protocol.
+pub trait ProtocolFraming {
     /// The framing of this protocol, with messages bounded by `max_message` bytes where the
     /// protocol declares lengths up front (length-prefixed; RESP has its own fixed bound,
     /// [`crate::resp::MAX_MESSAGE`]).
-    pub fn framing(self, max_message: usize) -> Arc<dyn Framing> {
+    fn framing(self, max_message: usize) -> Arc<dyn Framing>;
+}
+
+impl ProtocolFraming for Protocol {
+    fn framing(self, max_message: usize) -> Arc<dyn Framing> {
         match self {
             Protocol::Resp => Arc::new(RespFraming),
             Protocol::LengthPrefixed => Arc::new(LengthPrefixedFraming::new(max_message)),
             Protocol::Opaque => Arc::new(OpaqueFraming),
         }
-    }
-}
-
-impl std::fmt::Display for Protocol {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Protocol::Resp => "resp",
-            Protocol::LengthPrefixed => "length-prefixed",
-            Protocol::Opaque => "opaque",
-        })
     }
 }
 
@@ -144,13 +128,13 @@ mod tests {
     }
 
     #[test]
-    fn protocols_serialize_as_snake_case_names() {
+    fn protocols_serialize_under_their_manifest_names() {
         let names: Vec<String> = [Protocol::Resp, Protocol::LengthPrefixed, Protocol::Opaque]
             .iter()
             .map(|p| serde_json::to_string(p).unwrap())
             .collect();
-        assert_eq!(names, ["\"resp\"", "\"length_prefixed\"", "\"opaque\""]);
-        let back: Protocol = serde_json::from_str("\"length_prefixed\"").unwrap();
+        assert_eq!(names, ["\"resp\"", "\"length-prefixed\"", "\"opaque\""]);
+        let back: Protocol = serde_json::from_str("\"length-prefixed\"").unwrap();
         assert_eq!(back, Protocol::LengthPrefixed);
     }
 
