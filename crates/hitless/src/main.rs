@@ -130,6 +130,11 @@ pub struct LabUpArgs {
     /// Hypervisor backend for the instances.
     #[arg(long, value_enum, default_value_t = Backend::Process)]
     pub backend: Backend,
+    /// The client protocol kvd's images declare in their service contract: `resp` (requests
+    /// held over a switchover and replayed after a failover) or `opaque` (bytes relayed,
+    /// connections drained over a switchover, nothing replayed).
+    #[arg(long, default_value_t = hitless_image::Protocol::Resp)]
+    pub protocol: hitless_image::Protocol,
     /// Memory limit of each instance in MiB (default: 512 for processes, 256 for QEMU guests;
     /// `hitless lab issu` sizes it for the state it loads with --keys).
     #[arg(long)]

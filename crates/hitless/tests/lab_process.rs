@@ -84,6 +84,36 @@ fn fault_free_issu_commits_with_every_acknowledged_write_verified() {
     assert_figures(&r);
 }
 
+/// A service whose contract declares the opaque protocol: the front knows no request
+/// boundaries, so a switchover drains connections (a client may see its connection closed,
+/// with its unanswered write not acknowledged) instead of holding requests; nothing that was
+/// acknowledged is lost.
+#[test]
+fn an_opaque_service_is_upgraded_with_connections_drained_and_nothing_acknowledged_lost() {
+    let _g = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    if skip_without_redis_tools() {
+        return;
+    }
+    let r = lab_issu("opaque", &["--protocol", "opaque"]);
+    assert_eq!(r["protocol"], "opaque");
+    assert_eq!(r["result"], "committed", "{r}");
+    assert_eq!(r["final_control"]["version"], "2.0.0");
+    assert!(
+        r["acked_writes"].as_u64().unwrap() > 100,
+        "the client wrote too little to judge"
+    );
+    assert_eq!(r["acked_lost"], 0);
+    assert_state_kept(&r, 10_000);
+    // Every client error is a connection the drain closed, never a refused write.
+    for e in r["client_error_samples"].as_array().unwrap() {
+        let e = e.as_str().unwrap();
+        assert!(
+            e.contains("connection closed") || e.contains("reset") || e.contains("Broken pipe"),
+            "{e}"
+        );
+    }
+}
+
 /// The loaded state was there when the ISSU started and is still there, values included.
 fn assert_state_kept(r: &Value, keys: u64) {
     assert_eq!(r["state_loaded_keys"], keys, "{r}");

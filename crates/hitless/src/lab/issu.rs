@@ -226,7 +226,8 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
     if let Some(e) = fault_error {
         bail!("the fault could not be injected: {e}");
     }
-    for s in stats.error_samples.lock().expect("samples").iter() {
+    let client_error_samples = stats.error_samples.lock().expect("samples").clone();
+    for s in &client_error_samples {
         eprintln!("client error: {s}");
     }
     // Every acknowledged write and the loaded state read back. When the ISSU did not finish
@@ -285,6 +286,7 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
         from_version,
         to_version,
         backend: backend_name(args.up.backend).into(),
+        protocol: args.up.protocol.to_string(),
         fault: args.fault.clone(),
         fault_injected: injected,
         final_control: FinalControl {
@@ -305,6 +307,7 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
         acked_lost: lost,
         verify_error,
         client_errors: errors_during + bench_summary.errors,
+        client_error_samples,
         max_gap_ms: stats.max_gap_ns.load(Ordering::Acquire) as f64 / 1e6,
         steady_max_gap_ms: stats.steady_max_gap_ns.load(Ordering::Acquire) as f64 / 1e6,
         steady_window_s: steady_window.as_secs_f64(),

@@ -81,7 +81,18 @@ fn schemas(native: u32) -> anyhow::Result<BTreeMap<String, SchemaDecl>> {
 }
 
 /// Builds the lab's two images (kvd v1 and v2) in `dir/images`.
-fn build_images(dir: &Path, backend: Backend) -> anyhow::Result<[PathBuf; 2]> {
+fn build_images(
+    dir: &Path,
+    backend: Backend,
+    protocol: hitless_image::Protocol,
+) -> anyhow::Result<[PathBuf; 2]> {
+    if protocol == hitless_image::Protocol::LengthPrefixed {
+        bail!("kvd speaks RESP: its images can declare `resp` or `opaque`, not `{protocol}`");
+    }
+    let contract = |kind| hitless_image::service::ServiceContract {
+        protocol,
+        ..kvd_contract(kind)
+    };
     let mut out = Vec::new();
     for v in [1u32, 2] {
         let bin = kvd_binary(v)?;
@@ -94,7 +105,7 @@ fn build_images(dir: &Path, backend: Backend) -> anyhow::Result<[PathBuf; 2]> {
                 "kvd",
                 &version,
                 &bin,
-                &kvd_contract(hitless_image::Kind::Process),
+                &contract(hitless_image::Kind::Process),
                 &schemas(v)?,
             ),
             Backend::Qemu => hitless_image::build::vm_image(
@@ -102,7 +113,7 @@ fn build_images(dir: &Path, backend: Backend) -> anyhow::Result<[PathBuf; 2]> {
                 "kvd",
                 &version,
                 &bin,
-                &kvd_contract(hitless_image::Kind::Vm),
+                &contract(hitless_image::Kind::Vm),
                 &schemas(v)?,
                 None,
             ),
@@ -281,7 +292,7 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
     ports_free()?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let images = build_images(dir, args.backend)?;
+    let images = build_images(dir, args.backend, args.protocol)?;
     for i in 0..2 {
         write_config(dir, i, args.backend, &images[0], args.instance_memory_mib)?;
     }

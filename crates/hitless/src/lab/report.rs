@@ -13,6 +13,8 @@ pub struct IssuReport {
     pub from_version: String,
     pub to_version: String,
     pub backend: String,
+    /// The client protocol of the service contract (`resp`, `opaque`).
+    pub protocol: String,
     pub fault: Option<String>,
     pub fault_injected: bool,
     pub final_control: FinalControl,
@@ -38,6 +40,8 @@ pub struct IssuReport {
     /// lost).
     pub verify_error: Option<String>,
     pub client_errors: u64,
+    /// The checking client's first errors (at most 10), as it saw them.
+    pub client_error_samples: Vec<String>,
     pub max_gap_ms: f64,
     /// The outside writers' longest gap in steady state before the ISSU, under the same
     /// client load, over `steady_window_s`.
@@ -123,9 +127,10 @@ pub struct BenchSummary {
 pub(super) fn print_report(r: &IssuReport) {
     println!();
     println!(
-        "hitless lab issu: {} ({} backend)",
+        "hitless lab issu: {} ({} backend, {} protocol)",
         r.result.replace('_', " "),
-        r.backend
+        r.backend,
+        r.protocol
     );
     println!(
         "  upgrade            {} -> {}",
