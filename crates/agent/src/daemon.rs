@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::appliance::{Appliance, Observation};
-use crate::config::{AgentConfig, ApplianceRole, BackendKind};
+use crate::config::{AgentConfig, BackendKind};
 use crate::driver::{Appliances, Driver, DriverTiming, Input, SharedView, Transition};
 use crate::front::{Front, FrontLimits};
 use crate::images::ImageCatalog;
@@ -47,14 +47,6 @@ pub enum AgentError {
     Resume(#[from] crate::driver::JournalError),
     #[error(transparent)]
     Front(#[from] crate::front::FrontError),
-}
-
-/// The appliance id of a configured role.
-pub fn appliance_id(r: ApplianceRole) -> ApplianceId {
-    match r {
-        ApplianceRole::Primary => ApplianceId::Primary,
-        ApplianceRole::Secondary => ApplianceId::Secondary,
-    }
 }
 
 /// Engine bounds for a backend, in ticks of [`DriverTiming::tick`] (100 ms).
@@ -122,7 +114,7 @@ pub fn raise_priority() {
 
 /// Runs the agent until the process is stopped.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
-    let me = appliance_id(config.appliance);
+    let me = config.appliance;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
         path: config.data_dir.clone(),
         source,

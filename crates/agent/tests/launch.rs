@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hitless_agent::appliance::{Appliance, Op, OpOk};
-use hitless_agent::config::{AgentConfig, ApplianceRole, BackendKind, InstanceConfig};
+use hitless_agent::config::{AgentConfig, BackendKind, InstanceConfig};
 use hitless_agent::front::{Front, FrontLimits};
 use hitless_agent::images::ImageCatalog;
 use hitless_core::{ApplianceId, InstanceId};
@@ -54,7 +54,7 @@ fn an_instance_runs_from_its_contract_and_stops_gracefully() {
     // Ports of this test's own, away from the lab's and below the ephemeral range.
     let port_base = 21000 + (std::process::id() % 250) as u16 * 40;
     let config = AgentConfig {
-        appliance: ApplianceRole::Primary,
+        appliance: ApplianceId::Primary,
         api_listen: "127.0.0.1:0".parse().unwrap(),
         peer_listen: "127.0.0.1:0".parse().unwrap(),
         peer_addr: "127.0.0.1:9".parse().unwrap(),

@@ -37,13 +37,6 @@ const PEER_ADDRS: [&str; 2] = ["127.0.0.1:27711", "127.0.0.1:27712"];
 const PORT_BASES: [u16; 2] = [27800, 27900];
 const NAMES: [&str; 2] = ["primary", "secondary"];
 
-fn backend_name(b: Backend) -> &'static str {
-    match b {
-        Backend::Process => "process",
-        Backend::Qemu => "qemu",
-    }
-}
-
 fn exe_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot locate the hitless executable")?;
     Ok(exe
@@ -160,7 +153,7 @@ stop_grace_ms = 3000
         service = SERVICE_ADDR,
         data = dir.join(NAMES[i]).display(),
         image = image.display(),
-        backend = backend_name(backend),
+        backend = backend,
         port_base = PORT_BASES[i],
         mem = memory_mib.unwrap_or(if backend == Backend::Qemu { 256 } else { 512 }),
         // Software-emulated guests saturate the CPUs; the peer's failure detection allows
@@ -296,7 +289,7 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
     for i in 0..2 {
         write_config(dir, i, args.backend, &images[0], args.instance_memory_mib)?;
     }
-    std::fs::write(dir.join("backend"), backend_name(args.backend))?;
+    std::fs::write(dir.join("backend"), args.backend.to_string())?;
     for i in [1, 0] {
         spawn_agent(dir, i)?;
     }
