@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hitless_control::{AgentCommand, Configure, ControlClient, Hello, InstanceStatus};
-use hitless_core::{ApplianceId, ImageRef, InstanceId};
+use hitless_core::{ApplianceId, ControlEpoch, ImageRef, InstanceId};
 use hitless_image::service::{self, Protocol, ServiceContract};
 use hitless_vmm::{
     Backend, InstanceHandle, InstanceSpec, Payload, PortForward, ProcessPayload, ResourceLimits,
@@ -865,14 +865,14 @@ fn connect_control(
 /// Builds the Configure command for a standby following `active_sync_addr`.
 pub fn standby_config(
     instance: InstanceId,
-    epoch: u64,
+    epoch: ControlEpoch,
     active_sync_addr: &str,
     designated_ha: bool,
 ) -> AgentCommand {
     AgentCommand::Configure(Configure {
         instance_id: instance.to_string(),
         role: hitless_control::Role::Standby,
-        epoch,
+        epoch: crate::epoch::to_wire(epoch),
         active_sync_addr: Some(active_sync_addr.to_owned()),
         designated_ha,
         sync_mode: hitless_control::SyncMode::Synchronous,
@@ -880,11 +880,11 @@ pub fn standby_config(
 }
 
 /// Builds the Configure command for the instance in control.
-pub fn active_config(instance: InstanceId, epoch: u64) -> AgentCommand {
+pub fn active_config(instance: InstanceId, epoch: ControlEpoch) -> AgentCommand {
     AgentCommand::Configure(Configure {
         instance_id: instance.to_string(),
         role: hitless_control::Role::Active,
-        epoch,
+        epoch: crate::epoch::to_wire(epoch),
         active_sync_addr: None,
         designated_ha: false,
         sync_mode: hitless_control::SyncMode::Synchronous,

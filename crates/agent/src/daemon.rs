@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hitless_core::{ApplianceId, EngineConfig};
+use hitless_core::{ApplianceId, ControlEpoch, EngineConfig};
 use hitless_journal::Journal;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -129,6 +129,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(1024);
     let appliance = Appliance::new(me, config.clone(), backend, catalog, front, obs_tx);
     let driving = Arc::new(AtomicBool::new(false));
+    // The driver's epoch for the heartbeat (its number: an atomic holds no ControlEpoch).
     let epoch = Arc::new(AtomicU64::new(0));
     let (hb_driving, hb_epoch) = (driving.clone(), epoch.clone());
     let (link, peer_rx) = PeerLink::<PeerMsg>::start(
@@ -139,7 +140,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         move || PeerMsg::Heartbeat {
             from: me,
             driving: hb_driving.load(Ordering::Acquire),
-            epoch: hb_epoch.load(Ordering::Acquire),
+            epoch: ControlEpoch(hb_epoch.load(Ordering::Acquire)),
         },
     )
     .await?;
@@ -214,7 +215,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
     }
     driving.store(driver.driving(), Ordering::Release);
-    epoch.store(driver.epoch(), Ordering::Release);
+    epoch.store(driver.epoch().0, Ordering::Release);
 
     let mut tick = tokio::time::interval(timing.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -252,7 +253,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             }
         }
         driving.store(driver.driving(), Ordering::Release);
-        epoch.store(driver.epoch(), Ordering::Release);
+        epoch.store(driver.epoch().0, Ordering::Release);
     }
 }
 

@@ -12,7 +12,7 @@ use hitless_agent::appliance::{Appliance, Op, OpOk};
 use hitless_agent::config::{AgentConfig, BackendKind, InstanceConfig};
 use hitless_agent::front::{Front, FrontLimits};
 use hitless_agent::images::ImageCatalog;
-use hitless_core::{ApplianceId, InstanceId};
+use hitless_core::{ApplianceId, ControlEpoch, InstanceId};
 use hitless_image::service::{Protocol, ServiceContract};
 
 fn kvd_binary() -> Option<PathBuf> {
@@ -102,7 +102,7 @@ fn an_instance_runs_from_its_contract_and_stops_gracefully() {
     // Routing the front to it carries its protocol to the front.
     assert_eq!(front.protocol(), Protocol::Resp);
     let route = hitless_agent::front::Route {
-        epoch: 1,
+        epoch: ControlEpoch(1),
         backend: Some(started.service_addr),
         hold: false,
     };

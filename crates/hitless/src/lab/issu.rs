@@ -288,7 +288,7 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
         final_control: FinalControl {
             appliance: control.map(|c| c.appliance.to_string()).unwrap_or_default(),
             version: control.map(|c| c.version.to_string()).unwrap_or_default(),
-            epoch: engine.epoch.0,
+            epoch: engine.epoch,
         },
         state_keys,
         state_bytes: loaded.bytes,
