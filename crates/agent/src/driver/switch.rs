@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hitless_control::AgentCommand;
-use hitless_core::{ApplianceId, ControlEpoch, InstanceId, Role};
+use hitless_core::{ApplianceId, ControlEpoch, InstanceId};
 use thiserror::Error;
 use tracing::{info, warn};
 
 use super::{Appliances, Driver, DriverTiming};
-use crate::appliance::{active_config, as_status, standby_config, Op, OpOk, Started};
+use crate::appliance::{active_config, as_status, control_role, standby_config, Op, OpOk, Started};
 use crate::epoch::{from_wire, previous, to_wire};
 use crate::front::Route;
 use crate::remote::OpError;
@@ -53,8 +53,12 @@ impl Driver {
         if let Some(e) = &self.engine {
             for i in &e.state().pair.instances {
                 ctx.appliance_of.insert(i.id, i.appliance);
-                if i.state.is_live() && matches!(i.role, Role::HaStandby | Role::LocalStandby) {
-                    ctx.standbys.push((i.id, i.role == Role::HaStandby));
+                if !i.state.is_live() {
+                    continue;
+                }
+                // Standbys are re-pointed as they were configured (see `control_role`).
+                if let (hitless_control::Role::Standby, designated_ha) = control_role(i.role) {
+                    ctx.standbys.push((i.id, designated_ha));
                 }
             }
         }
