@@ -442,7 +442,9 @@ pub fn instance_memory_for(keys: u64, value_size: u64, backend: Backend) -> u64 
 
 #[cfg(test)]
 mod tests {
-    use super::{appliance_index, parse_fault};
+    use super::{appliance_index, parse_fault, write_config, Backend, NAMES};
+    use hitless_agent::config::ApplianceId;
+    use hitless_agent::AgentConfig;
     use hitless_core::sim::{FaultKind, FaultSpec};
     use hitless_core::Step;
 
@@ -473,5 +475,20 @@ mod tests {
     fn appliance_loss_kills_the_named_appliance() {
         assert_eq!(appliance_index(FaultKind::ApplianceLostPrimary), 0);
         assert_eq!(appliance_index(FaultKind::ApplianceLostSecondary), 1);
+    }
+
+    #[test]
+    fn the_agent_reads_the_lab_configs_as_the_appliance_and_backend_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        for backend in [Backend::Process, Backend::Qemu] {
+            for (i, id) in ApplianceId::ALL.into_iter().enumerate() {
+                assert_eq!(NAMES[i], id.name());
+                let path = write_config(dir, i, backend, &dir.join("image"), None).unwrap();
+                let c = AgentConfig::load(&path).unwrap();
+                assert_eq!(c.appliance, id);
+                assert_eq!(c.backend, backend);
+            }
+        }
     }
 }
