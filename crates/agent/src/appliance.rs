@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hitless_control::{AgentCommand, Configure, ControlClient, Hello, InstanceStatus};
-use hitless_core::{ApplianceId, ImageRef, InstanceId};
+use hitless_core::{ApplianceId, ControlEpoch, ImageRef, InstanceId};
 use hitless_image::service::{self, Protocol, ServiceContract};
 use hitless_vmm::{
     Backend, InstanceHandle, InstanceSpec, Payload, PortForward, ProcessPayload, ResourceLimits,
@@ -862,33 +862,69 @@ fn connect_control(
     Err(format!("no hello within {bound:?} (last error: {last})"))
 }
 
-/// Builds the Configure command for a standby following `active_sync_addr`.
-pub fn standby_config(
+/// The role the agent assigns over the control channel to an instance holding `role` in the
+/// pair, and whether it is the designated HA standby (`Configure::designated_ha`). The one
+/// mapping from the engine's roles (`hitless_core::Role`) to the control channel's
+/// (`hitless_control::Role`); the instance maps those to its replica's
+/// (`hitless_sync::Role`). See "Roles at each layer" in docs/ARCHITECTURE.md.
+pub fn control_role(role: hitless_core::Role) -> (hitless_control::Role, bool) {
+    use hitless_control::Role as Control;
+    use hitless_core::Role as Pair;
+    match role {
+        Pair::InControl => (Control::Active, false),
+        Pair::HaStandby => (Control::Standby, true),
+        Pair::LocalStandby => (Control::Standby, false),
+        Pair::Spare => (Control::Spare, false),
+    }
+}
+
+/// The pair role of a standby the engine attaches with `designated_ha` (the way back from a
+/// standby's `Configure` to [`control_role`]'s argument).
+pub fn standby_role(designated_ha: bool) -> hitless_core::Role {
+    if designated_ha {
+        hitless_core::Role::HaStandby
+    } else {
+        hitless_core::Role::LocalStandby
+    }
+}
+
+/// Builds the Configure command giving `instance` the pair role `role` at `epoch`; a standby
+/// follows `active_sync_addr`.
+pub fn configure(
     instance: InstanceId,
-    epoch: u64,
-    active_sync_addr: &str,
-    designated_ha: bool,
+    role: hitless_core::Role,
+    epoch: ControlEpoch,
+    active_sync_addr: Option<&str>,
 ) -> AgentCommand {
+    let (role, designated_ha) = control_role(role);
     AgentCommand::Configure(Configure {
         instance_id: instance.to_string(),
-        role: hitless_control::Role::Standby,
-        epoch,
-        active_sync_addr: Some(active_sync_addr.to_owned()),
+        role,
+        epoch: crate::epoch::to_wire(epoch),
+        active_sync_addr: active_sync_addr.map(str::to_owned),
         designated_ha,
         sync_mode: hitless_control::SyncMode::Synchronous,
     })
 }
 
-/// Builds the Configure command for the instance in control.
-pub fn active_config(instance: InstanceId, epoch: u64) -> AgentCommand {
-    AgentCommand::Configure(Configure {
-        instance_id: instance.to_string(),
-        role: hitless_control::Role::Active,
+/// Builds the Configure command for a standby following `active_sync_addr`.
+pub fn standby_config(
+    instance: InstanceId,
+    epoch: ControlEpoch,
+    active_sync_addr: &str,
+    designated_ha: bool,
+) -> AgentCommand {
+    configure(
+        instance,
+        standby_role(designated_ha),
         epoch,
-        active_sync_addr: None,
-        designated_ha: false,
-        sync_mode: hitless_control::SyncMode::Synchronous,
-    })
+        Some(active_sync_addr),
+    )
+}
+
+/// Builds the Configure command for the instance in control.
+pub fn active_config(instance: InstanceId, epoch: ControlEpoch) -> AgentCommand {
+    configure(instance, hitless_core::Role::InControl, epoch, None)
 }
 
 /// Reads a status reply.
@@ -902,6 +938,40 @@ pub fn as_status(r: Result<OpOk, OpError>) -> Result<InstanceStatus, OpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_pair_role_maps_to_one_control_assignment_and_back() {
+        use hitless_control::Role as Control;
+        use hitless_core::Role as Pair;
+        assert_eq!(control_role(Pair::InControl), (Control::Active, false));
+        assert_eq!(control_role(Pair::HaStandby), (Control::Standby, true));
+        assert_eq!(control_role(Pair::LocalStandby), (Control::Standby, false));
+        assert_eq!(control_role(Pair::Spare), (Control::Spare, false));
+        for ha in [true, false] {
+            assert_eq!(control_role(standby_role(ha)), (Control::Standby, ha));
+        }
+    }
+
+    #[test]
+    fn configure_commands_carry_the_mapped_role_and_the_epoch_number() {
+        let id = InstanceId(4);
+        let AgentCommand::Configure(c) = standby_config(id, ControlEpoch(9), "10.0.0.2:1", true)
+        else {
+            panic!("not a Configure");
+        };
+        assert_eq!(c.role, hitless_control::Role::Standby);
+        assert!(c.designated_ha);
+        assert_eq!(c.epoch, 9);
+        assert_eq!(c.active_sync_addr.as_deref(), Some("10.0.0.2:1"));
+        assert_eq!(c.instance_id, id.to_string());
+        let AgentCommand::Configure(c) = active_config(id, ControlEpoch(10)) else {
+            panic!("not a Configure");
+        };
+        assert_eq!(c.role, hitless_control::Role::Active);
+        assert!(!c.designated_ha);
+        assert_eq!(c.epoch, 10);
+        assert_eq!(c.active_sync_addr, None);
+    }
     use hitless_control::{write_instance_message, InstanceMessage};
     use std::os::unix::net::UnixStream;
 

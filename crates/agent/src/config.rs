@@ -7,6 +7,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use hitless_core::ApplianceId;
+pub use hitless_vmm::BackendKind;
+
 /// The largest configuration file accepted.
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
@@ -28,40 +31,6 @@ pub enum ConfigError {
         field: &'static str,
         message: String,
     },
-}
-
-/// Which appliance of the pair this agent runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ApplianceRole {
-    Primary,
-    Secondary,
-}
-
-impl ApplianceRole {
-    /// The other appliance.
-    pub fn peer(self) -> Self {
-        match self {
-            Self::Primary => Self::Secondary,
-            Self::Secondary => Self::Primary,
-        }
-    }
-
-    /// "primary" or "secondary".
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Primary => "primary",
-            Self::Secondary => "secondary",
-        }
-    }
-}
-
-/// The hypervisor backend instances run under.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    Process,
-    Qemu,
 }
 
 /// Peer failure detection.
@@ -125,8 +94,8 @@ impl Default for InstanceConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// This appliance.
-    pub appliance: ApplianceRole,
+    /// This appliance: `appliance = "primary" | "secondary"`.
+    pub appliance: ApplianceId,
     /// The HTTP API address.
     pub api_listen: SocketAddr,
     /// Where this agent accepts the peer agent's link.
@@ -139,7 +108,7 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// The image the pair runs when first started.
     pub image: PathBuf,
-    /// Hypervisor backend.
+    /// Hypervisor backend: `backend = "process" | "qemu"`.
     #[serde(default = "default_backend")]
     pub backend: BackendKind,
     /// Peer failure detection.
@@ -296,5 +265,42 @@ image = "/tmp/img"
         assert!(e.to_string().contains("peer_listen"), "{e}");
         let e = AgentConfig::parse(Path::new("a.toml"), "appliance = \"tertiary\"").unwrap_err();
         assert!(e.to_string().contains("tertiary"), "{e}");
+    }
+
+    #[test]
+    fn appliance_and_backend_read_the_same_words_as_before() {
+        let cases = [
+            (
+                "primary",
+                ApplianceId::Primary,
+                "process",
+                BackendKind::Process,
+            ),
+            (
+                "secondary",
+                ApplianceId::Secondary,
+                "qemu",
+                BackendKind::Qemu,
+            ),
+        ];
+        for (appliance, id, backend, kind) in cases {
+            let text = GOOD.replace("\"primary\"", &format!("\"{appliance}\""))
+                + &format!("backend = \"{backend}\"\n");
+            let c = AgentConfig::parse(Path::new("a.toml"), &text).unwrap();
+            assert_eq!(c.appliance, id);
+            assert_eq!(c.backend, kind);
+            // And they are written back the same way.
+            let back = toml::to_string(&c).unwrap();
+            assert!(
+                back.contains(&format!("appliance = \"{appliance}\"")),
+                "{back}"
+            );
+            assert!(back.contains(&format!("backend = \"{backend}\"")), "{back}");
+        }
+        for bad in ["Primary", "qemu-kvm"] {
+            let text = format!("{GOOD}backend = \"{bad}\"\n");
+            let e = AgentConfig::parse(Path::new("a.toml"), &text).unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
     }
 }

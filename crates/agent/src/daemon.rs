@@ -4,14 +4,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hitless_core::{ApplianceId, EngineConfig};
+use hitless_core::{ApplianceId, ControlEpoch, EngineConfig};
 use hitless_journal::Journal;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::appliance::{Appliance, Observation};
-use crate::config::{AgentConfig, ApplianceRole, BackendKind};
+use crate::config::{AgentConfig, BackendKind};
 use crate::driver::{Appliances, Driver, DriverTiming, Input, SharedView, Transition};
 use crate::front::{Front, FrontLimits};
 use crate::images::ImageCatalog;
@@ -47,14 +47,6 @@ pub enum AgentError {
     Resume(#[from] crate::driver::JournalError),
     #[error(transparent)]
     Front(#[from] crate::front::FrontError),
-}
-
-/// The appliance id of a configured role.
-pub fn appliance_id(r: ApplianceRole) -> ApplianceId {
-    match r {
-        ApplianceRole::Primary => ApplianceId::Primary,
-        ApplianceRole::Secondary => ApplianceId::Secondary,
-    }
 }
 
 /// Engine bounds for a backend, in ticks of [`DriverTiming::tick`] (100 ms).
@@ -122,7 +114,7 @@ pub fn raise_priority() {
 
 /// Runs the agent until the process is stopped.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
-    let me = appliance_id(config.appliance);
+    let me = config.appliance;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -137,6 +129,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(1024);
     let appliance = Appliance::new(me, config.clone(), backend, catalog, front, obs_tx);
     let driving = Arc::new(AtomicBool::new(false));
+    // The driver's epoch for the heartbeat (its number: an atomic holds no ControlEpoch).
     let epoch = Arc::new(AtomicU64::new(0));
     let (hb_driving, hb_epoch) = (driving.clone(), epoch.clone());
     let (link, peer_rx) = PeerLink::<PeerMsg>::start(
@@ -147,7 +140,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         move || PeerMsg::Heartbeat {
             from: me,
             driving: hb_driving.load(Ordering::Acquire),
-            epoch: hb_epoch.load(Ordering::Acquire),
+            epoch: ControlEpoch(hb_epoch.load(Ordering::Acquire)),
         },
     )
     .await?;
@@ -222,7 +215,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
     }
     driving.store(driver.driving(), Ordering::Release);
-    epoch.store(driver.epoch(), Ordering::Release);
+    epoch.store(driver.epoch().0, Ordering::Release);
 
     let mut tick = tokio::time::interval(timing.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -260,7 +253,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             }
         }
         driving.store(driver.driving(), Ordering::Release);
-        epoch.store(driver.epoch(), Ordering::Release);
+        epoch.store(driver.epoch().0, Ordering::Release);
     }
 }
 

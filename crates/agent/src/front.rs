@@ -55,6 +55,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use hitless_core::ControlEpoch;
+
 use crate::framing::{Framing, OnProtocolError, Protocol, ProtocolFraming};
 use crate::resp;
 
@@ -62,7 +64,7 @@ use crate::resp;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Route {
     /// The control epoch of the instance in control.
-    pub epoch: u64,
+    pub epoch: ControlEpoch,
     /// The service address of the instance in control, if any.
     pub backend: Option<SocketAddr>,
     /// While true, no new request is forwarded (a planned switchover is under way).
@@ -231,7 +233,7 @@ impl Front {
     /// message may declare at most [`resp::MAX_MESSAGE`] bytes, the bound of any message.
     pub fn with_protocol(limits: FrontLimits, protocol: Protocol) -> Result<Self, FrontError> {
         let (route, _) = watch::channel(Route {
-            epoch: 0,
+            epoch: ControlEpoch(0),
             backend: None,
             hold: false,
         });
@@ -423,7 +425,7 @@ struct Conn {
 struct Backend {
     r: OwnedReadHalf,
     w: OwnedWriteHalf,
-    epoch: u64,
+    epoch: ControlEpoch,
     addr: SocketAddr,
 }
 
@@ -440,7 +442,7 @@ impl Conn {
         let mut cout = BytesMut::new();
         let mut backend: Option<Backend> = None;
         // The epoch whose instance this connection lost; it waits for a newer one.
-        let mut lost_epoch: Option<u64> = None;
+        let mut lost_epoch: Option<ControlEpoch> = None;
         let mut lost_since: Option<tokio::time::Instant> = None;
         let mut client_open = true;
         loop {
@@ -708,9 +710,9 @@ impl Conn {
         if route.hold || route.epoch != b.epoch {
             // Control is moving: the old instance hands back what it did not execute; it goes
             // to the new one.
-            debug!(addr = %b.addr, epoch = b.epoch, inflight = self.lens.len(), "instance closed the connection as control moved");
+            debug!(addr = %b.addr, epoch = b.epoch.0, inflight = self.lens.len(), "instance closed the connection as control moved");
         } else {
-            warn!(addr = %b.addr, epoch = b.epoch, inflight = self.lens.len(), "instance connection lost");
+            warn!(addr = %b.addr, epoch = b.epoch.0, inflight = self.lens.len(), "instance connection lost");
         }
         self.written = 0;
         bbuf.clear();

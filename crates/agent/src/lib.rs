@@ -10,6 +10,7 @@ pub mod appliance;
 pub mod config;
 pub mod daemon;
 pub mod driver;
+pub mod epoch;
 pub mod framing;
 pub mod front;
 pub mod images;

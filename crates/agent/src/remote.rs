@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hitless_core::ApplianceId;
+use hitless_core::{ApplianceId, ControlEpoch};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::oneshot;
@@ -176,7 +176,7 @@ pub enum PeerMsg {
     Heartbeat {
         from: ApplianceId,
         driving: bool,
-        epoch: u64,
+        epoch: ControlEpoch,
     },
     /// Run an op on the receiver's appliance.
     Request { id: u64, op: Op },
@@ -303,6 +303,33 @@ mod tests {
     use std::path::PathBuf;
     use tokio::sync::mpsc;
 
+    #[test]
+    fn heartbeat_and_route_keep_their_wire_format_with_a_control_epoch() {
+        // The same bytes an agent that carried the epoch as a bare number wrote and read.
+        let hb = PeerMsg::Heartbeat {
+            from: ApplianceId::Secondary,
+            driving: true,
+            epoch: ControlEpoch(7),
+        };
+        let wire = r#"{"msg":"heartbeat","from":"secondary","driving":true,"epoch":7}"#;
+        assert_eq!(serde_json::to_string(&hb).unwrap(), wire);
+        match serde_json::from_str::<PeerMsg>(wire).unwrap() {
+            PeerMsg::Heartbeat { epoch, .. } => assert_eq!(epoch, ControlEpoch(7)),
+            other => panic!("read back as {other:?}"),
+        }
+        let route = crate::front::Route {
+            epoch: ControlEpoch(3),
+            backend: Some("127.0.0.1:6380".parse().unwrap()),
+            hold: false,
+        };
+        let wire = r#"{"epoch":3,"backend":"127.0.0.1:6380","hold":false}"#;
+        assert_eq!(serde_json::to_string(&route).unwrap(), wire);
+        assert_eq!(
+            serde_json::from_str::<crate::front::Route>(wire).unwrap(),
+            route
+        );
+    }
+
     const BEAT: Duration = Duration::from_millis(20);
 
     fn free_addr() -> SocketAddr {
@@ -314,7 +341,7 @@ mod tests {
         move || PeerMsg::Heartbeat {
             from,
             driving: false,
-            epoch: 0,
+            epoch: ControlEpoch(0),
         }
     }
 

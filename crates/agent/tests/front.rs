@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use hitless_agent::front::{Front, FrontLimits, Route};
+use hitless_core::ControlEpoch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -67,7 +68,7 @@ fn front_at(backend: SocketAddr) -> (Front, hitless_agent::front::Listening) {
     let front = Front::new(FrontLimits::default()).unwrap();
     let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
     front.set_route(Route {
-        epoch: 1,
+        epoch: ControlEpoch(1),
         backend: Some(backend),
         hold: false,
     });
@@ -121,7 +122,7 @@ async fn planned_switch_moves_an_open_connection_to_the_new_instance() {
     front.hold();
     assert_eq!(front.inflight(), 0);
     front.set_route(Route {
-        epoch: 2,
+        epoch: ControlEpoch(2),
         backend: Some(b),
         hold: false,
     });
@@ -144,7 +145,7 @@ async fn requests_sent_during_a_hold_wait_and_then_reach_the_new_instance() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!waiter.is_finished(), "a held request must not be answered");
     front.set_route(Route {
-        epoch: 2,
+        epoch: ControlEpoch(2),
         backend: Some(b),
         hold: false,
     });
@@ -161,7 +162,7 @@ async fn an_unanswered_request_is_replayed_to_the_successor_after_a_crash() {
     let waiter = tokio::spawn(async move { request(&mut client).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
     front.set_route(Route {
-        epoch: 2,
+        epoch: ControlEpoch(2),
         backend: Some(successor),
         hold: false,
     });

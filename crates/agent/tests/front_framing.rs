@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use hitless_agent::framing::Protocol;
 use hitless_agent::front::{Front, FrontLimits, Listening, Route};
+use hitless_core::ControlEpoch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -157,7 +158,7 @@ fn front_with(protocol: Protocol, limits: FrontLimits, backend: SocketAddr) -> (
     let front = Front::with_protocol(limits, protocol).unwrap();
     let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
     front.set_route(Route {
-        epoch: 1,
+        epoch: ControlEpoch(1),
         backend: Some(backend),
         hold: false,
     });
@@ -166,7 +167,7 @@ fn front_with(protocol: Protocol, limits: FrontLimits, backend: SocketAddr) -> (
 
 fn route(front: &Front, epoch: u64, backend: SocketAddr) {
     front.set_route(Route {
-        epoch,
+        epoch: ControlEpoch(epoch),
         backend: Some(backend),
         hold: false,
     });

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use hitless_agent::front::{Front, FrontLimits, Route};
 use hitless_control::ControlHandler;
+use hitless_core::ControlEpoch;
 use hitless_sync::{Replica, ReplicaConfig, ServeHandle};
 use kvd::db::Db;
 use kvd::node::{Node, NodeConfig, NodeControl};
@@ -106,7 +107,7 @@ fn front_to(backend: SocketAddr) -> (Front, SocketAddr, hitless_agent::front::Li
     let front = Front::new(FrontLimits::default()).unwrap();
     let listening = front.listen("127.0.0.1:0".parse().unwrap()).unwrap();
     front.set_route(Route {
-        epoch: 1,
+        epoch: ControlEpoch(1),
         backend: Some(backend),
         hold: false,
     });
@@ -371,7 +372,7 @@ fn a_switchover_completes_while_a_client_never_reads_and_another_pipelines() {
         .demote(2, Some(&new.sync.to_string()))
         .expect("demote");
     front.set_route(Route {
-        epoch: 2,
+        epoch: ControlEpoch(2),
         backend: Some(new.service),
         hold: false,
     });

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hitless_agent::appliance::{Appliance, Op, OpOk};
-use hitless_agent::config::{AgentConfig, ApplianceRole, BackendKind, InstanceConfig};
+use hitless_agent::config::{AgentConfig, BackendKind, InstanceConfig};
 use hitless_agent::front::{Front, FrontLimits};
 use hitless_agent::images::ImageCatalog;
-use hitless_core::{ApplianceId, InstanceId};
+use hitless_core::{ApplianceId, ControlEpoch, InstanceId};
 use hitless_image::service::{Protocol, ServiceContract};
 
 fn kvd_binary() -> Option<PathBuf> {
@@ -54,7 +54,7 @@ fn an_instance_runs_from_its_contract_and_stops_gracefully() {
     // Ports of this test's own, away from the lab's and below the ephemeral range.
     let port_base = 21000 + (std::process::id() % 250) as u16 * 40;
     let config = AgentConfig {
-        appliance: ApplianceRole::Primary,
+        appliance: ApplianceId::Primary,
         api_listen: "127.0.0.1:0".parse().unwrap(),
         peer_listen: "127.0.0.1:0".parse().unwrap(),
         peer_addr: "127.0.0.1:9".parse().unwrap(),
@@ -102,7 +102,7 @@ fn an_instance_runs_from_its_contract_and_stops_gracefully() {
     // Routing the front to it carries its protocol to the front.
     assert_eq!(front.protocol(), Protocol::Resp);
     let route = hitless_agent::front::Route {
-        epoch: 1,
+        epoch: ControlEpoch(1),
         backend: Some(started.service_addr),
         hold: false,
     };

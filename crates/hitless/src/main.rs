@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::TypedValueParser as _;
+use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod image_cmd;
@@ -127,8 +128,9 @@ pub struct LabUpArgs {
     /// The lab's run directory.
     #[arg(long, default_value = lab::DEFAULT_DIR)]
     pub dir: PathBuf,
-    /// Hypervisor backend for the instances.
-    #[arg(long, value_enum, default_value_t = Backend::Process)]
+    /// Hypervisor backend for the instances: `process` (processes in their own namespaces
+    /// and cgroups) or `qemu` (QEMU virtual machines booting their own kernel).
+    #[arg(long, default_value_t = Backend::Process, value_parser = backend_parser())]
     pub backend: Backend,
     /// The client protocol kvd's images declare in their service contract: `resp` (requests
     /// held over a switchover and replayed after a failover) or `opaque` (bytes relayed,
@@ -166,12 +168,13 @@ pub struct LabIssuArgs {
     pub clients: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Backend {
-    /// Instances are processes in their own namespaces and cgroups.
-    Process,
-    /// Instances are QEMU virtual machines booting their own kernel.
-    Qemu,
+/// The hypervisor backend of the lab's instances (one type from the agent's configuration to
+/// the vmm crate).
+pub use hitless_vmm::BackendKind as Backend;
+
+/// `--backend`: the names `Backend` displays and parses, listed in the help.
+fn backend_parser() -> impl clap::builder::TypedValueParser<Value = Backend> {
+    clap::builder::PossibleValuesParser::new(["process", "qemu"]).try_map(|s| s.parse::<Backend>())
 }
 
 #[derive(Subcommand, Debug)]
@@ -367,5 +370,30 @@ mod tests {
             };
             assert_eq!(named, cmd);
         }
+    }
+
+    #[test]
+    fn lab_backend_flag_takes_process_or_qemu_and_defaults_to_process() {
+        let backend = |argv: &[&str]| match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Lab {
+                command: LabCommand::Up(up),
+            }) => Ok(up.backend),
+            Ok(other) => panic!("{argv:?} runs {other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(backend(&["hitless", "lab", "up"]), Ok(Backend::Process));
+        assert_eq!(
+            backend(&["hitless", "lab", "up", "--backend", "process"]),
+            Ok(Backend::Process)
+        );
+        assert_eq!(
+            backend(&["hitless", "lab", "up", "--backend", "qemu"]),
+            Ok(Backend::Qemu)
+        );
+        let e = backend(&["hitless", "lab", "up", "--backend", "kvm"]).unwrap_err();
+        assert!(
+            e.contains("kvm") && e.contains("process") && e.contains("qemu"),
+            "{e}"
+        );
     }
 }

@@ -86,6 +86,24 @@ impl fmt::Display for BackendKind {
     }
 }
 
+/// A backend name that is neither `process` nor `qemu`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown backend {0:?}: expected process or qemu")]
+pub struct UnknownBackend(pub String);
+
+impl std::str::FromStr for BackendKind {
+    type Err = UnknownBackend;
+
+    /// Reads the names [`BackendKind`]'s `Display` writes (`process`, `qemu`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "process" => Ok(BackendKind::Process),
+            "qemu" => Ok(BackendKind::Qemu),
+            other => Err(UnknownBackend(other.to_string())),
+        }
+    }
+}
+
 /// What an instance runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -571,6 +589,19 @@ pub(crate) trait Watched {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_kind_parses_the_names_it_displays_and_serializes() {
+        for kind in [BackendKind::Process, BackendKind::Qemu] {
+            let name = kind.to_string();
+            assert_eq!(name.parse::<BackendKind>(), Ok(kind));
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{name}\""));
+        }
+        assert_eq!(
+            "kvm".parse::<BackendKind>(),
+            Err(UnknownBackend("kvm".to_string()))
+        );
+    }
 
     fn spec(id: &str) -> InstanceSpec {
         InstanceSpec {

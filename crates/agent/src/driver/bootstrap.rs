@@ -56,7 +56,7 @@ impl Driver {
                 ApplianceId::Primary,
                 Op::Control {
                     instance: active,
-                    command: active_config(active, epoch.0),
+                    command: active_config(active, epoch),
                 },
             )
             .await?;
@@ -76,7 +76,7 @@ impl Driver {
                 ApplianceId::Secondary,
                 Op::Control {
                     instance: standby,
-                    command: standby_config(standby, epoch.0, &a.sync_addr, true),
+                    command: standby_config(standby, epoch, &a.sync_addr, true),
                 },
             )
             .await?;
@@ -88,7 +88,7 @@ impl Driver {
             self.timing.poll,
         )
         .await?;
-        route_to(&self.apps, epoch.0, &a).await?;
+        route_to(&self.apps, epoch, &a).await?;
         self.instances.insert(active, a);
         self.instances.insert(standby, b);
         let engine = Engine::new(

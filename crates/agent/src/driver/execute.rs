@@ -11,6 +11,7 @@ use tracing::{debug, error, info, warn};
 use super::switch::{failover, switchover, SwitchContext};
 use super::{Appliances, Driver, DriverTiming, Input};
 use crate::appliance::{as_status, standby_config, Op, OpOk, Started};
+use crate::epoch::{previous, to_wire};
 use crate::front::Route;
 use crate::remote::OpError;
 
@@ -263,7 +264,9 @@ async fn run_ordered(
                         app,
                         Op::Control {
                             instance,
-                            command: AgentCommand::Fence { epoch: epoch.0 },
+                            command: AgentCommand::Fence {
+                                epoch: to_wire(epoch),
+                            },
                         },
                     )
                     .await;
@@ -273,7 +276,7 @@ async fn run_ordered(
             }
             vec![]
         }
-        Command::Failover { to, epoch } => match failover(apps, ctx, to, epoch.0).await {
+        Command::Failover { to, epoch } => match failover(apps, ctx, to, epoch).await {
             Ok(()) => vec![Input::Event(Event::ControlSwitched { to, epoch })],
             Err(e) => vec![Input::Event(Event::SwitchFailed {
                 to,
@@ -282,7 +285,7 @@ async fn run_ordered(
             })],
         },
         Command::SwitchControl { from, to, epoch } => {
-            match switchover(apps, ctx, timing, from, to, epoch.0).await {
+            match switchover(apps, ctx, timing, from, to, epoch).await {
                 Ok(()) => vec![Input::Event(Event::ControlSwitched { to, epoch })],
                 Err(reason) => {
                     warn!(%from, %to, epoch = epoch.0, %reason, "planned switchover failed");
@@ -294,7 +297,7 @@ async fn run_ordered(
                                     app,
                                     Op::FrontRoute {
                                         route: Route {
-                                            epoch: epoch.0 - 1,
+                                            epoch: previous(epoch),
                                             backend: Some(s.service_addr),
                                             hold: false,
                                         },

@@ -36,7 +36,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hitless_core::{
-    ApplianceId, Command, Engine, EngineConfig, EngineState, Event, InstanceId, Report,
+    ApplianceId, Command, ControlEpoch, Engine, EngineConfig, EngineState, Event, InstanceId,
+    Report,
 };
 use hitless_journal::Journal;
 use serde::{Deserialize, Serialize};
@@ -221,18 +222,18 @@ impl Driver {
     }
 
     /// The epoch in control, as this driver knows it.
-    pub fn epoch(&self) -> u64 {
+    pub fn epoch(&self) -> ControlEpoch {
         self.engine
             .as_ref()
-            .map(|e| e.state().pair.epoch.0)
+            .map(|e| e.state().pair.epoch)
             .or_else(|| {
                 self.journal
                     .last()
                     .ok()
                     .flatten()
-                    .map(|(_, t)| t.state.pair.epoch.0)
+                    .map(|(_, t)| t.state.pair.epoch)
             })
-            .unwrap_or(0)
+            .unwrap_or_default()
     }
 
     /// Stops driving (another agent drives at a higher epoch).

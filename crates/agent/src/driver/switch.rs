@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hitless_control::AgentCommand;
-use hitless_core::{ApplianceId, InstanceId, Role};
+use hitless_core::{ApplianceId, ControlEpoch, InstanceId};
 use thiserror::Error;
 use tracing::{info, warn};
 
 use super::{Appliances, Driver, DriverTiming};
-use crate::appliance::{active_config, as_status, standby_config, Op, OpOk, Started};
+use crate::appliance::{active_config, as_status, control_role, standby_config, Op, OpOk, Started};
+use crate::epoch::{from_wire, previous, to_wire};
 use crate::front::Route;
 use crate::remote::OpError;
 
@@ -52,8 +53,12 @@ impl Driver {
         if let Some(e) = &self.engine {
             for i in &e.state().pair.instances {
                 ctx.appliance_of.insert(i.id, i.appliance);
-                if i.state.is_live() && matches!(i.role, Role::HaStandby | Role::LocalStandby) {
-                    ctx.standbys.push((i.id, i.role == Role::HaStandby));
+                if !i.state.is_live() {
+                    continue;
+                }
+                // Standbys are re-pointed as they were configured (see `control_role`).
+                if let (hitless_control::Role::Standby, designated_ha) = control_role(i.role) {
+                    ctx.standbys.push((i.id, designated_ha));
                 }
             }
         }
@@ -78,7 +83,7 @@ impl Driver {
         else {
             return;
         };
-        let (apps, epoch) = (self.apps.clone(), pair.epoch.0);
+        let (apps, epoch) = (self.apps.clone(), pair.epoch);
         tokio::spawn(async move {
             if let Err(e) = route_to(&apps, epoch, &to).await {
                 warn!("re-asserting the service routes failed: {e}");
@@ -111,7 +116,11 @@ impl SwitchContext {
 }
 
 /// Points both fronts at `to`; the appliance of `to` owns the service address.
-pub(super) async fn route_to(apps: &Appliances, epoch: u64, to: &Started) -> Result<(), OpError> {
+pub(super) async fn route_to(
+    apps: &Appliances,
+    epoch: ControlEpoch,
+    to: &Started,
+) -> Result<(), OpError> {
     let route = Route {
         epoch,
         backend: Some(to.service_addr),
@@ -149,13 +158,15 @@ async fn promote(
     apps: &Appliances,
     app: ApplianceId,
     to: InstanceId,
-    epoch: u64,
+    epoch: ControlEpoch,
 ) -> Result<OpOk, OpError> {
     apps.exec(
         app,
         Op::Control {
             instance: to,
-            command: AgentCommand::Promote { epoch },
+            command: AgentCommand::Promote {
+                epoch: to_wire(epoch),
+            },
         },
     )
     .await
@@ -166,7 +177,7 @@ pub(super) async fn failover(
     apps: &Appliances,
     ctx: &SwitchContext,
     to: InstanceId,
-    epoch: u64,
+    epoch: ControlEpoch,
 ) -> Result<(), SwitchError> {
     let to_app = ctx.app(to)?;
     let target = ctx.started(to)?.clone();
@@ -180,7 +191,7 @@ async fn repoint_standbys(
     ctx: &SwitchContext,
     to: InstanceId,
     target: &Started,
-    epoch: u64,
+    epoch: ControlEpoch,
     skip: Option<InstanceId>,
 ) {
     let mut set = tokio::task::JoinSet::new();
@@ -283,7 +294,7 @@ pub(super) async fn switchover(
     timing: &DriverTiming,
     from: InstanceId,
     to: InstanceId,
-    epoch: u64,
+    epoch: ControlEpoch,
 ) -> Result<(), SwitchError> {
     let from_app = ctx.app(from)?;
     let to_app = ctx.app(to)?;
@@ -312,7 +323,9 @@ pub(super) async fn switchover(
         from_app,
         Op::Control {
             instance: from,
-            command: AgentCommand::Quiesce { epoch: epoch - 1 },
+            command: AgentCommand::Quiesce {
+                epoch: to_wire(previous(epoch)),
+            },
         },
     )
     .await?;
@@ -349,7 +362,7 @@ pub(super) async fn switchover(
                     from_app,
                     Op::Control {
                         instance: from,
-                        command: active_config(from, epoch - 1),
+                        command: active_config(from, previous(epoch)),
                     },
                 )
                 .await;
@@ -373,7 +386,7 @@ pub(super) async fn switchover(
                 Op::Control {
                     instance: from,
                     command: AgentCommand::Demote {
-                        epoch,
+                        epoch: to_wire(epoch),
                         new_active_sync_addr: Some(target.sync_addr.clone()),
                     },
                 },
@@ -399,7 +412,7 @@ pub(super) async fn switchover(
         let deadline = tokio::time::Instant::now() + timing.drain_bound;
         loop {
             match as_status(apps.exec(app, Op::Status { instance: *s }).await) {
-                Ok(st) if st.ready && st.epoch >= epoch => break,
+                Ok(st) if st.ready && from_wire(st.epoch) >= epoch => break,
                 Ok(_) => {}
                 Err(e) => {
                     warn!(standby = %s, "HA standby unreachable after the switchover: {e}");
@@ -417,7 +430,7 @@ pub(super) async fn switchover(
     // 8. Clients go to the target.
     route_to(apps, epoch, &target).await?;
     info!(
-        %from, %to, epoch,
+        %from, %to, epoch = epoch.0,
         converge_ms = converged.waited.as_secs_f64() * 1e3,
         converge_lag = converged.lag,
         held_ms = t_held.as_secs_f64() * 1e3,

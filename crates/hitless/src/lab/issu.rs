@@ -15,8 +15,7 @@ use super::load;
 use super::report::{print_report, FinalControl, IssuReport, StandbySync, StepTime};
 use super::sampler::{Sampler, INTERVAL as SAMPLE_INTERVAL};
 use super::{
-    appliance_index, backend_name, inject, parse_fault, spawn_agent, stop_agents, up_inner, NAMES,
-    SERVICE_ADDR,
+    appliance_index, inject, parse_fault, spawn_agent, stop_agents, up_inner, NAMES, SERVICE_ADDR,
 };
 use crate::ops;
 use crate::{ApiArgs, Backend, LabIssuArgs};
@@ -27,10 +26,7 @@ pub fn issu(args: &LabIssuArgs) -> anyhow::Result<()> {
     let fault = args.fault.as_deref().map(parse_fault).transpose()?;
     let dir = args.up.dir.clone();
     if !args.json {
-        eprintln!(
-            "bringing the lab up ({} backend)...",
-            backend_name(args.up.backend)
-        );
+        eprintln!("bringing the lab up ({} backend)...", args.up.backend);
     }
     let result = run_issu(args, fault.as_ref());
     if !args.keep {
@@ -285,14 +281,14 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
         result: result.into(),
         from_version,
         to_version,
-        backend: backend_name(args.up.backend).into(),
+        backend: args.up.backend.to_string(),
         protocol: args.up.protocol.to_string(),
         fault: args.fault.clone(),
         fault_injected: injected,
         final_control: FinalControl {
             appliance: control.map(|c| c.appliance.to_string()).unwrap_or_default(),
             version: control.map(|c| c.version.to_string()).unwrap_or_default(),
-            epoch: engine.epoch.0,
+            epoch: engine.epoch,
         },
         state_keys,
         state_bytes: loaded.bytes,

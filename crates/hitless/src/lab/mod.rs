@@ -37,13 +37,6 @@ const PEER_ADDRS: [&str; 2] = ["127.0.0.1:27711", "127.0.0.1:27712"];
 const PORT_BASES: [u16; 2] = [27800, 27900];
 const NAMES: [&str; 2] = ["primary", "secondary"];
 
-fn backend_name(b: Backend) -> &'static str {
-    match b {
-        Backend::Process => "process",
-        Backend::Qemu => "qemu",
-    }
-}
-
 fn exe_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot locate the hitless executable")?;
     Ok(exe
@@ -160,7 +153,7 @@ stop_grace_ms = 3000
         service = SERVICE_ADDR,
         data = dir.join(NAMES[i]).display(),
         image = image.display(),
-        backend = backend_name(backend),
+        backend = backend,
         port_base = PORT_BASES[i],
         mem = memory_mib.unwrap_or(if backend == Backend::Qemu { 256 } else { 512 }),
         // Software-emulated guests saturate the CPUs; the peer's failure detection allows
@@ -296,7 +289,7 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
     for i in 0..2 {
         write_config(dir, i, args.backend, &images[0], args.instance_memory_mib)?;
     }
-    std::fs::write(dir.join("backend"), backend_name(args.backend))?;
+    std::fs::write(dir.join("backend"), args.backend.to_string())?;
     for i in [1, 0] {
         spawn_agent(dir, i)?;
     }
@@ -449,7 +442,9 @@ pub fn instance_memory_for(keys: u64, value_size: u64, backend: Backend) -> u64 
 
 #[cfg(test)]
 mod tests {
-    use super::{appliance_index, parse_fault};
+    use super::{appliance_index, parse_fault, write_config, Backend, NAMES};
+    use hitless_agent::config::ApplianceId;
+    use hitless_agent::AgentConfig;
     use hitless_core::sim::{FaultKind, FaultSpec};
     use hitless_core::Step;
 
@@ -480,5 +475,20 @@ mod tests {
     fn appliance_loss_kills_the_named_appliance() {
         assert_eq!(appliance_index(FaultKind::ApplianceLostPrimary), 0);
         assert_eq!(appliance_index(FaultKind::ApplianceLostSecondary), 1);
+    }
+
+    #[test]
+    fn the_agent_reads_the_lab_configs_as_the_appliance_and_backend_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        for backend in [Backend::Process, Backend::Qemu] {
+            for (i, id) in ApplianceId::ALL.into_iter().enumerate() {
+                assert_eq!(NAMES[i], id.name());
+                let path = write_config(dir, i, backend, &dir.join("image"), None).unwrap();
+                let c = AgentConfig::load(&path).unwrap();
+                assert_eq!(c.appliance, id);
+                assert_eq!(c.backend, backend);
+            }
+        }
     }
 }

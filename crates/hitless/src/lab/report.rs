@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use hitless_core::ControlEpoch;
 use serde::Serialize;
 
 /// The report of `hitless lab issu`.
@@ -73,7 +74,7 @@ pub struct IssuReport {
 pub struct FinalControl {
     pub appliance: String,
     pub version: String,
-    pub epoch: u64,
+    pub epoch: ControlEpoch,
 }
 
 /// One instance as sampled during the ISSU.
@@ -142,7 +143,7 @@ pub(super) fn print_report(r: &IssuReport) {
     println!("  outcome            {}", r.outcome_detail);
     println!(
         "  in control now     {} appliance, version {}, epoch {}",
-        r.final_control.appliance, r.final_control.version, r.final_control.epoch
+        r.final_control.appliance, r.final_control.version, r.final_control.epoch.0
     );
     println!(
         "  acknowledged writes {} verified, {} lost",
@@ -253,5 +254,23 @@ fn human_bytes(b: u64) -> String {
         format!("{:.2} GiB", b as f64 / (1024.0 * MIB))
     } else {
         format!("{:.1} MiB", b as f64 / MIB)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_control_writes_its_epoch_as_a_plain_number() {
+        let f = FinalControl {
+            appliance: "secondary".into(),
+            version: "2.0.0".into(),
+            epoch: ControlEpoch(2),
+        };
+        assert_eq!(
+            serde_json::to_string(&f).unwrap(),
+            r#"{"appliance":"secondary","version":"2.0.0","epoch":2}"#
+        );
     }
 }
