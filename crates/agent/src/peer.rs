@@ -547,6 +547,25 @@ mod tests {
     use super::*;
     use tokio::io::AsyncBufReadExt;
 
+    #[test]
+    fn handshake_lines_serialize_their_format_ranges_as_before() {
+        let hello = Handshake::HitlessPeerHello {
+            formats: PeerFormats::new(1, 2).unwrap(),
+        };
+        assert_eq!(
+            serde_json::to_string(&hello).unwrap(),
+            r#"{"hitless-peer-hello":{"formats":{"min":1,"max":2}}}"#
+        );
+        let welcome = Handshake::HitlessPeerWelcome {
+            formats: PeerFormats::new(1, 1).unwrap(),
+            format: Some(1),
+        };
+        assert_eq!(
+            serde_json::to_string(&welcome).unwrap(),
+            r#"{"hitless-peer-welcome":{"formats":{"min":1,"max":1},"format":1}}"#
+        );
+    }
+
     #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
     enum Msg {
         Beat,

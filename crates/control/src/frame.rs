@@ -335,6 +335,30 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn hellos_serialize_their_format_ranges_as_before() {
+        let agent = crate::AgentCommand::Hello {
+            formats: FormatRange::new(1, 2).unwrap(),
+        };
+        assert_eq!(
+            serde_json::to_string(&agent).unwrap(),
+            r#"{"type":"hello","formats":{"min":1,"max":2}}"#
+        );
+        let instance = crate::Hello {
+            instance_id: "i".into(),
+            image_version: "1".into(),
+            schemas: Default::default(),
+            kernel_release: None,
+            service_addr: "s".into(),
+            sync_addr: "y".into(),
+            formats: Some(FormatRange::new(1, 1).unwrap()),
+        };
+        assert_eq!(
+            serde_json::to_string(&instance).unwrap(),
+            r#"{"instance_id":"i","image_version":"1","schemas":{},"kernel_release":null,"service_addr":"s","sync_addr":"y","formats":{"min":1,"max":1}}"#
+        );
+    }
+
+    #[test]
     fn frame_round_trips_through_buffer_and_stream() {
         let f = encode_frame(FrameKind::Agent, b"{\"x\":1}").unwrap();
         let (k, body, used) = decode_frame(&f).unwrap().unwrap();

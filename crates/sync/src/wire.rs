@@ -1412,6 +1412,26 @@ mod tests {
     }
 
     #[test]
+    fn hello_encodes_its_format_range_as_before() {
+        let hello = Control::Hello {
+            service: "kv".into(),
+            node: "n".into(),
+            native: 1,
+            reads: vec![1],
+            writes: vec![1],
+            ha: true,
+            epoch: 3,
+            resume: None,
+            formats: Some(range(2, 3)),
+        };
+        let json = br#"{"t":"hello","service":"kv","node":"n","native":1,"reads":[1],"writes":[1],"ha":true,"epoch":3,"formats":{"min":2,"max":3}}"#;
+        assert_eq!(
+            hello.encode(3, 9),
+            encode_frame(FrameType::Hello, 3, 9, json)
+        );
+    }
+
+    #[test]
     fn negotiation_picks_the_highest_common_format_or_names_both_ranges() {
         assert_eq!(negotiate_format(range(2, 3), range(2, 2)), Ok(2));
         assert_eq!(negotiate_format(range(2, 2), range(2, 3)), Ok(2));
