@@ -10,8 +10,8 @@
 //!
 //! # Formats
 //!
-//! Each agent reads and writes a range of message formats ([`PeerFormats`], default
-//! [`PeerFormats::BUILD`]). On each connection the connecting agent first sends a hello line
+//! Each agent reads and writes a range of message formats ([`FormatRange`], default
+//! [`BUILD_FORMATS`]). On each connection the connecting agent first sends a hello line
 //! with its range and the accepting agent answers a welcome line with its own range and the
 //! highest format in both (none: no common format, reported on both sides as
 //! [`PeerEvent::Malformed`] naming both ranges, and the connection is closed; the sender
@@ -52,66 +52,37 @@ pub const PEER_FORMAT: u8 = 1;
 pub const NEXT_PEER_FORMAT: u8 = 2;
 
 /// An inclusive range of peer message formats (what an agent reads and writes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct PeerFormats {
-    min: u8,
-    max: u8,
-}
+pub use hitless_format::FormatRange;
 
-impl std::fmt::Display for PeerFormats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}..={}", self.min, self.max)
-    }
-}
+/// The peer formats this build reads and writes by default.
+pub const BUILD_FORMATS: FormatRange = FormatRange {
+    min: MIN_PEER_FORMAT,
+    max: PEER_FORMAT,
+};
 
-impl Default for PeerFormats {
-    fn default() -> Self {
-        PeerFormats::BUILD
-    }
-}
+/// What an agent from before negotiation speaks.
+pub const LEGACY_FORMATS: FormatRange = FormatRange { min: 1, max: 1 };
 
-impl PeerFormats {
-    /// The formats this build reads and writes by default.
-    pub const BUILD: PeerFormats = PeerFormats {
+/// The peer formats this build has codecs for (test builds also know the next one).
+pub fn known_formats() -> FormatRange {
+    #[cfg(test)]
+    let max = NEXT_PEER_FORMAT;
+    #[cfg(not(test))]
+    let max = PEER_FORMAT;
+    FormatRange {
         min: MIN_PEER_FORMAT,
-        max: PEER_FORMAT,
-    };
-    /// What an agent from before negotiation speaks.
-    pub const LEGACY: PeerFormats = PeerFormats { min: 1, max: 1 };
-
-    /// The formats this build has codecs for (test builds also know the next one).
-    pub fn known() -> PeerFormats {
-        #[cfg(test)]
-        let max = NEXT_PEER_FORMAT;
-        #[cfg(not(test))]
-        let max = PEER_FORMAT;
-        PeerFormats {
-            min: MIN_PEER_FORMAT,
-            max,
-        }
+        max,
     }
+}
 
-    /// The range `min..=max`; fails if it is empty or names a format this build does not know.
-    pub fn new(min: u8, max: u8) -> Result<PeerFormats, PeerError> {
-        let known = PeerFormats::known();
-        let r = PeerFormats { min, max };
-        if min > max || !known.contains(min) || !known.contains(max) {
-            return Err(PeerError::BadFormats { range: r, known });
-        }
-        Ok(r)
-    }
-
-    /// True if `version` is in the range.
-    pub fn contains(&self, version: u8) -> bool {
-        self.min <= version && version <= self.max
-    }
-
-    /// The highest format in both ranges, if any.
-    pub fn highest_common(&self, other: &PeerFormats) -> Option<u8> {
-        let lo = self.min.max(other.min);
-        let hi = self.max.min(other.max);
-        (lo <= hi).then_some(hi)
-    }
+/// The peer format range `min..=max`; fails if it is empty or names a format this build does
+/// not know.
+pub fn format_range(min: u8, max: u8) -> Result<FormatRange, PeerError> {
+    let known = known_formats();
+    FormatRange::new(min, max, known).map_err(|_| PeerError::BadFormats {
+        range: FormatRange { min, max },
+        known,
+    })
 }
 
 /// The frozen handshake lines (plain JSON lines whatever the formats).
@@ -119,10 +90,10 @@ impl PeerFormats {
 #[serde(rename_all = "kebab-case")]
 enum Handshake {
     /// Connecting agent -> accepting agent: the formats it reads and writes.
-    HitlessPeerHello { formats: PeerFormats },
+    HitlessPeerHello { formats: FormatRange },
     /// Accepting agent -> connecting agent: its formats and the format chosen, if any.
     HitlessPeerWelcome {
-        formats: PeerFormats,
+        formats: FormatRange,
         format: Option<u8>,
     },
 }
@@ -139,7 +110,7 @@ fn encode_line<M: Serialize>(version: u8, m: &M) -> Result<Vec<u8>, serde_json::
 }
 
 /// Decodes one message line in any format of `formats`.
-fn decode_line<M: DeserializeOwned>(line: &[u8], formats: PeerFormats) -> Result<M, String> {
+fn decode_line<M: DeserializeOwned>(line: &[u8], formats: FormatRange) -> Result<M, String> {
     let digits = line.iter().take_while(|b| b.is_ascii_digit()).count();
     let (version, body) = if digits == 0 {
         (1u32, line)
@@ -153,8 +124,8 @@ fn decode_line<M: DeserializeOwned>(line: &[u8], formats: PeerFormats) -> Result
         }
         (v, &line[digits + 1..])
     };
-    let readable = u8::try_from(version)
-        .is_ok_and(|v| formats.contains(v) && PeerFormats::known().contains(v));
+    let readable =
+        u8::try_from(version).is_ok_and(|v| formats.contains(v) && known_formats().contains(v));
     if !readable {
         return Err(format!(
             "peer message in format {version}: this agent reads peer formats {formats}; skipped"
@@ -177,16 +148,16 @@ pub enum PeerError {
     Closed,
     #[error("peer format range {range} is invalid: this build knows peer formats {known}")]
     BadFormats {
-        range: PeerFormats,
-        known: PeerFormats,
+        range: FormatRange,
+        known: FormatRange,
     },
     #[error(
         "no common peer-link format: this agent reads and writes peer formats {local}, \
          the peer agent {peer}"
     )]
     NoCommonFormat {
-        local: PeerFormats,
-        peer: PeerFormats,
+        local: FormatRange,
+        peer: FormatRange,
     },
 }
 
@@ -224,15 +195,7 @@ where
         misses: u32,
         heartbeat: impl Fn() -> M + Send + Sync + 'static,
     ) -> Result<(Self, mpsc::Receiver<PeerEvent<M>>), PeerError> {
-        Self::start_with_formats(
-            listen,
-            peer,
-            interval,
-            misses,
-            PeerFormats::BUILD,
-            heartbeat,
-        )
-        .await
+        Self::start_with_formats(listen, peer, interval, misses, BUILD_FORMATS, heartbeat).await
     }
 
     /// Like [`Self::start`] for an agent that reads and writes the message formats `formats`.
@@ -241,10 +204,10 @@ where
         peer: SocketAddr,
         interval: Duration,
         misses: u32,
-        formats: PeerFormats,
+        formats: FormatRange,
         heartbeat: impl Fn() -> M + Send + Sync + 'static,
     ) -> Result<(Self, mpsc::Receiver<PeerEvent<M>>), PeerError> {
-        PeerFormats::new(formats.min, formats.max)?;
+        format_range(formats.min, formats.max)?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| PeerError::Listen {
@@ -397,11 +360,11 @@ where
 async fn accept_handshake(
     reader: &mut BufReader<TcpStream>,
     line: &[u8],
-    formats: PeerFormats,
+    formats: FormatRange,
 ) -> Result<bool, String> {
     let (peer, hello) = match serde_json::from_slice::<Handshake>(line) {
         Ok(Handshake::HitlessPeerHello { formats: peer }) => (peer, true),
-        _ => (PeerFormats::LEGACY, false),
+        _ => (LEGACY_FORMATS, false),
     };
     let format = formats.highest_common(&peer);
     if hello {
@@ -428,7 +391,7 @@ async fn accept_handshake(
 /// Connecting side of the handshake: the format to write, or why there is none.
 async fn connect_handshake(
     s: &mut TcpStream,
-    formats: PeerFormats,
+    formats: FormatRange,
     wait: Duration,
 ) -> Result<u8, String> {
     let mut hello =
@@ -464,7 +427,7 @@ async fn connect_handshake(
             return Err("the peer agent closed the connection at its hello".into())
         }
         // No answer: an agent from before negotiation, which speaks format 1.
-        Err(_) => PeerFormats::LEGACY,
+        Err(_) => LEGACY_FORMATS,
     };
     formats.highest_common(&peer).ok_or_else(|| {
         PeerError::NoCommonFormat {
@@ -479,7 +442,7 @@ async fn sender<M: Serialize + Send + 'static>(
     peer: SocketAddr,
     interval: Duration,
     bound: Duration,
-    formats: PeerFormats,
+    formats: FormatRange,
     mut out_rx: mpsc::Receiver<M>,
     ev: mpsc::Sender<PeerEvent<M>>,
     heartbeat: impl Fn() -> M + Send + Sync + 'static,
@@ -550,14 +513,14 @@ mod tests {
     #[test]
     fn handshake_lines_serialize_their_format_ranges_as_before() {
         let hello = Handshake::HitlessPeerHello {
-            formats: PeerFormats::new(1, 2).unwrap(),
+            formats: format_range(1, 2).unwrap(),
         };
         assert_eq!(
             serde_json::to_string(&hello).unwrap(),
             r#"{"hitless-peer-hello":{"formats":{"min":1,"max":2}}}"#
         );
         let welcome = Handshake::HitlessPeerWelcome {
-            formats: PeerFormats::new(1, 1).unwrap(),
+            formats: format_range(1, 1).unwrap(),
             format: Some(1),
         };
         assert_eq!(
@@ -671,25 +634,25 @@ mod tests {
         }
     }
 
-    fn fmts(min: u8, max: u8) -> PeerFormats {
-        PeerFormats::new(min, max).unwrap()
+    fn fmts(min: u8, max: u8) -> FormatRange {
+        format_range(min, max).unwrap()
     }
 
-    fn next() -> PeerFormats {
+    fn next() -> FormatRange {
         fmts(PEER_FORMAT, NEXT_PEER_FORMAT)
     }
 
     async fn link(
         listen: SocketAddr,
         peer: SocketAddr,
-        f: PeerFormats,
+        f: FormatRange,
     ) -> (PeerLink<Msg>, mpsc::Receiver<PeerEvent<Msg>>) {
         PeerLink::start_with_formats(listen, peer, Duration::from_millis(20), 3, f, || Msg::Beat)
             .await
             .unwrap()
     }
 
-    async fn messages_cross(fa: PeerFormats, fb: PeerFormats) {
+    async fn messages_cross(fa: FormatRange, fb: FormatRange) {
         let (a_addr, b_addr) = (free_addr(), free_addr());
         let (a, mut a_rx) = link(a_addr, b_addr, fa).await;
         let (b, mut b_rx) = link(b_addr, a_addr, fb).await;
@@ -709,8 +672,8 @@ mod tests {
 
     #[tokio::test]
     async fn next_release_and_current_agents_exchange_messages_both_ways() {
-        messages_cross(next(), PeerFormats::BUILD).await;
-        messages_cross(PeerFormats::BUILD, next()).await;
+        messages_cross(next(), BUILD_FORMATS).await;
+        messages_cross(BUILD_FORMATS, next()).await;
     }
 
     #[tokio::test]
@@ -721,9 +684,9 @@ mod tests {
     /// A scripted accepting agent of range `theirs`: returns the hello it read and the first
     /// message line after its welcome.
     async fn scripted_acceptor(
-        mine: PeerFormats,
-        theirs: Option<PeerFormats>,
-    ) -> (PeerFormats, String) {
+        mine: FormatRange,
+        theirs: Option<FormatRange>,
+    ) -> (FormatRange, String) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (link, _rx) = link(free_addr(), addr, mine).await;
@@ -759,10 +722,10 @@ mod tests {
         let (hello, line) = scripted_acceptor(next(), Some(next())).await;
         assert_eq!(hello, next());
         assert_eq!(line, "2 {\"Hello\":3}\n");
-        let (hello, line) = scripted_acceptor(next(), Some(PeerFormats::BUILD)).await;
+        let (hello, line) = scripted_acceptor(next(), Some(BUILD_FORMATS)).await;
         assert_eq!(hello, next());
         assert_eq!(line, "{\"Hello\":3}\n");
-        let (_, line) = scripted_acceptor(PeerFormats::BUILD, Some(next())).await;
+        let (_, line) = scripted_acceptor(BUILD_FORMATS, Some(next())).await;
         assert_eq!(line, "{\"Hello\":3}\n");
         // An acceptor from before negotiation never answers: format 1 after an interval.
         let (_, line) = scripted_acceptor(next(), None).await;
@@ -774,7 +737,7 @@ mod tests {
         let (a_addr, b_addr) = (free_addr(), free_addr());
         let only_next = fmts(NEXT_PEER_FORMAT, NEXT_PEER_FORMAT);
         let (a, mut a_rx) = link(a_addr, b_addr, only_next).await;
-        let (_b, mut b_rx) = link(b_addr, a_addr, PeerFormats::BUILD).await;
+        let (_b, mut b_rx) = link(b_addr, a_addr, BUILD_FORMATS).await;
         for (rx, local, peer) in [(&mut a_rx, "2..=2", "1..=1"), (&mut b_rx, "1..=1", "2..=2")] {
             let want = format!(
                 "no common peer-link format: this agent reads and writes peer formats {local}, the peer agent {peer}"

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::message::{read_instance_message_in, write_agent_message_in};
 use crate::{
     AgentCommand, AgentMessage, Configure, ControlError, FormatRange, Hello, InstanceMessage,
-    InstanceStatus, HANDSHAKE_VERSION,
+    InstanceStatus, BUILD_FORMATS, HANDSHAKE_VERSION, LEGACY_FORMATS,
 };
 
 /// Bound on messages buffered between the reader thread and the caller.
@@ -112,11 +112,11 @@ impl<W: Write> ControlClient<W> {
     /// when the stream ends, fails beyond recovery, or the client is dropped and one more
     /// message arrives.
     pub fn new<R: Read + Send + 'static>(reader: R, writer: W) -> Self {
-        Self::with_formats(reader, writer, FormatRange::BUILD)
+        Self::with_formats(reader, writer, BUILD_FORMATS)
     }
 
     /// Like [`Self::new`] for an agent end that reads and writes the control frame formats
-    /// `formats` (see [`FormatRange::new`]). On the instance's [`Hello`] this end answers
+    /// `formats` (see [`crate::format_range`]). On the instance's [`Hello`] this end answers
     /// with its own range ([`AgentCommand::Hello`], in the frozen
     /// [`crate::HANDSHAKE_VERSION`]) and both ends then write the highest format in both
     /// ranges; with none, requests fail with [`ControlError::NoCommonFormat`] until the
@@ -206,7 +206,7 @@ impl<W: Write> ControlClient<W> {
             self.hello_pending = false;
             self.refused = None;
             let announced = self.hello.as_ref().and_then(|h| h.formats);
-            let instance = announced.unwrap_or(FormatRange::LEGACY);
+            let instance = announced.unwrap_or(LEGACY_FORMATS);
             let common = self.formats.highest_common(&instance);
             if announced.is_some() {
                 // Sent even without a common format, so the instance can tell why.

@@ -19,79 +19,39 @@ pub const HANDSHAKE_VERSION: u8 = 1;
 pub const NEXT_FRAME_VERSION: u8 = 2;
 
 /// An inclusive range of control frame formats (what an end reads and writes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct FormatRange {
-    min: u8,
-    max: u8,
-}
+pub use hitless_format::FormatRange;
 
-impl Default for FormatRange {
-    fn default() -> Self {
-        FormatRange::BUILD
-    }
-}
+/// The control formats this build reads and writes by default.
+pub const BUILD_FORMATS: FormatRange = FormatRange {
+    min: MIN_FRAME_VERSION,
+    max: FRAME_VERSION,
+};
 
-impl std::fmt::Display for FormatRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}..={}", self.min, self.max)
-    }
-}
+/// What an end that announces no range speaks (a build from before negotiation).
+pub const LEGACY_FORMATS: FormatRange = FormatRange { min: 1, max: 1 };
 
-impl FormatRange {
-    /// The formats this build reads and writes by default.
-    pub const BUILD: FormatRange = FormatRange {
+/// The control formats this build has codecs for (test builds also know [`NEXT_FRAME_VERSION`]).
+pub fn known_formats() -> FormatRange {
+    #[cfg(any(test, feature = "next-format"))]
+    let max = NEXT_FRAME_VERSION;
+    #[cfg(not(any(test, feature = "next-format")))]
+    let max = FRAME_VERSION;
+    FormatRange {
         min: MIN_FRAME_VERSION,
-        max: FRAME_VERSION,
-    };
-    /// What an end that announces no range speaks (a build from before negotiation).
-    pub const LEGACY: FormatRange = FormatRange { min: 1, max: 1 };
-
-    /// The formats this build has codecs for (test builds also know [`NEXT_FRAME_VERSION`]).
-    pub fn known() -> FormatRange {
-        #[cfg(any(test, feature = "next-format"))]
-        let max = NEXT_FRAME_VERSION;
-        #[cfg(not(any(test, feature = "next-format")))]
-        let max = FRAME_VERSION;
-        FormatRange {
-            min: MIN_FRAME_VERSION,
-            max,
-        }
-    }
-
-    /// The range `min..=max`; fails if it is empty or names a format this build does not know.
-    pub fn new(min: u8, max: u8) -> Result<FormatRange, ControlError> {
-        let known = FormatRange::known();
-        if min > max || !known.contains(min) || !known.contains(max) {
-            return Err(ControlError::BadFormatRange {
-                range: FormatRange { min, max },
-                known,
-            });
-        }
-        Ok(FormatRange { min, max })
-    }
-
-    /// Oldest format of the range.
-    pub fn min(&self) -> u8 {
-        self.min
-    }
-
-    /// Newest format of the range.
-    pub fn max(&self) -> u8 {
-        self.max
-    }
-
-    /// True if `version` is in the range.
-    pub fn contains(&self, version: u8) -> bool {
-        self.min <= version && version <= self.max
-    }
-
-    /// The highest format in both ranges, if any.
-    pub fn highest_common(&self, other: &FormatRange) -> Option<u8> {
-        let lo = self.min.max(other.min);
-        let hi = self.max.min(other.max);
-        (lo <= hi).then_some(hi)
+        max,
     }
 }
+
+/// The control format range `min..=max`; fails if it is empty or names a format this build
+/// does not know.
+pub fn format_range(min: u8, max: u8) -> Result<FormatRange, ControlError> {
+    let known = known_formats();
+    FormatRange::new(min, max, known).map_err(|_| ControlError::BadFormatRange {
+        range: FormatRange { min, max },
+        known,
+    })
+}
+
 /// Bytes in a frame header: magic, version, kind, length, CRC32C.
 pub const HEADER_LEN: usize = 14;
 /// Largest body accepted or produced (1 MiB).
@@ -132,7 +92,7 @@ fn parse_header(h: &[u8; HEADER_LEN], formats: FormatRange) -> Result<Header, Co
         return Err(ControlError::BadMagic(magic));
     }
     let version = h[4];
-    let readable = formats.contains(version) && FormatRange::known().contains(version);
+    let readable = formats.contains(version) && known_formats().contains(version);
     if !readable && version != HANDSHAKE_VERSION {
         return Err(ControlError::UnsupportedVersion {
             found: version,
@@ -181,12 +141,12 @@ pub fn encode_frame(kind: FrameKind, body: &[u8]) -> Result<Vec<u8>, ControlErro
     encode_frame_in(FRAME_VERSION, kind, body)
 }
 
-/// Encodes one frame around `body` in format `version` (one of [`FormatRange::known`]).
+/// Encodes one frame around `body` in format `version` (one of [`known_formats`]).
 pub fn encode_frame_in(version: u8, kind: FrameKind, body: &[u8]) -> Result<Vec<u8>, ControlError> {
-    if !FormatRange::known().contains(version) {
+    if !known_formats().contains(version) {
         return Err(ControlError::UnsupportedVersion {
             found: version,
-            range: FormatRange::known(),
+            range: known_formats(),
         });
     }
     if body.len() > MAX_BODY_LEN {
@@ -211,7 +171,7 @@ pub fn encode_frame_in(version: u8, kind: FrameKind, body: &[u8]) -> Result<Vec<
 /// Returns `Ok(None)` when `buf` holds only part of a frame (more bytes are needed), or the
 /// kind, the body and the number of bytes consumed.
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(FrameKind, Vec<u8>, usize)>, ControlError> {
-    Ok(decode_frame_in(buf, FormatRange::BUILD)?.map(|(_, k, b, n)| (k, b, n)))
+    Ok(decode_frame_in(buf, BUILD_FORMATS)?.map(|(_, k, b, n)| (k, b, n)))
 }
 
 /// A decoded frame: its format, kind, body and the bytes it took.
@@ -267,7 +227,7 @@ fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> Result<usize, Contr
 pub fn read_frame<R: Read + ?Sized>(
     r: &mut R,
 ) -> Result<Option<(FrameKind, Vec<u8>)>, ControlError> {
-    Ok(read_frame_in(r, FormatRange::BUILD)?.map(|(_, k, b)| (k, b)))
+    Ok(read_frame_in(r, BUILD_FORMATS)?.map(|(_, k, b)| (k, b)))
 }
 
 /// Like [`read_frame`] for a frame in any format of `formats` (or in the frozen
@@ -337,7 +297,7 @@ mod tests {
     #[test]
     fn hellos_serialize_their_format_ranges_as_before() {
         let agent = crate::AgentCommand::Hello {
-            formats: FormatRange::new(1, 2).unwrap(),
+            formats: format_range(1, 2).unwrap(),
         };
         assert_eq!(
             serde_json::to_string(&agent).unwrap(),
@@ -350,7 +310,7 @@ mod tests {
             kernel_release: None,
             service_addr: "s".into(),
             sync_addr: "y".into(),
-            formats: Some(FormatRange::new(1, 1).unwrap()),
+            formats: Some(format_range(1, 1).unwrap()),
         };
         assert_eq!(
             serde_json::to_string(&instance).unwrap(),
@@ -434,7 +394,7 @@ mod tests {
         assert_eq!(v2[4], NEXT_FRAME_VERSION);
         // The checksum covers more in the next format.
         assert_ne!(v1[10..14], v2[10..14]);
-        let next = FormatRange::new(1, 2).unwrap();
+        let next = format_range(1, 2).unwrap();
         let (v, k, b, used) = decode_frame_in(&v2, next).unwrap().unwrap();
         assert_eq!(
             (v, k, b.as_slice(), used),
@@ -461,20 +421,20 @@ mod tests {
     #[test]
     fn format_ranges_are_checked_and_negotiate_the_highest_common_format() {
         assert!(matches!(
-            FormatRange::new(2, 1),
+            format_range(2, 1),
             Err(ControlError::BadFormatRange { .. })
         ));
-        let err = FormatRange::new(1, 9).unwrap_err();
+        let err = format_range(1, 9).unwrap_err();
         assert_eq!(
             err.to_string(),
             "control format range 1..=9 is invalid: this build knows control formats 1..=2"
         );
-        let a = FormatRange::new(1, 2).unwrap();
-        let b = FormatRange::new(2, 2).unwrap();
+        let a = format_range(1, 2).unwrap();
+        let b = format_range(2, 2).unwrap();
         assert_eq!(a.highest_common(&b), Some(2));
-        assert_eq!(a.highest_common(&FormatRange::BUILD), Some(1));
-        assert_eq!(b.highest_common(&FormatRange::BUILD), None);
-        assert!(!FormatRange::BUILD.contains(NEXT_FRAME_VERSION));
+        assert_eq!(a.highest_common(&BUILD_FORMATS), Some(1));
+        assert_eq!(b.highest_common(&BUILD_FORMATS), None);
+        assert!(!BUILD_FORMATS.contains(NEXT_FRAME_VERSION));
         assert!(encode_frame_in(9, FrameKind::Agent, b"").is_err());
     }
 

@@ -22,7 +22,7 @@
 //! # Format versions
 //!
 //! Each end reads and writes a [`FormatRange`] of frame formats (default
-//! [`FormatRange::BUILD`], [`MIN_FRAME_VERSION`]`..=`[`FRAME_VERSION`]). The instance's
+//! [`BUILD_FORMATS`], [`MIN_FRAME_VERSION`]`..=`[`FRAME_VERSION`]). The instance's
 //! [`Hello`] announces its range; the agent answers with [`AgentCommand::Hello`] carrying its
 //! own; both then write the highest format in both ranges and read any format of their range.
 //! With no common format the agent's requests fail with [`ControlError::NoCommonFormat`] and
@@ -53,9 +53,10 @@ pub use error::ControlError;
 #[cfg(any(test, feature = "next-format"))]
 pub use frame::NEXT_FRAME_VERSION;
 pub use frame::{
-    decode_frame, decode_frame_in, encode_frame, encode_frame_in, read_frame, read_frame_in,
-    write_frame, write_frame_in, FormatRange, FrameKind, VersionedFrame, FRAME_VERSION,
-    HANDSHAKE_VERSION, HEADER_LEN, MAGIC, MAX_BODY_LEN, MIN_FRAME_VERSION,
+    decode_frame, decode_frame_in, encode_frame, encode_frame_in, format_range, known_formats,
+    read_frame, read_frame_in, write_frame, write_frame_in, FormatRange, FrameKind, VersionedFrame,
+    BUILD_FORMATS, FRAME_VERSION, HANDSHAKE_VERSION, HEADER_LEN, LEGACY_FORMATS, MAGIC,
+    MAX_BODY_LEN, MIN_FRAME_VERSION,
 };
 pub use message::{
     read_agent_message, read_agent_message_in, read_instance_message, read_instance_message_in,

@@ -3,7 +3,9 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::frame::{read_frame_in, write_frame, write_frame_in, FormatRange, FrameKind};
+use crate::frame::{
+    read_frame_in, write_frame, write_frame_in, FormatRange, FrameKind, BUILD_FORMATS,
+};
 use crate::ControlError;
 
 /// The role the agent assigns to an instance.
@@ -151,7 +153,7 @@ pub struct Hello {
     /// Address standbys attach to for state sync.
     pub sync_addr: String,
     /// Control frame formats the instance reads and writes; [`crate::serve`] fills it in
-    /// (`None`: an instance from before negotiation, [`crate::FormatRange::LEGACY`]).
+    /// (`None`: an instance from before negotiation, [`crate::LEGACY_FORMATS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub formats: Option<crate::FormatRange>,
 }
@@ -301,7 +303,7 @@ pub fn write_instance_message_in<W: Write + ?Sized>(
 pub fn read_agent_message<R: Read + ?Sized>(
     r: &mut R,
 ) -> Result<Option<AgentMessage>, ControlError> {
-    read_agent_message_in(r, FormatRange::BUILD)
+    read_agent_message_in(r, BUILD_FORMATS)
 }
 
 /// Reads one agent message in any format of `formats` (or the agent's hello in the frozen
@@ -319,7 +321,7 @@ pub fn read_agent_message_in<R: Read + ?Sized>(
 pub fn read_instance_message<R: Read + ?Sized>(
     r: &mut R,
 ) -> Result<Option<InstanceMessage>, ControlError> {
-    read_instance_message_in(r, FormatRange::BUILD)
+    read_instance_message_in(r, BUILD_FORMATS)
 }
 
 /// Reads one instance message in any format of `formats` (or the instance's hello in the
@@ -385,7 +387,7 @@ pub(crate) mod tests {
             Just(AgentCommand::StatusRequest),
             Just(AgentCommand::Shutdown),
             (1u8..=2, 0u8..=1).prop_map(|(min, extra)| AgentCommand::Hello {
-                formats: crate::FormatRange::new(min, (min + extra).min(2)).unwrap(),
+                formats: crate::format_range(min, (min + extra).min(2)).unwrap(),
             }),
         ]
     }

@@ -3,8 +3,8 @@ use std::os::unix::net::UnixListener;
 
 use crate::message::{read_agent_message_in, write_instance_message_in};
 use crate::{
-    AgentCommand, Configure, ControlError, FormatRange, Hello, InstanceMessage, InstanceStatus,
-    HANDSHAKE_VERSION,
+    format_range, AgentCommand, Configure, ControlError, FormatRange, Hello, InstanceMessage,
+    InstanceStatus, BUILD_FORMATS, HANDSHAKE_VERSION,
 };
 
 /// What an instance does with each control command. Each method returns `Err(message)` to
@@ -50,7 +50,7 @@ pub fn serve<R: Read, W: Write, H: ControlHandler + ?Sized>(
     writer: W,
     handler: &mut H,
 ) -> Result<ServeOutcome, ControlError> {
-    serve_with_formats(reader, writer, handler, FormatRange::BUILD)
+    serve_with_formats(reader, writer, handler, BUILD_FORMATS)
 }
 
 /// Like [`serve`] for an instance end that reads and writes the control frame formats
@@ -65,7 +65,7 @@ pub fn serve_with_formats<R: Read, W: Write, H: ControlHandler + ?Sized>(
     handler: &mut H,
     formats: FormatRange,
 ) -> Result<ServeOutcome, ControlError> {
-    FormatRange::new(formats.min(), formats.max())?;
+    format_range(formats.min, formats.max)?;
     let mut version = HANDSHAKE_VERSION;
     let hello = Hello {
         formats: Some(formats),

@@ -20,11 +20,11 @@ use hitless_control::{
 const T: Duration = Duration::from_secs(5);
 
 fn range(min: u8, max: u8) -> FormatRange {
-    FormatRange::new(min, max).unwrap()
+    hitless_control::format_range(min, max).unwrap()
 }
 
 fn current() -> FormatRange {
-    FormatRange::BUILD
+    hitless_control::BUILD_FORMATS
 }
 
 fn next() -> FormatRange {
@@ -238,7 +238,7 @@ fn agent_answers_an_instance_from_before_negotiation_in_its_format() {
         // A legacy hello: no formats.
         write_instance_message_in(&mut w, 1, &InstanceMessage::Hello(Inst::default().hello()))
             .unwrap();
-        let m = read_agent_message_in(&mut r, FormatRange::BUILD)
+        let m = read_agent_message_in(&mut r, hitless_control::BUILD_FORMATS)
             .unwrap()
             .unwrap();
         write_instance_message_in(
@@ -317,7 +317,7 @@ fn instance_reads_only_a_hello_in_the_frozen_format_outside_its_range() {
     // An agent from before negotiation: commands in format 1, no hello.
     let mut r = a.try_clone().unwrap();
     let mut w = a;
-    let hello = hitless_control::read_instance_message_in(&mut r, FormatRange::BUILD)
+    let hello = hitless_control::read_instance_message_in(&mut r, hitless_control::BUILD_FORMATS)
         .unwrap()
         .unwrap();
     assert!(matches!(hello, InstanceMessage::Hello(_)));

@@ -16,7 +16,7 @@
 //! # Format versions and negotiation
 //!
 //! A build reads and writes the formats of a [`FormatRange`] (by default
-//! [`FormatRange::BUILD`], [`MIN_WIRE_VERSION`]`..=`[`WIRE_VERSION`]). The
+//! [`BUILD_FORMATS`], [`MIN_WIRE_VERSION`]`..=`[`WIRE_VERSION`]). The
 //! standby announces its range in its [`Control::Hello`]; the active picks the
 //! highest format in both ranges ([`negotiate_format`]) and names it in its
 //! [`Control::Welcome`], or refuses with [`FormatError::NoCommonFormat`], which
@@ -34,7 +34,7 @@
 //! Test builds (`cfg(test)` or feature `next-format`) also know
 //! [`NEXT_WIRE_VERSION`], a stand-in for the next release's format: the
 //! epoch and sequence fields trade places (epoch at 20, sequence at 12). It is
-//! never in [`FormatRange::BUILD`]; a test opts in by configuring a wider range.
+//! never in [`BUILD_FORMATS`]; a test opts in by configuring a wider range.
 //!
 //! The payload is at most [`MAX_PAYLOAD`] bytes. Decoding checks every field
 //! and the CRC before returning anything, so a frame is either accepted whole
@@ -284,108 +284,69 @@ pub enum FormatError {
 }
 
 /// An inclusive range of frame format versions (what an end reads and writes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct FormatRange {
-    min: u8,
-    max: u8,
-}
+pub use hitless_format::FormatRange;
 
-impl Default for FormatRange {
-    fn default() -> Self {
-        FormatRange::BUILD
+impl From<hitless_format::RangeError> for FormatError {
+    fn from(e: hitless_format::RangeError) -> Self {
+        match e {
+            hitless_format::RangeError::Empty { min, max } => FormatError::Empty { min, max },
+            hitless_format::RangeError::Unknown {
+                version,
+                range,
+                known,
+            } => FormatError::Unknown {
+                version,
+                range,
+                known,
+            },
+        }
     }
 }
 
-impl std::fmt::Display for FormatRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}..={}", self.min, self.max)
-    }
-}
+/// The sync formats this build reads and writes by default.
+pub const BUILD_FORMATS: FormatRange = FormatRange {
+    min: MIN_WIRE_VERSION,
+    max: WIRE_VERSION,
+};
 
-impl FormatRange {
-    /// The formats this build reads and writes by default.
-    pub const BUILD: FormatRange = FormatRange {
+/// What a peer that announces no range speaks: a build from before
+/// negotiation reads and writes format 2 only.
+pub const LEGACY_FORMATS: FormatRange = FormatRange { min: 2, max: 2 };
+
+/// The sync formats this build has codecs for (wider than [`BUILD_FORMATS`]
+/// in test builds, which also know [`NEXT_WIRE_VERSION`]).
+pub fn known_formats() -> FormatRange {
+    #[cfg(any(test, feature = "next-format"))]
+    let max = NEXT_WIRE_VERSION;
+    #[cfg(not(any(test, feature = "next-format")))]
+    let max = WIRE_VERSION;
+    FormatRange {
         min: MIN_WIRE_VERSION,
-        max: WIRE_VERSION,
-    };
-    /// What a peer that announces no range speaks: a build from before
-    /// negotiation reads and writes format 2 only.
-    pub const LEGACY: FormatRange = FormatRange { min: 2, max: 2 };
-
-    /// The formats this build has codecs for (wider than [`FormatRange::BUILD`]
-    /// in test builds, which also know [`NEXT_WIRE_VERSION`]).
-    pub fn known() -> FormatRange {
-        #[cfg(any(test, feature = "next-format"))]
-        let max = NEXT_WIRE_VERSION;
-        #[cfg(not(any(test, feature = "next-format")))]
-        let max = WIRE_VERSION;
-        FormatRange {
-            min: MIN_WIRE_VERSION,
-            max,
-        }
+        max,
     }
+}
 
-    /// The range `min..=max`; fails if it is empty or names a format this
-    /// build does not know.
-    pub fn new(min: u8, max: u8) -> Result<FormatRange, FormatError> {
-        let r = FormatRange { min, max };
-        r.check()?;
-        Ok(r)
-    }
+/// The sync format range `min..=max`; fails if it is empty or names a format
+/// this build does not know.
+pub fn format_range(min: u8, max: u8) -> Result<FormatRange, FormatError> {
+    Ok(FormatRange::new(min, max, known_formats())?)
+}
 
-    /// Checks the range is non-empty and within [`FormatRange::known`] (a
-    /// range announced by a peer need not be: only this end's own must).
-    pub fn check(&self) -> Result<(), FormatError> {
-        if self.min > self.max {
-            return Err(FormatError::Empty {
-                min: self.min,
-                max: self.max,
-            });
-        }
-        let known = FormatRange::known();
-        for version in [self.min, self.max] {
-            if !known.contains(version) {
-                return Err(FormatError::Unknown {
-                    version,
-                    range: *self,
-                    known,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Oldest format of the range.
-    pub fn min(&self) -> u8 {
-        self.min
-    }
-
-    /// Newest format of the range.
-    pub fn max(&self) -> u8 {
-        self.max
-    }
-
-    /// True if `version` is in the range.
-    pub fn contains(&self, version: u8) -> bool {
-        self.min <= version && version <= self.max
-    }
-
-    /// The highest format in both ranges, if any.
-    pub fn highest_common(&self, other: &FormatRange) -> Option<u8> {
-        let lo = self.min.max(other.min);
-        let hi = self.max.min(other.max);
-        (lo <= hi).then_some(hi)
-    }
+/// Checks `range` is non-empty and within [`known_formats`] (a range
+/// announced by a peer need not be: only this end's own must).
+pub fn check_formats(range: &FormatRange) -> Result<(), FormatError> {
+    Ok(range.check(known_formats())?)
 }
 
 /// Active side of the negotiation: the format a link uses, the highest in
 /// both the active's (checked against what this build knows) and the
 /// standby's announced range.
 pub fn negotiate_format(active: FormatRange, standby: FormatRange) -> Result<u8, FormatError> {
-    active.check()?;
-    active
-        .highest_common(&standby)
-        .ok_or(FormatError::NoCommonFormat { active, standby })
+    check_formats(&active)?;
+    hitless_format::negotiate(active, standby).map_err(|e| FormatError::NoCommonFormat {
+        active: e.ours,
+        standby: e.theirs,
+    })
 }
 
 fn is_handshake(kind: FrameType) -> bool {
@@ -405,10 +366,10 @@ fn epoch_seq_offsets(version: u8) -> (usize, usize) {
     (12, 20)
 }
 
-/// Parses and validates a header of a format in [`FormatRange::BUILD`] (or a
+/// Parses and validates a header of a format in [`BUILD_FORMATS`] (or a
 /// handshake frame); see [`decode_header_in`].
 pub fn decode_header(buf: &[u8]) -> Result<Header, FrameError> {
-    decode_header_in(buf, FormatRange::BUILD)
+    decode_header_in(buf, BUILD_FORMATS)
 }
 
 /// Parses and validates a header (everything but the CRC, which needs the
@@ -427,7 +388,7 @@ pub fn decode_header_in(buf: &[u8], formats: FormatRange) -> Result<Header, Fram
         return Err(FrameError::BadMagic(magic));
     }
     let version = buf[4];
-    let readable = formats.contains(version) && FormatRange::known().contains(version);
+    let readable = formats.contains(version) && known_formats().contains(version);
     let kind = FrameType::from_u8(buf[5]);
     let handshake = version == HANDSHAKE_VERSION && kind.is_some_and(is_handshake);
     if !readable && !handshake {
@@ -479,7 +440,7 @@ fn check_crc(h: &Header, header: &[u8], payload: &[u8]) -> Result<(), FrameError
 ///
 /// Fails with [`FrameError::Truncated`] if `buf` holds less than a whole frame.
 pub fn decode_frame(buf: &[u8]) -> Result<(Frame, usize), FrameError> {
-    decode_frame_in(buf, FormatRange::BUILD)
+    decode_frame_in(buf, BUILD_FORMATS)
 }
 
 /// Like [`decode_frame`] for a frame in any format of `formats`.
@@ -510,7 +471,7 @@ pub fn decode_frame_in(buf: &[u8], formats: FormatRange) -> Result<(Frame, usize
 /// Returns `Ok(None)` on a clean end of stream before any byte of a frame.
 /// The payload is read into a fresh buffer and CRC-checked before it is returned.
 pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, crate::SyncError> {
-    read_frame_in(r, FormatRange::BUILD)
+    read_frame_in(r, BUILD_FORMATS)
 }
 
 /// Like [`read_frame`] for a frame in any format of `formats`.
@@ -572,7 +533,7 @@ pub fn read_frame_into<R: Read + ?Sized>(
     r: &mut R,
     payload: &mut Vec<u8>,
 ) -> Result<Option<Header>, crate::SyncError> {
-    read_frame_into_in(r, payload, FormatRange::BUILD)
+    read_frame_into_in(r, payload, BUILD_FORMATS)
 }
 
 /// Like [`read_frame_into`] for a frame in any format of `formats`.
@@ -733,7 +694,7 @@ pub fn encode_frame(kind: FrameType, epoch: Epoch, seq: Seq, payload: &[u8]) -> 
     w.take()
 }
 
-/// Encodes a frame in format `version` (a format of [`FormatRange::known`];
+/// Encodes a frame in format `version` (a format of [`known_formats`];
 /// handshake frames are always written in [`HANDSHAKE_VERSION`]).
 pub fn encode_frame_in(
     version: u8,
@@ -793,7 +754,7 @@ impl<W: std::io::Write> FormatWriter<W> {
     /// Writes frames to `inner` in format `version`; fails if this build has
     /// no codec for it.
     pub fn new(inner: W, version: u8) -> Result<FormatWriter<W>, FormatError> {
-        FormatRange::new(version, version)?;
+        format_range(version, version)?;
         Ok(FormatWriter {
             inner,
             version,
@@ -829,7 +790,7 @@ pub fn format_writer(
     version: u8,
 ) -> Result<Box<dyn std::io::Write + Send>, FormatError> {
     if version == WIRE_VERSION {
-        FormatRange::new(version, version)?;
+        format_range(version, version)?;
         return Ok(inner);
     }
     Ok(Box::new(FormatWriter::new(inner, version)?))
@@ -1271,7 +1232,7 @@ pub enum Control {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume: Option<ResumePoint>,
         /// Frame formats the standby reads and writes (`None`: a build from
-        /// before negotiation, [`FormatRange::LEGACY`]).
+        /// before negotiation, [`LEGACY_FORMATS`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         formats: Option<FormatRange>,
     },
@@ -1408,7 +1369,7 @@ mod tests {
     }
 
     fn range(min: u8, max: u8) -> FormatRange {
-        FormatRange::new(min, max).unwrap()
+        format_range(min, max).unwrap()
     }
 
     #[test]
@@ -1447,14 +1408,14 @@ mod tests {
         assert!(msg.contains("no common sync frame format"), "{msg}");
         // This end's own range must be known and non-empty.
         assert!(matches!(
-            FormatRange::new(2, 9),
+            format_range(2, 9),
             Err(FormatError::Unknown { version: 9, .. })
         ));
         assert!(matches!(
-            FormatRange::new(3, 2),
+            format_range(3, 2),
             Err(FormatError::Empty { min: 3, max: 2 })
         ));
-        assert!(!FormatRange::BUILD.contains(NEXT_WIRE_VERSION));
+        assert!(!BUILD_FORMATS.contains(NEXT_WIRE_VERSION));
     }
 
     #[test]

@@ -19,11 +19,11 @@ use hitless_sync::{Conn, FollowHandle, Replica, Role, ServeHandle};
 const TAP_LIMIT: usize = 32 << 20;
 
 fn range(min: u8, max: u8) -> FormatRange {
-    FormatRange::new(min, max).unwrap()
+    wire::format_range(min, max).unwrap()
 }
 
 fn current() -> FormatRange {
-    FormatRange::BUILD
+    wire::BUILD_FORMATS
 }
 
 fn next() -> FormatRange {

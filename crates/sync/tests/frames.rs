@@ -220,7 +220,7 @@ fn control_messages_round_trip_and_older_ones_still_decode() {
             ha: true,
             epoch: 3,
             resume: Some(hitless_sync::ResumePoint { seq: 9, epoch: 2 }),
-            formats: Some(wire::FormatRange::BUILD),
+            formats: Some(wire::BUILD_FORMATS),
         },
     ] {
         let (f, _) = wire::decode_frame(&c.encode(3, 9)).unwrap();

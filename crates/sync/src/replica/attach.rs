@@ -225,16 +225,15 @@ impl Replica {
                 return refuse(&mut conn, epoch, e);
             }
         };
-        let format = match wire::negotiate_format(
-            cfg.formats,
-            peer_formats.unwrap_or(wire::FormatRange::LEGACY),
-        ) {
-            Ok(f) => f,
-            Err(e) => {
-                let epoch = self.epoch();
-                return refuse(&mut conn, epoch, e.into());
-            }
-        };
+        let format =
+            match wire::negotiate_format(cfg.formats, peer_formats.unwrap_or(wire::LEGACY_FORMATS))
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    let epoch = self.epoch();
+                    return refuse(&mut conn, epoch, e.into());
+                }
+            };
         let mut st = self.state();
         if st.role != Role::Active {
             let (e, epoch) = (not_active(&st), st.epoch);

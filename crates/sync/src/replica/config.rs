@@ -75,7 +75,7 @@ pub struct ReplicaConfig {
     /// each of which would otherwise queue behind the bulk work. `None`: nothing is done.
     pub background_thread: Option<fn()>,
     /// Frame formats this end reads and writes, announced at connect; a link uses the highest
-    /// format both ends have (default [`crate::wire::FormatRange::BUILD`]).
+    /// format both ends have (default [`crate::wire::BUILD_FORMATS`]).
     pub formats: crate::wire::FormatRange,
 }
 
@@ -99,7 +99,7 @@ impl ReplicaConfig {
             resume_log_batches: 1 << 16,
             ha_grace: Duration::ZERO,
             background_thread: None,
-            formats: crate::wire::FormatRange::BUILD,
+            formats: crate::wire::BUILD_FORMATS,
         }
     }
 }

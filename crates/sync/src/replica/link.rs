@@ -265,7 +265,7 @@ mod tests {
         FrameReader::new(
             Box::new(io::Cursor::new(bytes)),
             64 << 10,
-            wire::FormatRange::BUILD,
+            wire::BUILD_FORMATS,
         )
     }
 
