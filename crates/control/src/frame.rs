@@ -30,7 +30,7 @@ pub const BUILD_FORMATS: FormatRange = FormatRange {
 /// What an end that announces no range speaks (a build from before negotiation).
 pub const LEGACY_FORMATS: FormatRange = FormatRange { min: 1, max: 1 };
 
-/// The control formats this build has codecs for (test builds also know [`NEXT_FRAME_VERSION`]).
+/// The control formats this build has codecs for (test builds also know `NEXT_FRAME_VERSION`).
 pub fn known_formats() -> FormatRange {
     #[cfg(any(test, feature = "next-format"))]
     let max = NEXT_FRAME_VERSION;

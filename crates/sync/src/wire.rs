@@ -314,7 +314,7 @@ pub const BUILD_FORMATS: FormatRange = FormatRange {
 pub const LEGACY_FORMATS: FormatRange = FormatRange { min: 2, max: 2 };
 
 /// The sync formats this build has codecs for (wider than [`BUILD_FORMATS`]
-/// in test builds, which also know [`NEXT_WIRE_VERSION`]).
+/// in test builds, which also know `NEXT_WIRE_VERSION`).
 pub fn known_formats() -> FormatRange {
     #[cfg(any(test, feature = "next-format"))]
     let max = NEXT_WIRE_VERSION;
