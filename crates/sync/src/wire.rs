@@ -32,7 +32,7 @@
 //! format 2, reads them too: it ignores the added JSON fields).
 //!
 //! Test builds (`cfg(test)` or feature `next-format`) also know
-//! [`NEXT_WIRE_VERSION`], a stand-in for the next release's format: the
+//! `NEXT_WIRE_VERSION`, a stand-in for the next release's format: the
 //! epoch and sequence fields trade places (epoch at 20, sequence at 12). It is
 //! never in [`BUILD_FORMATS`]; a test opts in by configuring a wider range.
 //!

@@ -173,7 +173,7 @@ pub(crate) struct Cursor {
 }
 
 /// One table of replicated state. Each record is one allocation holding its
-/// key and value (see [`Entry`]); the table keeps the wrapping sum of the
+/// key and value (see `Entry`); the table keeps the wrapping sum of the
 /// records' hashes, so its digest is up to date on every mutation. Keys are
 /// hashed with a key drawn per table (see the `hash` module).
 #[derive(Debug)]
