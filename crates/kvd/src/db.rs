@@ -9,7 +9,7 @@
 //! at the gate, and the quiesce returns once every write already submitted is durable, so
 //! that its client's reply no longer depends on this instance staying in control. When
 //! control then moves away (a demotion that ends a quiesce), the writes still waiting are not
-//! executed: they come back as [`Outcome::Moved`] and the connection closes after the replies
+//! executed: they come back as [`Outcome::NotWritable`] and the connection closes after the replies
 //! to its earlier requests, so a front in front of the instance knows exactly which requests
 //! never ran and sends them, in order, to the new instance in control.
 

@@ -77,7 +77,7 @@ pub struct Args {
     /// With `--role standby`: the active's sync address to follow.
     #[arg(long)]
     pub follow: Option<String>,
-    /// Image version reported in Hello (default: kvd-vN/<crate version>).
+    /// Image version reported in Hello (default: `kvd-vN/<crate version>`).
     #[arg(long)]
     pub image_version: Option<String>,
     /// Acknowledgement mode.

@@ -1,5 +1,5 @@
 //! What runs during the ISSU, sampled from the agents' status: how many instances, their
-//! guest kernels and each instance's memory (from /proc/<pid>/status of its process: the
+//! guest kernels and each instance's memory (from `/proc/<pid>/status` of its process: the
 //! sandboxed service, or the QEMU process of a VM).
 
 use std::collections::BTreeMap;
