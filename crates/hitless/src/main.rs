@@ -276,8 +276,23 @@ fn init_tracing(filter: Option<&str>, default: &str) {
         .try_init();
 }
 
+/// Commands that only print what they compute (no sockets, no child processes) end quietly when
+/// their reader goes away (`hitless sim issu --json | head -1`), as Unix filters do, instead of
+/// panicking on the broken pipe. The others keep SIGPIPE ignored: a peer closing a socket is an
+/// error they handle, not a reason to die.
+fn quiet_on_closed_stdout(command: &Command) {
+    if matches!(command, Command::Sim { .. } | Command::Image { .. }) {
+        // SAFETY: restoring the default disposition of SIGPIPE at start-up, before any thread
+        // is spawned; no handler of ours is replaced.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    quiet_on_closed_stdout(&cli.command);
     // Benchmarks and the simulator print figures; the libraries' progress logs would bury them.
     let quiet = matches!(cli.command, Command::Bench { .. } | Command::Sim { .. });
     init_tracing(cli.log.as_deref(), if quiet { "warn" } else { "info" });

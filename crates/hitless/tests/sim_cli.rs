@@ -64,3 +64,26 @@ fn sim_refuses_a_fault_outside_the_catalog() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot happen at that step"), "{err}");
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    // The reader closes its end before the simulation prints anything (as `| head -0` would).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hitless"))
+        .args(["sim", "issu", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hitless runs");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("hitless ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
