@@ -355,14 +355,45 @@ fn main() {
         },
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", error_text(&err));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes in one line, each cause once: library errors name their source in
+/// their own message, so a cause whose text is already there is not repeated.
+pub(crate) fn error_text(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_cause_of_an_error_is_printed_once() {
+        let missing = std::path::Path::new("/nonexistent/agent.toml");
+        let read = hitless_agent::config::AgentConfig::load(missing).unwrap_err();
+        let err = anyhow::Error::new(read).context("starting the agent");
+        // anyhow's own rendering repeats the OS error the library error already names.
+        assert_eq!(format!("{err:#}").matches("(os error 2)").count(), 2);
+        let text = error_text(&err);
+        assert_eq!(
+            text,
+            "starting the agent: cannot read the configuration file /nonexistent/agent.toml: No such file or directory (os error 2)"
+        );
+        // A cause its parent does not name is kept.
+        let err = anyhow::anyhow!("disk full").context("writing the journal");
+        assert_eq!(error_text(&err), "writing the journal: disk full");
+    }
 
     #[test]
     fn every_command_a_stuck_engine_names_runs_as_printed() {

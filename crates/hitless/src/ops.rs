@@ -90,7 +90,7 @@ pub fn driving_status(api: &ApiArgs) -> anyhow::Result<(String, StatusAnswer)> {
             Ok(s) => {
                 first.get_or_insert((a, s));
             }
-            Err(e) => errors.push(format!("{a}: {e:#}")),
+            Err(e) => errors.push(format!("{a}: {}", crate::error_text(&e))),
         }
     }
     first.ok_or_else(|| {
