@@ -900,7 +900,7 @@ pub fn configure(
     AgentCommand::Configure(Configure {
         instance_id: instance.to_string(),
         role,
-        epoch: crate::epoch::to_wire(epoch),
+        epoch,
         active_sync_addr: active_sync_addr.map(str::to_owned),
         designated_ha,
         sync_mode: hitless_control::SyncMode::Synchronous,
@@ -961,7 +961,7 @@ mod tests {
         };
         assert_eq!(c.role, hitless_control::Role::Standby);
         assert!(c.designated_ha);
-        assert_eq!(c.epoch, 9);
+        assert_eq!(c.epoch, ControlEpoch(9));
         assert_eq!(c.active_sync_addr.as_deref(), Some("10.0.0.2:1"));
         assert_eq!(c.instance_id, id.to_string());
         let AgentCommand::Configure(c) = active_config(id, ControlEpoch(10)) else {
@@ -969,7 +969,7 @@ mod tests {
         };
         assert_eq!(c.role, hitless_control::Role::Active);
         assert!(!c.designated_ha);
-        assert_eq!(c.epoch, 10);
+        assert_eq!(c.epoch, ControlEpoch(10));
         assert_eq!(c.active_sync_addr, None);
     }
     use hitless_control::{write_instance_message, InstanceMessage};

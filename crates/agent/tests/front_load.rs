@@ -177,7 +177,7 @@ const ANSWER_BOUND: Duration = Duration::from_secs(3);
 #[test]
 fn a_new_client_is_served_while_a_thousand_connections_are_busy() {
     let k = Kvd::start("i1");
-    k.node.start_active(1).unwrap();
+    k.node.start_active(hitless_core::ControlEpoch(1)).unwrap();
     let (_front, addr, _listening) = front_to(k.service);
     let load = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -266,9 +266,11 @@ const PIPELINED: usize = 50_000;
 fn a_switchover_completes_while_a_client_never_reads_and_another_pipelines() {
     let old = Kvd::start("i1");
     let new = Kvd::start("i2");
-    old.node.start_active(1).unwrap();
+    old.node
+        .start_active(hitless_core::ControlEpoch(1))
+        .unwrap();
     new.node
-        .start_standby(Some(old.sync.to_string()), 1)
+        .start_standby(Some(old.sync.to_string()), hitless_core::ControlEpoch(1))
         .unwrap();
     old.node
         .db()
@@ -358,7 +360,9 @@ fn a_switchover_completes_while_a_client_never_reads_and_another_pipelines() {
     // The planned switchover, as the driver runs it.
     let t0 = Instant::now();
     front.hold();
-    old.control().quiesce(1).expect("quiesce");
+    old.control()
+        .quiesce(hitless_core::ControlEpoch(1))
+        .expect("quiesce");
     let want = old.applied();
     while new.applied() < want {
         assert!(
@@ -367,9 +371,11 @@ fn a_switchover_completes_while_a_client_never_reads_and_another_pipelines() {
         );
         std::thread::sleep(Duration::from_micros(200));
     }
-    new.control().promote(2).expect("promote");
+    new.control()
+        .promote(hitless_core::ControlEpoch(2))
+        .expect("promote");
     old.control()
-        .demote(2, Some(&new.sync.to_string()))
+        .demote(hitless_core::ControlEpoch(2), Some(&new.sync.to_string()))
         .expect("demote");
     front.set_route(Route {
         epoch: ControlEpoch(2),

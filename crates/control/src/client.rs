@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::message::{read_instance_message_in, write_agent_message_in};
 use crate::{
-    AgentCommand, AgentMessage, Configure, ControlError, FormatRange, Hello, InstanceMessage,
-    InstanceStatus, BUILD_FORMATS, HANDSHAKE_VERSION, LEGACY_FORMATS,
+    AgentCommand, AgentMessage, Configure, ControlEpoch, ControlError, FormatRange, Hello,
+    InstanceMessage, InstanceStatus, BUILD_FORMATS, HANDSHAKE_VERSION, LEGACY_FORMATS,
 };
 
 /// Bound on messages buffered between the reader thread and the caller.
@@ -334,13 +334,13 @@ impl<W: Write> ControlClient<W> {
     }
 
     /// Sends [`AgentCommand::Promote`].
-    pub fn promote(&mut self, epoch: u64, timeout: Duration) -> Result<(), ControlError> {
+    pub fn promote(&mut self, epoch: ControlEpoch, timeout: Duration) -> Result<(), ControlError> {
         self.request(AgentCommand::Promote { epoch }, timeout)
             .map(drop)
     }
 
     /// Sends [`AgentCommand::Quiesce`].
-    pub fn quiesce(&mut self, epoch: u64, timeout: Duration) -> Result<(), ControlError> {
+    pub fn quiesce(&mut self, epoch: ControlEpoch, timeout: Duration) -> Result<(), ControlError> {
         self.request(AgentCommand::Quiesce { epoch }, timeout)
             .map(drop)
     }
@@ -348,7 +348,7 @@ impl<W: Write> ControlClient<W> {
     /// Sends [`AgentCommand::Demote`].
     pub fn demote(
         &mut self,
-        epoch: u64,
+        epoch: ControlEpoch,
         new_active_sync_addr: Option<String>,
         timeout: Duration,
     ) -> Result<(), ControlError> {
@@ -363,7 +363,7 @@ impl<W: Write> ControlClient<W> {
     }
 
     /// Sends [`AgentCommand::Fence`].
-    pub fn fence(&mut self, epoch: u64, timeout: Duration) -> Result<(), ControlError> {
+    pub fn fence(&mut self, epoch: ControlEpoch, timeout: Duration) -> Result<(), ControlError> {
         self.request(AgentCommand::Fence { epoch }, timeout)
             .map(drop)
     }

@@ -58,6 +58,9 @@ pub use frame::{
     BUILD_FORMATS, FRAME_VERSION, HANDSHAKE_VERSION, HEADER_LEN, LEGACY_FORMATS, MAGIC,
     MAX_BODY_LEN, MIN_FRAME_VERSION,
 };
+/// The control epoch every message carries: the same type the engine and the sync library use,
+/// on the wire its plain number.
+pub use hitless_epoch::ControlEpoch;
 pub use message::{
     read_agent_message, read_agent_message_in, read_instance_message, read_instance_message_in,
     write_agent_message, write_agent_message_in, write_instance_message, write_instance_message_in,

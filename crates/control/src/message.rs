@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::frame::{
     read_frame_in, write_frame, write_frame_in, FormatRange, FrameKind, BUILD_FORMATS,
 };
-use crate::ControlError;
+use crate::{ControlEpoch, ControlError};
 
 /// The role the agent assigns to an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,7 +39,7 @@ pub struct Configure {
     /// Role to take.
     pub role: Role,
     /// Control epoch; commands carrying an older epoch are refused.
-    pub epoch: u64,
+    pub epoch: ControlEpoch,
     /// For a standby: the active's state-sync address to attach to.
     pub active_sync_addr: Option<String>,
     /// For a standby: whether it is the designated HA standby (the one the active waits for).
@@ -58,25 +58,25 @@ pub enum AgentCommand {
     /// first and waits for this instance to have caught up.
     Promote {
         /// The new control epoch.
-        epoch: u64,
+        epoch: ControlEpoch,
     },
     /// Stop accepting new writes, let in-flight writes finish (they keep waiting rather than
     /// failing), so that a standby can catch up to the final sequence.
     Quiesce {
         /// The epoch in which the quiesce happens.
-        epoch: u64,
+        epoch: ControlEpoch,
     },
     /// Become a standby of a new active.
     Demote {
         /// The new control epoch.
-        epoch: u64,
+        epoch: ControlEpoch,
         /// The new active's state-sync address to attach to.
         new_active_sync_addr: Option<String>,
     },
     /// Stop acknowledging anything now: another instance is or will be in control.
     Fence {
         /// The epoch that fences this instance.
-        epoch: u64,
+        epoch: ControlEpoch,
     },
     /// The standby `instance_id` is gone for good (its process exited or its appliance was
     /// lost) and the control plane wrote it off: stop holding acknowledgements for it (the
@@ -179,7 +179,7 @@ pub struct InstanceStatus {
     /// The current role, `None` until configured.
     pub role: Option<Role>,
     /// The current control epoch.
-    pub epoch: u64,
+    pub epoch: ControlEpoch,
     /// Progress per replicated service.
     pub services: BTreeMap<String, ServiceStatus>,
     /// All services are ready.
@@ -363,7 +363,7 @@ pub(crate) mod tests {
                         AgentCommand::Configure(Configure {
                             instance_id,
                             role,
-                            epoch,
+                            epoch: crate::ControlEpoch(epoch),
                             active_sync_addr,
                             designated_ha,
                             sync_mode: if sync {
@@ -374,15 +374,21 @@ pub(crate) mod tests {
                         })
                     }
                 ),
-            any::<u64>().prop_map(|epoch| AgentCommand::Promote { epoch }),
-            any::<u64>().prop_map(|epoch| AgentCommand::Quiesce { epoch }),
+            any::<u64>().prop_map(|epoch| AgentCommand::Promote {
+                epoch: crate::ControlEpoch(epoch)
+            }),
+            any::<u64>().prop_map(|epoch| AgentCommand::Quiesce {
+                epoch: crate::ControlEpoch(epoch)
+            }),
             (any::<u64>(), proptest::option::of(text())).prop_map(|(epoch, a)| {
                 AgentCommand::Demote {
-                    epoch,
+                    epoch: crate::ControlEpoch(epoch),
                     new_active_sync_addr: a,
                 }
             }),
-            any::<u64>().prop_map(|epoch| AgentCommand::Fence { epoch }),
+            any::<u64>().prop_map(|epoch| AgentCommand::Fence {
+                epoch: crate::ControlEpoch(epoch)
+            }),
             text().prop_map(|instance_id| AgentCommand::StandbyGone { instance_id }),
             Just(AgentCommand::StatusRequest),
             Just(AgentCommand::Shutdown),
@@ -485,7 +491,7 @@ pub(crate) mod tests {
                             request_id,
                             status: InstanceStatus {
                                 role,
-                                epoch,
+                                epoch: crate::ControlEpoch(epoch),
                                 services,
                                 ready,
                                 acked_seq,
@@ -549,11 +555,49 @@ pub(crate) mod tests {
     fn json_shape_is_tagged_and_readable() {
         let msg = AgentMessage {
             request_id: 7,
-            command: AgentCommand::Promote { epoch: 3 },
+            command: AgentCommand::Promote {
+                epoch: crate::ControlEpoch(3),
+            },
         };
         let v: serde_json::Value = serde_json::from_slice(&to_body(&msg).unwrap()).unwrap();
         assert_eq!(v["command"]["type"], "promote");
         assert_eq!(v["command"]["epoch"], 3);
         assert_eq!(v["request_id"], 7);
+    }
+
+    /// The JSON of messages carrying an epoch is byte for byte what it was when the epoch was
+    /// a bare `u64`: `ControlEpoch` serializes as its plain number, so older peers read it.
+    #[test]
+    fn epoch_messages_keep_their_exact_json() {
+        let promote = AgentMessage {
+            request_id: 7,
+            command: AgentCommand::Promote {
+                epoch: ControlEpoch(3),
+            },
+        };
+        let promote_json = r#"{"request_id":7,"command":{"type":"promote","epoch":3}}"#;
+        assert_eq!(serde_json::to_string(&promote).unwrap(), promote_json);
+        let back: AgentMessage = serde_json::from_str(promote_json).unwrap();
+        assert_eq!(back, promote);
+
+        let configure = AgentMessage {
+            request_id: 8,
+            command: AgentCommand::Configure(Configure {
+                instance_id: "i-1".into(),
+                role: Role::Standby,
+                epoch: ControlEpoch(12),
+                active_sync_addr: Some("10.0.0.1:7000".into()),
+                designated_ha: true,
+                sync_mode: SyncMode::Synchronous,
+            }),
+        };
+        let configure_json = concat!(
+            r#"{"request_id":8,"command":{"type":"configure","instance_id":"i-1","#,
+            r#""role":"standby","epoch":12,"active_sync_addr":"10.0.0.1:7000","#,
+            r#""designated_ha":true,"sync_mode":"synchronous"}}"#
+        );
+        assert_eq!(serde_json::to_string(&configure).unwrap(), configure_json);
+        let back: AgentMessage = serde_json::from_str(configure_json).unwrap();
+        assert_eq!(back, configure);
     }
 }

@@ -3,8 +3,8 @@ use std::os::unix::net::UnixListener;
 
 use crate::message::{read_agent_message_in, write_instance_message_in};
 use crate::{
-    format_range, AgentCommand, Configure, ControlError, FormatRange, Hello, InstanceMessage,
-    InstanceStatus, BUILD_FORMATS, HANDSHAKE_VERSION,
+    format_range, AgentCommand, Configure, ControlEpoch, ControlError, FormatRange, Hello,
+    InstanceMessage, InstanceStatus, BUILD_FORMATS, HANDSHAKE_VERSION,
 };
 
 /// What an instance does with each control command. Each method returns `Err(message)` to
@@ -15,13 +15,17 @@ pub trait ControlHandler {
     /// Take a role, epoch and peers.
     fn configure(&mut self, cfg: &Configure) -> Result<(), String>;
     /// Become active in `epoch`.
-    fn promote(&mut self, epoch: u64) -> Result<(), String>;
+    fn promote(&mut self, epoch: ControlEpoch) -> Result<(), String>;
     /// Hold new writes and drain in-flight ones.
-    fn quiesce(&mut self, epoch: u64) -> Result<(), String>;
+    fn quiesce(&mut self, epoch: ControlEpoch) -> Result<(), String>;
     /// Become a standby of the active at `new_active_sync_addr`.
-    fn demote(&mut self, epoch: u64, new_active_sync_addr: Option<&str>) -> Result<(), String>;
+    fn demote(
+        &mut self,
+        epoch: ControlEpoch,
+        new_active_sync_addr: Option<&str>,
+    ) -> Result<(), String>;
     /// Stop acknowledging anything.
-    fn fence(&mut self, epoch: u64) -> Result<(), String>;
+    fn fence(&mut self, epoch: ControlEpoch) -> Result<(), String>;
     /// The standby `instance_id` is gone for good: stop holding acknowledgements for it.
     fn standby_gone(&mut self, instance_id: &str) -> Result<(), String>;
     /// Current status.

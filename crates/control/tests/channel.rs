@@ -62,33 +62,37 @@ impl ControlHandler for Fake {
         if cfg.instance_id != "i-1" {
             return Err(format!("this is i-1, not {}", cfg.instance_id));
         }
-        self.check_epoch(cfg.epoch)?;
+        self.check_epoch(cfg.epoch.0)?;
         self.role = Some(cfg.role);
-        self.epoch = cfg.epoch;
+        self.epoch = cfg.epoch.0;
         self.upstream = cfg.active_sync_addr.clone();
         Ok(())
     }
-    fn promote(&mut self, epoch: u64) -> Result<(), String> {
-        self.check_epoch(epoch)?;
+    fn promote(&mut self, epoch: hitless_control::ControlEpoch) -> Result<(), String> {
+        self.check_epoch(epoch.0)?;
         self.role = Some(Role::Active);
-        self.epoch = epoch;
+        self.epoch = epoch.0;
         self.quiesced = false;
         Ok(())
     }
-    fn quiesce(&mut self, epoch: u64) -> Result<(), String> {
-        self.check_epoch(epoch)?;
+    fn quiesce(&mut self, epoch: hitless_control::ControlEpoch) -> Result<(), String> {
+        self.check_epoch(epoch.0)?;
         self.quiesced = true;
         Ok(())
     }
-    fn demote(&mut self, epoch: u64, addr: Option<&str>) -> Result<(), String> {
-        self.check_epoch(epoch)?;
+    fn demote(
+        &mut self,
+        epoch: hitless_control::ControlEpoch,
+        addr: Option<&str>,
+    ) -> Result<(), String> {
+        self.check_epoch(epoch.0)?;
         self.role = Some(Role::Standby);
-        self.epoch = epoch;
+        self.epoch = epoch.0;
         self.upstream = addr.map(str::to_string);
         Ok(())
     }
-    fn fence(&mut self, epoch: u64) -> Result<(), String> {
-        self.check_epoch(epoch)?;
+    fn fence(&mut self, epoch: hitless_control::ControlEpoch) -> Result<(), String> {
+        self.check_epoch(epoch.0)?;
         self.fenced = true;
         Ok(())
     }
@@ -112,7 +116,7 @@ impl ControlHandler for Fake {
         );
         InstanceStatus {
             role: self.role,
-            epoch: self.epoch,
+            epoch: hitless_control::ControlEpoch(self.epoch),
             services,
             ready: true,
             acked_seq: self.epoch * 10,
@@ -130,7 +134,7 @@ fn configure(epoch: u64, role: Role) -> Configure {
     Configure {
         instance_id: "i-1".into(),
         role,
-        epoch,
+        epoch: hitless_control::ControlEpoch(epoch),
         active_sync_addr: Some("10.0.0.1:7000".into()),
         designated_ha: true,
         sync_mode: SyncMode::Synchronous,
@@ -148,10 +152,10 @@ fn lifecycle<W: Write>(client: &mut ControlClient<W>) {
 
     client.configure(configure(3, Role::Standby), T).unwrap();
     let s = client.status(T).unwrap();
-    assert_eq!((s.role, s.epoch), (Some(Role::Standby), 3));
+    assert_eq!((s.role, s.epoch.0), (Some(Role::Standby), 3));
 
     // Stale epoch is refused with the instance's reason.
-    match client.promote(2, T) {
+    match client.promote(hitless_control::ControlEpoch(2), T) {
         Err(ControlError::Remote { message, .. }) => {
             assert!(message.contains("older"), "{message}")
         }
@@ -165,21 +169,34 @@ fn lifecycle<W: Write>(client: &mut ControlClient<W>) {
         Err(ControlError::Remote { .. })
     ));
 
-    client.quiesce(3, T).unwrap();
+    client.quiesce(hitless_control::ControlEpoch(3), T).unwrap();
     assert!(client.status(T).unwrap().quiesced);
-    client.promote(4, T).unwrap();
+    client.promote(hitless_control::ControlEpoch(4), T).unwrap();
     let s = client.status(T).unwrap();
     assert_eq!(
-        (s.role, s.epoch, s.quiesced),
+        (s.role, s.epoch.0, s.quiesced),
         (Some(Role::Active), 4, false)
     );
     assert_eq!(s.services["kv"].applied_seq, 40);
-    client.demote(5, Some("10.0.0.2:7000".into()), T).unwrap();
-    client.fence(5, T).unwrap();
+    client
+        .demote(
+            hitless_control::ControlEpoch(5),
+            Some("10.0.0.2:7000".into()),
+            T,
+        )
+        .unwrap();
+    client.fence(hitless_control::ControlEpoch(5), T).unwrap();
     let s = client.status(T).unwrap();
     assert_eq!((s.role, s.fenced), (Some(Role::Standby), true));
     assert_eq!(
-        client.request(AgentCommand::Fence { epoch: 6 }, T).unwrap(),
+        client
+            .request(
+                AgentCommand::Fence {
+                    epoch: hitless_control::ControlEpoch(6)
+                },
+                T
+            )
+            .unwrap(),
         Reply::Ack
     );
     client.shutdown(T).unwrap();
@@ -287,7 +304,9 @@ fn truncated_stream_is_a_truncation_error() {
         &mut buf,
         &AgentMessage {
             request_id: 1,
-            command: AgentCommand::Promote { epoch: 1 },
+            command: AgentCommand::Promote {
+                epoch: hitless_control::ControlEpoch(1),
+            },
         },
     )
     .unwrap();
@@ -315,7 +334,7 @@ fn unix_listener_accepts_reconnects_until_shutdown() {
     } // dropped: the instance keeps its state and accepts the next agent connection
     let mut c = ControlClient::connect_unix(&path).unwrap();
     c.wait_hello(T).unwrap();
-    assert_eq!(c.status(T).unwrap().epoch, 7);
+    assert_eq!(c.status(T).unwrap().epoch, hitless_control::ControlEpoch(7));
     c.shutdown(T).unwrap();
     assert_eq!(server.join().unwrap().unwrap(), 7);
     let _ = std::fs::remove_dir_all(&dir);

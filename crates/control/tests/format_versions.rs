@@ -56,23 +56,27 @@ impl ControlHandler for Inst {
     }
     fn configure(&mut self, cfg: &Configure) -> Result<(), String> {
         self.role = Some(cfg.role);
-        self.epoch = cfg.epoch;
+        self.epoch = cfg.epoch.0;
         Ok(())
     }
-    fn promote(&mut self, epoch: u64) -> Result<(), String> {
+    fn promote(&mut self, epoch: hitless_control::ControlEpoch) -> Result<(), String> {
         self.role = Some(Role::Active);
-        self.epoch = epoch;
+        self.epoch = epoch.0;
         Ok(())
     }
-    fn quiesce(&mut self, _epoch: u64) -> Result<(), String> {
+    fn quiesce(&mut self, _epoch: hitless_control::ControlEpoch) -> Result<(), String> {
         Ok(())
     }
-    fn demote(&mut self, epoch: u64, _addr: Option<&str>) -> Result<(), String> {
+    fn demote(
+        &mut self,
+        epoch: hitless_control::ControlEpoch,
+        _addr: Option<&str>,
+    ) -> Result<(), String> {
         self.role = Some(Role::Standby);
-        self.epoch = epoch;
+        self.epoch = epoch.0;
         Ok(())
     }
-    fn fence(&mut self, _epoch: u64) -> Result<(), String> {
+    fn fence(&mut self, _epoch: hitless_control::ControlEpoch) -> Result<(), String> {
         Ok(())
     }
     fn standby_gone(&mut self, _instance_id: &str) -> Result<(), String> {
@@ -81,7 +85,7 @@ impl ControlHandler for Inst {
     fn status(&mut self) -> InstanceStatus {
         InstanceStatus {
             role: self.role,
-            epoch: self.epoch,
+            epoch: hitless_control::ControlEpoch(self.epoch),
             ..InstanceStatus::default()
         }
     }
@@ -166,7 +170,7 @@ fn configure(epoch: u64) -> Configure {
     Configure {
         instance_id: "i-1".into(),
         role: Role::Standby,
-        epoch,
+        epoch: hitless_control::ControlEpoch(epoch),
         active_sync_addr: None,
         designated_ha: true,
         sync_mode: SyncMode::Synchronous,
@@ -179,9 +183,9 @@ fn scenario(agent: FormatRange, instance: FormatRange, format: u8) {
     let hello = c.wait_hello(T).unwrap();
     assert_eq!(hello.formats, Some(instance));
     c.configure(configure(3), T).unwrap();
-    c.promote(4, T).unwrap();
+    c.promote(hitless_control::ControlEpoch(4), T).unwrap();
     let st = c.status(T).unwrap();
-    assert_eq!((st.role, st.epoch), (Some(Role::Active), 4));
+    assert_eq!((st.role, st.epoch.0), (Some(Role::Active), 4));
     c.shutdown(T).unwrap();
     assert_eq!(served.join().unwrap().unwrap(), ServeOutcome::Shutdown);
     // Instance -> agent: the hello in the frozen format, then three replies and the
@@ -221,7 +225,7 @@ fn ends_without_a_common_format_are_refused_naming_both_ranges() {
         );
         assert_eq!(err.to_string(), want);
         // Every request is refused the same way, and nothing is sent.
-        let err = c.promote(2, T).unwrap_err();
+        let err = c.promote(hitless_control::ControlEpoch(2), T).unwrap_err();
         assert!(matches!(err, ControlError::NoCommonFormat { .. }), "{err}");
         // The instance learns it from the agent's hello and ends the connection.
         let served = served.join().unwrap().unwrap_err();
@@ -253,10 +257,15 @@ fn agent_answers_an_instance_from_before_negotiation_in_its_format() {
     });
     let mut c = ControlClient::with_formats(a.try_clone().unwrap(), a, next());
     c.wait_hello(T).unwrap();
-    c.promote(7, T).unwrap();
+    c.promote(hitless_control::ControlEpoch(7), T).unwrap();
     // No hello was sent to it: the first thing it read was the command, in format 1.
     let m = instance.join().unwrap();
-    assert_eq!(m.command, AgentCommand::Promote { epoch: 7 });
+    assert_eq!(
+        m.command,
+        AgentCommand::Promote {
+            epoch: hitless_control::ControlEpoch(7)
+        }
+    );
 }
 
 #[test]
@@ -299,7 +308,7 @@ fn corrupt_version_byte_after_negotiation_is_a_clear_error() {
     });
     let mut c = ControlClient::with_formats(a.try_clone().unwrap(), a, only_next());
     c.wait_hello(T).unwrap();
-    let err = c.promote(7, T).unwrap_err();
+    let err = c.promote(hitless_control::ControlEpoch(7), T).unwrap_err();
     assert_eq!(
         err.to_string(),
         "control frame format 77 is not supported; this end reads control formats 2..=2"
@@ -325,7 +334,9 @@ fn instance_reads_only_a_hello_in_the_frozen_format_outside_its_range() {
         &mut w,
         &hitless_control::AgentMessage {
             request_id: 1,
-            command: AgentCommand::Promote { epoch: 2 },
+            command: AgentCommand::Promote {
+                epoch: hitless_control::ControlEpoch(2),
+            },
         },
     )
     .unwrap();

@@ -191,26 +191,7 @@ pub enum Role {
     Spare,
 }
 
-/// Fencing token. It strictly increases on every change of control; an instance acting for an
-/// older epoch is rejected.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
-#[serde(transparent)]
-pub struct ControlEpoch(pub u64);
-
-impl ControlEpoch {
-    /// The next epoch.
-    pub fn next(self) -> Self {
-        ControlEpoch(self.0 + 1)
-    }
-}
-
-impl fmt::Display for ControlEpoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "e{}", self.0)
-    }
-}
+pub use hitless_epoch::ControlEpoch;
 
 /// One instance of the appliance OS.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

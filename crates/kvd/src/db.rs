@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hitless_sync::{AckToken, Mutation, Replica, SyncError};
+use hitless_sync::{AckToken, ControlEpoch, Mutation, Replica, SyncError};
 
 use crate::resp::Reply;
 use crate::schema::{self, decode, encode, zset_sorted, Kind, Meta, SchemaVersion, Value, TABLES};
@@ -51,7 +51,7 @@ pub struct GateState {
     /// Role name reported by INFO (`unconfigured`, `active`, `standby`, `spare`, `fenced`).
     pub role: &'static str,
     /// Control epoch reported by INFO.
-    pub epoch: u64,
+    pub epoch: ControlEpoch,
     /// How many times control moved away from this instance in a planned switchover (a
     /// demotion that ended a quiesce).
     pub moves: u64,
@@ -73,7 +73,7 @@ impl Gate {
                 writable: false,
                 quiesced: false,
                 role: "unconfigured",
-                epoch: 0,
+                epoch: ControlEpoch(0),
                 moves: 0,
             }),
             cv: Condvar::new(),
@@ -109,7 +109,7 @@ impl Gate {
             if !st.writable {
                 return Err(Outcome::NotWritable(Reply::Error(format!(
                     "READONLY this instance is not in control (role {}, epoch {}); writes go to the active instance",
-                    st.role, st.epoch
+                    st.role, st.epoch.0
                 ))));
             }
             if !st.quiesced {
@@ -150,7 +150,7 @@ pub struct Db {
     last_seq: AtomicU64,
     /// (epoch, sequence): every write of that epoch up to that sequence is known durable
     /// (set by a quiesce, after which this instance may stop being in control).
-    settled: Mutex<(u64, u64)>,
+    settled: Mutex<(ControlEpoch, u64)>,
     acked_seq: AtomicU64,
     rng: AtomicU64,
     /// The write gate, driven by the control channel.
@@ -178,7 +178,7 @@ impl Db {
             version,
             write_lock: Mutex::new(()),
             last_seq: AtomicU64::new(0),
-            settled: Mutex::new((0, 0)),
+            settled: Mutex::new((ControlEpoch(0), 0)),
             acked_seq: AtomicU64::new(0),
             rng: AtomicU64::new(seed),
             gate: Gate::new(hold),

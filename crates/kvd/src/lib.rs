@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Parser, ValueEnum};
 use hitless_control::{serve as serve_control, serve_unix_listener, ServeOutcome};
-use hitless_sync::{Durability, Replica, ReplicaConfig};
+use hitless_sync::{ControlEpoch, Durability, Replica, ReplicaConfig};
 
 pub use schema::SchemaVersion;
 
@@ -210,9 +210,11 @@ pub fn run_with(version: SchemaVersion, args: Args) -> Result<(), StartError> {
         },
     );
     match args.role {
-        Some(StartRole::Active) => node.start_active(1).map_err(StartError::Role)?,
+        Some(StartRole::Active) => node
+            .start_active(ControlEpoch(1))
+            .map_err(StartError::Role)?,
         Some(StartRole::Standby) => node
-            .start_standby(args.follow.clone(), 0)
+            .start_standby(args.follow.clone(), ControlEpoch(0))
             .map_err(StartError::Role)?,
         None => {}
     }

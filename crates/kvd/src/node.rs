@@ -12,7 +12,7 @@ use hitless_control::{
     Configure, ControlHandler, Hello, InstanceStatus, MemoryUse, Role, SchemaSupport,
     ServiceStatus, SyncMode,
 };
-use hitless_sync::{Durability, FollowHandle};
+use hitless_sync::{ControlEpoch, Durability, FollowHandle};
 
 use crate::db::Db;
 use crate::schema::SERVICE;
@@ -35,7 +35,7 @@ pub struct NodeConfig {
 #[derive(Debug, Default)]
 struct CtlState {
     role: Option<Role>,
-    epoch: u64,
+    epoch: ControlEpoch,
     fenced: bool,
     quiesced: bool,
     designated_ha: bool,
@@ -90,12 +90,12 @@ impl Node {
     }
 
     /// Takes control at `epoch` without the control channel (`--role active`).
-    pub fn start_active(&self, epoch: u64) -> Result<(), String> {
+    pub fn start_active(&self, epoch: ControlEpoch) -> Result<(), String> {
         self.promote_inner(epoch)
     }
 
     /// Follows the active at `addr` without the control channel (`--role standby`).
-    pub fn start_standby(&self, addr: Option<String>, epoch: u64) -> Result<(), String> {
+    pub fn start_standby(&self, addr: Option<String>, epoch: ControlEpoch) -> Result<(), String> {
         self.become_standby(epoch, addr, true, Role::Standby)
     }
 
@@ -188,17 +188,17 @@ impl Node {
         f.failures = 0;
     }
 
-    fn check_epoch(st: &CtlState, epoch: u64) -> Result<(), String> {
+    fn check_epoch(st: &CtlState, epoch: ControlEpoch) -> Result<(), String> {
         if epoch < st.epoch {
             return Err(format!(
-                "epoch {epoch} is older than this instance's epoch {}",
-                st.epoch
+                "epoch {} is older than this instance's epoch {}",
+                epoch.0, st.epoch.0
             ));
         }
         Ok(())
     }
 
-    fn promote_inner(&self, epoch: u64) -> Result<(), String> {
+    fn promote_inner(&self, epoch: ControlEpoch) -> Result<(), String> {
         let mut st = lock(&self.ctl);
         Self::check_epoch(&st, epoch)?;
         self.set_follow_target(None);
@@ -219,13 +219,13 @@ impl Node {
             g.role = "active";
             g.epoch = epoch;
         });
-        tracing::info!(epoch, "in control");
+        tracing::info!(epoch = epoch.0, "in control");
         Ok(())
     }
 
     fn become_standby(
         &self,
-        epoch: u64,
+        epoch: ControlEpoch,
         addr: Option<String>,
         ha: bool,
         role: Role,
@@ -259,7 +259,7 @@ impl Node {
         st.fenced = false;
         st.quiesced = false;
         st.designated_ha = ha;
-        tracing::info!(epoch, ?role, active = ?addr, ha, "standing by");
+        tracing::info!(epoch = epoch.0, ?role, active = ?addr, ha, "standing by");
         drop(st);
         // Attach now rather than at the supervisor's next round: after a switchover the new
         // active's clients wait for this standby.
@@ -295,7 +295,7 @@ impl Node {
         ));
         out.push_str("# Replication\r\n");
         out.push_str(&format!("role:{}\r\n", g.role));
-        out.push_str(&format!("epoch:{}\r\n", g.epoch));
+        out.push_str(&format!("epoch:{}\r\n", g.epoch.0));
         out.push_str(&format!("quiesced:{}\r\n", g.quiesced as u8));
         out.push_str(&format!("sync_role:{}\r\n", s.role));
         out.push_str(&format!("applied_seq:{}\r\n", s.applied_seq));
@@ -385,11 +385,11 @@ impl ControlHandler for NodeControl {
         }
     }
 
-    fn promote(&mut self, epoch: u64) -> Result<(), String> {
+    fn promote(&mut self, epoch: ControlEpoch) -> Result<(), String> {
         self.0.promote_inner(epoch)
     }
 
-    fn quiesce(&mut self, epoch: u64) -> Result<(), String> {
+    fn quiesce(&mut self, epoch: ControlEpoch) -> Result<(), String> {
         let n = &self.0;
         let mut st = lock(&n.ctl);
         Node::check_epoch(&st, epoch)?;
@@ -403,13 +403,17 @@ impl ControlHandler for NodeControl {
         })?;
         st.quiesced = true;
         tracing::info!(
-            epoch,
+            epoch = epoch.0,
             "quiesced: new writes wait, submitted ones are durable"
         );
         Ok(())
     }
 
-    fn demote(&mut self, epoch: u64, new_active_sync_addr: Option<&str>) -> Result<(), String> {
+    fn demote(
+        &mut self,
+        epoch: ControlEpoch,
+        new_active_sync_addr: Option<&str>,
+    ) -> Result<(), String> {
         let n = &self.0;
         let ha = lock(&n.ctl).designated_ha;
         n.become_standby(
@@ -420,7 +424,7 @@ impl ControlHandler for NodeControl {
         )
     }
 
-    fn fence(&mut self, epoch: u64) -> Result<(), String> {
+    fn fence(&mut self, epoch: ControlEpoch) -> Result<(), String> {
         let n = &self.0;
         let mut st = lock(&n.ctl);
         Node::check_epoch(&st, epoch)?;
@@ -442,7 +446,7 @@ impl ControlHandler for NodeControl {
         n.set_follow_target(None);
         st.fenced = true;
         st.epoch = epoch;
-        tracing::warn!(epoch, "fenced: acknowledging nothing");
+        tracing::warn!(epoch = epoch.0, "fenced: acknowledging nothing");
         Ok(())
     }
 

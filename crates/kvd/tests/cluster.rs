@@ -149,20 +149,28 @@ fn planned_switchover(old_version: u32, new_version: u32) {
 
     // Planned switchover: quiesce the active, let the standby catch up, promote it at a new
     // epoch, and make the old active its standby.
-    a.ctl.quiesce(1, common::T).unwrap();
+    a.ctl
+        .quiesce(hitless_control::ControlEpoch(1), common::T)
+        .unwrap();
     let a_status = a.status();
     assert!(a_status.quiesced);
     let final_seq = a_status.services["kv"].applied_seq;
     b.wait_for("standby caught up", |s| {
         s.services["kv"].applied_seq >= final_seq
     });
-    b.ctl.promote(2, common::T).unwrap();
+    b.ctl
+        .promote(hitless_control::ControlEpoch(2), common::T)
+        .unwrap();
     a.ctl
-        .demote(2, Some(b.hello.sync_addr.clone()), common::T)
+        .demote(
+            hitless_control::ControlEpoch(2),
+            Some(b.hello.sync_addr.clone()),
+            common::T,
+        )
         .unwrap();
     // A stale epoch is refused.
     assert!(matches!(
-        a.ctl.promote(1, common::T),
+        a.ctl.promote(hitless_control::ControlEpoch(1), common::T),
         Err(ControlError::Remote { .. })
     ));
 
@@ -193,7 +201,7 @@ fn planned_switchover(old_version: u32, new_version: u32) {
     );
     let sb = b.status();
     assert_eq!(
-        (sb.role, sb.epoch, sb.fenced),
+        (sb.role, sb.epoch.0, sb.fenced),
         (Some(Role::Active), 2, false)
     );
 
@@ -236,7 +244,7 @@ fn unconfigured_standby_and_fenced_instances_refuse_writes() {
     let mut wrong = hitless_control::Configure {
         instance_id: "someone-else".into(),
         role: Role::Active,
-        epoch: 1,
+        epoch: hitless_control::ControlEpoch(1),
         active_sync_addr: None,
         designated_ha: false,
         sync_mode: hitless_control::SyncMode::Synchronous,
@@ -255,14 +263,16 @@ fn unconfigured_standby_and_fenced_instances_refuse_writes() {
     a.configure(Role::Active, 3, None, false);
     assert_eq!(c.cmd(&["SET", "k", "v"]), Reply::ok());
     assert_eq!(a.status().acked_seq, 1);
-    a.ctl.fence(4, common::T).unwrap();
+    a.ctl
+        .fence(hitless_control::ControlEpoch(4), common::T)
+        .unwrap();
     let s = a.status();
     assert!(s.fenced && !s.ready, "{s:?}");
     assert!(readonly(c.cmd(&["SET", "k", "w"])));
     assert_eq!(c.cmd(&["GET", "k"]), bulk("v"));
     // An older epoch cannot bring it back.
     assert!(matches!(
-        a.ctl.promote(3, common::T),
+        a.ctl.promote(hitless_control::ControlEpoch(3), common::T),
         Err(ControlError::Remote { .. })
     ));
     // Unknown commands and malformed input get clear errors; malformed input closes.

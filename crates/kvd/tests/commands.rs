@@ -10,12 +10,12 @@ use kvd::SchemaVersion;
 
 fn db(version: SchemaVersion) -> Arc<Db> {
     let replica = Replica::new(version.schema(), ReplicaConfig::new("test"));
-    replica.activate(1).unwrap();
+    replica.activate(hitless_control::ControlEpoch(1)).unwrap();
     let db = Arc::new(Db::new(replica, version, Duration::from_millis(200)));
     db.gate.set(|g| {
         g.writable = true;
         g.role = "active";
-        g.epoch = 1;
+        g.epoch = hitless_control::ControlEpoch(1);
     });
     db
 }

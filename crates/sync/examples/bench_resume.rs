@@ -46,7 +46,7 @@ fn main() {
     let mut cfg = ReplicaConfig::new("a");
     cfg.heartbeat = Duration::from_millis(100);
     let a = Replica::new(schema(2), cfg);
-    a.activate(1).expect("activate");
+    a.activate(hitless_sync::ControlEpoch(1)).expect("activate");
     let h = a
         .serve(TcpListener::bind("127.0.0.1:0").expect("bind"))
         .expect("serve");

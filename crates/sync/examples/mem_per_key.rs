@@ -32,7 +32,7 @@ fn main() {
     let log_mb = cfg.resume_log_bytes >> 20;
     let before = rss();
     let a = Replica::new(Schema::new("kv", 1).table("kv"), cfg);
-    a.activate(1).expect("activate");
+    a.activate(hitless_sync::ControlEpoch(1)).expect("activate");
     let value = vec![b'x'; value_bytes];
     for n in 0..keys {
         a.apply(vec![Mutation::put(

@@ -1,6 +1,6 @@
 //! Error types of the replication library.
 
-use crate::{Epoch, SchemaVersion, Seq};
+use crate::{ControlEpoch, SchemaVersion, Seq};
 
 /// A transform between schema versions failed on one record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,20 +30,28 @@ pub enum SyncError {
     #[error("malformed replication frame: {0}")]
     Frame(#[from] crate::wire::FrameError),
     /// A frame carried an epoch older than the one this instance knows.
-    #[error("frame of epoch {frame} rejected: this instance is at epoch {current}")]
+    #[error(
+        "frame of epoch {} rejected: this instance is at epoch {}",
+        .frame.0,
+        .current.0
+    )]
     StaleEpoch {
         /// Epoch in the frame.
-        frame: Epoch,
+        frame: ControlEpoch,
         /// Epoch known locally.
-        current: Epoch,
+        current: ControlEpoch,
     },
     /// This instance learned of a newer epoch and no longer acknowledges.
-    #[error("this instance is fenced: epoch {current} was superseded by epoch {newer}")]
+    #[error(
+        "this instance is fenced: epoch {} was superseded by epoch {}",
+        .current.0,
+        .newer.0
+    )]
     Fenced {
         /// Epoch this instance was active in.
-        current: Epoch,
+        current: ControlEpoch,
         /// The newer epoch it learned of.
-        newer: Epoch,
+        newer: ControlEpoch,
     },
     /// The operation needs the active role.
     #[error("this instance is not active (role {role})")]

@@ -76,8 +76,13 @@ pub use store::Table;
 /// means "nothing applied yet".
 pub type Seq = u64;
 
+pub use hitless_epoch::ControlEpoch;
+
 /// Control epoch. Every frame carries it; a higher epoch fences a lower one.
-pub type Epoch = u64;
+///
+/// An alias of [`ControlEpoch`], the same type the engine, the agent and the control channel
+/// use; services may name either. On the wire it is encoded as its plain number.
+pub type Epoch = ControlEpoch;
 
 /// Schema version of a service's replicated state.
 pub type SchemaVersion = u32;

@@ -45,7 +45,7 @@ impl ResumeLog {
     pub fn new(max_bytes: usize, max_batches: usize) -> Self {
         ResumeLog {
             base_seq: 0,
-            base_epoch: 0,
+            base_epoch: crate::ControlEpoch(0),
             entries: VecDeque::new(),
             bytes: 0,
             max_bytes,
@@ -88,7 +88,7 @@ impl ResumeLog {
     /// restarts it.
     pub fn push(&mut self, e: LogEntry) {
         if e.first != self.end() + 1 {
-            self.reset(e.first.saturating_sub(1), 0);
+            self.reset(e.first.saturating_sub(1), crate::ControlEpoch(0));
         }
         let cost = e.body.len() + ENTRY_OVERHEAD;
         if self.max_batches == 0 || cost > self.max_bytes {
@@ -111,7 +111,7 @@ impl ResumeLog {
     /// If the log shows the history passing through `(seq, epoch)`, the
     /// batches after it (possibly none); otherwise `None`.
     pub fn after(&self, seq: Seq, epoch: Epoch) -> Option<Vec<LogEntry>> {
-        if epoch == 0 {
+        if epoch == crate::ControlEpoch(0) {
             return None;
         }
         if seq == self.base_seq {
@@ -148,52 +148,52 @@ mod tests {
     #[test]
     fn finds_the_batches_after_a_matching_position_only() {
         let mut l = ResumeLog::new(1 << 20, 100);
-        l.reset(10, 1);
-        l.push(e(11, 12, 1, 10));
-        l.push(e(13, 13, 2, 10));
-        l.push(e(14, 20, 2, 10));
+        l.reset(10, crate::ControlEpoch(1));
+        l.push(e(11, 12, crate::ControlEpoch(1), 10));
+        l.push(e(13, 13, crate::ControlEpoch(2), 10));
+        l.push(e(14, 20, crate::ControlEpoch(2), 10));
         assert_eq!(l.end(), 20);
-        assert_eq!(l.after(10, 1).unwrap().len(), 3);
-        assert_eq!(l.after(12, 1).unwrap().len(), 2);
-        assert_eq!(l.after(13, 2).unwrap()[0].first, 14);
-        assert!(l.after(20, 2).unwrap().is_empty());
+        assert_eq!(l.after(10, crate::ControlEpoch(1)).unwrap().len(), 3);
+        assert_eq!(l.after(12, crate::ControlEpoch(1)).unwrap().len(), 2);
+        assert_eq!(l.after(13, crate::ControlEpoch(2)).unwrap()[0].first, 14);
+        assert!(l.after(20, crate::ControlEpoch(2)).unwrap().is_empty());
         // Same sequence, other epoch: another history.
-        assert!(l.after(13, 1).is_none());
-        assert!(l.after(10, 2).is_none());
+        assert!(l.after(13, crate::ControlEpoch(1)).is_none());
+        assert!(l.after(10, crate::ControlEpoch(2)).is_none());
         // Inside a batch, before the log, after its end, or unknown epoch.
-        assert!(l.after(16, 2).is_none());
-        assert!(l.after(9, 1).is_none());
-        assert!(l.after(21, 2).is_none());
-        assert!(l.after(12, 0).is_none());
+        assert!(l.after(16, crate::ControlEpoch(2)).is_none());
+        assert!(l.after(9, crate::ControlEpoch(1)).is_none());
+        assert!(l.after(21, crate::ControlEpoch(2)).is_none());
+        assert!(l.after(12, crate::ControlEpoch(0)).is_none());
     }
 
     #[test]
     fn bounds_drop_the_oldest_batches_and_move_the_base() {
         let mut l = ResumeLog::new(3 * (100 + ENTRY_OVERHEAD), 1000);
         for i in 1..=10 {
-            l.push(e(i, i, 1, 100));
+            l.push(e(i, i, crate::ControlEpoch(1), 100));
         }
         assert_eq!(l.len(), 3);
-        assert!(l.after(6, 1).is_none());
-        assert_eq!(l.after(7, 1).unwrap().len(), 3);
+        assert!(l.after(6, crate::ControlEpoch(1)).is_none());
+        assert_eq!(l.after(7, crate::ControlEpoch(1)).unwrap().len(), 3);
         let mut l = ResumeLog::new(1 << 20, 2);
         for i in 1..=10 {
-            l.push(e(i, i, 1, 1));
+            l.push(e(i, i, crate::ControlEpoch(1), 1));
         }
         assert_eq!(l.len(), 2);
-        assert_eq!(l.after(8, 1).unwrap().len(), 2);
+        assert_eq!(l.after(8, crate::ControlEpoch(1)).unwrap().len(), 2);
         // A disabled log still knows its end position.
         let mut l = ResumeLog::new(1 << 20, 0);
-        l.push(e(1, 5, 3, 1));
+        l.push(e(1, 5, crate::ControlEpoch(3), 1));
         assert_eq!(l.len(), 0);
-        assert!(l.after(5, 3).unwrap().is_empty());
+        assert!(l.after(5, crate::ControlEpoch(3)).unwrap().is_empty());
         // A gap restarts the log.
         let mut l = ResumeLog::new(1 << 20, 10);
-        l.push(e(1, 1, 1, 1));
-        l.push(e(5, 6, 1, 1));
-        assert!(l.after(1, 1).is_none());
-        assert!(l.after(4, 0).is_none());
-        assert_eq!(l.after(6, 1).unwrap().len(), 0);
+        l.push(e(1, 1, crate::ControlEpoch(1), 1));
+        l.push(e(5, 6, crate::ControlEpoch(1), 1));
+        assert!(l.after(1, crate::ControlEpoch(1)).is_none());
+        assert!(l.after(4, crate::ControlEpoch(0)).is_none());
+        assert_eq!(l.after(6, crate::ControlEpoch(1)).unwrap().len(), 0);
     }
 
     use proptest::prelude::*;
@@ -214,13 +214,13 @@ mod tests {
             let mut epoch = 1u64;
             for (n, bump, size) in batches {
                 epoch += bump - 1;
-                l.push(e(seq + 1, seq + n, epoch, size));
+                l.push(e(seq + 1, seq + n, crate::ControlEpoch(epoch), size));
                 seq += n;
                 history.push((seq, epoch));
             }
             prop_assert_eq!(l.end(), seq);
             for &(last, ep) in &history {
-                if let Some(tail) = l.after(last, ep) {
+                if let Some(tail) = l.after(last, crate::ControlEpoch(ep)) {
                     let mut next = last + 1;
                     for t in &tail {
                         prop_assert_eq!(t.first, next);
@@ -229,11 +229,11 @@ mod tests {
                     prop_assert_eq!(next, seq + 1);
                 }
                 // A position with another epoch is never on the history.
-                prop_assert!(l.after(last, ep + 100).is_none());
+                prop_assert!(l.after(last, crate::ControlEpoch(ep + 100)).is_none());
             }
             // The end of the log is always resumable (with nothing to send).
             let (last, ep) = *history.last().unwrap();
-            prop_assert!(l.after(last, ep).is_some_and(|t| t.is_empty()));
+            prop_assert!(l.after(last, crate::ControlEpoch(ep)).is_some_and(|t| t.is_empty()));
         }
     }
 }

@@ -415,7 +415,9 @@ pub fn decode_header_in(buf: &[u8], formats: FormatRange) -> Result<Header, Fram
         version,
         kind,
         len,
-        epoch: u64::from_le_bytes(buf[e..e + 8].try_into().expect("8 bytes")),
+        epoch: crate::ControlEpoch(u64::from_le_bytes(
+            buf[e..e + 8].try_into().expect("8 bytes"),
+        )),
         seq: u64::from_le_bytes(buf[s..s + 8].try_into().expect("8 bytes")),
         crc: u32::from_le_bytes(buf[28..32].try_into().expect("4 bytes")),
     })
@@ -644,7 +646,7 @@ impl FrameWriter {
         self.buf.push(kind as u8);
         self.buf.extend_from_slice(&0u16.to_le_bytes());
         self.buf.extend_from_slice(&0u32.to_le_bytes());
-        self.buf.extend_from_slice(&epoch.to_le_bytes());
+        self.buf.extend_from_slice(&epoch.0.to_le_bytes());
         self.buf.extend_from_slice(&seq.to_le_bytes());
         self.buf.extend_from_slice(&0u32.to_le_bytes());
         self.open = Some(start);
@@ -1381,14 +1383,14 @@ mod tests {
             reads: vec![1],
             writes: vec![1],
             ha: true,
-            epoch: 3,
+            epoch: crate::ControlEpoch(3),
             resume: None,
             formats: Some(range(2, 3)),
         };
         let json = br#"{"t":"hello","service":"kv","node":"n","native":1,"reads":[1],"writes":[1],"ha":true,"epoch":3,"formats":{"min":2,"max":3}}"#;
         assert_eq!(
-            hello.encode(3, 9),
-            encode_frame(FrameType::Hello, 3, 9, json)
+            hello.encode(crate::ControlEpoch(3), 9),
+            encode_frame(FrameType::Hello, crate::ControlEpoch(3), 9, json)
         );
     }
 
@@ -1420,15 +1422,21 @@ mod tests {
 
     #[test]
     fn next_format_differs_on_the_wire_and_decodes_only_within_range() {
-        let v2 = encode_frame(FrameType::Ack, 7, 42, b"xy");
-        let v3 = encode_frame_in(NEXT_WIRE_VERSION, FrameType::Ack, 7, 42, b"xy");
+        let v2 = encode_frame(FrameType::Ack, crate::ControlEpoch(7), 42, b"xy");
+        let v3 = encode_frame_in(
+            NEXT_WIRE_VERSION,
+            FrameType::Ack,
+            crate::ControlEpoch(7),
+            42,
+            b"xy",
+        );
         assert_eq!(v3[4], NEXT_WIRE_VERSION);
         assert_eq!(&v3[12..20], &42u64.to_le_bytes());
         assert_eq!(&v3[20..28], &7u64.to_le_bytes());
         assert_ne!(v2[..HEADER_LEN], v3[..HEADER_LEN]);
         let (f, used) = decode_frame_in(&v3, range(2, 3)).unwrap();
         assert_eq!(
-            (f.kind, f.epoch, f.seq, used),
+            (f.kind, f.epoch.0, f.seq, used),
             (FrameType::Ack, 7, 42, v3.len())
         );
         assert_eq!(&f.payload[..], b"xy");
@@ -1456,20 +1464,20 @@ mod tests {
         let h = read_frame_into_in(&mut &v3[..], &mut buf, range(2, 3))
             .unwrap()
             .unwrap();
-        assert_eq!((h.epoch, h.seq, h.version), (7, 42, 3));
+        assert_eq!((h.epoch.0, h.seq, h.version), (7, 42, 3));
     }
 
     #[test]
     fn handshake_frames_keep_the_frozen_format_and_decode_in_any_range() {
         for kind in [FrameType::Hello, FrameType::Welcome, FrameType::Refuse] {
-            let f = encode_frame_in(NEXT_WIRE_VERSION, kind, 1, 2, b"{}");
+            let f = encode_frame_in(NEXT_WIRE_VERSION, kind, crate::ControlEpoch(1), 2, b"{}");
             assert_eq!(f[4], HANDSHAKE_VERSION);
-            assert_eq!(f, encode_frame(kind, 1, 2, b"{}"));
+            assert_eq!(f, encode_frame(kind, crate::ControlEpoch(1), 2, b"{}"));
             let (d, _) = decode_frame_in(&f, range(3, 3)).unwrap();
-            assert_eq!((d.kind, d.epoch, d.seq), (kind, 1, 2));
+            assert_eq!((d.kind, d.epoch.0, d.seq), (kind, 1, 2));
         }
         // Only handshake frames: anything else in the frozen format is out of range.
-        let ack = encode_frame(FrameType::Ack, 1, 2, &[]);
+        let ack = encode_frame(FrameType::Ack, crate::ControlEpoch(1), 2, &[]);
         assert!(matches!(
             decode_frame_in(&ack, range(3, 3)),
             Err(FrameError::BadVersion {
@@ -1482,7 +1490,13 @@ mod tests {
 
     #[test]
     fn corrupt_version_byte_after_negotiation_is_an_error_not_a_panic() {
-        let good = encode_frame_in(NEXT_WIRE_VERSION, FrameType::Heartbeat, 3, 4, b"abc");
+        let good = encode_frame_in(
+            NEXT_WIRE_VERSION,
+            FrameType::Heartbeat,
+            crate::ControlEpoch(3),
+            4,
+            b"abc",
+        );
         for v in [0u8, 1, 2, 4, 200, 255] {
             let mut f = good.clone();
             f[4] = v;
@@ -1507,11 +1521,11 @@ mod tests {
     fn format_writer_reencodes_frames_split_across_writes() {
         use std::io::Write;
         let frames = [
-            encode_frame(FrameType::Hello, 0, 0, b"{}"),
-            encode_frame(FrameType::Batch, 5, 9, &[1u8; 300]),
-            encode_frame(FrameType::Ack, 5, 9, &[]),
-            encode_frame(FrameType::Refuse, 5, 0, b"{}"),
-            encode_frame(FrameType::Heartbeat, 6, 10, b"x"),
+            encode_frame(FrameType::Hello, crate::ControlEpoch(0), 0, b"{}"),
+            encode_frame(FrameType::Batch, crate::ControlEpoch(5), 9, &[1u8; 300]),
+            encode_frame(FrameType::Ack, crate::ControlEpoch(5), 9, &[]),
+            encode_frame(FrameType::Refuse, crate::ControlEpoch(5), 0, b"{}"),
+            encode_frame(FrameType::Heartbeat, crate::ControlEpoch(6), 10, b"x"),
         ];
         let native: Vec<u8> = frames.concat();
         let expected: Vec<u8> = frames
@@ -1554,7 +1568,12 @@ mod tests {
                 .contains("2 mutations for the 1 sequence numbers"),
             "{err}"
         );
-        let frame = encode_frame(FrameType::Batch, 1, u64::MAX, &batch(u64::MAX - 1, &two));
+        let frame = encode_frame(
+            FrameType::Batch,
+            crate::ControlEpoch(1),
+            u64::MAX,
+            &batch(u64::MAX - 1, &two),
+        );
         let (frame, _) = decode_frame(&frame).unwrap();
         let (first, last, muts) = decode_batch_frame(&frame).unwrap();
         assert_eq!((first, last, muts.len()), (u64::MAX - 1, u64::MAX, 2));

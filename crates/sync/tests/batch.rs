@@ -141,8 +141,8 @@ mod prop {
             );
             let x = Replica::new(schema(2), config("x"));
             let y = Replica::new(schema(2), config("y"));
-            x.activate(1).unwrap();
-            y.activate(1).unwrap();
+            x.activate(hitless_sync::ControlEpoch(1)).unwrap();
+            y.activate(hitless_sync::ControlEpoch(1)).unwrap();
             let tx = x.apply_batch(&b).unwrap();
             let ty = y.apply(muts).unwrap();
             prop_assert_eq!(tx, ty);

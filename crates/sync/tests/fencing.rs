@@ -23,9 +23,9 @@ fn old_active_fenced_after_switchover_cannot_acknowledge() {
         acked.push(a.apply(vec![put(i, "x")]).unwrap());
     }
     let epoch = a.switchover("b", Duration::from_secs(5)).unwrap();
-    assert_eq!(epoch, 2);
+    assert_eq!(epoch, hitless_sync::ControlEpoch(2));
     assert_eq!(b.role(), Role::Active);
-    assert_eq!(b.epoch(), 2);
+    assert_eq!(b.epoch(), hitless_sync::ControlEpoch(2));
     assert_ne!(a.role(), Role::Active);
     // Nothing acknowledged is lost.
     let last = acked.last().unwrap().seq;
@@ -47,7 +47,7 @@ fn old_active_fenced_after_switchover_cannot_acknowledge() {
     a.wait_ready(Duration::from_secs(5)).unwrap();
     b.wait_standbys_ready(1, Duration::from_secs(5)).unwrap();
     let t = b.apply(vec![put(1, "new")]).unwrap();
-    assert_eq!(t.epoch, 2);
+    assert_eq!(t.epoch, hitless_sync::ControlEpoch(2));
     assert_eq!(
         a.get("kv", b"k1").unwrap().as_deref(),
         Some(b"new".as_slice())
@@ -60,7 +60,7 @@ fn old_active_fenced_after_switchover_cannot_acknowledge() {
 fn active_learning_newer_epoch_is_fenced_and_stops_acknowledging() {
     let (a, h) = active(1, "a");
     let s = standby(1, "s");
-    s.fence(5);
+    s.fence(hitless_sync::ControlEpoch(5));
     let err = s.follow_tcp(h.local_addr(), true).unwrap_err();
     assert!(err.to_string().contains("epoch"), "{err}");
     assert_eq!(a.role(), Role::Fenced);
@@ -84,7 +84,7 @@ fn fake_active(welcome_epoch: u64, frames: Vec<Vec<u8>>) -> std::net::SocketAddr
             format: None,
         };
         use std::io::Write;
-        let _ = s.write_all(&w.encode(welcome_epoch, 0));
+        let _ = s.write_all(&w.encode(hitless_sync::ControlEpoch(welcome_epoch), 0));
         for f in frames {
             let _ = s.write_all(&f);
         }
@@ -98,20 +98,25 @@ fn fake_active(welcome_epoch: u64, frames: Vec<Vec<u8>>) -> std::net::SocketAddr
 
 pub fn empty_bulk(epoch: u64) -> Vec<Vec<u8>> {
     vec![
-        Control::BulkBegin { seq: 0, records: 0 }.encode(epoch, 0),
+        Control::BulkBegin { seq: 0, records: 0 }.encode(hitless_sync::ControlEpoch(epoch), 0),
         Control::BulkEnd {
             seq: 0,
             digest: Digest::default(),
-            last_epoch: 0,
+            last_epoch: hitless_sync::ControlEpoch(0),
         }
-        .encode(epoch, 0),
+        .encode(hitless_sync::ControlEpoch(epoch), 0),
     ]
 }
 
 pub fn batch(epoch: u64, first: u64, muts: &[hitless_sync::Mutation]) -> Vec<u8> {
     let mut p = first.to_le_bytes().to_vec();
     p.extend_from_slice(&wire::encode_batch_payload(muts));
-    wire::encode_frame(FrameType::Batch, epoch, first + muts.len() as u64 - 1, &p)
+    wire::encode_frame(
+        FrameType::Batch,
+        hitless_sync::ControlEpoch(epoch),
+        first + muts.len() as u64 - 1,
+        &p,
+    )
 }
 
 #[test]
@@ -214,8 +219,8 @@ fn a_batch_found_durable_stays_acknowledged_after_a_newer_epoch_is_learned() {
     let last = a.submit(vec![put(2, "y")]).unwrap();
     // The quiesce's wait: everything up to `last` is durable.
     a.wait_durable(last).unwrap();
-    a.fence(2);
-    assert_eq!(a.epoch(), 2);
+    a.fence(hitless_sync::ControlEpoch(2));
+    assert_eq!(a.epoch(), hitless_sync::ControlEpoch(2));
     a.wait_durable(early)
         .expect("a batch found durable stays durable after a newer epoch");
     a.wait_durable(last).unwrap();
@@ -225,7 +230,7 @@ fn a_batch_found_durable_stays_acknowledged_after_a_newer_epoch_is_learned() {
     let _fd = d.follow_tcp(hc.local_addr(), true).unwrap();
     c.wait_standbys_ready(1, Duration::from_secs(5)).unwrap();
     let unseen = c.submit(vec![put(3, "z")]).unwrap();
-    c.fence(2);
+    c.fence(hitless_sync::ControlEpoch(2));
     let err = c.wait_durable(unseen).unwrap_err();
     assert!(matches!(err, SyncError::Fenced { .. }), "{err}");
     a.shutdown();

@@ -161,7 +161,7 @@ fn assert_same(a: &Replica, b: &Replica) {
 /// the wire is in `format`.
 fn scenario(ra: FormatRange, rs: FormatRange, format: u8) {
     let a = replica("a", ra);
-    a.activate(1).unwrap();
+    a.activate(hitless_sync::ControlEpoch(1)).unwrap();
     let ha = serve(&a);
     let s = replica("s", rs);
     write_some(&a, 0, 200, "before");
@@ -226,7 +226,7 @@ fn ends_without_a_common_format_are_refused_naming_both_ranges() {
     let only_next = range(NEXT_WIRE_VERSION, NEXT_WIRE_VERSION);
     for (ra, rs) in [(current(), only_next), (only_next, current())] {
         let a = replica("a", ra);
-        a.activate(1).unwrap();
+        a.activate(hitless_sync::ControlEpoch(1)).unwrap();
         let ha = serve(&a);
         let s = replica("s", rs);
         let err = s.follow_tcp(ha.local_addr(), true).unwrap_err().to_string();
@@ -252,7 +252,7 @@ fn fake_active(welcome: Control, frames: Vec<Vec<u8>>) -> std::net::SocketAddr {
         let (mut s, _) = l.accept().unwrap();
         let f = wire::read_frame(&mut s).unwrap().unwrap();
         assert_eq!(f.kind, FrameType::Hello);
-        let _ = s.write_all(&welcome.encode(1, 0));
+        let _ = s.write_all(&welcome.encode(hitless_sync::ControlEpoch(1), 0));
         for f in frames {
             let _ = s.write_all(&f);
         }
@@ -297,11 +297,17 @@ fn corrupt_version_byte_after_negotiation_ends_the_link_with_a_clear_error() {
     let good = wire::encode_frame_in(
         NEXT_WIRE_VERSION,
         FrameType::BulkBegin,
-        1,
+        hitless_sync::ControlEpoch(1),
         0,
         &serde_json::to_vec(&begin).unwrap(),
     );
-    let mut bad = wire::encode_frame_in(NEXT_WIRE_VERSION, FrameType::Heartbeat, 1, 0, &[]);
+    let mut bad = wire::encode_frame_in(
+        NEXT_WIRE_VERSION,
+        FrameType::Heartbeat,
+        hitless_sync::ControlEpoch(1),
+        0,
+        &[],
+    );
     bad[4] = 77;
     let s = replica("s", next());
     let addr = fake_active(welcome(Some(NEXT_WIRE_VERSION)), vec![good, bad]);

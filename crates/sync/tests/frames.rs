@@ -15,7 +15,12 @@ use proptest::prelude::*;
 fn batch(epoch: u64, first: u64, muts: &[Mutation]) -> Vec<u8> {
     let mut p = first.to_le_bytes().to_vec();
     p.extend_from_slice(&wire::encode_batch_payload(muts));
-    wire::encode_frame(FrameType::Batch, epoch, first + muts.len() as u64 - 1, &p)
+    wire::encode_frame(
+        FrameType::Batch,
+        hitless_sync::ControlEpoch(epoch),
+        first + muts.len() as u64 - 1,
+        &p,
+    )
 }
 
 /// Feeds a standby a welcome, an empty bulk, one good batch, then `bad`;
@@ -33,15 +38,17 @@ fn feed(bad: Vec<u8>, close_after: bool) -> (u64, Vec<hitless_sync::Record>, Str
             tables: vec!["kv".into()],
             format: None,
         }
-        .encode(1, 0);
-        out.extend(Control::BulkBegin { seq: 0, records: 0 }.encode(1, 0));
+        .encode(hitless_sync::ControlEpoch(1), 0);
+        out.extend(
+            Control::BulkBegin { seq: 0, records: 0 }.encode(hitless_sync::ControlEpoch(1), 0),
+        );
         out.extend(
             Control::BulkEnd {
                 seq: 0,
                 digest: Digest::default(),
-                last_epoch: 0,
+                last_epoch: hitless_sync::ControlEpoch(0),
             }
-            .encode(1, 0),
+            .encode(hitless_sync::ControlEpoch(1), 0),
         );
         out.extend(batch(1, 1, &[put(1, "good")]));
         out.extend(bad);
@@ -106,7 +113,7 @@ fn malformed_payload_rejected_without_partial_apply() {
     let mut body = wire::encode_batch_payload(&three());
     body.truncate(body.len() - 1);
     p.extend_from_slice(&body);
-    let f = wire::encode_frame(FrameType::Batch, 1, 4, &p);
+    let f = wire::encode_frame(FrameType::Batch, hitless_sync::ControlEpoch(1), 4, &p);
     let (seq, recs, err) = feed(f, false);
     assert!(err.contains("malformed"), "{err}");
     assert_only_good_applied(seq, &recs);
@@ -121,7 +128,7 @@ fn sequence_gap_rejected_without_apply() {
 
 #[test]
 fn decoder_rejects_bad_magic_version_type_and_flags() {
-    let good = wire::encode_frame(FrameType::Ack, 1, 2, &[]);
+    let good = wire::encode_frame(FrameType::Ack, hitless_sync::ControlEpoch(1), 2, &[]);
     let mut f = good.clone();
     f[0] = b'X';
     assert!(matches!(
@@ -167,7 +174,7 @@ proptest! {
         let f = batch(epoch, first, &muts);
         let (frame, used) = wire::decode_frame(&f).unwrap();
         prop_assert_eq!(used, f.len());
-        prop_assert_eq!(frame.epoch, epoch);
+        prop_assert_eq!(frame.epoch.0, epoch);
         let (a, b, decoded) = wire::decode_batch_frame(&frame).unwrap();
         prop_assert_eq!((a, b), (first, first + muts.len() as u64 - 1));
         let back: Vec<Mutation> = decoded.iter().map(|m| m.to_mutation()).collect();
@@ -177,7 +184,7 @@ proptest! {
     #[test]
     fn control_frames_round_trip(seq in any::<u64>(), records in any::<u64>()) {
         let c = Control::BulkBegin { seq, records };
-        let (frame, _) = wire::decode_frame(&c.encode(3, seq)).unwrap();
+        let (frame, _) = wire::decode_frame(&c.encode(hitless_sync::ControlEpoch(3), seq)).unwrap();
         prop_assert_eq!(Control::decode(&frame).unwrap(), c);
     }
 
@@ -208,7 +215,7 @@ fn control_messages_round_trip_and_older_ones_still_decode() {
         },
         Control::ResumeEnd {
             seq: 9,
-            last_epoch: 2,
+            last_epoch: hitless_sync::ControlEpoch(2),
             digest: Digest::default(),
         },
         Control::Hello {
@@ -218,12 +225,15 @@ fn control_messages_round_trip_and_older_ones_still_decode() {
             reads: vec![1],
             writes: vec![1],
             ha: true,
-            epoch: 3,
-            resume: Some(hitless_sync::ResumePoint { seq: 9, epoch: 2 }),
+            epoch: hitless_sync::ControlEpoch(3),
+            resume: Some(hitless_sync::ResumePoint {
+                seq: 9,
+                epoch: hitless_sync::ControlEpoch(2),
+            }),
             formats: Some(wire::BUILD_FORMATS),
         },
     ] {
-        let (f, _) = wire::decode_frame(&c.encode(3, 9)).unwrap();
+        let (f, _) = wire::decode_frame(&c.encode(hitless_sync::ControlEpoch(3), 9)).unwrap();
         assert_eq!(Control::decode(&f).unwrap(), c);
     }
     // As a build without resumes writes them: no resume point, no last epoch.
@@ -234,7 +244,9 @@ fn control_messages_round_trip_and_older_ones_still_decode() {
     }
     let end = br#"{"t":"bulk_end","seq":5,"digest":{"tables":{}}}"#;
     match Control::decode_payload(FrameType::BulkEnd, end).unwrap() {
-        Control::BulkEnd { last_epoch, .. } => assert_eq!(last_epoch, 0),
+        Control::BulkEnd { last_epoch, .. } => {
+            assert_eq!(last_epoch, hitless_sync::ControlEpoch(0))
+        }
         c => panic!("{c:?}"),
     }
     // A payload of another message type is refused.

@@ -146,15 +146,19 @@ fn a_leaving_standby_lets_the_active_close_the_link() {
             tables: vec!["kv".into()],
             format: None,
         };
-        c.write_all(&welcome.encode(1, 0)).unwrap();
-        c.write_all(&Control::BulkBegin { seq: 0, records: 0 }.encode(1, 0))
+        c.write_all(&welcome.encode(hitless_sync::ControlEpoch(1), 0))
             .unwrap();
+        c.write_all(
+            &Control::BulkBegin { seq: 0, records: 0 }.encode(hitless_sync::ControlEpoch(1), 0),
+        )
+        .unwrap();
         let end = Control::BulkEnd {
             seq: 0,
             digest: Digest::default(),
-            last_epoch: 0,
+            last_epoch: hitless_sync::ControlEpoch(0),
         };
-        c.write_all(&end.encode(1, 0)).unwrap();
+        c.write_all(&end.encode(hitless_sync::ControlEpoch(1), 0))
+            .unwrap();
         // Read up to the Leave (acknowledgements and heartbeats before it).
         loop {
             let f = wire::read_frame(&mut c)

@@ -126,12 +126,12 @@ fn diverged_standby_falls_back_to_a_snapshot() {
     for i in 10..20 {
         a.apply(vec![put(i, "a-side")]).unwrap();
     }
-    b.activate(2).unwrap();
+    b.activate(hitless_sync::ControlEpoch(2)).unwrap();
     for i in 10..15 {
         b.apply(vec![put(i, "b-side")]).unwrap();
     }
     b.demote().unwrap();
-    a.activate(3).unwrap();
+    a.activate(hitless_sync::ControlEpoch(3)).unwrap();
     a.apply(vec![put(99, "a-epoch-3")]).unwrap();
     assert_eq!(b.status().applied_seq, 15);
     // b's last batch (sequence 15) was applied in epoch 2; a's sequence 15
@@ -155,7 +155,7 @@ fn standby_behind_the_log_falls_back_to_a_snapshot() {
     let mut cfg = config("a");
     cfg.resume_log_batches = 50;
     let a = Replica::new(schema(1), cfg);
-    a.activate(1).unwrap();
+    a.activate(hitless_sync::ControlEpoch(1)).unwrap();
     let h = a.serve(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
     let s = standby(1, "s");
     let f = s.follow_tcp(h.local_addr(), true).unwrap();
@@ -208,7 +208,7 @@ fn resume_across_planned_switchover_keeps_state_identical() {
     assert_eq!(a.digest(), b.digest());
     // And back again: b resumes from a after a second switchover.
     let epoch2 = b.switchover("a", Duration::from_secs(5)).unwrap();
-    assert_eq!(epoch2, epoch + 1);
+    assert_eq!(epoch2, epoch.next());
     let ha2 = a.serve(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
     for i in 0..50 {
         a.apply(vec![put_v2(i, "a-again")]).unwrap();
@@ -244,7 +244,7 @@ fn fake_active(
             tables: vec!["kv".into()],
             format: None,
         }
-        .encode(1, 0);
+        .encode(hitless_sync::ControlEpoch(1), 0);
         out.extend(frames(&hello));
         s.write_all(&out).unwrap();
         let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
@@ -279,7 +279,12 @@ fn replayed_batch_outside_a_resume_is_refused_without_applying() {
         let mut p = 1u64.to_le_bytes().to_vec();
         p.extend_from_slice(&21u64.to_le_bytes());
         p.extend_from_slice(&wire::encode_batch_payload(&[put(1, "bad")]));
-        wire::encode_frame(FrameType::ReplayBatch, 1, 21, &p)
+        wire::encode_frame(
+            FrameType::ReplayBatch,
+            hitless_sync::ControlEpoch(1),
+            21,
+            &p,
+        )
     });
     let f = s.follow_tcp(addr, true).unwrap();
     let err = f.join().unwrap_err().to_string();
@@ -305,14 +310,14 @@ fn resume_ending_in_a_digest_mismatch_is_dropped_and_next_attach_takes_a_snapsho
             seq: p.seq,
             batches: 0,
         }
-        .encode(1, p.seq);
+        .encode(hitless_sync::ControlEpoch(1), p.seq);
         out.extend(
             Control::ResumeEnd {
                 seq: p.seq,
                 last_epoch: p.epoch,
                 digest: Digest::default(),
             }
-            .encode(1, p.seq),
+            .encode(hitless_sync::ControlEpoch(1), p.seq),
         );
         out
     });
@@ -323,7 +328,10 @@ fn resume_ending_in_a_digest_mismatch_is_dropped_and_next_attach_takes_a_snapsho
     assert!(matches!(
         hello,
         Control::Hello {
-            resume: Some(ResumePoint { seq: 20, epoch: 1 }),
+            resume: Some(ResumePoint {
+                seq: 20,
+                epoch: hitless_sync::ControlEpoch(1)
+            }),
             ..
         }
     ));

@@ -11,7 +11,7 @@ use tracing::{debug, error, info, warn};
 use super::switch::{failover, switchover, SwitchContext};
 use super::{Appliances, Driver, DriverTiming, Input};
 use crate::appliance::{as_status, standby_config, Op, OpOk, Started};
-use crate::epoch::{previous, to_wire};
+use crate::epoch::previous;
 use crate::front::Route;
 use crate::remote::OpError;
 
@@ -264,9 +264,7 @@ async fn run_ordered(
                         app,
                         Op::Control {
                             instance,
-                            command: AgentCommand::Fence {
-                                epoch: to_wire(epoch),
-                            },
+                            command: AgentCommand::Fence { epoch },
                         },
                     )
                     .await;

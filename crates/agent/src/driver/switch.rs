@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::{Appliances, Driver, DriverTiming};
 use crate::appliance::{active_config, as_status, control_role, standby_config, Op, OpOk, Started};
-use crate::epoch::{from_wire, previous, to_wire};
+use crate::epoch::previous;
 use crate::front::Route;
 use crate::remote::OpError;
 
@@ -164,9 +164,7 @@ async fn promote(
         app,
         Op::Control {
             instance: to,
-            command: AgentCommand::Promote {
-                epoch: to_wire(epoch),
-            },
+            command: AgentCommand::Promote { epoch },
         },
     )
     .await
@@ -324,7 +322,7 @@ pub(super) async fn switchover(
         Op::Control {
             instance: from,
             command: AgentCommand::Quiesce {
-                epoch: to_wire(previous(epoch)),
+                epoch: previous(epoch),
             },
         },
     )
@@ -386,7 +384,7 @@ pub(super) async fn switchover(
                 Op::Control {
                     instance: from,
                     command: AgentCommand::Demote {
-                        epoch: to_wire(epoch),
+                        epoch,
                         new_active_sync_addr: Some(target.sync_addr.clone()),
                     },
                 },
@@ -412,7 +410,7 @@ pub(super) async fn switchover(
         let deadline = tokio::time::Instant::now() + timing.drain_bound;
         loop {
             match as_status(apps.exec(app, Op::Status { instance: *s }).await) {
-                Ok(st) if st.ready && from_wire(st.epoch) >= epoch => break,
+                Ok(st) if st.ready && st.epoch >= epoch => break,
                 Ok(_) => {}
                 Err(e) => {
                     warn!(standby = %s, "HA standby unreachable after the switchover: {e}");

@@ -68,7 +68,7 @@ impl Instance {
         let cfg = Configure {
             instance_id: self.id.clone(),
             role,
-            epoch,
+            epoch: hitless_control::ControlEpoch(epoch),
             active_sync_addr: active.map(|a| a.hello.sync_addr.clone()),
             designated_ha: ha,
             sync_mode: SyncMode::Synchronous,

@@ -225,7 +225,7 @@ fn pair(
     durability: Durability,
 ) -> Result<(Replica, ServeHandle, Vec<Replica>), SyncError> {
     let a = Replica::new(schema(), config("bench-active", durability));
-    a.activate(1)?;
+    a.activate(crate::ControlEpoch(1))?;
     let h = a.serve(TcpListener::bind("127.0.0.1:0")?)?;
     let mut standbys = Vec::new();
     for i in 0..n {

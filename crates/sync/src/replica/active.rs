@@ -45,7 +45,11 @@ impl Replica {
         st.quiesced = false;
         drop(st);
         self.inner.cond.notify_all();
-        info!(service = self.inner.schema.service(), epoch, "active");
+        info!(
+            service = self.inner.schema.service(),
+            epoch = epoch.0,
+            "active"
+        );
         self.notify_role(Role::Active, epoch);
         Ok(())
     }

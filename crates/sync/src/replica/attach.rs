@@ -128,7 +128,7 @@ fn accept_one(stream: TcpStream, replicas: &[Replica]) -> Result<(), SyncError> 
             &Control::Refuse {
                 reason: reason.clone(),
             }
-            .encode(0, 0),
+            .encode(crate::ControlEpoch(0), 0),
         );
         return Err(SyncError::Refused(reason));
     };
@@ -200,7 +200,7 @@ impl Replica {
                 local: schema.service().into(),
                 peer: service,
             };
-            return refuse(&mut conn, 0, e);
+            return refuse(&mut conn, crate::ControlEpoch(0), e);
         }
         let my_epoch = self.epoch();
         if peer_epoch > my_epoch {
@@ -459,7 +459,7 @@ impl Replica {
             if sv == native {
                 fw.begin(FrameType::ReplayBatch, epoch, e.last);
                 let p = fw.payload();
-                p.extend_from_slice(&e.epoch.to_le_bytes());
+                p.extend_from_slice(&e.epoch.0.to_le_bytes());
                 p.extend_from_slice(&e.first.to_le_bytes());
                 p.extend_from_slice(&e.body);
                 fw.finish();
@@ -580,7 +580,7 @@ impl Replica {
                     self.heartbeat_to(link);
                 }
                 FrameType::PromoteAck => {
-                    link.promoted.store(f.epoch, Ordering::SeqCst);
+                    link.promoted.store(f.epoch.0, Ordering::SeqCst);
                     let st = self.state();
                     drop(st);
                     self.inner.cond.notify_all();

@@ -205,7 +205,7 @@ pub(super) fn encode_frame_body(
     fw.begin(kind, epoch, last);
     let p = fw.payload();
     if let Some(o) = origin {
-        p.extend_from_slice(&o.to_le_bytes());
+        p.extend_from_slice(&o.0.to_le_bytes());
     }
     p.extend_from_slice(&first.to_le_bytes());
     let count_at = p.len();

@@ -55,9 +55,12 @@ impl FollowHandle {
     /// [`ReplicaConfig::ha_grace`]: crate::ReplicaConfig::ha_grace
     pub fn leave(self) {
         self.link.leaving.store(true, Ordering::Release);
-        let sent = self
-            .link
-            .send(&wire::encode_frame(FrameType::Leave, 0, 0, &[]));
+        let sent = self.link.send(&wire::encode_frame(
+            FrameType::Leave,
+            crate::ControlEpoch(0),
+            0,
+            &[],
+        ));
         // Let the active read the Leave and close the link itself (bounded): closing first
         // could make the active see a dropped HA standby (a failed write) before it reads
         // the Leave, and hold acknowledgements for the HA grace. Only an active heard from
@@ -114,8 +117,8 @@ impl Replica {
                     "this standby already follows an active".into(),
                 ));
             }
-            let resume =
-                (st.history_ok && st.seq > 0 && st.last_epoch > 0).then_some(ResumePoint {
+            let resume = (st.history_ok && st.seq > 0 && st.last_epoch > crate::ControlEpoch(0))
+                .then_some(ResumePoint {
                     seq: st.seq,
                     epoch: st.last_epoch,
                 });
@@ -618,9 +621,9 @@ impl<'a> Session<'a> {
         // (see `bulk`); the state is a whole history only once
         // the transfer ends.
         st.seq = seq;
-        st.last_epoch = 0;
+        st.last_epoch = crate::ControlEpoch(0);
         st.history_ok = false;
-        st.log.reset(seq, 0);
+        st.log.reset(seq, crate::ControlEpoch(0));
         self.bulk = Some(BulkProgress {
             begin: seq,
             announced: records,
@@ -762,11 +765,13 @@ impl<'a> Session<'a> {
             }
             .into());
         }
-        let origin = u64::from_le_bytes(f.payload[..8].try_into().expect("8 bytes"));
-        if origin == 0 || origin > f.epoch || f.seq > to {
+        let origin = crate::ControlEpoch(u64::from_le_bytes(
+            f.payload[..8].try_into().expect("8 bytes"),
+        ));
+        if origin.0 == 0 || origin > f.epoch || f.seq > to {
             return Err(SyncError::Protocol(format!(
-                "replayed batch ending at {} of epoch {origin} does not fit a resume to {to} at epoch {}",
-                f.seq, f.epoch
+                "replayed batch ending at {} of epoch {} does not fit a resume to {to} at epoch {}",
+                f.seq, origin.0, f.epoch.0
             )));
         }
         let (first, body) =
@@ -895,8 +900,8 @@ impl<'a> Session<'a> {
         let mut st = replica.state();
         if epoch <= st.epoch || st.seq != last_seq || !self.caught_up {
             let e = format!(
-                "promotion to epoch {epoch} at sequence {last_seq} refused: at epoch {}, applied {}",
-                st.epoch, st.seq
+                "promotion to epoch {} at sequence {last_seq} refused: at epoch {}, applied {}",
+                epoch.0, st.epoch.0, st.seq
             );
             drop(st);
             let _ = self
@@ -910,7 +915,7 @@ impl<'a> Session<'a> {
         st.quiesced = false;
         let epoch = st.epoch;
         drop(st);
-        info!(epoch, seq = last_seq, "promoted by switchover");
+        info!(epoch = epoch.0, seq = last_seq, "promoted by switchover");
         let _ = self.link.send(&wire::encode_frame(
             FrameType::PromoteAck,
             epoch,
@@ -944,14 +949,14 @@ mod tests {
     }
 
     impl Sink {
-        /// The frames sent so far (kind, epoch, seq), taken.
-        fn take(&self) -> Vec<(FrameType, Epoch, Seq)> {
+        /// The frames sent so far (kind, epoch number, seq), taken.
+        fn take(&self) -> Vec<(FrameType, u64, Seq)> {
             let bytes = std::mem::take(&mut *lock(&self.0));
             let mut at = 0;
             let mut out = Vec::new();
             while at < bytes.len() {
                 let (f, n) = wire::decode_frame(&bytes[at..]).expect("a whole frame");
-                out.push((f.kind, f.epoch, f.seq));
+                out.push((f.kind, f.epoch.0, f.seq));
                 at += n;
             }
             out
@@ -961,7 +966,7 @@ mod tests {
     fn standby() -> (Replica, FLink, Sink) {
         let r = Replica::new(Schema::new("kv", 1).table("kv"), ReplicaConfig::new("b"));
         // As the handshake leaves it: at the epoch of the active's welcome.
-        r.state().set_epoch(1);
+        r.state().set_epoch(crate::ControlEpoch(1));
         let sink = Sink::default();
         let link = FLink {
             id: 1,
@@ -997,7 +1002,7 @@ mod tests {
         let mut s = Session::new(&r, &link, 1);
         let err = feed(
             &mut s,
-            &wire::encode_frame(FrameType::Hello, 1, 0, b"not json"),
+            &wire::encode_frame(FrameType::Hello, crate::ControlEpoch(1), 0, b"not json"),
         )
         .unwrap_err();
         assert!(
@@ -1015,11 +1020,11 @@ mod tests {
         let put = [Mutation::put("kv", b"k".to_vec(), b"v".to_vec())];
         let chunk = {
             let p = wire::encode_batch_payload(&put);
-            wire::encode_frame(FrameType::BulkChunk, 1, 0, &p)
+            wire::encode_frame(FrameType::BulkChunk, crate::ControlEpoch(1), 0, &p)
         };
         let err = feed(&mut s, &chunk).unwrap_err();
         assert!(err.to_string().contains("outside a bulk snapshot"), "{err}");
-        let err = feed(&mut s, &batch(1, 1, &put)).unwrap_err();
+        let err = feed(&mut s, &batch(crate::ControlEpoch(1), 1, &put)).unwrap_err();
         assert!(
             err.to_string().contains("before the bulk snapshot"),
             "{err}"
@@ -1031,15 +1036,15 @@ mod tests {
     fn a_bulk_snapshot_then_batches_are_acknowledged_once_each() {
         let (r, link, sink) = standby();
         let mut s = Session::new(&r, &link, 1);
-        let begin = Control::BulkBegin { seq: 0, records: 0 }.encode(1, 0);
+        let begin = Control::BulkBegin { seq: 0, records: 0 }.encode(crate::ControlEpoch(1), 0);
         assert_eq!(feed(&mut s, &begin).unwrap(), Next::Frame);
         let (_, empty) = r.digest();
         let end = Control::BulkEnd {
             seq: 0,
             digest: empty,
-            last_epoch: 0,
+            last_epoch: crate::ControlEpoch(0),
         }
-        .encode(1, 0);
+        .encode(crate::ControlEpoch(1), 0);
         assert_eq!(feed(&mut s, &end).unwrap(), Next::Frame);
         assert!(s.caught_up);
         assert_eq!(
@@ -1047,7 +1052,11 @@ mod tests {
             vec![(FrameType::DigestResult, 1, 0), (FrameType::Ack, 1, 0)]
         );
         let put = |k: &[u8]| Mutation::put("kv", k.to_vec(), b"v".to_vec());
-        feed(&mut s, &batch(1, 1, &[put(b"a"), put(b"b")])).unwrap();
+        feed(
+            &mut s,
+            &batch(crate::ControlEpoch(1), 1, &[put(b"a"), put(b"b")]),
+        )
+        .unwrap();
         s.ack_applied().unwrap();
         assert_eq!(sink.take(), vec![(FrameType::Ack, 1, 2)]);
         // Nothing new applied: nothing acknowledged again.
@@ -1056,7 +1065,7 @@ mod tests {
         assert_eq!(s.acked, 2);
         assert_eq!(r.records().0, 2);
         // A batch that does not continue the sequence is refused.
-        let err = feed(&mut s, &batch(1, 4, &[put(b"c")])).unwrap_err();
+        let err = feed(&mut s, &batch(crate::ControlEpoch(1), 4, &[put(b"c")])).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -1073,10 +1082,13 @@ mod tests {
     fn a_promotion_before_catching_up_is_refused_and_changes_nothing() {
         let (r, link, sink) = standby();
         let mut s = Session::new(&r, &link, 1);
-        let promote = Control::Promote { last_seq: 0 }.encode(2, 0);
+        let promote = Control::Promote { last_seq: 0 }.encode(crate::ControlEpoch(2), 0);
         let err = feed(&mut s, &promote).unwrap_err();
         assert!(err.to_string().contains("refused"), "{err}");
         assert_eq!(sink.take(), vec![(FrameType::Refuse, 2, 0)]);
-        assert_eq!((r.role(), r.epoch()), (Role::Standby, 1));
+        assert_eq!(
+            (r.role(), r.epoch()),
+            (Role::Standby, crate::ControlEpoch(1))
+        );
     }
 }

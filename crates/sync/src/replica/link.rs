@@ -271,19 +271,25 @@ mod tests {
 
     #[test]
     fn frame_reader_reads_frames_in_order_and_knows_when_none_waits() {
-        let mut bytes = wire::encode_frame(FrameType::Heartbeat, 2, 7, &[1, 2, 3]);
-        bytes.extend(wire::encode_frame(FrameType::Ack, 3, 9, &[]));
+        let mut bytes =
+            wire::encode_frame(FrameType::Heartbeat, crate::ControlEpoch(2), 7, &[1, 2, 3]);
+        bytes.extend(wire::encode_frame(
+            FrameType::Ack,
+            crate::ControlEpoch(3),
+            9,
+            &[],
+        ));
         let core = LinkCore::new(None);
         let mut frames = reader(bytes);
         let f = frames.next(&core).unwrap().expect("a frame");
         assert_eq!(
-            (f.kind, f.epoch, f.seq, f.payload),
+            (f.kind, f.epoch.0, f.seq, f.payload),
             (FrameType::Heartbeat, 2, 7, &[1u8, 2, 3][..])
         );
         // The second frame came with the first: it waits in the buffer.
         assert!(!frames.is_drained());
         let f = frames.next(&core).unwrap().expect("a frame");
-        assert_eq!((f.kind, f.epoch, f.seq), (FrameType::Ack, 3, 9));
+        assert_eq!((f.kind, f.epoch.0, f.seq), (FrameType::Ack, 3, 9));
         assert!(f.payload.is_empty());
         assert!(frames.is_drained());
         assert!(frames.next(&core).unwrap().is_none());
@@ -292,7 +298,12 @@ mod tests {
     #[test]
     fn frame_reader_marks_the_link_alive_on_each_frame_only() {
         let core = LinkCore::new(None);
-        let mut frames = reader(wire::encode_frame(FrameType::Ack, 1, 1, &[]));
+        let mut frames = reader(wire::encode_frame(
+            FrameType::Ack,
+            crate::ControlEpoch(1),
+            1,
+            &[],
+        ));
         thread::sleep(Duration::from_millis(30));
         assert!(core.idle_for() >= Duration::from_millis(30));
         frames.next(&core).unwrap().expect("a frame");
@@ -305,7 +316,8 @@ mod tests {
 
     #[test]
     fn frame_reader_fails_on_a_frame_cut_short() {
-        let mut bytes = wire::encode_frame(FrameType::Heartbeat, 1, 1, &[0; 9]);
+        let mut bytes =
+            wire::encode_frame(FrameType::Heartbeat, crate::ControlEpoch(1), 1, &[0; 9]);
         bytes.truncate(bytes.len() - 1);
         let core = LinkCore::new(None);
         let err = reader(bytes).next(&core).err().expect("an error");

@@ -109,8 +109,9 @@ impl State {
     fn set_epoch(&mut self, epoch: Epoch) {
         assert!(
             epoch >= self.epoch,
-            "epoch going back from {} to {epoch}",
-            self.epoch
+            "epoch going back from {} to {}",
+            self.epoch.0,
+            epoch.0
         );
         self.epoch = epoch;
     }
@@ -176,7 +177,7 @@ impl Replica {
                 config,
                 state: Mutex::new(State {
                     role: Role::Standby,
-                    epoch: 0,
+                    epoch: crate::ControlEpoch(0),
                     store,
                     seq: 0,
                     quiesced: false,
@@ -184,7 +185,7 @@ impl Replica {
                     follow: None,
                     last_error: None,
                     scratch: FrameWriter::new(),
-                    last_epoch: 0,
+                    last_epoch: crate::ControlEpoch(0),
                     history_ok: true,
                     log,
                     snapshots_sent: 0,
@@ -193,7 +194,7 @@ impl Replica {
                     resumes_received: 0,
                     ha_dropped: Vec::new(),
                     gone: Vec::new(),
-                    durable: (0, 0),
+                    durable: (crate::ControlEpoch(0), 0),
                 }),
                 cond: Condvar::new(),
                 next_id: AtomicU64::new(1),
@@ -430,10 +431,10 @@ mod tests {
     fn set_epoch_moves_forward_and_stays() {
         let r = replica();
         let mut st = r.state();
-        st.set_epoch(3);
-        st.set_epoch(3);
-        st.set_epoch(7);
-        assert_eq!(st.epoch, 7);
+        st.set_epoch(crate::ControlEpoch(3));
+        st.set_epoch(crate::ControlEpoch(3));
+        st.set_epoch(crate::ControlEpoch(7));
+        assert_eq!(st.epoch, crate::ControlEpoch(7));
     }
 
     #[test]
@@ -441,17 +442,17 @@ mod tests {
     fn set_epoch_refuses_to_go_back() {
         let r = replica();
         let mut st = r.state();
-        st.set_epoch(7);
-        st.set_epoch(6);
+        st.set_epoch(crate::ControlEpoch(7));
+        st.set_epoch(crate::ControlEpoch(6));
     }
 
     #[test]
     fn applied_batches_continue_the_sequence() {
         let r = replica();
         let mut st = r.state();
-        st.applied(1, 1, 2);
-        st.applied(2, 5, 3);
-        assert_eq!((st.seq, st.last_epoch), (5, 3));
+        st.applied(1, 1, crate::ControlEpoch(2));
+        st.applied(2, 5, crate::ControlEpoch(3));
+        assert_eq!((st.seq, st.last_epoch.0), (5, 3));
     }
 
     #[test]
@@ -460,7 +461,7 @@ mod tests {
     fn an_applied_batch_that_goes_back_is_caught() {
         let r = replica();
         let mut st = r.state();
-        st.applied(1, 5, 1);
-        st.applied(3, 6, 1);
+        st.applied(1, 5, crate::ControlEpoch(1));
+        st.applied(3, 6, crate::ControlEpoch(1));
     }
 }

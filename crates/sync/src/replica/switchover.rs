@@ -68,7 +68,7 @@ impl Replica {
                 .0;
         }
         // Point of no return: demote first, so nothing more is acknowledged here.
-        let new_epoch = st.epoch + 1;
+        let new_epoch = st.epoch.next();
         st.role = Role::Standby;
         st.set_epoch(new_epoch);
         st.quiesced = false;
@@ -94,7 +94,7 @@ impl Replica {
         link.flush();
         let mut st = self.state();
         let result = loop {
-            if link.promoted.load(Ordering::SeqCst) == new_epoch {
+            if link.promoted.load(Ordering::SeqCst) == new_epoch.0 {
                 break Ok(new_epoch);
             }
             if !st.links.iter().any(|l| l.link.id == link.id) {
@@ -124,7 +124,7 @@ impl Replica {
         info!(
             service = self.inner.schema.service(),
             target,
-            epoch = new_epoch,
+            epoch = new_epoch.0,
             ok = result.is_ok(),
             "switchover"
         );
@@ -175,7 +175,8 @@ impl Replica {
         if was_active {
             warn!(
                 service = self.inner.schema.service(),
-                epoch, "fenced by a newer epoch"
+                epoch = epoch.0,
+                "fenced by a newer epoch"
             );
             self.notify_role(Role::Fenced, epoch);
         }

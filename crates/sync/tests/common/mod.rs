@@ -44,7 +44,7 @@ pub fn config(node: &str) -> ReplicaConfig {
 
 pub fn active(version: u32, node: &str) -> (Replica, ServeHandle) {
     let r = Replica::new(schema(version), config(node));
-    r.activate(1).unwrap();
+    r.activate(hitless_sync::ControlEpoch(1)).unwrap();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let h = r.serve(l).unwrap();
     (r, h)
