@@ -481,13 +481,14 @@ impl Appliance {
             // service's own threads.
             pids_max: Some(self.front.max_connections() as u64 + 256),
         };
-        let loopback = std::net::Ipv4Addr::LOCALHOST;
+        let host = self.config.instances.host_addr;
         let contract = &img.manifest.service;
         let (payload, ports, sync_addr) = match (self.config.backend, &img.kind) {
             (BackendKind::Process, _) => {
                 let args = process_args(
                     contract,
                     id,
+                    host,
                     (service_port, sync_port),
                     &control_socket,
                     self.ha_grace_ms(),
@@ -499,7 +500,7 @@ impl Appliance {
                         env: vec![("RUST_LOG".into(), "info".into())],
                     }),
                     vec![],
-                    format!("{loopback}:{sync_port}"),
+                    SocketAddr::new(host, sync_port).to_string(),
                 )
             }
             (
@@ -520,10 +521,18 @@ impl Appliance {
                         vcpus: self.config.instances.vcpus,
                     }),
                     vec![
-                        PortForward::loopback(service_port, contract.service_port),
-                        PortForward::loopback(sync_port, contract.sync_port),
+                        PortForward::on(host, service_port, contract.service_port),
+                        PortForward::on(host, sync_port, contract.sync_port),
                     ],
-                    format!("{GUEST_HOST_ADDR}:{sync_port}"),
+                    // What the guests dial: inside a guest, loopback is the guest itself, so
+                    // a loopback host address is reached through the emulated gateway; any
+                    // other host address is dialled as it is (user-mode networking connects
+                    // from the host).
+                    if host.is_loopback() {
+                        format!("{GUEST_HOST_ADDR}:{sync_port}")
+                    } else {
+                        SocketAddr::new(host, sync_port).to_string()
+                    },
                 )
             }
             (BackendKind::Qemu, ImageKind::Process) => {
@@ -566,7 +575,7 @@ impl Appliance {
             instance: id,
             appliance: self.me,
             image,
-            service_addr: SocketAddr::from((loopback, service_port)),
+            service_addr: SocketAddr::new(host, service_port),
             sync_addr,
             protocol: contract.protocol,
             // The service's own process (not the sandbox's init): what is reniced below and
@@ -644,21 +653,21 @@ impl Appliance {
 
 /// The command line of a process instance: the image's argument template with this
 /// instance's values. A process shares the host's network, so it listens on the host
-/// loopback ports of its slot.
+/// address's ports of its slot.
 fn process_args(
     contract: &ServiceContract,
     id: InstanceId,
+    host: std::net::IpAddr,
     (service_port, sync_port): (u16, u16),
     control_socket: &std::path::Path,
     ha_grace_ms: u64,
 ) -> Vec<String> {
-    let loopback = std::net::Ipv4Addr::LOCALHOST;
     service::expand(
         &contract.args,
         &service::Values {
             instance_id: id.to_string(),
-            service_listen: format!("{loopback}:{service_port}"),
-            sync_listen: format!("{loopback}:{sync_port}"),
+            service_listen: SocketAddr::new(host, service_port).to_string(),
+            sync_listen: SocketAddr::new(host, sync_port).to_string(),
             service_port,
             sync_port,
             control: control_socket.display().to_string(),
@@ -1051,6 +1060,7 @@ mod tests {
         let args = process_args(
             &c,
             InstanceId(7),
+            "198.18.0.1".parse().unwrap(),
             (20010, 20011),
             std::path::Path::new("/data/instances/i7/control.sock"),
             1500,
@@ -1059,9 +1069,9 @@ mod tests {
             args,
             [
                 "serve",
-                "--bind=127.0.0.1:20010",
+                "--bind=198.18.0.1:20010",
                 "--replicate",
-                "127.0.0.1:20011",
+                "198.18.0.1:20011",
                 "--ctl",
                 "/data/instances/i7/control.sock",
                 "--name=i7",
@@ -1072,13 +1082,32 @@ mod tests {
         );
         // A format-1 process image gets the command line every image got before contracts.
         let legacy = ServiceContract::legacy(hitless_image::Kind::Process, &[]);
-        let args = process_args(&legacy, InstanceId(2), (1, 2), "/c".as_ref(), 1000);
+        let args = process_args(
+            &legacy,
+            InstanceId(2),
+            loopback(),
+            (1, 2),
+            "/c".as_ref(),
+            1000,
+        );
         assert_eq!(args.len(), 10, "{args:?}");
         for value in ["i2", "127.0.0.1:1", "127.0.0.1:2", "/c", "1000"] {
             assert!(args.iter().any(|a| a == value), "{value} in {args:?}");
         }
         // An image with an empty template gets no arguments at all.
-        assert!(process_args(&contract(&[]), InstanceId(1), (1, 2), "/c".as_ref(), 1).is_empty());
+        assert!(process_args(
+            &contract(&[]),
+            InstanceId(1),
+            loopback(),
+            (1, 2),
+            "/c".as_ref(),
+            1
+        )
+        .is_empty());
+    }
+
+    fn loopback() -> std::net::IpAddr {
+        std::net::Ipv4Addr::LOCALHOST.into()
     }
 
     #[test]

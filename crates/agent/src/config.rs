@@ -1,6 +1,6 @@
 //! The agent's TOML configuration.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -56,7 +56,13 @@ impl Default for HeartbeatConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InstanceConfig {
-    /// First loopback port for instances on this appliance; each instance slot uses two
+    /// This host's address for instances: what they listen on (a process shares the host's
+    /// network; a VM's ports are forwarded from it) and what the peer appliance's instances
+    /// and front dial. On a pair of real hosts, the address of the interface that faces the
+    /// peer; `127.0.0.1` (the default) only when both appliances run on one machine. The
+    /// agent refuses to start if the host does not have it.
+    pub host_addr: IpAddr,
+    /// First port for instances on this appliance; each instance slot uses two
     /// (service, sync). Keep it outside the ephemeral port range (see
     /// /proc/sys/net/ipv4/ip_local_port_range), or an outgoing connection may hold a port an
     /// instance needs.
@@ -80,6 +86,7 @@ pub struct InstanceConfig {
 impl Default for InstanceConfig {
     fn default() -> Self {
         Self {
+            host_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port_base: 17800,
             memory_mib: 512,
             cpu_percent: 100,
@@ -185,6 +192,22 @@ impl AgentConfig {
                 }
             }
         }
+        let host = self.instances.host_addr;
+        if host.is_unspecified() || host.is_multicast() {
+            return Err(invalid(
+                "instances.host_addr",
+                format!("{host} is not an address of one host"),
+            ));
+        }
+        if host.is_loopback() && !self.peer_addr.ip().is_loopback() {
+            return Err(invalid(
+                "instances.host_addr",
+                format!(
+                    "{host} is a loopback address but the peer appliance is at {}: its instances could not reach this appliance's; name this host's address on the network the peer shares",
+                    self.peer_addr.ip()
+                ),
+            ));
+        }
         if self.instances.port_base < 1024 || self.instances.port_base > 65000 {
             return Err(invalid(
                 "instances.port_base",
@@ -265,6 +288,30 @@ image = "/tmp/img"
         assert!(e.to_string().contains("peer_listen"), "{e}");
         let e = AgentConfig::parse(Path::new("a.toml"), "appliance = \"tertiary\"").unwrap_err();
         assert!(e.to_string().contains("tertiary"), "{e}");
+    }
+
+    #[test]
+    fn instances_use_the_host_address_named_and_loopback_only_with_a_loopback_peer() {
+        let c = AgentConfig::parse(Path::new("a.toml"), GOOD).unwrap();
+        assert_eq!(c.instances.host_addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let two_hosts = GOOD.replace("127.0.0.1:7712", "198.18.0.2:7711").replace(
+            "peer_listen = \"127.0.0.1:7711\"",
+            "peer_listen = \"198.18.0.1:7711\"",
+        );
+        let e = AgentConfig::parse(Path::new("a.toml"), &two_hosts).unwrap_err();
+        assert!(e.to_string().contains("instances.host_addr"), "{e}");
+        assert!(e.to_string().contains("198.18.0.2"), "{e}");
+        let text = format!("{two_hosts}\n[instances]\nhost_addr = \"198.18.0.1\"\n");
+        let c = AgentConfig::parse(Path::new("a.toml"), &text).unwrap();
+        assert_eq!(
+            c.instances.host_addr,
+            "198.18.0.1".parse::<IpAddr>().unwrap()
+        );
+        for bad in ["0.0.0.0", "224.0.0.1", "::"] {
+            let text = format!("{GOOD}\n[instances]\nhost_addr = \"{bad}\"\n");
+            let e = AgentConfig::parse(Path::new("a.toml"), &text).unwrap_err();
+            assert!(e.to_string().contains("instances.host_addr"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -47,6 +47,19 @@ pub enum AgentError {
     Resume(#[from] crate::driver::JournalError),
     #[error(transparent)]
     Front(#[from] crate::front::FrontError),
+    #[error("instances.host_addr {addr} is not an address of this host ({source}); name the address of an interface here, the one the peer appliance reaches")]
+    HostAddr {
+        addr: std::net::IpAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Refuses a host address for instances that this host does not have: every instance would
+/// fail to listen, one at a time, in the middle of an upgrade.
+fn check_host_addr(addr: std::net::IpAddr) -> Result<(), AgentError> {
+    std::net::TcpListener::bind((addr, 0))
+        .map(drop)
+        .map_err(|source| AgentError::HostAddr { addr, source })
 }
 
 /// Engine bounds for a backend, in ticks of [`DriverTiming::tick`] (100 ms).
@@ -115,6 +128,7 @@ pub fn raise_priority() {
 /// Runs the agent until the process is stopped.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let me = config.appliance;
+    check_host_addr(config.instances.host_addr)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -359,4 +373,19 @@ fn dispatch_peer(
         }
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_address_this_host_does_not_have_is_refused_naming_it() {
+        check_host_addr(std::net::Ipv4Addr::LOCALHOST.into()).unwrap();
+        // TEST-NET-2: documentation only, never assigned to a host.
+        let addr: std::net::IpAddr = "198.51.100.77".parse().unwrap();
+        let e = check_host_addr(addr).unwrap_err();
+        assert!(matches!(e, AgentError::HostAddr { .. }), "{e}");
+        assert!(e.to_string().contains("198.51.100.77"), "{e}");
+    }
 }

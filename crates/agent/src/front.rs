@@ -50,7 +50,7 @@ use bytes::{Buf, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -262,24 +262,32 @@ impl Front {
     }
 
     /// Listens on `addr` (with SO_REUSEPORT, so that the binding can move between appliances
-    /// without a window in which nobody listens).
+    /// on one host without a window in which nobody listens, and with IP_FREEBIND, so that a
+    /// front is ready before its host owns a moving service address).
     pub fn listen(&self, addr: SocketAddr) -> Result<Listening, FrontError> {
         let err = |source| FrontError::Listen { addr, source };
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
         .map_err(err)?;
-        socket.set_reuseaddr(true).map_err(err)?;
-        socket.set_reuseport(true).map_err(err)?;
-        socket.bind(addr).map_err(err)?;
-        // Registering the listener needs the runtime that will poll it.
-        let _in_front = self.shared.rt.enter();
+        socket.set_reuse_address(true).map_err(err)?;
+        socket.set_reuse_port(true).map_err(err)?;
+        if addr.is_ipv4() {
+            socket.set_freebind_v4(true).map_err(err)?;
+        } else {
+            socket.set_freebind_v6(true).map_err(err)?;
+        }
+        socket.set_nonblocking(true).map_err(err)?;
+        socket.bind(&addr.into()).map_err(err)?;
         // A burst of clients (a benchmark opening its connections at once) must not overflow
         // the accept queue: a dropped connection attempt is retried a second later.
-        let backlog = u32::try_from(self.shared.limits.max_connections).unwrap_or(u32::MAX);
-        let listener: TcpListener = socket.listen(backlog).map_err(err)?;
+        let backlog = i32::try_from(self.shared.limits.max_connections).unwrap_or(i32::MAX);
+        socket.listen(backlog).map_err(err)?;
+        // Registering the listener needs the runtime that will poll it.
+        let _in_front = self.shared.rt.enter();
+        let listener = TcpListener::from_std(socket.into()).map_err(err)?;
         let addr = listener.local_addr().map_err(err)?;
         let front = self.clone();
         let task = self.shared.rt.spawn(async move {

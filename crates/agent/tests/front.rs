@@ -247,3 +247,19 @@ async fn blank_lines_between_requests_are_dropped_not_answered() {
     // The connection is still served.
     assert_eq!(request(&mut client).await, "+a\r\n");
 }
+
+#[tokio::test]
+async fn a_front_binds_an_address_its_host_does_not_hold_yet() {
+    // The service address of a pair of hosts is added to an interface only once this host
+    // takes control: the front listens on it before that (IP_FREEBIND).
+    let front = Front::new(FrontLimits::default()).unwrap();
+    // TEST-NET-2, held by no host.
+    let listening = front
+        .listen("198.51.100.77:26399".parse().unwrap())
+        .expect("a front listens on an address not yet on this host");
+    assert_eq!(
+        listening.addr,
+        "198.51.100.77:26399".parse::<SocketAddr>().unwrap()
+    );
+    listening.stop();
+}

@@ -201,8 +201,13 @@ pub struct PortForward {
 impl PortForward {
     /// A forward from `127.0.0.1:host_port` to guest port `guest_port`.
     pub fn loopback(host_port: u16, guest_port: u16) -> Self {
+        Self::on(IpAddr::V4(Ipv4Addr::LOCALHOST), host_port, guest_port)
+    }
+
+    /// A forward from `host_addr:host_port` to guest port `guest_port`.
+    pub fn on(host_addr: IpAddr, host_port: u16, guest_port: u16) -> Self {
         PortForward {
-            host_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            host_addr,
             host_port,
             guest_port,
         }
