@@ -143,6 +143,18 @@ pub enum VipError {
         #[source]
         source: io::Error,
     },
+    /// Removing the address would remove the other addresses of its subnet too, and that could
+    /// not be prevented.
+    #[error("cannot remove {addr} from {interface} without removing the other addresses of its subnet: turning on promote_secondaries failed: {source}")]
+    Secondaries {
+        /// The service address.
+        addr: IpAddr,
+        /// The interface.
+        interface: String,
+        /// Why the setting could not be written.
+        #[source]
+        source: io::Error,
+    },
     /// The announcer thread could not be started.
     #[error("cannot start announcing {addr}: {source}")]
     Announcer {
@@ -274,9 +286,53 @@ fn remove_all(interface: &str, index: u32, addr: IpAddr) -> Result<bool, VipErro
     let present = netlink::addresses(Some(index)).map_err(remove_err)?;
     let mut removed = false;
     for a in present.iter().filter(|a| a.addr == addr) {
+        if has_dependent_secondaries(a, &present) {
+            keep_secondaries(interface, addr)?;
+        }
         removed |= netlink::delete_address(index, addr, a.prefix_len).map_err(remove_err)?;
     }
     Ok(removed)
+}
+
+/// Whether deleting `entry` would take other addresses with it: Linux deletes the secondary
+/// addresses of a subnet with its primary address unless `promote_secondaries` is on. The
+/// service address is a primary when it was added before the host's own address of the same
+/// subnet (after the host's address was re-added, say).
+fn has_dependent_secondaries(entry: &netlink::Addr, present: &[netlink::Addr]) -> bool {
+    let IpAddr::V4(primary) = entry.addr else {
+        return false;
+    };
+    if entry.secondary {
+        return false;
+    }
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(entry.prefix_len))
+        .unwrap_or(0);
+    present.iter().any(|other| match other.addr {
+        IpAddr::V4(o) => {
+            other.secondary
+                && other.prefix_len == entry.prefix_len
+                && u32::from(o) & mask == u32::from(primary) & mask
+        }
+        IpAddr::V6(_) => false,
+    })
+}
+
+/// Turns on `promote_secondaries` for the interface so that removing the service address
+/// keeps the other addresses of its subnet.
+fn keep_secondaries(interface: &str, addr: IpAddr) -> Result<(), VipError> {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/promote_secondaries");
+    let on = std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1");
+    if !on {
+        std::fs::write(&path, "1\n").map_err(|source| VipError::Secondaries {
+            addr,
+            interface: interface.to_owned(),
+            source,
+        })?;
+        tracing::info!(interface, %addr,
+            "turned on promote_secondaries so that removing the service address keeps the other addresses of its subnet");
+    }
+    Ok(())
 }
 
 impl Vip {
@@ -501,6 +557,44 @@ mod tests {
             source: io::Error::from_raw_os_error(libc::ENOBUFS),
         };
         assert!(!err.to_string().contains("CAP_"));
+    }
+
+    fn entry(addr: &str, prefix_len: u8, secondary: bool) -> netlink::Addr {
+        netlink::Addr {
+            index: 2,
+            addr: addr.parse().unwrap(),
+            prefix_len,
+            secondary,
+        }
+    }
+
+    #[test]
+    fn only_a_primary_with_secondaries_of_its_subnet_has_dependents() {
+        let vip = entry("198.18.0.10", 24, false);
+        let own = entry("198.18.0.2", 24, true);
+        let other_subnet = entry("198.19.0.2", 24, false);
+        assert!(has_dependent_secondaries(&vip, &[vip.clone(), own.clone()]));
+        assert!(!has_dependent_secondaries(
+            &vip,
+            &[vip.clone(), other_subnet]
+        ));
+        // A secondary service address takes nothing with it.
+        let vip2 = entry("198.18.0.10", 24, true);
+        let own2 = entry("198.18.0.2", 24, false);
+        assert!(!has_dependent_secondaries(&vip2, &[own2, vip2.clone()]));
+        // A /32 has no secondaries; /0 covers everything.
+        let host = entry("198.18.0.10", 32, false);
+        assert!(!has_dependent_secondaries(
+            &host,
+            &[host.clone(), own.clone()]
+        ));
+        let all = entry("198.18.0.10", 0, false);
+        assert!(has_dependent_secondaries(
+            &all,
+            &[all.clone(), entry("10.1.2.3", 0, true)]
+        ));
+        let v6 = entry("2001:db8::10", 64, false);
+        assert!(!has_dependent_secondaries(&v6, std::slice::from_ref(&v6)));
     }
 
     #[test]

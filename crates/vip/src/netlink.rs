@@ -46,6 +46,8 @@ pub(crate) struct Addr {
     pub index: u32,
     pub addr: IpAddr,
     pub prefix_len: u8,
+    /// IPv4: a secondary address (another address of the same subnet came first).
+    pub secondary: bool,
 }
 
 /// Outcome of an add whose address may already be there.
@@ -275,6 +277,7 @@ fn addr_from(msg: AddressMessage) -> Option<Addr> {
         index: msg.header.index,
         addr: local.or(address)?,
         prefix_len: msg.header.prefix_len,
+        secondary: msg.header.flags.contains(AddressHeaderFlags::Secondary),
     })
 }
 
@@ -340,7 +343,8 @@ mod tests {
             Some(Addr {
                 index: 7,
                 addr: "198.18.0.10".parse().unwrap(),
-                prefix_len: 24
+                prefix_len: 24,
+                secondary: false,
             })
         );
         let msg = address_message(3, "2001:db8::10".parse().unwrap(), 64);
