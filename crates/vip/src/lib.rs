@@ -55,6 +55,15 @@
 //! start with [`remove_stale`], and releases explicitly when it loses control. Removing on drop
 //! would also take the address away from a holder whose handle is merely being replaced.
 //!
+//! # Removing an IPv4 address that is a subnet's primary
+//!
+//! Linux deletes the secondary addresses of a subnet together with its primary address unless
+//! `promote_secondaries` is on for the interface. The service address is the primary when it
+//! was added before the host's own address of the same subnet (the host's address was re-added
+//! while the service address was held, say); removing it would then silently take the host's
+//! own address with it. Before such a removal this crate turns `promote_secondaries` on for
+//! that interface (and says so in the log), or refuses with [`VipError::Secondaries`].
+//!
 //! # Privileges and namespaces
 //!
 //! Adding and removing addresses needs `CAP_NET_ADMIN`, sending raw frames `CAP_NET_RAW`. All

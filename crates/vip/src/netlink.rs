@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
     NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE,
-    NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
@@ -30,6 +30,8 @@ const RECV_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_DATAGRAMS: usize = 100_000;
 /// Most messages collected from one dump.
 const MAX_MESSAGES: usize = 1_000_000;
+/// Most attempts at a dump the kernel reports as interrupted by a concurrent change.
+const DUMP_ATTEMPTS: usize = 3;
 
 /// A link as the kernel describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +75,20 @@ impl Rtnl {
 
     /// Sends one request and collects the messages of its answer. A request that is not a dump
     /// is acknowledged by the kernel; a dump ends with `NLMSG_DONE`.
+    /// A dump, tried again (a bounded number of times) when the kernel reports that it was
+    /// interrupted by a concurrent change.
+    fn dump(&mut self, message: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+        let mut attempt = 1;
+        loop {
+            match self.request(message.clone(), true, 0) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && attempt < DUMP_ATTEMPTS => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn request(
         &mut self,
         message: RouteNetlinkMessage,
@@ -98,6 +114,7 @@ impl Rtnl {
 
         let deadline = Instant::now() + REQUEST_DEADLINE;
         let mut answer = Vec::new();
+        let mut interrupted = false;
         for _ in 0..MAX_DATAGRAMS {
             if Instant::now() >= deadline {
                 break;
@@ -132,6 +149,7 @@ impl Rtnl {
                 if msg.header.sequence_number != seq {
                     continue;
                 }
+                interrupted |= msg.header.flags & NLM_F_DUMP_INTR != 0;
                 match msg.payload {
                     NetlinkPayload::Error(err) => {
                         return match err.code {
@@ -140,10 +158,15 @@ impl Rtnl {
                         };
                     }
                     NetlinkPayload::Done(done) => {
-                        return if done.code == 0 {
-                            Ok(answer)
-                        } else {
+                        return if done.code != 0 {
                             Err(io::Error::from_raw_os_error(done.code.abs()))
+                        } else if interrupted {
+                            Err(io::Error::new(
+                                io::ErrorKind::Interrupted,
+                                "the kernel's tables changed while they were read",
+                            ))
+                        } else {
+                            Ok(answer)
                         };
                     }
                     NetlinkPayload::InnerMessage(inner) => {
@@ -229,11 +252,7 @@ pub(crate) fn link_by_name(name: &str) -> io::Result<Option<Link>> {
 /// Every link of the network namespace.
 pub(crate) fn links() -> io::Result<Vec<Link>> {
     let mut rtnl = Rtnl::open()?;
-    let answer = rtnl.request(
-        RouteNetlinkMessage::GetLink(LinkMessage::default()),
-        true,
-        0,
-    )?;
+    let answer = rtnl.dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
     Ok(answer
         .into_iter()
         .filter_map(|m| match m {
@@ -246,11 +265,7 @@ pub(crate) fn links() -> io::Result<Vec<Link>> {
 /// Every address of the network namespace, or of one link.
 pub(crate) fn addresses(index: Option<u32>) -> io::Result<Vec<Addr>> {
     let mut rtnl = Rtnl::open()?;
-    let answer = rtnl.request(
-        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-        true,
-        0,
-    )?;
+    let answer = rtnl.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))?;
     Ok(answer
         .into_iter()
         .filter_map(|m| match m {
