@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{in_ns, parse_arp, parse_na, Capture, Frame, Pair, IF_A, IF_B};
 use hitless_vip::{
@@ -34,7 +34,7 @@ fn announce(burst: u32, burst_interval_ms: u64, refresh_ms: u64) -> AnnounceConf
 }
 
 /// The gratuitous ARPs for `ip` among the frames.
-fn arps_for(frames: &[Frame], ip: Ipv4Addr) -> Vec<(Instant, common::Arp)> {
+fn arps_for(frames: &[Frame], ip: Ipv4Addr) -> Vec<(Duration, common::Arp)> {
     frames
         .iter()
         .filter_map(|f| parse_arp(&f.bytes).map(|a| (f.at, a)))
@@ -94,7 +94,7 @@ fn the_burst_arrives_on_the_peer_with_the_address_and_the_mac() {
         return;
     };
     let mac = pair.mac_a();
-    let capture = Capture::start(&pair.b, IF_B, Duration::from_millis(1500));
+    let capture = Capture::start(&pair.b, IF_B, Duration::from_millis(2500));
     let sent = in_ns(&pair.a, || {
         let vip = Vip::new(config(VIP4.into(), 24, AnnounceConfig::default())).unwrap();
         vip.claim().unwrap();
@@ -140,9 +140,10 @@ fn refresh_sends_more_later_and_release_stops_announcements() {
         (during, after)
     });
     let during = arps_for(&during, VIP4);
-    // A burst of 2 within 20 ms, then one every 200 ms: about 5 refreshes in 1.1 s.
+    // A burst of 2 within 20 ms, then one every 200 ms: 5 refreshes in 1.1 s when the claim
+    // is quick, fewer when the machine is busy.
     assert!(
-        (5..=8).contains(&during.len()),
+        (4..=8).contains(&during.len()),
         "burst and refreshes: {} frames",
         during.len()
     );
@@ -204,7 +205,7 @@ fn ipv6_claims_without_dad_and_sends_unsolicited_neighbour_advertisements() {
     };
     let vip6: Ipv6Addr = "2001:db8:5::10".parse().unwrap();
     let mac = pair.mac_a();
-    let capture = Capture::start(&pair.b, IF_B, Duration::from_millis(1000));
+    let capture = Capture::start(&pair.b, IF_B, Duration::from_millis(2000));
     let (held, stats) = in_ns(&pair.a, || {
         let vip = Vip::new(config(vip6.into(), 64, announce(3, 50, 0))).unwrap();
         assert_eq!(vip.claim().unwrap(), Claimed::Added);

@@ -151,10 +151,14 @@ pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// One captured frame and when it arrived.
+/// `SIOCGSTAMP` from `<linux/sockios.h>`: the kernel's receive time of the last packet read.
+const SIOCGSTAMP: u32 = 0x8906;
+
+/// One captured frame and when the kernel received it (wall clock), so that the spacing of
+/// frames does not depend on how promptly the capture thread was scheduled.
 #[derive(Debug, Clone)]
 pub struct Frame {
-    pub at: Instant,
+    pub at: Duration,
     pub bytes: Vec<u8>,
 }
 
@@ -199,8 +203,15 @@ impl Capture {
                 if from.sll_pkttype == libc::PACKET_OUTGOING {
                     continue;
                 }
+                let mut tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 0,
+                };
+                // SAFETY: `fd` is open; SIOCGSTAMP writes one timeval into the live `tv`.
+                let rc = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSTAMP as _, &mut tv) };
+                assert_eq!(rc, 0, "SIOCGSTAMP: {}", std::io::Error::last_os_error());
                 frames.push(Frame {
-                    at: Instant::now(),
+                    at: Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000),
                     bytes: buf[..n as usize].to_vec(),
                 });
             }
