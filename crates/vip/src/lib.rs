@@ -549,6 +549,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_handle_can_be_shared_with_blocking_tasks() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<Vip>();
+        send_sync::<VipError>();
+    }
+
+    #[test]
     fn permission_errors_name_the_capability() {
         let err = VipError::Add {
             addr: "198.18.0.10".parse().unwrap(),

@@ -333,3 +333,49 @@ fn is_local_knows_the_addresses_of_the_namespace() {
         assert!(!is_local("198.18.0.1".parse().unwrap()).unwrap());
     });
 }
+
+#[test]
+fn a_claim_uses_the_interface_as_it_is_now_after_it_was_recreated() {
+    let Some(pair) = Pair::new("a_claim_uses_the_interface_as_it_is_now") else {
+        return;
+    };
+    let vip = in_ns(&pair.a, || {
+        Vip::new(config(VIP4.into(), 24, announce(2, 20, 0))).unwrap()
+    });
+    // The veth pair is recreated with a new index and a new MAC.
+    pair.ip(&pair.a, &["link", "del", IF_A]);
+    pair.ip(
+        &pair.a,
+        &[
+            "link",
+            "add",
+            "name",
+            IF_A,
+            "address",
+            "02:00:00:aa:bb:cc",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            IF_B,
+            "netns",
+            &pair.b,
+        ],
+    );
+    pair.ip(&pair.a, &["link", "set", IF_A, "up"]);
+    pair.ip(&pair.b, &["link", "set", IF_B, "up"]);
+    let capture = Capture::start(&pair.b, IF_B, Duration::from_millis(1500));
+    let held = in_ns(&pair.a, || {
+        assert_eq!(vip.claim().unwrap(), Claimed::Added);
+        let held = vip.is_held().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        vip.release().unwrap();
+        held
+    });
+    assert!(held);
+    let arps = arps_for(&capture.finish(), VIP4);
+    assert_eq!(arps.len(), 2, "{arps:?}");
+    for (_, a) in &arps {
+        assert_eq!(a.sender_mac, [0x02, 0, 0, 0xaa, 0xbb, 0xcc], "the new MAC");
+    }
+}
