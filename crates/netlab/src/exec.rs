@@ -162,6 +162,16 @@ pub(crate) fn run_tool(
     stdin: Option<&str>,
 ) -> Result<String, NetlabError> {
     let command = describe(program, args, netns);
+    if let Some(ns) = netns {
+        // Without this, a missing namespace would read like a missing program.
+        validate_netns_name(ns)?;
+        if !netns_path(ns).exists() {
+            return Err(NetlabError::Enter {
+                netns: ns.to_string(),
+                source: io::Error::new(io::ErrorKind::NotFound, "no such network namespace"),
+            });
+        }
+    }
     let mut cmd = match netns {
         Some(ns) => command_in(ns, program),
         None => Command::new(program),
@@ -322,6 +332,21 @@ mod tests {
         let e = run_bounded(cmd, "sleep 30", None, Duration::from_millis(200)).unwrap_err();
         assert!(matches!(e, NetlabError::Timeout { .. }), "{e:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_tool_in_a_missing_namespace_names_the_namespace() {
+        let e = run_tool(
+            "nft",
+            &["list", "ruleset"],
+            Some("netlab-unit-no-such-ns"),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(e, NetlabError::Enter { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains("netlab-unit-no-such-ns"), "{text}");
+        assert!(text.contains("no such network namespace"), "{text}");
     }
 
     #[test]

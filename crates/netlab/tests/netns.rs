@@ -484,6 +484,55 @@ fn destroy_removes_everything_of_its_prefix_and_nothing_else_and_is_idempotent()
 
     let again = destroy(&p).unwrap();
     assert!(again.is_empty(), "{again:?}");
+
+    // The saved topology of a destroyed network gets a clear error, naming the namespace.
+    let e = partition(&t, Partition::PartitionPeers).unwrap_err();
+    assert!(matches!(e, NetlabError::Enter { .. }), "{e:?}");
+    assert!(e.to_string().contains(&format!("{p}-primary")), "{e}");
+}
+
+fn nft_in(netns: &str, script: &str) {
+    let mut nft = command_in(netns, "nft");
+    nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+    let mut child = nft.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "nft -f - in {netns}: {script}"
+    );
+}
+
+#[test]
+fn half_a_partition_is_reported_as_inconsistent_and_heal_removes_it() {
+    if !is_root() {
+        return;
+    }
+    let (_net, plan) = plan("g", 107);
+    let t = create(&plan).unwrap();
+    partition(&t, Partition::IsolateSecondary).unwrap();
+    // As if a crash had struck between namespaces: the witness's table is missing.
+    nft_in(
+        &t.hosts.witness.netns,
+        &format!("delete table inet {}_partition\n", t.prefix),
+    );
+    let e = active(&t).unwrap_err();
+    assert!(
+        matches!(e, NetlabError::PartitionInconsistent { .. }),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string()
+            .contains(&format!("{}: none", t.hosts.witness.netns)),
+        "{e}"
+    );
+    assert_eq!(heal(&t).unwrap(), Some(Partition::IsolateSecondary));
+    assert_eq!(active(&t).unwrap(), None);
+    assert_matrix(&t, &all_pairs(), "after healing half a partition");
 }
 
 #[test]
@@ -526,16 +575,7 @@ fn create_over_the_leftovers_of_a_crashed_run_succeeds() {
     let table = format!(
         "table inet {p}_partition {{ comment \"hitless-netlab partition=partition-peers\"; }}\n"
     );
-    let mut nft = command_in(&format!("{p}-secondary"), "nft");
-    nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
-    let mut child = nft.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(table.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    nft_in(&format!("{p}-secondary"), &table);
 
     let t = create(&plan).unwrap();
     assert_eq!(
