@@ -77,6 +77,19 @@ pub enum NetlabError {
         #[source]
         source: std::io::Error,
     },
+    /// Sending the gratuitous ARP of an address failed.
+    #[error("could not announce {addr} from {interface} in network namespace `{netns}`: {source}")]
+    Announce {
+        /// The namespace.
+        netns: String,
+        /// The interface inside it.
+        interface: String,
+        /// The address announced.
+        addr: std::net::Ipv4Addr,
+        /// The error of the packet socket.
+        #[source]
+        source: std::io::Error,
+    },
     /// A partition name is not one of the known kinds.
     #[error("unknown partition `{name}`; expected one of: {expected}")]
     UnknownPartition {

@@ -16,6 +16,10 @@
 //!   service address .10: held by the appliance in control; the agents add and remove it
 //! ```
 //!
+//! Linux announces nothing when an IPv4 address is added: after the service address moves,
+//! the other hosts keep sending to its old place until their neighbour entry expires (about
+//! half a minute). Whoever adds it calls [`announce`] right after.
+//!
 //! Addresses come from the [`Plan`]'s subnet (198.18.0.0/24 by default, a range reserved for
 //! benchmarks); every name starts with its prefix (`hl`), so [`destroy`] can remove everything
 //! from the prefix alone, also after a crash.
@@ -25,6 +29,7 @@
 //! | `plan` | [`Plan`] and its validation; the names and addresses derived from it |
 //! | `topology` | [`create`], [`destroy`] and the [`Topology`] that `create` returns |
 //! | `exec` | running inside a namespace: [`enter`] (this thread), [`run_in`] (a new thread), [`command_in`] (a child process); bounded runs of `ip`/`nft` |
+//! | `arp` | [`announce`]: the gratuitous ARP whoever moves the service address sends after adding it |
 //! | `partition` | [`Partition`]s as nftables rules inside the namespaces: [`partition`], [`heal`], [`active`] |
 //!
 //! Everything is blocking; `ip` and `nft` runs are bounded in time (10 s) and in captured
@@ -41,12 +46,14 @@
 //! # Ok::<(), hitless_netlab::NetlabError>(())
 //! ```
 
+mod arp;
 mod error;
 mod exec;
 mod partition;
 mod plan;
 mod topology;
 
+pub use arp::{announce, ANNOUNCEMENTS};
 pub use error::NetlabError;
 pub use exec::{command_in, enter, netns_path, run_in, validate_netns_name, NETNS_DIR};
 pub use partition::{active, heal, partition, rules, script, NsRules, Partition};

@@ -66,7 +66,7 @@ pub struct Topology {
     /// Where the lab's clients run.
     pub client: Host,
     /// The address the appliance in control serves on. netlab configures it nowhere: the agents
-    /// add and remove it.
+    /// add and remove it, and announce it with [`crate::announce`] when they add it.
     pub service_addr: Ipv4Addr,
 }
 

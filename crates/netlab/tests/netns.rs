@@ -12,8 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hitless_netlab::{
-    active, command_in, create, destroy, heal, partition, run_in, NetlabError, Partition, Plan,
-    Topology,
+    active, announce, command_in, create, destroy, heal, partition, run_in, NetlabError, Partition,
+    Plan, Topology,
 };
 
 fn is_root() -> bool {
@@ -632,4 +632,74 @@ fn an_unknown_partition_name_is_refused_listing_the_known_ones() {
         ),
         "{e}"
     );
+}
+
+/// Which of the listeners accepts a connection within two seconds.
+fn accepted_by(listeners: &[(Node, &TcpListener)]) -> Option<Node> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        for (node, l) in listeners {
+            if l.accept().is_ok() {
+                return Some(*node);
+            }
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn a_moved_service_address_is_reached_at_its_new_place_once_announced() {
+    if !is_root() {
+        return;
+    }
+    let (_net, plan) = plan("h", 108);
+    let t = create(&plan).unwrap();
+    let service = t.service_addr;
+    let with_len = format!("{service}/{}", t.prefix_len);
+    // Both appliances listen on the service address before holding it (ip_nonlocal_bind).
+    let on_primary = on(&t, Primary, move || TcpListener::bind((service, 6380))).unwrap();
+    let on_secondary = on(&t, Secondary, move || TcpListener::bind((service, 6380))).unwrap();
+    on_primary.set_nonblocking(true).unwrap();
+    on_secondary.set_nonblocking(true).unwrap();
+    let listeners = [(Primary, &on_primary), (Secondary, &on_secondary)];
+    let target = SocketAddr::from((service, 6380));
+    let connect_from = |n: Node| {
+        on(&t, n, move || {
+            TcpStream::connect_timeout(&target, Duration::from_secs(2)).map(|_| ())
+        })
+    };
+    let ip_in = |netns: &str, action: &str| {
+        let mut cmd = command_in(netns, "ip");
+        cmd.args(["addr", action, &with_len, "dev", "eth0"]);
+        ip_output(cmd);
+    };
+
+    ip_in(&t.hosts.primary.netns, "add");
+    announce(&t.hosts.primary.netns, "eth0", service).unwrap();
+    for from in [Client, Gateway, Witness] {
+        connect_from(from).unwrap_or_else(|e| panic!("{from:?} -> service on primary: {e}"));
+        assert_eq!(accepted_by(&listeners), Some(Primary), "{from:?}");
+    }
+
+    // The move: every host that talked to the primary's service address reaches the secondary
+    // at once, without waiting for its neighbour entry to expire.
+    ip_in(&t.hosts.primary.netns, "del");
+    ip_in(&t.hosts.secondary.netns, "add");
+    announce(&t.hosts.secondary.netns, "eth0", service).unwrap();
+    for from in [Client, Gateway, Witness] {
+        connect_from(from).unwrap_or_else(|e| panic!("{from:?} -> service on secondary: {e}"));
+        assert_eq!(accepted_by(&listeners), Some(Secondary), "{from:?}");
+    }
+}
+
+#[test]
+fn announcing_in_a_missing_namespace_names_it() {
+    let e = announce(
+        "netlab-test-no-such-ns",
+        "eth0",
+        Ipv4Addr::new(198, 18, 0, 10),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("netlab-test-no-such-ns"), "{e}");
 }
