@@ -703,3 +703,51 @@ fn announcing_in_a_missing_namespace_names_it() {
     .unwrap_err();
     assert!(e.to_string().contains("netlab-test-no-such-ns"), "{e}");
 }
+
+#[test]
+fn a_create_that_fails_halfway_removes_what_it_made() {
+    if !is_root() {
+        return;
+    }
+    let (_net, plan) = plan("i", 109);
+    let p = plan.prefix.clone();
+    // Another link (not ours: its name lacks "<prefix>-") holds the witness's veth name as an
+    // alternative name, so create fails after the bridge, the primary and the secondary exist.
+    let decoys = Decoys {
+        netns: vec![],
+        links: vec![format!("{p}keep")],
+    };
+    run(&["ip", "link", "add", &decoys.links[0], "type", "bridge"]);
+    run(&[
+        "ip",
+        "link",
+        "property",
+        "add",
+        "dev",
+        &decoys.links[0],
+        "altname",
+        &format!("{p}-wit"),
+    ]);
+
+    let e = create(&plan).unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, NetlabError::Command { .. }), "{e:?}");
+    assert!(
+        text.contains(&format!("ip link add {p}-wit type veth")),
+        "{text}"
+    );
+    assert!(text.contains("File exists"), "{text}");
+
+    let ours = |names: Vec<String>| -> Vec<String> {
+        names
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("{p}-")))
+            .collect()
+    };
+    assert_eq!(ours(netns_names()), Vec::<String>::new());
+    assert_eq!(ours(link_names()), Vec::<String>::new());
+    assert!(
+        link_names().contains(&decoys.links[0]),
+        "the other link was removed"
+    );
+}
