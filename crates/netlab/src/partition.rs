@@ -20,8 +20,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::exec::run_tool;
-use crate::plan::{table_name, Role};
+use crate::exec::{run_tool, validate_netns_name};
+use crate::plan::{table_name, validate_prefix, Role};
 use crate::{NetlabError, Topology};
 
 /// The marker in the table comment in front of the partition name.
@@ -212,6 +212,7 @@ fn nft_apply(netns: &str, script: &str) -> Result<(), NetlabError> {
 /// namespace refuses its rules, the partition tables are removed from all namespaces again
 /// (best effort) and the error returned: no half partition stays behind.
 pub fn partition(topo: &Topology, p: Partition) -> Result<(), NetlabError> {
+    check(topo)?;
     let wanted = rules(topo, p);
     let result = Role::ALL.iter().try_for_each(|role| {
         let host = topo.host(*role);
@@ -240,6 +241,7 @@ pub fn partition(topo: &Topology, p: Partition) -> Result<(), NetlabError> {
 /// Removes the partition tables from every namespace and returns the partition that was in
 /// place (`None` if there was none). Tables it cannot make sense of are removed all the same.
 pub fn heal(topo: &Topology) -> Result<Option<Partition>, NetlabError> {
+    check(topo)?;
     let found = read_all(topo);
     let first = found
         .iter()
@@ -263,7 +265,31 @@ pub fn heal(topo: &Topology) -> Result<Option<Partition>, NetlabError> {
 /// describe exactly one partition (a crash between namespaces, a table made by hand) are an
 /// error; [`heal`] removes them.
 pub fn active(topo: &Topology) -> Result<Option<Partition>, NetlabError> {
+    check(topo)?;
     verdict(topo, read_all(topo))
+}
+
+/// A topology read back from a file goes into nft scripts: its names must be what netlab makes.
+fn check(topo: &Topology) -> Result<(), NetlabError> {
+    validate_prefix(&topo.prefix)?;
+    for role in Role::ALL {
+        let host = topo.host(role);
+        validate_netns_name(&host.netns)?;
+        let i = &host.interface;
+        if i.is_empty()
+            || i.len() > 15
+            || !i
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(NetlabError::InvalidName {
+                name: i.clone(),
+                what: "interface name",
+                reason: "an interface name has 1 to 15 characters a-z, A-Z, 0-9, `-`, `_`, `.`",
+            });
+        }
+    }
+    Ok(())
 }
 
 type Found = Vec<(Role, Result<Option<Partition>, NetlabError>)>;
@@ -570,6 +596,25 @@ mod tests {
             .zip(kinds)
             .map(|(r, k)| (r, Ok(k)))
             .collect()
+    }
+
+    #[test]
+    fn a_topology_with_names_netlab_does_not_make_is_refused_before_nft_runs() {
+        let mut t = topo();
+        t.hosts.witness.interface = "eth0\" drop".to_string();
+        let e = partition(&t, Partition::PartitionPeers).unwrap_err();
+        assert!(e.to_string().contains("interface name"), "{e}");
+        let mut t = topo();
+        t.prefix = "hl; flush ruleset".to_string();
+        let e = active(&t).unwrap_err();
+        assert!(
+            matches!(e, NetlabError::InvalidName { what: "prefix", .. }),
+            "{e:?}"
+        );
+        let mut t = topo();
+        t.client.netns = "../etc".to_string();
+        let e = heal(&t).unwrap_err();
+        assert!(e.to_string().contains("network namespace name"), "{e}");
     }
 
     #[test]

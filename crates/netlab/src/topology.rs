@@ -169,9 +169,19 @@ const BRIDGE_NF: &[&str] = &[
 /// whose host end `<prefix>-pri|sec|wit|cli` is a port of the bridge and whose other end is
 /// `eth0` inside the namespace, up, with the host's address; `lo` up. No default route: every
 /// host and the gateway share the subnet, and the root namespace routes nothing for the lab, so
-/// an off-subnet destination fails fast ("network unreachable") instead of timing out. The
-/// sysctls a moving service address needs are set in every namespace (see `NETNS_SYSCTLS` in
-/// the source for the list and the reasons).
+/// an off-subnet destination fails fast ("network unreachable") instead of timing out.
+///
+/// Every namespace gets, before its interface arrives (so `eth0` inherits them):
+/// - `net.ipv4.ip_nonlocal_bind=1`: an agent may bind the service address before it holds it;
+/// - `net.ipv4.conf.*.arp_accept=1`: a host that never talked to the service address learns its
+///   place from the gratuitous ARP of the appliance taking it ([`crate::announce`]);
+/// - `net.ipv4.conf.*.arp_announce=2`: ARP requests carry the host's own address, never the
+///   service address, so no neighbour caches the service address from an incidental request;
+/// - `net.ipv6.conf.*.disable_ipv6=1`: partitions filter IPv4, so no IPv6 link-local path may
+///   bypass them.
+///
+/// Everything is made in the network namespace of the calling thread (the root namespace,
+/// unless the thread [`crate::enter`]ed another); [`destroy`] must be called from the same.
 ///
 /// If `br_netfilter` is loaded and makes bridges call iptables/arptables, those settings of the
 /// **root namespace** are turned off (a warning is logged): otherwise the host's firewall would
