@@ -421,7 +421,10 @@ fn inject(dir: &Path, kind: FaultKind) -> anyhow::Result<String> {
         | FaultKind::OneWayPrimary
         | FaultKind::IsolateWitness
         | FaultKind::PauseAgent => {
-            bail!("fault {} needs the two-host lab (--hosts netns)", kind.name())
+            bail!(
+                "fault {} needs the two-host lab (--hosts netns)",
+                kind.name()
+            )
         }
     }
 }
