@@ -10,9 +10,17 @@
 //! which the engine is at `STEP` and the fault's target exists. [`fault_catalog`] lists every
 //! accepted combination.
 //!
+//! The faults of the links between the appliances and of a driving agent (a partition, an
+//! isolated appliance, a one-way cut, a lost witness, a paused agent: [`FaultKind::SPLIT`])
+//! fork the world in two sides, each with its own driver, until they heal; the acknowledged
+//! writes of the side discarded at the heal are counted as lost and checked against the kind's
+//! prediction ([`FaultKind::loss_without_witness`]), and the pair must converge afterwards.
+//!
 //! The simulator is cut into the world (`world`: instances, replication, delays, the
-//! agent's answers), the faults (`faults`: kinds, `KIND@STEP`, injection) and the report
-//! (`report`: result, timeline, violations); this module runs them together.
+//! agent's answers), the faults (`faults`: kinds, `KIND@STEP`, injection), the links
+//! (`network`: what each fault cuts), the second driver (`split`: the fork, the service
+//! address and the clients, the heal, losses and convergence) and the report (`report`:
+//! result, timeline, violations); this module runs them together.
 
 mod faults;
 mod network;

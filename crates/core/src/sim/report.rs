@@ -281,7 +281,7 @@ pub(super) fn role_name(i: &Instance) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::{SimResult, SimViolation};
+    use super::{FaultKind, SimResult, SimViolation};
     use crate::domain::InstanceId;
     use crate::invariants::{Invariant, Violation};
 
@@ -321,5 +321,34 @@ mod tests {
             SimViolation::EventLoopUnsettled.to_string(),
             "event loop did not settle"
         );
+    }
+
+    #[test]
+    fn split_violations_print_and_serialize_with_their_fields() {
+        let u = SimViolation::UnpredictedLoss {
+            fault: FaultKind::PauseAgent,
+            lost: 2,
+        };
+        assert_eq!(
+            u.to_string(),
+            "2 acknowledged write(s) lost that pause-agent is not predicted to lose"
+        );
+        assert_eq!(u.invariant(), None);
+        assert_eq!(
+            serde_json::to_value(&u).unwrap(),
+            serde_json::json!({"kind": "unpredicted-loss", "fault": "pause-agent", "lost": 2})
+        );
+        let n = SimViolation::NotConverged {
+            after_ticks: 300,
+            control: true,
+            address: true,
+            ha_standby: false,
+        };
+        assert_eq!(
+            n.to_string(),
+            "the pair did not converge 300 ticks after the heal \
+             (control: true, address: true, HA standby: false)"
+        );
+        assert_eq!(serde_json::to_value(&n).unwrap()["kind"], "not-converged");
     }
 }
