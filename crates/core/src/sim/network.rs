@@ -27,6 +27,9 @@ pub const PEER_DETECT_TICKS: u64 = 3;
 /// grace, so both drivers run and the old side may acknowledge alone before the heal.
 pub const CUT_TICKS: u64 = 20;
 
+// The interesting window (both drivers, the old side past its HA grace) fits in every cut.
+const _: () = assert!(CUT_TICKS > PEER_DETECT_TICKS + super::world::HA_GRACE_TICKS);
+
 /// One direction of one link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Link {

@@ -160,7 +160,7 @@ pub(super) fn begin(sim: &mut Sim, kind: FaultKind) -> Option<String> {
         if net.witness_reaches(a) {
             "reaches"
         } else {
-            "cut from"
+            "is cut from"
         }
     };
     let note = format!(
