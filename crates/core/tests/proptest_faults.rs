@@ -4,7 +4,7 @@ use hitless_core::sim::{self, FaultKind, ScheduledFault, SimOptions, SimResult, 
 use proptest::prelude::*;
 
 fn kind() -> impl Strategy<Value = FaultKind> {
-    prop::sample::select(FaultKind::ALL.to_vec())
+    prop::sample::select(FaultKind::SINGLE_DRIVER.to_vec())
 }
 
 proptest! {

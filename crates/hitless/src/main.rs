@@ -190,6 +190,9 @@ enum SimCommand {
         /// List every KIND@STEP accepted by --fault.
         #[arg(long)]
         list_faults: bool,
+        /// Run every KIND@STEP of the catalog and print one line per case and a summary.
+        #[arg(long, conflicts_with_all = ["fault", "list_faults"])]
+        all: bool,
     },
 }
 
@@ -315,7 +318,14 @@ fn main() {
                 fault,
                 json,
                 list_faults,
-            } => sim::run(fault, json, list_faults),
+                all,
+            } => {
+                if all {
+                    sim::run_all(json)
+                } else {
+                    sim::run(fault, json, list_faults)
+                }
+            }
         },
         Command::Bench { command } => match command {
             BenchCommand::Sync { json } => bench::run_sync(json),

@@ -38,11 +38,68 @@ pub enum FaultKind {
     Abort,
     /// The operator rolls back.
     Rollback,
+    /// The appliances cannot reach each other (peer link and replication, both ways); both
+    /// still reach the clients and the witness. Healed after [`crate::sim::CUT_TICKS`].
+    PartitionPeers,
+    /// The primary appliance is cut from its peer and the witness, still reachable by clients.
+    IsolatePrimary,
+    /// The secondary appliance is cut from its peer and the witness, still reachable by
+    /// clients.
+    IsolateSecondary,
+    /// Only the traffic from the primary appliance to the secondary is dropped.
+    OneWayPrimary,
+    /// Both appliances lose the witness (none exists yet: nothing changes).
+    IsolateWitness,
+    /// The driving agent is paused (`SIGSTOP`) for longer than the failure detector, then
+    /// resumed (`SIGCONT`); its front is paused with it, its instances keep running.
+    PauseAgent,
+}
+
+/// What a fault may cost, by the simulator's model, while no witness exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WitnessLoss {
+    /// No acknowledged write is lost.
+    Nothing,
+    /// The side that steps down at the heal loses the writes it acknowledged alone (its HA
+    /// standby unreachable, after the HA grace) before the clients followed the other side.
+    AckedAloneByDiscardedSide,
 }
 
 impl FaultKind {
-    /// Every kind.
-    pub const ALL: [FaultKind; 11] = [
+    /// Every kind: [`FaultKind::SINGLE_DRIVER`], then [`FaultKind::SPLIT`].
+    pub const ALL: [FaultKind; 17] = [
+        FaultKind::CrashNew,
+        FaultKind::StartFail,
+        FaultKind::CrashActive,
+        FaultKind::CrashStandby,
+        FaultKind::StandbyOutOfSync,
+        FaultKind::HeartbeatLost,
+        FaultKind::ApplianceLostPrimary,
+        FaultKind::ApplianceLostSecondary,
+        FaultKind::Timeout,
+        FaultKind::Abort,
+        FaultKind::Rollback,
+        FaultKind::PartitionPeers,
+        FaultKind::IsolatePrimary,
+        FaultKind::IsolateSecondary,
+        FaultKind::OneWayPrimary,
+        FaultKind::IsolateWitness,
+        FaultKind::PauseAgent,
+    ];
+
+    /// The faults of links and agents: both agents may drive for a while.
+    pub const SPLIT: [FaultKind; 6] = [
+        FaultKind::PartitionPeers,
+        FaultKind::IsolatePrimary,
+        FaultKind::IsolateSecondary,
+        FaultKind::OneWayPrimary,
+        FaultKind::IsolateWitness,
+        FaultKind::PauseAgent,
+    ];
+
+    /// The faults of instances, appliances and the operator: one agent drives throughout.
+    pub const SINGLE_DRIVER: [FaultKind; 11] = [
         FaultKind::CrashNew,
         FaultKind::StartFail,
         FaultKind::CrashActive,
@@ -70,6 +127,31 @@ impl FaultKind {
             FaultKind::Timeout => "timeout",
             FaultKind::Abort => "abort",
             FaultKind::Rollback => "rollback",
+            FaultKind::PartitionPeers => "partition-peers",
+            FaultKind::IsolatePrimary => "isolate-primary",
+            FaultKind::IsolateSecondary => "isolate-secondary",
+            FaultKind::OneWayPrimary => "one-way-primary",
+            FaultKind::IsolateWitness => "isolate-witness",
+            FaultKind::PauseAgent => "pause-agent",
+        }
+    }
+
+    /// Whether this is a fault of the links or of an agent (in [`FaultKind::SPLIT`]).
+    pub fn is_split(self) -> bool {
+        FaultKind::SPLIT.contains(&self)
+    }
+
+    /// What this fault may cost without a witness, by the model (the simulator checks every
+    /// loss it sees against this): a pause loses nothing (the paused agent's front is paused
+    /// too, so no client reaches the old side), a cut witness changes nothing, and a cut
+    /// between the appliances may lose what the discarded side acknowledged alone.
+    pub fn loss_without_witness(self) -> WitnessLoss {
+        match self {
+            FaultKind::PartitionPeers
+            | FaultKind::IsolatePrimary
+            | FaultKind::IsolateSecondary
+            | FaultKind::OneWayPrimary => WitnessLoss::AckedAloneByDiscardedSide,
+            _ => WitnessLoss::Nothing,
         }
     }
 
@@ -353,5 +435,11 @@ pub(super) fn fire(
             sim.feed(Event::Rollback);
             Some("operator rollback".into())
         }
+        FaultKind::PartitionPeers
+        | FaultKind::IsolatePrimary
+        | FaultKind::IsolateSecondary
+        | FaultKind::OneWayPrimary
+        | FaultKind::IsolateWitness
+        | FaultKind::PauseAgent => super::split::begin(sim, kind),
     }
 }

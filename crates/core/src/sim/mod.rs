@@ -10,23 +10,38 @@
 //! which the engine is at `STEP` and the fault's target exists. [`fault_catalog`] lists every
 //! accepted combination.
 //!
+//! The faults of the links between the appliances and of a driving agent (a partition, an
+//! isolated appliance, a one-way cut, a lost witness, a paused agent: [`FaultKind::SPLIT`])
+//! fork the world in two sides, each with its own driver, until they heal; the acknowledged
+//! writes of the side discarded at the heal are counted as lost and checked against the kind's
+//! prediction ([`FaultKind::loss_without_witness`]), and the pair must converge afterwards.
+//!
 //! The simulator is cut into the world (`world`: instances, replication, delays, the
-//! agent's answers), the faults (`faults`: kinds, `KIND@STEP`, injection) and the report
-//! (`report`: result, timeline, violations); this module runs them together.
+//! agent's answers), the faults (`faults`: kinds, `KIND@STEP`, injection), the links
+//! (`network`: what each fault cuts), the second driver (`split`: the fork, the service
+//! address and the clients, the heal, losses and convergence) and the report (`report`:
+//! result, timeline, violations); this module runs them together.
 
 mod faults;
+mod network;
 mod report;
+mod split;
 mod world;
 
 use crate::domain::{ApplianceId, ControlEpoch, ImageRef, InstanceId, Pair, Version};
 use crate::engine::{Command, CompatVerdict, Engine, EngineConfig, EngineState, Event, Step};
 use crate::invariants::Checker;
 
-pub use faults::{fault_catalog, FaultKind, FaultSpec, ScheduledFault, SimError, Trigger};
-pub use report::{FinalControl, SimReport, SimResult, SimViolation, TimelineEntry};
+pub use faults::{
+    fault_catalog, FaultKind, FaultSpec, ScheduledFault, SimError, Trigger, WitnessLoss,
+};
+pub use network::{CUT_TICKS, PEER_DETECT_TICKS};
+pub use report::{FinalControl, SimReport, SimResult, SimViolation, SplitReport, TimelineEntry};
+pub use split::CONVERGE_TICKS;
 pub use world::HA_GRACE_TICKS;
 
 use faults::Faults;
+use split::Split;
 use world::{ai, WStatus, World};
 
 /// Simulation options (for tests and property checks).
@@ -45,6 +60,9 @@ pub struct SimOptions {
     pub max_ticks: u64,
     /// Engine configuration.
     pub config: EngineConfig,
+    /// Ticks without heartbeats after which an agent takes its peer for lost (see
+    /// [`PEER_DETECT_TICKS`]).
+    pub peer_detect_ticks: u64,
 }
 
 impl Default for SimOptions {
@@ -59,6 +77,7 @@ impl Default for SimOptions {
                 rollback_timer_ticks: Some(150),
                 ..EngineConfig::default()
             },
+            peer_detect_ticks: PEER_DETECT_TICKS,
         }
     }
 }
@@ -95,6 +114,16 @@ struct Sim {
     checker: Checker,
     violations: Vec<SimViolation>,
     timeline: Vec<TimelineEntry>,
+    /// The appliance whose agent drives `engine`.
+    driver: ApplianceId,
+    /// The agents' peer failure detector, in ticks.
+    peer_detect_ticks: u64,
+    /// A split fault in progress or healed.
+    split: Option<Split>,
+    /// Acknowledged writes of a side discarded at a heal.
+    discarded_acked: u64,
+    /// Of those, the ones the fault's prediction covers (lost for want of a witness).
+    lost_without_witness: u64,
 }
 
 impl Sim {
@@ -109,6 +138,11 @@ impl Sim {
             checker,
             violations: Vec::new(),
             timeline: Vec::new(),
+            driver: ApplianceId::Primary,
+            peer_detect_ticks: opts.peer_detect_ticks,
+            split: None,
+            discarded_acked: 0,
+            lost_without_witness: 0,
         };
         sim.record("steady: N in control on the primary, HA standby on the secondary".into());
         sim
@@ -139,11 +173,16 @@ impl Sim {
     }
 
     fn record(&mut self, note: String) {
-        let st = self.engine.state();
-        let step = self
-            .engine
-            .step()
-            .map(|s| s.name().to_string())
+        let st = self.engine.state().clone();
+        self.record_state(&st, note);
+    }
+
+    /// Records a timeline row showing `st` (the engine of either driver).
+    fn record_state(&mut self, st: &EngineState, note: String) {
+        let step = st
+            .issu
+            .as_ref()
+            .map(|i| i.step.name().to_string())
             .unwrap_or_else(|| "idle".into());
         let (in_control, control_version) = match st.pair.control() {
             Some(c) => (format!("{}@{}", c.id, c.appliance), c.version().to_string()),
@@ -207,7 +246,13 @@ impl Sim {
     /// One tick of the world: the client's write, replication, then every action due (and
     /// the events they produce), bounded.
     fn run_world(&mut self) {
-        self.world.advance();
+        self.run_world_with(true, true);
+    }
+
+    /// One tick of the world; `client`: the clients' write reaches it; `deliver`: its events
+    /// go to the engine (not once its driver stepped down).
+    fn run_world_with(&mut self, client: bool, deliver: bool) {
+        self.world.advance(client);
         for _ in 0..EVENTS_PER_TICK {
             let Some(action) = self.world.next_due() else {
                 return;
@@ -215,8 +260,10 @@ impl Sim {
             let mut events = Vec::new();
             self.world.run_action(action, &mut events);
             self.world.note_ha();
-            for e in events {
-                self.feed(e);
+            if deliver {
+                for e in events {
+                    self.feed(e);
+                }
             }
         }
         self.violations.push(SimViolation::EventLoopUnsettled);
@@ -224,6 +271,7 @@ impl Sim {
 
     /// The report of the run so far.
     fn report(mut self, started: bool, fault_fired: bool) -> SimReport {
+        let split = split::finish(&mut self);
         let st = self.engine.state().clone();
         let (result, reason) = report::result_of(&st, started);
         let control = st.pair.control().cloned();
@@ -233,7 +281,7 @@ impl Sim {
                 world: self.world.control,
             });
         }
-        let mut acked_lost = self.world.acked_lost;
+        let mut acked_lost = self.world.acked_lost + self.discarded_acked;
         if let Some(c) = self.world.control {
             let applied = self.world.insts[&c].applied;
             if applied < self.world.acked {
@@ -275,7 +323,9 @@ impl Sim {
             violations,
             steps: self.timeline,
             acked_lost,
-            acked: self.world.acked,
+            acked: self.world.acked + self.discarded_acked,
+            lost_without_witness: self.lost_without_witness,
+            split,
             final_layout_ok,
             ticks: st.now_tick,
         }
@@ -302,20 +352,27 @@ pub fn run_with(opts: &SimOptions) -> SimReport {
             sim.restore(opts.restore_via);
         }
         faults.fire_due(&mut sim, tick);
-        sim.run_world();
-        sim.feed(Event::Tick);
+        if sim.split.as_ref().is_some_and(Split::active) {
+            split::run_tick(&mut sim, tick);
+        } else {
+            sim.run_world();
+            sim.feed(Event::Tick);
+            split::check_convergence(&mut sim, tick);
+        }
+        let takes_requests = sim.split.as_ref().is_none_or(Split::driver_takes_requests);
 
         // The operator commits at await-commit unless the fault is the operator never
         // committing.
         if sim.engine.step() == Some(Step::AwaitCommit) {
             let since = *await_commit_since.get_or_insert(tick);
-            if !faults.operator_never_commits() && tick >= since + 2 {
+            if !faults.operator_never_commits() && tick >= since + 2 && takes_requests {
                 sim.feed(Event::Commit);
             }
         } else {
             await_commit_since = None;
         }
-        let settled = sim.world.queue.is_empty();
+        let settled =
+            sim.world.queue.is_empty() && sim.split.as_ref().is_none_or(|s| s.settled(tick));
         if started && sim.engine.step().is_none() && settled {
             break;
         }

@@ -9,6 +9,8 @@ use crate::domain::{ControlEpoch, Instance, InstanceId};
 use crate::engine::{EngineState, Outcome, Report};
 use crate::invariants::Violation;
 
+use super::faults::FaultKind;
+
 /// Where control ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinalControl {
@@ -64,11 +66,39 @@ pub struct SimReport {
     pub acked_lost: u64,
     /// Acknowledged writes in total.
     pub acked: u64,
+    /// Acknowledged writes lost because no witness exists, as the fault's prediction says
+    /// ([`FaultKind::loss_without_witness`]); included in `acked_lost`.
+    pub lost_without_witness: u64,
+    /// What a split fault (a cut between the appliances, a paused agent) did.
+    pub split: Option<SplitReport>,
     /// Final layout is one instance per appliance: control plus an in-sync HA standby on the
     /// other appliance, same version.
     pub final_layout_ok: bool,
     /// Ticks simulated.
     pub ticks: u64,
+}
+
+/// What a split fault did: how long two agents drove, who held the service address, what the
+/// discarded side had acknowledged, and when the pair converged after the heal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitReport {
+    /// Tick of the cut (or pause).
+    pub cut_tick: u64,
+    /// Tick of the heal.
+    pub heal_tick: u64,
+    /// Ticks during which both agents drove.
+    pub split_ticks: u64,
+    /// Most appliances holding the service address at once.
+    pub address_holders_max: usize,
+    /// When the clients first followed the other side's announcement, if they did.
+    pub clients_moved_tick: Option<u64>,
+    /// The appliance whose agent drives on after the heal.
+    pub survivor: String,
+    /// Writes the side discarded at the heal acknowledged after the cut (all lost).
+    pub discarded_acks: u64,
+    /// Ticks from the heal until one instance was in control, the address on its appliance
+    /// only and an in-sync HA standby on the other appliance; `None`: never.
+    pub converged_after_ticks: Option<u64>,
 }
 
 /// How a simulated ISSU ended.
@@ -121,6 +151,25 @@ pub enum SimViolation {
     },
     /// The events of one tick kept producing events beyond the loop's bound.
     EventLoopUnsettled,
+    /// Acknowledged writes were lost that the fault's prediction does not cover (acknowledged
+    /// with a standby, before the HA grace ended, or by a fault predicted to lose nothing).
+    UnpredictedLoss {
+        /// The fault.
+        fault: FaultKind,
+        /// How many writes.
+        lost: u64,
+    },
+    /// After the heal the pair did not converge within the bound.
+    NotConverged {
+        /// Ticks waited since the heal.
+        after_ticks: u64,
+        /// One instance in control, serving, as the engine believes.
+        control: bool,
+        /// The service address on its appliance only.
+        address: bool,
+        /// An in-sync HA standby on the other appliance.
+        ha_standby: bool,
+    },
 }
 
 impl SimViolation {
@@ -143,6 +192,21 @@ impl fmt::Display for SimViolation {
             ),
             SimViolation::RestoreFailed { error } => write!(f, "restore failed: {error}"),
             SimViolation::EventLoopUnsettled => f.write_str("event loop did not settle"),
+            SimViolation::UnpredictedLoss { fault, lost } => write!(
+                f,
+                "{lost} acknowledged write(s) lost that {} is not predicted to lose",
+                fault.name()
+            ),
+            SimViolation::NotConverged {
+                after_ticks,
+                control,
+                address,
+                ha_standby,
+            } => write!(
+                f,
+                "the pair did not converge {after_ticks} ticks after the heal \
+                 (control: {control}, address: {address}, HA standby: {ha_standby})"
+            ),
         }
     }
 }
@@ -217,7 +281,7 @@ pub(super) fn role_name(i: &Instance) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::{SimResult, SimViolation};
+    use super::{FaultKind, SimResult, SimViolation};
     use crate::domain::InstanceId;
     use crate::invariants::{Invariant, Violation};
 
@@ -257,5 +321,34 @@ mod tests {
             SimViolation::EventLoopUnsettled.to_string(),
             "event loop did not settle"
         );
+    }
+
+    #[test]
+    fn split_violations_print_and_serialize_with_their_fields() {
+        let u = SimViolation::UnpredictedLoss {
+            fault: FaultKind::PauseAgent,
+            lost: 2,
+        };
+        assert_eq!(
+            u.to_string(),
+            "2 acknowledged write(s) lost that pause-agent is not predicted to lose"
+        );
+        assert_eq!(u.invariant(), None);
+        assert_eq!(
+            serde_json::to_value(&u).unwrap(),
+            serde_json::json!({"kind": "unpredicted-loss", "fault": "pause-agent", "lost": 2})
+        );
+        let n = SimViolation::NotConverged {
+            after_ticks: 300,
+            control: true,
+            address: true,
+            ha_standby: false,
+        };
+        assert_eq!(
+            n.to_string(),
+            "the pair did not converge 300 ticks after the heal \
+             (control: true, address: true, HA standby: false)"
+        );
+        assert_eq!(serde_json::to_value(&n).unwrap()["kind"], "not-converged");
     }
 }

@@ -68,6 +68,20 @@ pub(super) enum Action {
     Recover(ApplianceId),
 }
 
+/// One acknowledgement recorded while a split runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ack {
+    /// When.
+    pub(super) tick: u64,
+    /// The sequence number acknowledged (and every one below it).
+    pub(super) seq: u64,
+    /// Acknowledged without an in-sync synchronous standby on the other appliance.
+    pub(super) alone: bool,
+    /// The instance in control that acknowledged it.
+    pub(super) by: InstanceId,
+}
+
+#[derive(Debug, Clone)]
 pub(super) struct World {
     pub(super) now_tick: u64,
     pub(super) insts: BTreeMap<InstanceId, WInst>,
@@ -89,6 +103,11 @@ pub(super) struct World {
     pub(super) start_failed: bool,
     pub(super) violations: Vec<Violation>,
     pub(super) initial_max_id: InstanceId,
+    /// Agents that run no ops (paused): commands on their appliance's instances hang, while
+    /// the instances themselves keep running and replicating.
+    pub(super) agent_down: [bool; 2],
+    /// Acknowledgements since a split began (one per tick at most, bounded by the split).
+    pub(super) ack_log: Option<Vec<Ack>>,
 }
 
 pub(super) fn ai(a: ApplianceId) -> usize {
@@ -148,6 +167,8 @@ impl World {
             start_failed: false,
             violations: Vec::new(),
             initial_max_id: InstanceId(2),
+            agent_down: [false; 2],
+            ack_log: None,
         }
     }
 
@@ -211,6 +232,7 @@ impl World {
             .iter()
             .filter(|(_, i)| {
                 i.status == WStatus::Up
+                    && self.is_up(i.appliance)
                     && i.feed
                         .as_ref()
                         .is_some_and(|f| f.active == c && f.designated && f.synced)
@@ -237,10 +259,11 @@ impl World {
         self.ha_set = now_set;
     }
 
-    /// One client write per tick; replication.
-    pub(super) fn advance(&mut self) {
+    /// One client write per tick if `client` (a client reaches this world's instance in
+    /// control); replication.
+    pub(super) fn advance(&mut self, client: bool) {
         let Some(c) = self.control else { return };
-        let writable = self.inst_up(c) && self.insts[&c].fenced_below <= self.epoch;
+        let writable = client && self.inst_up(c) && self.insts[&c].fenced_below <= self.epoch;
         let head = self.insts[&c].applied + u64::from(writable);
         if writable {
             self.insts.get_mut(&c).expect("control exists").applied = head;
@@ -270,7 +293,35 @@ impl World {
         if !self.ha_dropped.is_empty() {
             return;
         }
+        if head > self.acked {
+            // A standby on the same appliance shares its fate: alone means no in-sync
+            // synchronous standby on the other appliance.
+            let here = self.insts[&c].appliance;
+            let alone = self.ha_set.iter().all(|h| self.insts[h].appliance == here);
+            if let Some(log) = self.ack_log.as_mut() {
+                log.push(Ack {
+                    tick: self.now_tick,
+                    seq: head,
+                    alone,
+                    by: c,
+                });
+            }
+        }
         self.acked = self.acked.max(head);
+    }
+
+    /// The appliance a command acts on, if it names one instance or appliance.
+    fn target_appliance(&self, cmd: &Command) -> Option<ApplianceId> {
+        let of = |id: &InstanceId| self.insts.get(id).map(|i| i.appliance);
+        match cmd {
+            Command::StartInstance { appliance, .. } => Some(*appliance),
+            Command::StopInstance { instance } | Command::Fence { instance, .. } => of(instance),
+            Command::AttachStandby { standby, .. } | Command::VerifyStandby { standby, .. } => {
+                of(standby)
+            }
+            Command::SwitchControl { to, .. } | Command::Failover { to, .. } => of(to),
+            Command::Report { .. } => None,
+        }
     }
 
     pub(super) fn execute(&mut self, cmd: &Command, step: Option<Step>) {
@@ -284,6 +335,12 @@ impl World {
         }
         if step.is_some() && step == self.hang_step {
             return; // The agent hangs on everything issued during this step.
+        }
+        if self
+            .target_appliance(cmd)
+            .is_some_and(|a| self.agent_down[ai(a)])
+        {
+            return; // That appliance's agent is paused: the op hangs.
         }
         match cmd {
             Command::StartInstance {

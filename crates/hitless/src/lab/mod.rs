@@ -415,6 +415,17 @@ fn inject(dir: &Path, kind: FaultKind) -> anyhow::Result<String> {
             let msg = ops::post(&api, &format!("/v1/{request}"), serde_json::json!({}))?;
             Ok(format!("operator {request}: {msg}"))
         }
+        FaultKind::PartitionPeers
+        | FaultKind::IsolatePrimary
+        | FaultKind::IsolateSecondary
+        | FaultKind::OneWayPrimary
+        | FaultKind::IsolateWitness
+        | FaultKind::PauseAgent => {
+            bail!(
+                "fault {} needs the two-host lab (--hosts netns)",
+                kind.name()
+            )
+        }
     }
 }
 
