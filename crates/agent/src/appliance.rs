@@ -187,6 +187,8 @@ pub struct Appliance {
     slots: Mutex<HashMap<u16, InstanceId>>,
     front: Front,
     listening: Mutex<Option<Listening>>,
+    /// The service address as a virtual IP of this host's, when the pair runs on two hosts.
+    vip: std::sync::OnceLock<hitless_vip::Vip>,
     observations: mpsc::Sender<Observation>,
 }
 
@@ -214,8 +216,37 @@ impl Appliance {
             slots: Mutex::new(HashMap::new()),
             front,
             listening: Mutex::new(None),
+            vip: std::sync::OnceLock::new(),
             observations,
         })
+    }
+
+    /// Makes the service address a virtual IP this appliance holds while its front listens
+    /// (set once, at start).
+    pub fn set_vip(&self, vip: hitless_vip::Vip) {
+        if self.vip.set(vip).is_err() {
+            warn!("the service address's virtual IP was already set; keeping the first");
+        }
+    }
+
+    /// Stops serving the service address here (the front stops accepting, then the virtual
+    /// address goes): this agent's driver stepped down to a driver at a higher epoch, which
+    /// routes the fronts from now on.
+    pub fn stand_down_front(&self) {
+        if let Some(old) = self.listening.lock().expect("listening lock").take() {
+            old.stop();
+            info!(addr = %self.config.service_addr, "service address released: this agent's driver stepped down");
+        }
+        if let Some(vip) = self.vip.get() {
+            if let Err(e) = vip.release() {
+                warn!("cannot release the service address after stepping down: {e}");
+            }
+        }
+    }
+
+    /// The virtual service address, if the pair runs on two hosts.
+    pub fn vip(&self) -> Option<&hitless_vip::Vip> {
+        self.vip.get()
     }
 
     /// The HA grace given to instances (see [`crate::config::InstanceConfig::ha_grace_ms`]).
@@ -331,21 +362,49 @@ impl Appliance {
                 listen,
                 protocol,
             } => {
+                // A route of an older epoch comes from a driver that has been superseded (its
+                // ops were in flight when it stepped down after a split): it must not move
+                // the service address back.
+                let current = self.front.route().epoch;
+                if route.epoch < current {
+                    return Err(format!(
+                        "refused a front route of epoch {} (this front routes at epoch {current}): it comes from a superseded driver",
+                        route.epoch
+                    ));
+                }
                 if let Some(p) = protocol.filter(|p| *p != self.front.protocol()) {
                     self.front.set_protocol(p);
                 }
                 self.front.set_route(route);
                 let mut l = self.listening.lock().expect("listening lock");
-                if listen && l.is_none() {
-                    *l = Some(
-                        self.front
-                            .listen(self.config.service_addr)
-                            .map_err(|e| e.to_string())?,
-                    );
-                } else if !listen {
+                if listen {
+                    let was_listening = l.is_some();
+                    if !was_listening {
+                        *l = Some(
+                            self.front
+                                .listen(self.config.service_addr)
+                                .map_err(|e| e.to_string())?,
+                        );
+                    }
+                    // The front listens first (IP_FREEBIND), then the address comes: no
+                    // client reaches this host before something accepts it. Claiming is
+                    // idempotent; a route re-asserted (after a split healed) announces again,
+                    // so clients that followed the other side come back.
+                    if let Some(vip) = self.vip.get() {
+                        if was_listening && vip.is_held().unwrap_or(false) {
+                            vip.announce_now();
+                        } else {
+                            vip.claim().map_err(|e| e.to_string())?;
+                        }
+                    }
+                } else {
+                    // The front stops before the address goes.
                     if let Some(old) = l.take() {
                         old.stop();
                         info!(addr = %self.config.service_addr, "service address released");
+                    }
+                    if let Some(vip) = self.vip.get() {
+                        vip.release().map_err(|e| e.to_string())?;
                     }
                 }
                 Ok(OpOk::Done)

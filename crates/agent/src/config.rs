@@ -97,6 +97,22 @@ impl Default for InstanceConfig {
     }
 }
 
+/// The service address as a virtual IP of its own (two real hosts): the appliance in control
+/// adds `service_addr`'s IP to `interface` and announces it; the other does not hold it.
+/// Without this section the address is shared on one host (both fronts bind it with
+/// SO_REUSEPORT), which only works when both appliances run on one machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSection {
+    /// The interface that faces the clients, e.g. `eth0`.
+    pub interface: String,
+    /// The prefix length the address is added with (the clients' subnet).
+    pub prefix_len: u8,
+    /// Gratuitous ARP (IPv4) or unsolicited neighbour advertisements (IPv6).
+    #[serde(default)]
+    pub announce: hitless_vip::AnnounceConfig,
+}
+
 /// The agent configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +140,9 @@ pub struct AgentConfig {
     /// Instance resources.
     #[serde(default)]
     pub instances: InstanceConfig,
+    /// The service address as a virtual IP held by the appliance in control.
+    #[serde(default)]
+    pub vip: Option<VipSection>,
 }
 
 fn default_backend() -> BackendKind {
@@ -232,10 +251,23 @@ impl AgentConfig {
                 format!("{} is outside 1..=64", self.instances.vcpus),
             ));
         }
+        if let Some(v) = self.vip_config() {
+            v.validate().map_err(|e| invalid("vip", e.to_string()))?;
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "is empty".into()));
         }
         Ok(())
+    }
+
+    /// The virtual service address, if the config has a `[vip]` section.
+    pub fn vip_config(&self) -> Option<hitless_vip::VipConfig> {
+        self.vip.as_ref().map(|v| hitless_vip::VipConfig {
+            interface: v.interface.clone(),
+            addr: self.service_addr.ip(),
+            prefix_len: v.prefix_len,
+            announce: v.announce,
+        })
     }
 
     /// How long without a heartbeat before the peer is declared lost.

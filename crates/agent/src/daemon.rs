@@ -47,6 +47,8 @@ pub enum AgentError {
     Resume(#[from] crate::driver::JournalError),
     #[error(transparent)]
     Front(#[from] crate::front::FrontError),
+    #[error("cannot use the virtual service address: {0}")]
+    Vip(#[from] hitless_vip::VipError),
     #[error("instances.host_addr {addr} is not an address of this host ({source}); name the address of an interface here, the one the peer appliance reaches")]
     HostAddr {
         addr: std::net::IpAddr,
@@ -55,11 +57,24 @@ pub enum AgentError {
 }
 
 /// Refuses a host address for instances that this host does not have: every instance would
-/// fail to listen, one at a time, in the middle of an upgrade.
+/// fail to listen, one at a time, in the middle of an upgrade. The interfaces are asked (a
+/// host that allows binding foreign addresses, `ip_nonlocal_bind`, would let a bind pass);
+/// where they cannot be listed, a bind decides.
 fn check_host_addr(addr: std::net::IpAddr) -> Result<(), AgentError> {
-    std::net::TcpListener::bind((addr, 0))
-        .map(drop)
-        .map_err(|source| AgentError::HostAddr { addr, source })
+    let not_here = |source| AgentError::HostAddr { addr, source };
+    match hitless_vip::is_local(addr) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(not_here(std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "no interface of this host has it",
+        ))),
+        Err(e) => {
+            warn!("cannot list this host's addresses ({e}); checking instances.host_addr by binding it");
+            std::net::TcpListener::bind((addr, 0))
+                .map(drop)
+                .map_err(not_here)
+        }
+    }
 }
 
 /// Engine bounds for a backend, in ticks of [`DriverTiming::tick`] (100 ms).
@@ -142,6 +157,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let front = Front::new(FrontLimits::default())?;
     let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(1024);
     let appliance = Appliance::new(me, config.clone(), backend, catalog, front, obs_tx);
+    if let Some(vip) = config.vip_config() {
+        // An address left on the interface by a previous run of this agent (it crashed, or
+        // the host lost power) is not a claim: the pair decides who holds it now.
+        if hitless_vip::remove_stale(&vip.interface, vip.addr)? {
+            warn!(addr = %vip.addr, interface = %vip.interface, "removed a stale service address left by a previous run");
+        }
+        appliance.set_vip(hitless_vip::Vip::new(vip)?);
+    }
     let driving = Arc::new(AtomicBool::new(false));
     // The driver's epoch for the heartbeat (its number: an atomic holds no ControlEpoch).
     let epoch = Arc::new(AtomicU64::new(0));
@@ -161,7 +184,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let remote = Remote::new(link.clone(), me.other());
     // Requests from the peer and responses to ours are handled here, never behind the main
     // loop (which may itself be waiting for a response).
-    let mut peer_rx = dispatch_peer(&appliance, &remote, peer_rx);
+    let mut peer_rx = dispatch_peer(&appliance, &remote, driving.clone(), peer_rx);
     let apps = Appliances {
         local: appliance.clone(),
         remote: remote.clone(),
@@ -186,6 +209,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         })?;
     info!(appliance = %me, api = %config.api_listen, "agent running");
 
+    let mut peer_up_pending = false;
     // Who drives: wait a little for the peer's first heartbeat.
     let mut peer_driving = false;
     let wait_peer = tokio::time::sleep(config.peer_timeout() * 4 + Duration::from_millis(500));
@@ -234,7 +258,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let mut tick = tokio::time::interval(timing.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for e in pre_events {
-        handle_peer(&mut driver, &appliance, e).await;
+        handle_peer(&mut driver, &appliance, &mut peer_up_pending, e).await;
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");
@@ -255,7 +279,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     warn!("cannot report an observation to the driving agent: {e}");
                 }
             }
-            Some(e) = peer_rx.recv() => handle_peer(&mut driver, &appliance, e).await,
+            Some(e) = peer_rx.recv() => handle_peer(&mut driver, &appliance, &mut peer_up_pending, e).await,
             _ = term.recv() => {
                 info!("SIGTERM: stopping this appliance's instances");
                 appliance.kill_all();
@@ -271,7 +295,16 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
 }
 
-async fn handle_peer(driver: &mut Driver, appliance: &Arc<Appliance>, e: PeerEvent<PeerMsg>) {
+/// Handles an event of the peer link. `peer_up_pending` is set while a returned peer has not
+/// yet shown (by a heartbeat) that it does not drive: a driving agent tells its engine that
+/// the peer is back only then. Two drivers after a split settle first (one steps down), so the
+/// winner never acts on the loser's appliance while the loser still acts on it.
+async fn handle_peer(
+    driver: &mut Driver,
+    appliance: &Arc<Appliance>,
+    peer_up_pending: &mut bool,
+    e: PeerEvent<PeerMsg>,
+) {
     match e {
         PeerEvent::Message(m) => match m {
             PeerMsg::Heartbeat {
@@ -284,10 +317,17 @@ async fn handle_peer(driver: &mut Driver, appliance: &Arc<Appliance>, e: PeerEve
                     let mine = driver.epoch();
                     if epoch > mine || (epoch == mine && from == ApplianceId::Primary) {
                         driver.step_down();
+                        appliance.stand_down_front();
                     } else {
                         // The peer drove for a while (it took this agent for lost) and yields
                         // now: the service address may have moved with it.
                         driver.reassert_routes();
+                    }
+                }
+                if *peer_up_pending && !(driving && driver.driving()) {
+                    *peer_up_pending = false;
+                    if let Err(e) = driver.input(Input::PeerUp).await {
+                        error!("{e}");
                     }
                 }
             }
@@ -323,12 +363,16 @@ async fn handle_peer(driver: &mut Driver, appliance: &Arc<Appliance>, e: PeerEve
             }
         },
         PeerEvent::Lost => {
+            *peer_up_pending = false;
             if let Err(e) = driver.input(Input::PeerLost).await {
                 error!("{e}");
             }
         }
         PeerEvent::Up => {
-            if let Err(e) = driver.input(Input::PeerUp).await {
+            if driver.driving() {
+                // Until its first heartbeat says whether it drives too (see above).
+                *peer_up_pending = true;
+            } else if let Err(e) = driver.input(Input::PeerUp).await {
                 error!("{e}");
             }
         }
@@ -341,6 +385,7 @@ async fn handle_peer(driver: &mut Driver, appliance: &Arc<Appliance>, e: PeerEve
 fn dispatch_peer(
     appliance: &Arc<Appliance>,
     remote: &Remote,
+    driving: Arc<AtomicBool>,
     mut rx: mpsc::Receiver<PeerEvent<PeerMsg>>,
 ) -> mpsc::Receiver<PeerEvent<PeerMsg>> {
     let (tx, out) = mpsc::channel(4096);
@@ -351,6 +396,17 @@ fn dispatch_peer(
             match e {
                 PeerEvent::Message(PeerMsg::Response { id, result }) => r.complete(id, result),
                 PeerEvent::Message(PeerMsg::Request { id, op }) => {
+                    if driving.load(Ordering::Acquire) {
+                        // Only the driver sends ops. Two drivers (a split just healed, or a
+                        // peer that took this one for lost) settle by epoch within a
+                        // heartbeat; until then neither acts on the other's appliance.
+                        let refusal = "the peer agent drives the pair too: its ops are refused until one driver steps down".to_owned();
+                        let _ = r.link().send(PeerMsg::Response {
+                            id,
+                            result: Err(Failure::refused(refusal)),
+                        });
+                        continue;
+                    }
                     let a = a.clone();
                     let r = r.clone();
                     tokio::spawn(async move {

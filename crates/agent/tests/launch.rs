@@ -68,6 +68,7 @@ fn an_instance_runs_from_its_contract_and_stops_gracefully() {
             stop_grace_ms: 5000,
             ..InstanceConfig::default()
         },
+        vip: None,
     };
     let backend: Arc<dyn hitless_vmm::Backend> = Arc::new(hitless_vmm::ProcessBackend::new(
         hitless_vmm::ProcessConfig::default(),

@@ -121,6 +121,32 @@ enum LabCommand {
     },
     /// The main job: bring the lab up, upgrade it under client load, verify, tear it down.
     Issu(LabIssuArgs),
+    /// Cut the two-host lab's network as a partition fault does (`partition-peers`,
+    /// `isolate-primary`, `isolate-secondary`, `one-way-primary`, `isolate-witness`), until
+    /// `hitless lab heal`.
+    Partition {
+        /// The partition.
+        #[arg(value_parser = partition_parser())]
+        kind: hitless_netlab::Partition,
+        /// Heal it by itself after this many milliseconds (the command waits).
+        #[arg(long = "for", value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+        hold_ms: Option<u64>,
+        /// The lab's run directory.
+        #[arg(long, default_value = lab::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// Heal the two-host lab's network (remove the partition in place).
+    Heal {
+        /// The lab's run directory.
+        #[arg(long, default_value = lab::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+}
+
+/// The partition names, listed in the help.
+fn partition_parser() -> impl clap::builder::TypedValueParser<Value = hitless_netlab::Partition> {
+    clap::builder::PossibleValuesParser::new(hitless_netlab::Partition::ALL.map(|p| p.name()))
+        .try_map(|s| hitless_netlab::Partition::parse(&s))
 }
 
 #[derive(Args, Debug, Clone)]
@@ -137,6 +163,12 @@ pub struct LabUpArgs {
     /// connections drained over a switchover, nothing replayed).
     #[arg(long, default_value_t = hitless_image::Protocol::Resp)]
     pub protocol: hitless_image::Protocol,
+    /// Where the appliances run: `netns` (one network namespace per appliance and one for
+    /// clients, on a bridge, addresses in 198.18.0.0/24; the default where namespaces can be
+    /// made: root, `ip` and `nft` installed) or `loopback` (everything on this host's
+    /// loopback).
+    #[arg(long, value_enum)]
+    pub hosts: Option<lab::Hosts>,
     /// Memory limit of each instance in MiB (default: 512 for processes, 256 for QEMU guests;
     /// `hitless lab issu` sizes it for the state it loads with --keys).
     #[arg(long)]
@@ -306,6 +338,10 @@ fn main() {
             LabCommand::Down { dir } => lab::down(&dir),
             LabCommand::Status { dir, json } => lab::status(&dir, json),
             LabCommand::Issu(args) => lab::issu(&args),
+            LabCommand::Partition { kind, hold_ms, dir } => {
+                lab::partition(&dir, kind, hold_ms.map(std::time::Duration::from_millis))
+            }
+            LabCommand::Heal { dir } => lab::heal_cmd(&dir),
         },
         Command::Status { api, json } => ops::status(&api, json),
         Command::Upgrade { to, no_commit, api } => ops::upgrade(&api, &to, no_commit),

@@ -11,8 +11,26 @@ use hitless_core::{Outcome, Report};
 
 use crate::ApiArgs;
 
-/// API addresses of the lab's agents (primary first).
-pub const LAB_APIS: [&str; 2] = ["127.0.0.1:27701", "127.0.0.1:27702"];
+/// The API addresses of the lab's agents (primary first) that commands without `--api` ask,
+/// once a lab command has read its layout.
+static LAB_APIS: std::sync::RwLock<Option<Vec<String>>> = std::sync::RwLock::new(None);
+
+/// Makes commands without `--api` ask the agents of the lab laid out as `layout`.
+pub fn use_lab(layout: &crate::lab::Layout) {
+    *LAB_APIS.write().unwrap_or_else(|e| e.into_inner()) =
+        Some(layout.apis.iter().map(ToString::to_string).collect());
+}
+
+/// The lab's API addresses: those of the lab a command works on, else those of the lab in the
+/// default run directory.
+pub fn lab_apis() -> Vec<String> {
+    if let Some(apis) = LAB_APIS.read().unwrap_or_else(|e| e.into_inner()).clone() {
+        return apis;
+    }
+    let layout = crate::lab::Layout::load(Path::new(crate::lab::DEFAULT_DIR))
+        .unwrap_or_else(|_| crate::lab::Layout::loopback());
+    layout.apis.iter().map(ToString::to_string).collect()
+}
 
 /// `hitless agent --config FILE`.
 pub fn agent(config: &Path) -> anyhow::Result<()> {
@@ -80,7 +98,7 @@ pub fn post(api: &str, path: &str, body: serde_json::Value) -> anyhow::Result<St
 pub fn driving_status(api: &ApiArgs) -> anyhow::Result<(String, StatusAnswer)> {
     let candidates: Vec<String> = match &api.api {
         Some(a) => vec![a.clone()],
-        None => LAB_APIS.iter().map(|s| s.to_string()).collect(),
+        None => lab_apis(),
     };
     let mut first: Option<(String, StatusAnswer)> = None;
     let mut errors = Vec::new();
@@ -211,39 +229,74 @@ pub fn follow(
     since: u64,
     bound: Duration,
     auto_commit: bool,
+    on_line: impl FnMut(&ProgressLine),
+) -> anyhow::Result<UpgradeEnd> {
+    follow_with(api, since, bound, auto_commit, Duration::ZERO, on_line)
+}
+
+/// [`follow`], and when the engine says it needs the operator, keeps watching for `patience`
+/// in case another agent takes over driving (a split that heals: the driver that was cut off
+/// steps down, and the other's engine carries on).
+pub fn follow_with(
+    api: &str,
+    since: u64,
+    bound: Duration,
+    auto_commit: bool,
+    patience: Duration,
     mut on_line: impl FnMut(&ProgressLine),
 ) -> anyhow::Result<UpgradeEnd> {
     let start = Instant::now();
     let mut next = since;
+    // Lines below this were printed before the ISSU began (the driver's own history).
+    let mut floor = since;
     let mut switchovers = 0;
     let mut api = api.to_owned();
     let mut committed = false;
+    let mut stuck: Option<(Instant, anyhow::Error)> = None;
+    let mut last_check = Instant::now();
     while start.elapsed() < bound {
-        let batch: Vec<ProgressLine> = match get(&api, &format!("/v1/progress?since={next}")) {
-            Ok(b) => b,
-            Err(_) => {
-                // The driving agent may have changed (its appliance was lost).
-                if let Ok((a, st)) = driving_status(&ApiArgs { api: None }) {
-                    if a != api {
-                        api = a;
-                        next = 0;
-                        // The new driver does not repeat the step it resumed at.
-                        let at_commit = st
-                            .engine
-                            .as_ref()
-                            .and_then(|e| e.step.as_deref())
-                            .is_some_and(|s| s == "await-commit");
-                        if auto_commit && !committed && at_commit {
-                            match post(&api, "/v1/commit", serde_json::json!({})) {
-                                Ok(_) => committed = true,
-                                Err(e) => tracing::warn!("commit not accepted: {e:#}"),
-                            }
+        if let Some((at, _)) = &stuck {
+            if at.elapsed() >= patience {
+                let (_, e) = stuck.take().expect("stuck");
+                return Err(e);
+            }
+        }
+        // The agent followed may have stopped driving while it still answers (it stepped
+        // down to a driver at a higher epoch): follow the one that drives.
+        let check_driver = stuck.is_some() || last_check.elapsed() > Duration::from_millis(500);
+        let batch: Option<Vec<ProgressLine>> = if check_driver {
+            last_check = Instant::now();
+            match get::<StatusAnswer>(&api, "/v1/status") {
+                Ok(st) if st.driving => get(&api, &format!("/v1/progress?since={next}")).ok(),
+                _ => None,
+            }
+        } else {
+            get(&api, &format!("/v1/progress?since={next}")).ok()
+        };
+        let Some(batch) = batch else {
+            // The driving agent may have changed (its appliance was lost, or it stepped down).
+            if let Ok((a, st)) = driving_status(&ApiArgs { api: None }) {
+                if a != api && st.driving {
+                    api = a;
+                    next = 0;
+                    floor = 0;
+                    stuck = None;
+                    // The new driver does not repeat the step it resumed at.
+                    let at_commit = st
+                        .engine
+                        .as_ref()
+                        .and_then(|e| e.step.as_deref())
+                        .is_some_and(|s| s == "await-commit");
+                    if auto_commit && !committed && at_commit {
+                        match post(&api, "/v1/commit", serde_json::json!({})) {
+                            Ok(_) => committed = true,
+                            Err(e) => tracing::warn!("commit not accepted: {e:#}"),
                         }
                     }
                 }
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
             }
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
         };
         for l in batch {
             next = l.seq + 1;
@@ -260,14 +313,15 @@ pub fn follow(
                         Err(e) => tracing::warn!("commit not accepted: {e:#}"),
                     }
                 }
-                Report::Stuck(s) if since <= l.seq => {
-                    bail!(
+                Report::Stuck(s) if floor <= l.seq => {
+                    let e = anyhow::anyhow!(
                         "the ISSU needs the operator: {} (resume with {}; `hitless status` shows the pair)",
                         s.reason,
                         s.hint()
                     );
+                    stuck.get_or_insert((Instant::now(), e));
                 }
-                Report::Finished(o) if since <= l.seq => {
+                Report::Finished(o) if floor <= l.seq => {
                     return Ok(UpgradeEnd {
                         outcome: o.clone(),
                         switchovers,
@@ -280,6 +334,9 @@ pub fn follow(
             }
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some((_, e)) = stuck {
+        return Err(e);
     }
     bail!("the upgrade did not finish within {bound:?}; see `hitless status`")
 }

@@ -1,5 +1,6 @@
 //! End-to-end: real agents, real sandboxed kvd instances, real clients (redis-benchmark and
-//! the lab's checking client), on this machine. The lab uses fixed loopback ports, so the
+//! the lab's checking client), on this machine's loopback (`--hosts loopback`; the two-host
+//! lab has its own tests in `lab_netns.rs`). The lab uses fixed loopback ports, so the
 //! scenarios run one after the other.
 
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ fn lab_dir(name: &str) -> PathBuf {
 fn lab_issu(name: &str, extra: &[&str]) -> Value {
     let dir = lab_dir(name);
     let out = Command::new(hitless())
-        .args(["lab", "issu", "--json", "--dir"])
+        .args(["lab", "issu", "--json", "--hosts", "loopback", "--dir"])
         .arg(&dir)
         .args(extra)
         .output()
@@ -462,7 +463,7 @@ fn malformed_api_requests_are_refused_and_change_nothing() {
     let _g = LAB.lock().unwrap_or_else(|e| e.into_inner());
     let dir = lab_dir("api");
     let up = Command::new(hitless())
-        .args(["lab", "up", "--dir"])
+        .args(["lab", "up", "--hosts", "loopback", "--dir"])
         .arg(&dir)
         .output()
         .unwrap();

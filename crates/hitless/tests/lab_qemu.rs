@@ -33,7 +33,16 @@ fn qemu_lab_issu_commits_across_four_vms_without_losing_an_acknowledged_write() 
     }
     let dir = std::env::temp_dir().join("hitless-test-qemu");
     let out = Command::new(PathBuf::from(env!("CARGO_BIN_EXE_hitless")))
-        .args(["lab", "issu", "--json", "--backend", "qemu", "--dir"])
+        .args([
+            "lab",
+            "issu",
+            "--json",
+            "--backend",
+            "qemu",
+            "--hosts",
+            "loopback",
+            "--dir",
+        ])
         .arg(&dir)
         .output()
         .expect("running hitless lab issu --backend qemu");

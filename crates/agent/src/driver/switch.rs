@@ -85,11 +85,53 @@ impl Driver {
         };
         let (apps, epoch) = (self.apps.clone(), pair.epoch);
         tokio::spawn(async move {
-            if let Err(e) = route_to(&apps, epoch, &to).await {
-                warn!("re-asserting the service routes failed: {e}");
+            // Right after a split heals the peer link may carry heartbeats before it carries
+            // ops: retry (bounded) until both fronts took the route, or the service address
+            // stays with the side that stepped down.
+            let mut last = None;
+            for attempt in 0..REASSERT_ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(REASSERT_PAUSE).await;
+                }
+                match route_both(&apps, epoch, &to).await {
+                    Ok(()) => {
+                        info!(%epoch, instance = %to.instance, "service routes re-asserted");
+                        return;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                warn!("re-asserting the service routes failed {REASSERT_ATTEMPTS} times: {e}");
             }
         });
     }
+}
+
+/// Attempts to re-assert the routes after another driver yielded, and the pause between them
+/// (5 s in all).
+const REASSERT_ATTEMPTS: u32 = 50;
+const REASSERT_PAUSE: Duration = Duration::from_millis(100);
+
+/// Routes both fronts to `to`; fails if either appliance did not take the route.
+async fn route_both(apps: &Appliances, epoch: ControlEpoch, to: &Started) -> Result<(), OpError> {
+    let route = Route {
+        epoch,
+        backend: Some(to.service_addr),
+        hold: false,
+    };
+    for (app, listen) in [(to.appliance, true), (to.appliance.other(), false)] {
+        apps.exec(
+            app,
+            Op::FrontRoute {
+                route: route.clone(),
+                listen,
+                protocol: Some(to.protocol),
+            },
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// What ordered commands need to know about the pair.

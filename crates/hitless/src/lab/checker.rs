@@ -68,8 +68,32 @@ pub(super) fn connect(addr: SocketAddr) -> std::io::Result<(TcpStream, BufReader
     Ok((s, r))
 }
 
+impl CheckerStats {
+    /// Ends the measurement: a gap still open (no acknowledgement since the last one, or
+    /// since the fault) counts up to now, so that a client left waiting until the end is not
+    /// taken for one that was never interrupted.
+    pub(super) fn close(&self) {
+        let now = self.origin.elapsed().as_nanos() as u64;
+        let last = self.last_ack_ns.load(Ordering::Acquire);
+        if last > 0 && now > last {
+            let gap = now - last;
+            if self.max_gap_ns.fetch_max(gap, Ordering::AcqRel) < gap {
+                self.max_gap_end_ns.store(now, Ordering::Release);
+            }
+            let mark = self.mark_ns.load(Ordering::Acquire);
+            if mark != u64::MAX && now >= mark {
+                self.max_gap_after_mark_ns.fetch_max(gap, Ordering::AcqRel);
+            }
+        }
+        self.measuring.store(false, Ordering::Release);
+    }
+}
+
 impl Checker {
-    pub(super) fn start(addr: SocketAddr, writers: usize) -> Self {
+    /// Starts `writers` writing clients; a write unanswered for `reply_timeout` counts as an
+    /// error and the client reconnects (a client whose server moved to another host waits
+    /// for a reply that never comes: only its timeout ends the wait).
+    pub(super) fn start(addr: SocketAddr, writers: usize, reply_timeout: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(CheckerStats {
             acked: AtomicU64::new(0),
@@ -89,7 +113,7 @@ impl Checker {
             .map(|w| {
                 let stop = stop.clone();
                 let stats = stats.clone();
-                std::thread::spawn(move || writer(addr, w, &stop, &stats))
+                std::thread::spawn(move || writer(addr, w, reply_timeout, &stop, &stats))
             })
             .collect();
         Checker {
@@ -111,6 +135,7 @@ impl Checker {
 fn writer(
     addr: SocketAddr,
     w: usize,
+    reply_timeout: Duration,
     stop: &AtomicBool,
     stats: &CheckerStats,
 ) -> Vec<(String, String)> {
@@ -120,7 +145,10 @@ fn writer(
     let mut reconnects = 0u32;
     while !stop.load(Ordering::Acquire) {
         if conn.is_none() {
-            match connect(addr) {
+            match connect(addr).and_then(|(s, r)| {
+                s.set_read_timeout(Some(reply_timeout))?;
+                Ok((s, r))
+            }) {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
                     reconnects += 1;

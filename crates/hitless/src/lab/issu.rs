@@ -15,7 +15,8 @@ use super::load;
 use super::report::{print_report, FinalControl, IssuReport, StandbySync, StepTime};
 use super::sampler::{Sampler, INTERVAL as SAMPLE_INTERVAL};
 use super::{
-    appliance_index, inject, parse_fault, spawn_agent, stop_agents, up_inner, NAMES, SERVICE_ADDR,
+    address_holders, appliance_index, heal, in_clients, inject, parse_fault, spawn_agent, teardown,
+    up_inner, FAULT_HOLD, NAMES,
 };
 use crate::ops;
 use crate::{ApiArgs, Backend, LabIssuArgs};
@@ -30,7 +31,9 @@ pub fn issu(args: &LabIssuArgs) -> anyhow::Result<()> {
     }
     let result = run_issu(args, fault.as_ref());
     if !args.keep {
-        stop_agents(&dir);
+        if let Err(e) = teardown(&dir) {
+            eprintln!("tearing the lab down: {e:#}");
+        }
     }
     let report = result?;
     if args.json {
@@ -68,11 +71,15 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
         up.instance_memory_mib
             .unwrap_or_else(|| super::instance_memory_for(args.keys, args.value_size, up.backend)),
     );
-    let before = up_inner(&up)?;
+    let (before, layout) = up_inner(&up)?;
     if !args.json {
-        eprintln!("lab up in {:.1} s", up_started.elapsed().as_secs_f64());
+        eprintln!(
+            "lab up in {:.1} s ({} hosts)",
+            up_started.elapsed().as_secs_f64(),
+            layout.hosts
+        );
     }
-    let service: SocketAddr = SERVICE_ADDR.parse()?;
+    let service: SocketAddr = layout.service_addr;
     let value_size = usize::try_from(args.value_size)?;
     if !args.json {
         eprintln!(
@@ -80,10 +87,18 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
             args.keys
         );
     }
-    let loaded = load::load(service, args.keys, value_size)
+    // The clients (the loader, the checking client, redis-benchmark) run in the client
+    // namespace of a two-host lab and reach the pair only through the service address.
+    let loaded = in_clients(&layout, || load::load(service, args.keys, value_size))
         .with_context(|| format!("loading the state; the pair now: {}", pair_summary()))?;
-    let state_keys = load::dbsize(service)?;
-    let checker = Checker::start(service, 2);
+    let state_keys = in_clients(&layout, || load::dbsize(service))?;
+    // A reply later than this is a client error (the client reconnects): longer than any
+    // failover of the backend, HA grace included.
+    let reply_timeout = match args.up.backend {
+        Backend::Process => Duration::from_secs(3),
+        Backend::Qemu => Duration::from_secs(15),
+    };
+    let checker = in_clients(&layout, || Ok(Checker::start(service, 2, reply_timeout)))?;
     // Requests per test of a benchmark pass: enough that every connection keeps sending for
     // a while (with -n at or below -c, each connection sends once and a pass is mostly
     // connection set-up).
@@ -92,7 +107,9 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
         Backend::Process => per_client.max(1000),
         Backend::Qemu => 100,
     };
-    let bench = Benchmark::start(dir, service, args.clients, requests)?;
+    let bench = in_clients(&layout, || {
+        Benchmark::start(dir, service, args.clients, requests)
+    })?;
     std::thread::sleep(Duration::from_millis(500));
     // The outside writers' longest gap in steady state, under the same load, to compare the
     // ISSU's with (measured in the same run: this machine is noisy).
@@ -127,11 +144,18 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
     let mut moves = 0u64;
     let mut fault_error = None;
     let mut restart: Option<std::thread::JoinHandle<String>> = None;
+    let mut healed: Option<std::thread::JoinHandle<String>> = None;
     let bound = match args.up.backend {
         Backend::Process => Duration::from_secs(300),
         Backend::Qemu => Duration::from_secs(1800),
     };
-    let end = ops::follow(&api, since, bound, true, |l| {
+    // A split that heals may hand the pair to the other agent's engine: a driver that needs
+    // the operator while cut off is not the last word until the fault has ended.
+    let patience = match fault.map(|f| f.kind) {
+        Some(k) if k.is_split() => FAULT_HOLD + Duration::from_secs(10),
+        _ => Duration::ZERO,
+    };
+    let end = ops::follow_with(&api, since, bound, true, patience, |l| {
         match &l.report {
             Report::Step { step, .. } => marks.push((step.name().to_owned(), l.at_unix_ms)),
             Report::Finished(_) => marks.push(("end".to_owned(), l.at_unix_ms)),
@@ -161,7 +185,20 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
                         Ordering::Release,
                     );
                     match inject(dir, kind) {
-                        Ok(what) => {
+                        Ok((what, ends)) => {
+                            if let Some(h) = ends {
+                                let d = dir.clone();
+                                healed = Some(std::thread::spawn(move || {
+                                    std::thread::sleep(FAULT_HOLD);
+                                    let at = issu_start.elapsed().as_secs_f64();
+                                    match heal(&d, h) {
+                                        Ok(what) => format!("{at:>7.3} s  {what}"),
+                                        Err(e) => {
+                                            format!("{at:>7.3} s  could not end the fault: {e:#}")
+                                        }
+                                    }
+                                }));
+                            }
                             let line = format!(
                                 "{:>7.3} s  fault: {what}",
                                 issu_start.elapsed().as_secs_f64()
@@ -201,13 +238,17 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
         }
     });
     let issu_seconds = issu_start.elapsed().as_secs_f64();
-    if let Some(line) = restart.take().and_then(|t| t.join().ok()) {
-        if !args.json {
-            eprintln!("{line}");
+    for t in [restart.take(), healed.take()].into_iter().flatten() {
+        if let Ok(line) = t.join() {
+            if !args.json {
+                eprintln!("{line}");
+            }
+            timeline.push(line);
         }
-        timeline.push(line);
     }
-    checker.stats.measuring.store(false, Ordering::Release);
+    // After a heal the pair converges: one appliance holds the service address.
+    let holders = settle_address(&layout);
+    checker.stats.close();
     let sampled = sampler.finish();
     // Let the load run a moment on the final instance in control.
     std::thread::sleep(Duration::from_millis(300));
@@ -229,9 +270,11 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
     // Every acknowledged write and the loaded state read back. When the ISSU did not finish
     // (it needs the operator: no instance may be in control), the report still comes out,
     // with what could not be read back counted as lost.
-    let verified = verify(service, &acked).and_then(|(lost, samples)| {
-        let state = load::check(service, loaded.keys, value_size)?;
-        Ok((lost, samples, state, load::dbsize(service)?))
+    let verified = in_clients(&layout, || {
+        verify(service, &acked).and_then(|(lost, samples)| {
+            let state = load::check(service, loaded.keys, value_size)?;
+            Ok((lost, samples, state, load::dbsize(service)?))
+        })
     });
     let (lost, state, state_keys_after, verify_error) = match verified {
         Ok((lost, samples, state, after)) => {
@@ -283,6 +326,8 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
         to_version,
         backend: args.up.backend.to_string(),
         protocol: args.up.protocol.to_string(),
+        hosts: layout.hosts.to_string(),
+        address_holders: holders,
         fault: args.fault.clone(),
         fault_injected: injected,
         final_control: FinalControl {
@@ -322,6 +367,19 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
         outcome_detail: detail,
         timeline,
     })
+}
+
+/// The appliances holding the service address once the pair has settled (two-host lab):
+/// waits up to 1 s for exactly one.
+fn settle_address(layout: &super::Layout) -> Option<Vec<String>> {
+    let start = Instant::now();
+    loop {
+        let holders = address_holders(layout)?;
+        if holders.len() == 1 || start.elapsed() > Duration::from_secs(1) {
+            return Some(holders);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The pair in one line (phase, instance in control, every instance's state and role), to

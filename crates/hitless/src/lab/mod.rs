@@ -14,27 +14,23 @@ use hitless_core::Role;
 use hitless_image::manifest::SchemaDecl;
 
 use crate::image_cmd::kvd_contract;
-use crate::ops::{self, LAB_APIS};
+use crate::ops;
 use crate::{ApiArgs, Backend, LabUpArgs};
 
 mod bench;
 mod checker;
 mod issu;
+mod layout;
 mod load;
 mod report;
 mod sampler;
 
 pub use issu::issu;
+use layout::{in_clients, NETNS_PREFIX, PORT_BASES};
+pub use layout::{Hosts, Layout};
 
 /// The lab's default run directory.
 pub const DEFAULT_DIR: &str = "/tmp/hitless-lab";
-// Every lab port is below Linux's ephemeral range (32768-60999), so that no outgoing
-// connection can hold one when an instance or agent needs to bind it.
-
-/// The device's service address in the lab.
-pub const SERVICE_ADDR: &str = "127.0.0.1:26380";
-const PEER_ADDRS: [&str; 2] = ["127.0.0.1:27711", "127.0.0.1:27712"];
-const PORT_BASES: [u16; 2] = [27800, 27900];
 const NAMES: [&str; 2] = ["primary", "secondary"];
 
 fn exe_dir() -> anyhow::Result<PathBuf> {
@@ -123,9 +119,26 @@ fn write_config(
     backend: Backend,
     image: &Path,
     memory_mib: Option<u64>,
+    layout: &Layout,
 ) -> anyhow::Result<PathBuf> {
+    // On two hosts the service address is a virtual IP the appliance in control adds to its
+    // interface and announces.
+    let vip = match &layout.topology {
+        Some(t) => {
+            let host = if i == 0 {
+                &t.hosts.primary
+            } else {
+                &t.hosts.secondary
+            };
+            format!(
+                "\n[vip]\ninterface = \"{}\"\nprefix_len = {}\n",
+                host.interface, t.prefix_len
+            )
+        }
+        None => String::new(),
+    };
     let text = format!(
-        r#"# hitless lab: the {name} appliance
+        r#"# hitless lab: the {name} appliance ({hosts} hosts)
 appliance = "{name}"
 api_listen = "{api}"
 peer_listen = "{listen}"
@@ -140,20 +153,23 @@ interval_ms = {hb_interval}
 misses = {hb_misses}
 
 [instances]
+host_addr = "{host_addr}"
 port_base = {port_base}
 memory_mib = {mem}
 cpu_percent = 200
 vcpus = 1
 stop_grace_ms = 3000
-"#,
+{vip}"#,
         name = NAMES[i],
-        api = LAB_APIS[i],
-        listen = PEER_ADDRS[i],
-        peer = PEER_ADDRS[1 - i],
-        service = SERVICE_ADDR,
+        hosts = layout.hosts,
+        api = layout.apis[i],
+        listen = layout.peers[i],
+        peer = layout.peers[1 - i],
+        service = layout.service_addr,
         data = dir.join(NAMES[i]).display(),
         image = image.display(),
         backend = backend,
+        host_addr = layout.host_addrs[i],
         port_base = PORT_BASES[i],
         mem = memory_mib.unwrap_or(if backend == Backend::Qemu { 256 } else { 512 }),
         // Software-emulated guests saturate the CPUs; the peer's failure detection allows
@@ -177,7 +193,14 @@ fn spawn_agent(dir: &Path, i: usize) -> anyhow::Result<u32> {
         .create(true)
         .append(true)
         .open(dir.join(format!("{}.log", NAMES[i])))?;
-    let child = Command::new(exe)
+    let layout = Layout::load(dir)?;
+    // On two hosts, the agent runs in its appliance's network namespace (its instances and
+    // their sandboxes inherit it).
+    let mut cmd = match layout.appliance_netns(i) {
+        Some(ns) => hitless_netlab::command_in(ns, &exe),
+        None => Command::new(&exe),
+    };
+    let child = cmd
         .args(["agent", "--config"])
         .arg(dir.join(format!("{}.toml", NAMES[i])))
         .env(
@@ -259,18 +282,27 @@ fn wait_pair(bound: Duration) -> anyhow::Result<StatusAnswer> {
 
 /// `hitless lab up`.
 pub fn up(args: &LabUpArgs) -> anyhow::Result<()> {
-    let s = up_inner(args)?;
+    let (s, layout) = up_inner(args)?;
     println!(
-        "lab up in {}: service address {SERVICE_ADDR}, agents' API {} and {}",
+        "lab up in {} ({} hosts): service address {}, agents' API {} and {}",
         args.dir.display(),
-        LAB_APIS[0],
-        LAB_APIS[1]
+        layout.hosts,
+        layout.service_addr,
+        layout.apis[0],
+        layout.apis[1]
     );
+    if let Some(ns) = layout.client_netns() {
+        println!(
+            "clients: `ip netns exec {ns} redis-cli -h {} -p {}`",
+            layout.service_addr.ip(),
+            layout.service_addr.port()
+        );
+    }
     ops::print_status(&s);
     Ok(())
 }
 
-fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
+fn up_inner(args: &LabUpArgs) -> anyhow::Result<(StatusAnswer, Layout)> {
     let dir = &args.dir;
     for i in 0..2 {
         if let Some(pid) = pid_of(dir, i) {
@@ -282,12 +314,40 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
             }
         }
     }
-    ports_free()?;
+    let hosts = args.hosts.unwrap_or_else(Hosts::default_here);
+    let layout = match hosts {
+        Hosts::Loopback => {
+            ports_free(&Layout::loopback())?;
+            Layout::loopback()
+        }
+        Hosts::Netns => {
+            if let Some(why) = layout::netns_unavailable() {
+                bail!("the two-host lab cannot run here: {why}; use `--hosts loopback`");
+            }
+            netns_free()?;
+            // Leftovers of a lab that crashed: its namespaces, links and rules.
+            hitless_netlab::destroy(NETNS_PREFIX).context("removing a previous lab's network")?;
+            let plan = hitless_netlab::Plan {
+                prefix: NETNS_PREFIX.into(),
+                ..hitless_netlab::Plan::default()
+            };
+            Layout::netns(hitless_netlab::create(&plan).context("building the lab's network")?)
+        }
+    };
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    layout.save(dir)?;
+    ops::use_lab(&layout);
     let images = build_images(dir, args.backend, args.protocol)?;
     for i in 0..2 {
-        write_config(dir, i, args.backend, &images[0], args.instance_memory_mib)?;
+        write_config(
+            dir,
+            i,
+            args.backend,
+            &images[0],
+            args.instance_memory_mib,
+            &layout,
+        )?;
     }
     std::fs::write(dir.join("backend"), args.backend.to_string())?;
     for i in [1, 0] {
@@ -297,20 +357,19 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<StatusAnswer> {
         Backend::Process => Duration::from_secs(60),
         Backend::Qemu => Duration::from_secs(600),
     };
-    wait_pair(bound)
+    Ok((wait_pair(bound)?, layout))
 }
 
 /// Refuses to start when another lab (from another run directory) holds the lab's fixed
 /// addresses: its agents would answer this lab's requests.
-fn ports_free() -> anyhow::Result<()> {
-    let addrs = [SERVICE_ADDR]
+fn ports_free(layout: &Layout) -> anyhow::Result<()> {
+    let addrs = [layout.service_addr]
         .into_iter()
-        .chain(LAB_APIS)
-        .chain(PEER_ADDRS)
-        .map(str::to_owned)
-        .chain(PORT_BASES.iter().map(|p| format!("127.0.0.1:{p}")));
+        .chain(layout.apis)
+        .chain(layout.peers)
+        .chain(PORT_BASES.map(|p| std::net::SocketAddr::new(layout.host_addrs[0], p)));
     for a in addrs {
-        if let Err(e) = std::net::TcpListener::bind(&a) {
+        if let Err(e) = std::net::TcpListener::bind(a) {
             bail!(
                 "{a} is in use ({e}): another lab or service holds the lab's addresses; stop it first (`hitless lab down --dir ...`)"
             );
@@ -319,14 +378,71 @@ fn ports_free() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses to start when another two-host lab (from another run directory) still runs
+/// processes in the lab's namespaces.
+fn netns_free() -> anyhow::Result<()> {
+    for name in NAMES {
+        let ns = format!("{NETNS_PREFIX}-{name}");
+        let out = Command::new("ip").args(["netns", "pids", &ns]).output();
+        if let Ok(out) = out {
+            let pids = String::from_utf8_lossy(&out.stdout);
+            let pids: Vec<&str> = pids.split_whitespace().collect();
+            if out.status.success() && !pids.is_empty() {
+                bail!(
+                    "the namespace {ns} still runs processes ({}): another two-host lab is up; stop it first (`hitless lab down --dir ...`)",
+                    pids.join(" ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `hitless lab down`.
 pub fn down(dir: &Path) -> anyhow::Result<()> {
-    let stopped = stop_agents(dir);
+    let (stopped, network) = teardown(dir)?;
     println!(
-        "lab down: {stopped} agent(s) stopped; logs kept in {}",
+        "lab down: {stopped} agent(s) stopped{network}; logs kept in {}",
         dir.display()
     );
     Ok(())
+}
+
+/// Stops the lab's agents and removes its network (also one left over by a lab that
+/// crashed); returns how many agents ran and what was removed.
+fn teardown(dir: &Path) -> anyhow::Result<(usize, String)> {
+    let layout = Layout::load(dir)?;
+    let stopped = stop_agents(dir);
+    let network = if layout.hosts == Hosts::Netns || leftover_netns() {
+        let cleaned =
+            hitless_netlab::destroy(NETNS_PREFIX).context("removing the lab's network")?;
+        if cleaned.is_empty() {
+            "; no network left to remove".to_owned()
+        } else {
+            format!(
+                "; network removed ({} namespaces, {} links)",
+                cleaned.namespaces.len(),
+                cleaned.links.len()
+            )
+        }
+    } else {
+        String::new()
+    };
+    Ok((stopped, network))
+}
+
+/// Whether namespaces of a two-host lab are left over (its run directory may be gone).
+fn leftover_netns() -> bool {
+    Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                NAMES
+                    .iter()
+                    .any(|n| l.starts_with(&format!("{NETNS_PREFIX}-{n}")))
+            })
+        })
 }
 
 /// Stops the lab's agents (gracefully, then by force); returns how many were running.
@@ -359,7 +475,59 @@ pub fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    ops::status(&ApiArgs { api: None }, json)
+    let layout = Layout::load(dir)?;
+    ops::use_lab(&layout);
+    let partition = match &layout.topology {
+        Some(t) => hitless_netlab::active(t)
+            .context("reading the lab's partition rules")?
+            .map(|p| p.name().to_owned()),
+        None => None,
+    };
+    let holders = address_holders(&layout);
+    if json {
+        let (_, s) = ops::driving_status(&ApiArgs { api: None })?;
+        let mut v = serde_json::to_value(&s)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("topology".into(), layout.topology_json());
+            o.insert("partition".into(), serde_json::json!(partition));
+            o.insert("address_holders".into(), serde_json::json!(holders));
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "lab in {} ({} hosts): service address {}{}",
+        dir.display(),
+        layout.hosts,
+        layout.service_addr,
+        match &holders {
+            Some(h) if h.is_empty() => ", held by no appliance".to_owned(),
+            Some(h) => format!(", held by {}", h.join(" and ")),
+            None => String::new(),
+        }
+    );
+    if let Some(p) = partition {
+        println!("partition in place: {p} (`hitless lab heal` ends it)");
+    }
+    ops::status(&ApiArgs { api: None }, false)
+}
+
+/// The appliances whose interface holds the service address (two-host lab only).
+fn address_holders(layout: &Layout) -> Option<Vec<String>> {
+    layout.topology.as_ref()?;
+    let ip = layout.service_addr.ip().to_string();
+    Some(
+        (0..2)
+            .filter(|i| {
+                let ns = layout.appliance_netns(*i).unwrap_or_default();
+                Command::new("ip")
+                    .args(["-n", ns, "-o", "addr", "show", "to", &ip])
+                    .output()
+                    .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+            })
+            .map(|i| NAMES[i].to_owned())
+            .collect(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,9 +542,50 @@ fn find_pid(s: &StatusAnswer, id: hitless_core::InstanceId) -> Option<u32> {
         .and_then(|x| x.pid)
 }
 
-/// Injects `kind`; returns a description of what was done.
-fn inject(dir: &Path, kind: FaultKind) -> anyhow::Result<String> {
+/// What ends an injected fault that lasts: a partition is healed, a paused agent resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Heal {
+    Network,
+    Resume(i32),
+}
+
+/// How long a partition or a paused agent lasts in `lab issu` before it ends: well past the
+/// failure detector (50 ms x 6) and the HA grace (1 s), so that both sides act on the split.
+pub(super) const FAULT_HOLD: Duration = Duration::from_secs(3);
+
+/// The network partition a fault kind makes, if it is one.
+fn partition_of(kind: FaultKind) -> Option<hitless_netlab::Partition> {
+    use hitless_netlab::Partition;
+    Some(match kind {
+        FaultKind::PartitionPeers => Partition::PartitionPeers,
+        FaultKind::IsolatePrimary => Partition::IsolatePrimary,
+        FaultKind::IsolateSecondary => Partition::IsolateSecondary,
+        FaultKind::OneWayPrimary => Partition::OneWayPrimary,
+        FaultKind::IsolateWitness => Partition::IsolateWitness,
+        _ => return None,
+    })
+}
+
+/// Injects `kind`; returns a description of what was done and what ends it, if it lasts.
+fn inject(dir: &Path, kind: FaultKind) -> anyhow::Result<(String, Option<Heal>)> {
     let (api, s) = ops::driving_status(&ApiArgs { api: None })?;
+    if let Some(p) = partition_of(kind) {
+        let layout = Layout::load(dir)?;
+        hitless_netlab::partition(layout.require_topology()?, p)?;
+        return Ok((
+            format!("nftables partition {}", p.name()),
+            Some(Heal::Network),
+        ));
+    }
+    if kind == FaultKind::PauseAgent {
+        let i = usize::from(s.appliance == hitless_core::ApplianceId::Secondary);
+        let pid = pid_of(dir, i).context("no agent pid")?;
+        signal(pid, libc::SIGSTOP);
+        return Ok((
+            format!("SIGSTOP of the driving {} agent (pid {pid})", NAMES[i]),
+            Some(Heal::Resume(pid)),
+        ));
+    }
     let engine = s.engine.clone().context("no engine status")?;
     let newest = engine
         .instances
@@ -395,7 +604,7 @@ fn inject(dir: &Path, kind: FaultKind) -> anyhow::Result<String> {
         signal(pid as i32, sig);
         Ok::<_, anyhow::Error>(format!("signal {sig} to {what} instance {id} (pid {pid})"))
     };
-    match kind {
+    let what = match kind {
         FaultKind::CrashActive => kill_instance(engine.in_control, SIGKILL, "in-control"),
         FaultKind::CrashNew | FaultKind::StartFail => kill_instance(newest, SIGKILL, "newest"),
         FaultKind::CrashStandby => kill_instance(ha, SIGKILL, "HA standby"),
@@ -420,13 +629,54 @@ fn inject(dir: &Path, kind: FaultKind) -> anyhow::Result<String> {
         | FaultKind::IsolateSecondary
         | FaultKind::OneWayPrimary
         | FaultKind::IsolateWitness
-        | FaultKind::PauseAgent => {
-            bail!(
-                "fault {} needs the two-host lab (--hosts netns)",
-                kind.name()
-            )
+        | FaultKind::PauseAgent => unreachable!("handled above"),
+    }?;
+    Ok((what, None))
+}
+
+/// Ends a fault that lasts.
+fn heal(dir: &Path, heal: Heal) -> anyhow::Result<String> {
+    match heal {
+        Heal::Network => {
+            let layout = Layout::load(dir)?;
+            let was = hitless_netlab::heal(layout.require_topology()?)?;
+            Ok(match was {
+                Some(p) => format!("partition {} healed", p.name()),
+                None => "no partition was in place".to_owned(),
+            })
+        }
+        Heal::Resume(pid) => {
+            signal(pid, libc::SIGCONT);
+            Ok(format!("SIGCONT of the paused agent (pid {pid})"))
         }
     }
+}
+
+/// `hitless lab partition KIND`: cuts the two-host lab's network as the fault kind does,
+/// until `hitless lab heal` (or `--for` runs out).
+pub fn partition(
+    dir: &Path,
+    kind: hitless_netlab::Partition,
+    hold: Option<Duration>,
+) -> anyhow::Result<()> {
+    let layout = Layout::load(dir)?;
+    let topo = layout.require_topology()?;
+    hitless_netlab::partition(topo, kind)?;
+    println!("partition {} in place", kind.name());
+    if let Some(d) = hold {
+        std::thread::sleep(d);
+        hitless_netlab::heal(topo)?;
+        println!("healed after {} ms", d.as_millis());
+    } else {
+        println!("end it with `hitless lab heal`");
+    }
+    Ok(())
+}
+
+/// `hitless lab heal`.
+pub fn heal_cmd(dir: &Path) -> anyhow::Result<()> {
+    println!("{}", heal(dir, Heal::Network)?);
+    Ok(())
 }
 
 /// The index (into [`NAMES`]) of the appliance an appliance-loss fault kills: 1 for the
@@ -453,7 +703,7 @@ pub fn instance_memory_for(keys: u64, value_size: u64, backend: Backend) -> u64 
 
 #[cfg(test)]
 mod tests {
-    use super::{appliance_index, parse_fault, write_config, Backend, NAMES};
+    use super::{appliance_index, parse_fault, write_config, Backend, Layout, NAMES};
     use hitless_agent::config::ApplianceId;
     use hitless_agent::AgentConfig;
     use hitless_core::sim::{FaultKind, FaultSpec};
@@ -495,7 +745,15 @@ mod tests {
         for backend in [Backend::Process, Backend::Qemu] {
             for (i, id) in ApplianceId::ALL.into_iter().enumerate() {
                 assert_eq!(NAMES[i], id.name());
-                let path = write_config(dir, i, backend, &dir.join("image"), None).unwrap();
+                let path = write_config(
+                    dir,
+                    i,
+                    backend,
+                    &dir.join("image"),
+                    None,
+                    &Layout::loopback(),
+                )
+                .unwrap();
                 let c = AgentConfig::load(&path).unwrap();
                 assert_eq!(c.appliance, id);
                 assert_eq!(c.backend, backend);

@@ -16,6 +16,11 @@ pub struct IssuReport {
     pub backend: String,
     /// The client protocol of the service contract (`resp`, `opaque`).
     pub protocol: String,
+    /// Where the appliances ran: `netns` (a host each) or `loopback`.
+    pub hosts: String,
+    /// The appliances whose interface held the service address at the end (two hosts only):
+    /// exactly one once the pair has converged.
+    pub address_holders: Option<Vec<String>>,
     pub fault: Option<String>,
     pub fault_injected: bool,
     pub final_control: FinalControl,
@@ -128,10 +133,11 @@ pub struct BenchSummary {
 pub(super) fn print_report(r: &IssuReport) {
     println!();
     println!(
-        "hitless lab issu: {} ({} backend, {} protocol)",
+        "hitless lab issu: {} ({} backend, {} protocol, {} hosts)",
         r.result.replace('_', " "),
         r.backend,
-        r.protocol
+        r.protocol,
+        r.hosts
     );
     println!(
         "  upgrade            {} -> {}",
@@ -181,6 +187,21 @@ pub(super) fn print_report(r: &IssuReport) {
         );
     }
     println!("  control moves      {}", r.switchovers);
+    if let Some(h) = &r.address_holders {
+        println!(
+            "  service address    held by {}{}",
+            if h.is_empty() {
+                "no appliance".to_owned()
+            } else {
+                h.join(" and ")
+            },
+            if h.len() == 1 {
+                ""
+            } else {
+                " (NOT exactly one)"
+            }
+        );
+    }
     println!("  ISSU duration      {:.2} s", r.issu_seconds);
     println!("  peak instances     {}", r.peak_instances);
     if !r.guest_kernels.is_empty() {
