@@ -121,6 +121,10 @@ enum LabCommand {
     },
     /// The main job: bring the lab up, upgrade it under client load, verify, tear it down.
     Issu(LabIssuArgs),
+    /// Run `lab issu` once per fault (by default every fault kind, each at a step where it
+    /// hurts) and print one table: result, writes lost, client errors, outage, where control
+    /// and the service address ended.
+    Faults(LabFaultsArgs),
     /// Cut the two-host lab's network as a partition fault does (`partition-peers`,
     /// `isolate-primary`, `isolate-secondary`, `one-way-primary`, `isolate-witness`), until
     /// `hitless lab heal`.
@@ -173,6 +177,25 @@ pub struct LabUpArgs {
     /// `hitless lab issu` sizes it for the state it loads with --keys).
     #[arg(long)]
     pub instance_memory_mib: Option<u64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabFaultsArgs {
+    /// The run directory each run uses in turn.
+    #[arg(long, default_value = lab::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Hypervisor backend.
+    #[arg(long, default_value_t = Backend::Process, value_parser = backend_parser())]
+    pub backend: Backend,
+    /// Where the appliances run (see `lab up --hosts`).
+    #[arg(long, value_enum)]
+    pub hosts: Option<lab::Hosts>,
+    /// A fault to run, KIND@STEP (repeatable; default: every kind once).
+    #[arg(long)]
+    pub fault: Vec<String>,
+    /// Print the rows as one JSON array.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -338,6 +361,7 @@ fn main() {
             LabCommand::Down { dir } => lab::down(&dir),
             LabCommand::Status { dir, json } => lab::status(&dir, json),
             LabCommand::Issu(args) => lab::issu(&args),
+            LabCommand::Faults(args) => lab::faults(&args),
             LabCommand::Partition { kind, hold_ms, dir } => {
                 lab::partition(&dir, kind, hold_ms.map(std::time::Duration::from_millis))
             }

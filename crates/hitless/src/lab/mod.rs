@@ -19,12 +19,14 @@ use crate::{ApiArgs, Backend, LabUpArgs};
 
 mod bench;
 mod checker;
+mod faults;
 mod issu;
 mod layout;
 mod load;
 mod report;
 mod sampler;
 
+pub use faults::faults;
 pub use issu::issu;
 use layout::{in_clients, NETNS_PREFIX, PORT_BASES};
 pub use layout::{Hosts, Layout};
