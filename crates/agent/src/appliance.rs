@@ -232,7 +232,10 @@ impl Appliance {
     /// Stops serving the service address here (the front stops accepting, then the virtual
     /// address goes): this agent's driver stepped down to a driver at a higher epoch, which
     /// routes the fronts from now on.
-    pub fn stand_down_front(&self) {
+    pub fn stand_down_front(&self, epoch: ControlEpoch) {
+        // Until the new driver's route (of a higher epoch) arrives, nothing goes to this
+        // appliance's old instance in control and none of its answers reaches a client.
+        self.front.fence(Some(epoch));
         if let Some(old) = self.listening.lock().expect("listening lock").take() {
             old.stop();
             info!(addr = %self.config.service_addr, "service address released: this agent's driver stepped down");
@@ -242,6 +245,11 @@ impl Appliance {
                 warn!("cannot release the service address after stepping down: {e}");
             }
         }
+    }
+
+    /// The front.
+    pub fn front(&self) -> &Front {
+        &self.front
     }
 
     /// The virtual service address, if the pair runs on two hosts.

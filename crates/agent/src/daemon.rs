@@ -56,6 +56,41 @@ pub enum AgentError {
     },
 }
 
+/// Starts the stall watchdog: a thread that renews the front's lease every 20 ms and, when
+/// it finds that it did not run for longer than `bound` (the peer's failure detector: the
+/// agent was stopped, or starved of CPU), fences the front and reports the gap. The peer may
+/// have taken this appliance for lost and failed over meanwhile; the front must not hand an
+/// old instance's answers to clients before the peer link has said so.
+fn start_stall_watchdog(
+    front: Front,
+    bound: Duration,
+) -> Result<mpsc::Receiver<Duration>, AgentError> {
+    let (tx, rx) = mpsc::channel(4);
+    // The lease outlasts the bound, so that a front never finds its lease expired without the
+    // watchdog having fenced it (and so, later, lifting the fence wakes its connections).
+    let lease = bound * 2;
+    front.renew_lease(lease);
+    std::thread::Builder::new()
+        .name("stall-watchdog".into())
+        .spawn(move || {
+            let mut last = std::time::Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(20));
+                let now = std::time::Instant::now();
+                let gap = now.duration_since(last);
+                if gap > bound {
+                    // Fence before renewing: a front that sees the new lease sees the fence.
+                    front.fence(None);
+                    let _ = tx.try_send(gap);
+                }
+                front.renew_lease(lease);
+                last = now;
+            }
+        })
+        .map_err(|e| AgentError::Backend(format!("cannot start the stall watchdog: {e}")))?;
+    Ok(rx)
+}
+
 /// Refuses a host address for instances that this host does not have: every instance would
 /// fail to listen, one at a time, in the middle of an upgrade. The interfaces are asked (a
 /// host that allows binding foreign addresses, `ip_nonlocal_bind`, would let a bind pass);
@@ -155,6 +190,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .map_err(|e| AgentError::Image(e.to_string()))?;
     let backend = make_backend(&config)?;
     let front = Front::new(FrontLimits::default())?;
+    let stall_rx = start_stall_watchdog(front.clone(), config.peer_timeout())?;
     let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(1024);
     let appliance = Appliance::new(me, config.clone(), backend, catalog, front, obs_tx);
     if let Some(vip) = config.vip_config() {
@@ -262,9 +298,26 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");
+    let mut stall_rx = stall_rx;
+    // After a stall, when the front's fence is lifted (unless the driver stepped down).
+    let mut stall_settle: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
+            Some(gap) = stall_rx.recv() => {
+                warn!(
+                    stalled_ms = gap.as_millis() as u64,
+                    "this agent was not running for longer than the peer's failure detector: the front is fenced until the peer link has settled who drives"
+                );
+                stall_settle = Some(tokio::time::Instant::now() + config.peer_timeout());
+            }
             _ = tick.tick() => {
+                if stall_settle.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                    // Every heartbeat the peer sent meanwhile has been read: a driver at a
+                    // higher epoch would have made this one step down (which keeps the fence
+                    // until its route arrives).
+                    stall_settle = None;
+                    appliance.front().lift_stall_fence();
+                }
                 if driver.driving() {
                     if let Err(e) = driver.input(Input::Tick).await { error!("{e}"); }
                 }
@@ -316,8 +369,9 @@ async fn handle_peer(
                     // Two drivers (after a partition): the higher epoch wins, the primary on a tie.
                     let mine = driver.epoch();
                     if epoch > mine || (epoch == mine && from == ApplianceId::Primary) {
+                        let mine = driver.epoch();
                         driver.step_down();
-                        appliance.stand_down_front();
+                        appliance.stand_down_front(mine);
                     } else {
                         // The peer drove for a while (it took this agent for lost) and yields
                         // now: the service address may have moved with it.

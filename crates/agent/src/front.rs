@@ -172,6 +172,50 @@ struct Shared {
     /// The framing of new connections.
     framing: std::sync::RwLock<Arc<dyn Framing>>,
     limits: FrontLimits,
+    /// The stall fence (see [`Front::fence`]).
+    fence: Fence,
+}
+
+/// What keeps a front from acting on a stale view of the pair: its agent was not scheduled
+/// for longer than the peer's failure detector (it may have been taken for lost, and the pair
+/// failed over meanwhile), or its driver stepped down to one at a higher epoch.
+struct Fence {
+    origin: std::time::Instant,
+    /// Forwarding is allowed until this many ns after `origin` (u64::MAX: no lease kept).
+    lease_ns: AtomicU64,
+    /// Set while fenced.
+    fenced: std::sync::atomic::AtomicBool,
+    /// While fenced: a route of an epoch above this lifts the fence (u64::MAX: only
+    /// [`Front::lift_fence`] does).
+    until_epoch_above: AtomicU64,
+    /// Connections to instances of an epoch below this are abandoned (their unanswered
+    /// requests go to the instance in control), not drained.
+    abandon_below: AtomicU64,
+}
+
+impl Fence {
+    fn new() -> Self {
+        Fence {
+            origin: std::time::Instant::now(),
+            lease_ns: AtomicU64::new(u64::MAX),
+            fenced: std::sync::atomic::AtomicBool::new(false),
+            until_epoch_above: AtomicU64::new(u64::MAX),
+            abandon_below: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+
+    /// Whether requests may go to an instance and replies come back. The lease is read before
+    /// the flag: whoever renews a lease after a stall sets the flag first, so a front that
+    /// sees the renewed lease also sees the flag.
+    fn may_forward(&self) -> bool {
+        let lease = self.lease_ns.load(Ordering::SeqCst);
+        let fenced = self.fenced.load(Ordering::SeqCst);
+        !fenced && (lease == u64::MAX || self.now_ns() < lease)
+    }
 }
 
 /// Counters of the front.
@@ -250,6 +294,7 @@ impl Front {
                 _owner: OwnRuntime(Some(rt)),
                 route,
                 inflight: AtomicUsize::new(0),
+                fence: Fence::new(),
                 connections: AtomicUsize::new(0),
                 forwarded: AtomicU64::new(0),
                 replayed: AtomicU64::new(0),
@@ -319,6 +364,16 @@ impl Front {
     /// Sets where requests go.
     pub fn set_route(&self, route: Route) {
         debug!(?route, "front route");
+        let f = &self.shared.fence;
+        let above = f.until_epoch_above.load(Ordering::SeqCst);
+        if above != u64::MAX && route.epoch.0 > above && f.fenced.load(Ordering::SeqCst) {
+            f.until_epoch_above.store(u64::MAX, Ordering::SeqCst);
+            f.fenced.store(false, Ordering::SeqCst);
+            info!(
+                epoch = route.epoch.0,
+                "front fence lifted by a route of a higher epoch"
+            );
+        }
         self.shared.route.send_replace(route);
     }
 
@@ -388,6 +443,55 @@ impl Front {
         self.shared.route.send_modify(|r| r.hold = false);
     }
 
+    /// Renews the front's lease: it forwards for `valid_for` more, unless fenced. The agent's
+    /// stall watchdog renews it; a front whose agent stopped running (SIGSTOP, a starved
+    /// host) finds its lease expired when it runs again, before anything tells it so.
+    pub fn renew_lease(&self, valid_for: Duration) {
+        let f = &self.shared.fence;
+        f.lease_ns
+            .store(f.now_ns() + valid_for.as_nanos() as u64, Ordering::SeqCst);
+    }
+
+    /// Fences the front: no request goes to an instance and no reply comes back until
+    /// [`Self::lift_fence`], or, with `until_epoch_above`, until a route of a higher epoch is
+    /// set (connections to instances below it are then abandoned and their unanswered
+    /// requests replayed to the new instance, never answered by the old one).
+    pub fn fence(&self, until_epoch_above: Option<ControlEpoch>) {
+        let f = &self.shared.fence;
+        f.fenced.store(true, Ordering::SeqCst);
+        if let Some(e) = until_epoch_above {
+            f.until_epoch_above.store(e.0, Ordering::SeqCst);
+            f.abandon_below.fetch_max(e.0 + 1, Ordering::SeqCst);
+        }
+        warn!(?until_epoch_above, "front fenced");
+        // Wake every connection: one waiting for an answer must stop reading it.
+        self.shared.route.send_modify(|_| {});
+    }
+
+    /// Lifts the fence (the agent settled who drives and is still the one whose routes hold).
+    pub fn lift_fence(&self) {
+        let f = &self.shared.fence;
+        f.until_epoch_above.store(u64::MAX, Ordering::SeqCst);
+        if f.fenced.swap(false, Ordering::SeqCst) {
+            info!("front fence lifted");
+        }
+        // Wake every connection to re-evaluate.
+        self.shared.route.send_modify(|_| {});
+    }
+
+    /// Lifts a fence set after a stall, unless the driver stepped down meanwhile (then only a
+    /// route of a higher epoch lifts it).
+    pub fn lift_stall_fence(&self) {
+        if self.shared.fence.until_epoch_above.load(Ordering::SeqCst) == u64::MAX {
+            self.lift_fence();
+        }
+    }
+
+    /// Whether the front is fenced.
+    pub fn fenced(&self) -> bool {
+        self.shared.fence.fenced.load(Ordering::SeqCst)
+    }
+
     async fn serve(self, client: TcpStream) {
         let framing = self.framing();
         if framing.holds_requests() {
@@ -455,6 +559,18 @@ impl Conn {
         let mut client_open = true;
         loop {
             let route = route_rx.borrow_and_update().clone();
+            let may = self.front.shared.fence.may_forward();
+            // A connection to an instance its driver was superseded at is abandoned, as if
+            // lost: what it did not answer goes to the instance in control.
+            if let Some(b) = backend.take() {
+                if b.epoch.0 < self.front.shared.fence.abandon_below.load(Ordering::SeqCst) {
+                    self.lost(&b, &route_rx, &mut bbuf);
+                    lost_epoch = Some(b.epoch);
+                    lost_since.get_or_insert_with(tokio::time::Instant::now);
+                } else {
+                    backend = Some(b);
+                }
+            }
             // Move to the route's instance when it differs from ours and nothing is in flight
             // on ours (a planned switchover), or when ours is gone (a failover).
             let wants_move = match (&backend, route.backend) {
@@ -521,7 +637,7 @@ impl Conn {
             // Forward complete requests unless holding, as long as the requests in flight stay
             // within their bound.
             if let Some(b) = backend.as_ref() {
-                if !route.hold && b.epoch == route.epoch {
+                if !route.hold && may && b.epoch == route.epoch {
                     self.forward(&mut cbuf, &limits, &mut cw).await?;
                 }
             }
@@ -530,8 +646,11 @@ impl Conn {
             let can_read_client = client_open
                 && (cbuf.len() < limits.max_buffered
                     || matches!(self.framing.request_len(&cbuf), Ok(None)));
-            let can_read_backend = backend.is_some() && cout.len() < limits.max_buffered;
-            let to_send = self.written < self.unanswered.len();
+            // Fenced, nothing goes to the instance and nothing it answers comes back: an
+            // answer from an instance the pair may have failed over from is no
+            // acknowledgement (unanswered, the request is replayed to the successor).
+            let can_read_backend = may && backend.is_some() && cout.len() < limits.max_buffered;
+            let to_send = may && self.written < self.unanswered.len();
             let no_backend = backend.is_none();
             let (br, bw) = match backend.as_mut() {
                 Some(b) => (Some(&mut b.r), Some(&mut b.w)),

@@ -263,3 +263,95 @@ async fn a_front_binds_an_address_its_host_does_not_hold_yet() {
     );
     listening.stop();
 }
+
+#[tokio::test]
+async fn a_fenced_front_answers_nothing_until_the_fence_is_lifted() {
+    let a = backend("a", false).await;
+    let (front, listening) = front_at(a);
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    assert_eq!(request(&mut client).await, "+a\r\n");
+    // Its agent stalled: nothing goes to the instance, nothing comes back.
+    front.fence(None);
+    let waiter = tokio::spawn(async move {
+        let r = request(&mut client).await;
+        (r, client)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished(), "a fenced front answered a request");
+    // The peer link settled that this agent's routes still hold.
+    front.lift_stall_fence();
+    let (reply, _) = waiter.await.unwrap();
+    assert_eq!(reply, "+a\r\n");
+}
+
+#[tokio::test]
+async fn an_expired_lease_stops_forwarding_as_a_fence_does() {
+    let a = backend("a", false).await;
+    let (front, listening) = front_at(a);
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    front.renew_lease(Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    // Nothing renewed the lease (its watchdog did not run): no request goes out.
+    let waiter = tokio::spawn(async move { request(&mut client).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !waiter.is_finished(),
+        "a front forwarded on an expired lease"
+    );
+    front.renew_lease(Duration::from_secs(60));
+    front.lift_fence();
+    assert_eq!(waiter.await.unwrap(), "+a\r\n");
+}
+
+#[tokio::test]
+async fn after_stepping_down_only_a_higher_epoch_route_lifts_the_fence_and_the_old_instance_never_answers(
+) {
+    // The old instance in control takes the request but answers only after a while (it
+    // waits out its HA grace and then acknowledges alone): that answer must never reach the
+    // client once its driver stepped down.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_old = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if s.write_all(b"+old\r\n").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let new = backend("new", false).await;
+    let (front, listening) = front_at(slow_old);
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    let waiter = tokio::spawn(async move { request(&mut client).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    front.fence(Some(ControlEpoch(1)));
+    // A stall's lift does not lift a step-down's fence, nor does a route of the same epoch.
+    front.lift_stall_fence();
+    front.set_route(Route {
+        epoch: ControlEpoch(1),
+        backend: Some(slow_old),
+        hold: false,
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the superseded instance's answer reached the client"
+    );
+    assert!(front.fenced());
+    front.set_route(Route {
+        epoch: ControlEpoch(2),
+        backend: Some(new),
+        hold: false,
+    });
+    assert_eq!(waiter.await.unwrap(), "+new\r\n");
+    assert!(!front.fenced());
+    assert_eq!(front.stats(true).replayed, 1);
+}
