@@ -4,21 +4,16 @@
 //! and addresses are fixed, so the scenarios run one after the other. Needs root (CI is);
 //! skipped with a note otherwise.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
 use serde_json::Value;
 
+mod common;
+
+use common::{hitless, lab_dir, lab_issu_in, LabDown};
+
 static LAB: Mutex<()> = Mutex::new(());
-
-fn hitless() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_hitless"))
-}
-
-fn lab_dir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("hitless-test-netns-{name}"))
-}
 
 fn skip() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
@@ -40,43 +35,7 @@ fn skip() -> bool {
 /// Runs `hitless lab issu --json --hosts netns` with extra arguments; returns the report
 /// (whatever the exit status: a partition may lose writes, which the report counts).
 fn lab_issu(name: &str, extra: &[&str]) -> Value {
-    let dir = lab_dir(name);
-    let out = Command::new(hitless())
-        .args(["lab", "issu", "--json", "--hosts", "netns", "--dir"])
-        .arg(&dir)
-        .args(extra)
-        .output()
-        .expect("running hitless lab issu");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "no JSON report ({e}); exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}\nprimary log:\n{}\nsecondary log:\n{}",
-            out.status,
-            tail(&dir.join("primary.log")),
-            tail(&dir.join("secondary.log"))
-        )
-    });
-    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
-    report
-}
-
-fn tail(p: &Path) -> String {
-    let s = std::fs::read_to_string(p).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-/// Tears a kept lab down when dropped (also when the test fails).
-struct LabDown(PathBuf);
-
-impl Drop for LabDown {
-    fn drop(&mut self) {
-        let _ = Command::new(hitless())
-            .args(["lab", "down", "--dir"])
-            .arg(&self.0)
-            .output();
-    }
+    lab_issu_in(&lab_dir(name), "netns", extra)
 }
 
 fn namespaces() -> String {
@@ -108,8 +67,8 @@ fn a_two_host_issu_commits_with_the_address_on_one_host_and_the_network_removed_
     if skip() {
         return;
     }
-    let dir = lab_dir("clean");
-    let r = lab_issu("clean", &["--keep"]);
+    let dir = lab_dir("netns-clean");
+    let r = lab_issu("netns-clean", &["--keep"]);
     let _down = LabDown(dir.clone());
     assert_eq!(r["hosts"], "netns");
     assert_eq!(r["result"], "committed");
@@ -205,7 +164,7 @@ fn seed_case_on_two_hosts_fails_over_to_the_peer_and_the_address_follows() {
     if skip() {
         return;
     }
-    let r = lab_issu("seed", &["--fault", "crash-active@primary-mixed"]);
+    let r = lab_issu("netns-seed", &["--fault", "crash-active@primary-mixed"]);
     assert_eq!(r["fault_injected"], true);
     assert_eq!(r["result"], "rolled_back");
     assert_eq!(r["final_control"]["appliance"], "secondary");
@@ -242,7 +201,10 @@ fn a_partition_between_the_appliances_heals_to_one_owner_of_the_address() {
     if skip() {
         return;
     }
-    let r = lab_issu("partition", &["--fault", "partition-peers@primary-mixed"]);
+    let r = lab_issu(
+        "netns-partition",
+        &["--fault", "partition-peers@primary-mixed"],
+    );
     assert_eq!(r["fault_injected"], true);
     assert!(
         r["timeline"].as_array().unwrap().iter().any(|l| l

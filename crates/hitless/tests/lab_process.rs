@@ -3,49 +3,20 @@
 //! lab has its own tests in `lab_netns.rs`). The lab uses fixed loopback ports, so the
 //! scenarios run one after the other.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
 use serde_json::Value;
 
+mod common;
+
+use common::{hitless, lab_dir, lab_issu_in, tail, LabDown};
+
 static LAB: Mutex<()> = Mutex::new(());
 
-fn hitless() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_hitless"))
-}
-
-fn lab_dir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("hitless-test-{name}"))
-}
-
-/// Runs `hitless lab issu --json` with extra arguments; returns the report.
+/// Runs `hitless lab issu --json --hosts loopback` with extra arguments; returns the report.
 fn lab_issu(name: &str, extra: &[&str]) -> Value {
-    let dir = lab_dir(name);
-    let out = Command::new(hitless())
-        .args(["lab", "issu", "--json", "--hosts", "loopback", "--dir"])
-        .arg(&dir)
-        .args(extra)
-        .output()
-        .expect("running hitless lab issu");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "no JSON report ({e}); exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}\nprimary log:\n{}\nsecondary log:\n{}",
-            out.status,
-            tail(&dir.join("primary.log")),
-            tail(&dir.join("secondary.log"))
-        )
-    });
-    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
-    report
-}
-
-fn tail(p: &Path) -> String {
-    let s = std::fs::read_to_string(p).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    lab_issu_in(&lab_dir(name), "loopback", extra)
 }
 
 fn skip_without_redis_tools() -> bool {
@@ -240,18 +211,6 @@ fn a_hung_instance_in_control_is_detected_by_its_health_probes_and_failed_over()
             .contains("heartbeat lost"),
         "{r}"
     );
-}
-
-/// Tears a kept lab down when dropped (also when the test fails).
-struct LabDown(PathBuf);
-
-impl Drop for LabDown {
-    fn drop(&mut self) {
-        let _ = Command::new(hitless())
-            .args(["lab", "down", "--dir"])
-            .arg(&self.0)
-            .output();
-    }
 }
 
 const PRIMARY_API: &str = "127.0.0.1:27701";
