@@ -241,6 +241,9 @@ impl Appliance {
             info!(addr = %self.config.service_addr, "service address released: this agent's driver stepped down");
         }
         if let Some(vip) = self.vip.get() {
+            if vip.is_held().unwrap_or(true) {
+                self.front.close_clients();
+            }
             if let Err(e) = vip.release() {
                 warn!("cannot release the service address after stepping down: {e}");
             }
@@ -412,6 +415,10 @@ impl Appliance {
                         info!(addr = %self.config.service_addr, "service address released");
                     }
                     if let Some(vip) = self.vip.get() {
+                        // Its clients can follow the address only on new connections.
+                        if vip.is_held().unwrap_or(true) {
+                            self.front.close_clients();
+                        }
                         vip.release().map_err(|e| e.to_string())?;
                     }
                 }

@@ -174,6 +174,8 @@ struct Shared {
     limits: FrontLimits,
     /// The stall fence (see [`Front::fence`]).
     fence: Fence,
+    /// Bumped to close every client connection (see [`Front::close_clients`]).
+    closing: watch::Sender<u64>,
 }
 
 /// What keeps a front from acting on a stale view of the pair: its agent was not scheduled
@@ -295,6 +297,7 @@ impl Front {
                 route,
                 inflight: AtomicUsize::new(0),
                 fence: Fence::new(),
+                closing: watch::channel(0).0,
                 connections: AtomicUsize::new(0),
                 forwarded: AtomicU64::new(0),
                 replayed: AtomicU64::new(0),
@@ -494,6 +497,12 @@ impl Front {
 
     async fn serve(self, client: TcpStream) {
         let framing = self.framing();
+        let mut closing = self.shared.closing.subscribe();
+        closing.borrow_and_update();
+        // Ends when the front closes its clients (the service address left this host).
+        let closed = async move {
+            let _ = closing.changed().await;
+        };
         if framing.holds_requests() {
             let mut conn = Conn {
                 front: self.clone(),
@@ -502,18 +511,43 @@ impl Front {
                 unanswered: BytesMut::new(),
                 written: 0,
             };
-            if let Err(reason) = conn.run(client).await {
-                debug!("client connection closed: {reason}");
+            tokio::select! {
+                r = conn.run(client) => {
+                    if let Err(reason) = r {
+                        debug!("client connection closed: {reason}");
+                    }
+                }
+                _ = closed => debug!("client connection closed: the service address left this host"),
             }
             let left = conn.lens.len();
             self.shared.inflight.fetch_sub(left, Ordering::AcqRel);
         } else {
-            match relay(&self, client).await {
-                Ok(reason) => debug!("client connection closed: {reason}"),
-                Err(reason) => debug!("client connection closed: {reason}"),
+            tokio::select! {
+                r = relay(&self, client) => match r {
+                    Ok(reason) => debug!("client connection closed: {reason}"),
+                    Err(reason) => debug!("client connection closed: {reason}"),
+                },
+                _ = closed => debug!("client connection closed: the service address left this host"),
             }
         }
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Closes every client connection (each gets a FIN, or a reset if it had sent more): call
+    /// it while this host still holds the service address it is giving up. A client of a
+    /// host that no longer holds its address can neither be answered (nothing can be sent
+    /// from an address the host lost) nor reach it (its packets go to the new holder); closed
+    /// now, it reconnects to the new holder at once instead of waiting out its own timeout.
+    /// Requests in flight stay unanswered, never acknowledged.
+    pub fn close_clients(&self) {
+        let n = self.shared.connections.load(Ordering::Relaxed);
+        self.shared.closing.send_modify(|g| *g += 1);
+        if n > 0 {
+            info!(
+                connections = n,
+                "closing the front's clients: the service address leaves this host"
+            );
+        }
     }
 }
 

@@ -355,3 +355,23 @@ async fn after_stepping_down_only_a_higher_epoch_route_lifts_the_fence_and_the_o
     assert!(!front.fenced());
     assert_eq!(front.stats(true).replayed, 1);
 }
+
+#[tokio::test]
+async fn closing_the_clients_ends_every_connection_at_once() {
+    // The service address is leaving this host: its clients must learn it now (and reconnect
+    // to the new holder), not wait out their own timeouts.
+    let a = backend("a", false).await;
+    let (front, listening) = front_at(a);
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    assert_eq!(request(&mut client).await, "+a\r\n");
+    front.close_clients();
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(2), client.read(&mut byte))
+        .await
+        .expect("the connection is closed within 2 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the connection stayed open");
+    // New clients are served as before (the listener is the caller's to stop).
+    let mut again = TcpStream::connect(listening.addr).await.unwrap();
+    assert_eq!(request(&mut again).await, "+a\r\n");
+}
