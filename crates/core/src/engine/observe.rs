@@ -10,12 +10,14 @@ impl Engine {
         if matches!(inst.state, InstanceState::Stopped | InstanceState::Failed) {
             return;
         }
-        let stopping = inst.state == InstanceState::Stopping;
-        self.set_state(id, InstanceState::Failed);
-        if stopping {
-            // It was being stopped anyway.
+        if inst.state == InstanceState::Stopping {
+            // It was being stopped anyway: it is gone, as asked. (A request to it that failed
+            // because it was going away, a readiness poll racing the stop, must not turn a
+            // planned stop into a failure that rolls the ISSU back.)
+            self.set_state(id, InstanceState::Stopped);
             return;
         }
+        self.set_state(id, InstanceState::Failed);
         if let Some(i) = self.inst_mut(id) {
             if i.role != Role::InControl {
                 i.role = Role::Spare;
@@ -164,5 +166,34 @@ impl Engine {
                 i.role = Role::Spare;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::steady;
+    use super::super::{Command, Engine, Event};
+    use crate::domain::{InstanceId, InstanceState};
+
+    #[test]
+    fn an_instance_that_fails_while_it_is_stopped_is_stopped_not_failed() {
+        // A request to an instance being stopped (a readiness poll racing the stop) fails as
+        // it goes away: the stop asked for is done, no failure to roll back for.
+        let mut st = steady().snapshot();
+        st.pair.get_mut(InstanceId(2)).expect("exists").state = InstanceState::Stopping;
+        let mut e = Engine::restore(st).expect("restores");
+        let cmds = e.handle(Event::InstanceFailed {
+            instance: InstanceId(2),
+            reason: "the control channel is closed".into(),
+        });
+        // Nothing reported (no failure, no rollback); the HA policy may replace the standby.
+        assert!(
+            !cmds.iter().any(|c| matches!(c, Command::Report { .. })),
+            "{cmds:?}"
+        );
+        assert_eq!(
+            e.state().pair.get(InstanceId(2)).map(|i| i.state),
+            Some(InstanceState::Stopped)
+        );
     }
 }
