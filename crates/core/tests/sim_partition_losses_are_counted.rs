@@ -5,20 +5,12 @@
 
 use hitless_core::engine::Step;
 use hitless_core::sim::{
-    self, fault_catalog, FaultKind, FaultSpec, ScheduledFault, SimOptions, SimReport, SimViolation,
-    Trigger, WitnessLoss, HA_GRACE_TICKS,
+    self, fault_catalog, FaultKind, FaultSpec, SimViolation, WitnessLoss, HA_GRACE_TICKS,
 };
 
-fn run_with_detector(kind: FaultKind, step: Step, detect: u64) -> SimReport {
-    sim::run_with(&SimOptions {
-        faults: vec![ScheduledFault {
-            kind,
-            trigger: Trigger::AtStep(step),
-        }],
-        peer_detect_ticks: detect,
-        ..SimOptions::default()
-    })
-}
+mod common;
+
+use common::run_with_detector;
 
 #[test]
 fn every_loss_of_a_split_is_counted_and_predicted() {

@@ -3,21 +3,11 @@
 //! the other agent takes over, however long the detector takes.
 
 use hitless_core::engine::Step;
-use hitless_core::sim::{
-    self, fault_catalog, FaultKind, ScheduledFault, SimOptions, SimReport, SimResult, Trigger,
-    HA_GRACE_TICKS,
-};
+use hitless_core::sim::{self, fault_catalog, FaultKind, SimResult, HA_GRACE_TICKS};
 
-fn run_with_detector(kind: FaultKind, step: Step, detect: u64) -> SimReport {
-    sim::run_with(&SimOptions {
-        faults: vec![ScheduledFault {
-            kind,
-            trigger: Trigger::AtStep(step),
-        }],
-        peer_detect_ticks: detect,
-        ..SimOptions::default()
-    })
-}
+mod common;
+
+use common::run_with_detector;
 
 #[test]
 fn a_lost_witness_changes_nothing() {

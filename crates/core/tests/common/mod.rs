@@ -1,9 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use hitless_core::engine::{EngineConfig, EngineState};
+use hitless_core::engine::{EngineConfig, EngineState, Step};
 use hitless_core::invariants::{Checker, Invariant};
-use hitless_core::sim::{self, fault_catalog, SimReport};
+use hitless_core::sim::{
+    self, fault_catalog, FaultKind, ScheduledFault, SimOptions, SimReport, Trigger,
+};
 use hitless_core::{ControlEpoch, Engine, ImageRef, InstanceId, Pair, Version};
 
 /// Runs every catalog fault (and no fault) and returns the violations of `inv` by case.
@@ -39,4 +41,16 @@ pub fn checker_for(e: &Engine) -> Checker {
 
 pub fn state(e: &Engine) -> EngineState {
     e.snapshot()
+}
+
+/// Simulates the ISSU with `kind` at `step` and a peer failure detector of `detect` ticks.
+pub fn run_with_detector(kind: FaultKind, step: Step, detect: u64) -> SimReport {
+    sim::run_with(&SimOptions {
+        faults: vec![ScheduledFault {
+            kind,
+            trigger: Trigger::AtStep(step),
+        }],
+        peer_detect_ticks: detect,
+        ..SimOptions::default()
+    })
 }
