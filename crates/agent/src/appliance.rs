@@ -236,18 +236,32 @@ impl Appliance {
         // Until the new driver's route (of a higher epoch) arrives, nothing goes to this
         // appliance's old instance in control and none of its answers reaches a client.
         self.front.fence(Some(epoch));
-        if let Some(old) = self.listening.lock().expect("listening lock").take() {
-            old.stop();
-            info!(addr = %self.config.service_addr, "service address released: this agent's driver stepped down");
+        let mut l = self.listening.lock().expect("listening lock");
+        if let Err(e) = self.give_up_address(&mut l, "this agent's driver stepped down") {
+            warn!("cannot release the service address after stepping down: {e}");
+        }
+    }
+
+    /// Stops serving the service address here: the front stops accepting, its clients are
+    /// closed while the address is still here (they can follow it only on new connections),
+    /// then the virtual address goes. Without a virtual address (one host), the clients stay:
+    /// the other front binds the same address.
+    fn give_up_address(
+        &self,
+        listening: &mut Option<Listening>,
+        why: &str,
+    ) -> Result<(), hitless_vip::VipError> {
+        let was_listening = listening.take().map(Listening::stop).is_some();
+        if was_listening {
+            info!(addr = %self.config.service_addr, why, "service address released");
         }
         if let Some(vip) = self.vip.get() {
-            if vip.is_held().unwrap_or(true) {
+            if was_listening {
                 self.front.close_clients();
             }
-            if let Err(e) = vip.release() {
-                warn!("cannot release the service address after stepping down: {e}");
-            }
+            vip.release()?;
         }
+        Ok(())
     }
 
     /// The front.
@@ -389,8 +403,7 @@ impl Appliance {
                 self.front.set_route(route);
                 let mut l = self.listening.lock().expect("listening lock");
                 if listen {
-                    let was_listening = l.is_some();
-                    if !was_listening {
+                    if l.is_none() {
                         *l = Some(
                             self.front
                                 .listen(self.config.service_addr)
@@ -399,28 +412,14 @@ impl Appliance {
                     }
                     // The front listens first (IP_FREEBIND), then the address comes: no
                     // client reaches this host before something accepts it. Claiming is
-                    // idempotent; a route re-asserted (after a split healed) announces again,
-                    // so clients that followed the other side come back.
+                    // idempotent and announces again each time, so a route re-asserted after
+                    // a split healed brings back the clients that followed the other side.
                     if let Some(vip) = self.vip.get() {
-                        if was_listening && vip.is_held().unwrap_or(false) {
-                            vip.announce_now();
-                        } else {
-                            vip.claim().map_err(|e| e.to_string())?;
-                        }
+                        vip.claim().map_err(|e| e.to_string())?;
                     }
                 } else {
-                    // The front stops before the address goes.
-                    if let Some(old) = l.take() {
-                        old.stop();
-                        info!(addr = %self.config.service_addr, "service address released");
-                    }
-                    if let Some(vip) = self.vip.get() {
-                        // Its clients can follow the address only on new connections.
-                        if vip.is_held().unwrap_or(true) {
-                            self.front.close_clients();
-                        }
-                        vip.release().map_err(|e| e.to_string())?;
-                    }
+                    self.give_up_address(&mut l, "control is elsewhere")
+                        .map_err(|e| e.to_string())?;
                 }
                 Ok(OpOk::Done)
             }

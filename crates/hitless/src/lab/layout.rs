@@ -140,20 +140,10 @@ impl Layout {
     pub fn topology_json(&self) -> serde_json::Value {
         match &self.topology {
             Some(t) => {
-                let host = |h: &hitless_netlab::Host| serde_json::json!({ "netns": h.netns, "addr": h.addr, "interface": h.interface });
-                serde_json::json!({
-                    "kind": "netns",
-                    "hosts": {
-                        "primary": host(&t.hosts.primary),
-                        "secondary": host(&t.hosts.secondary),
-                        "witness": host(&t.hosts.witness),
-                    },
-                    "client": host(&t.client),
-                    "gateway": t.gateway,
-                    "bridge": t.bridge,
-                    "service_addr": t.service_addr,
-                    "service": self.service_addr,
-                })
+                // The topology as the network crate describes it, and the service's port.
+                let mut v = serde_json::to_value(t).expect("a topology serializes");
+                v["service"] = serde_json::json!(self.service_addr);
+                v
             }
             None => {
                 let host = |a: IpAddr| serde_json::json!({ "netns": null, "addr": a });
@@ -226,6 +216,19 @@ pub fn in_clients<R: Send>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_two_host_topology_is_described_with_the_fields_lab_status_promises() {
+        let topo = hitless_netlab::Topology::of(&hitless_netlab::Plan::default());
+        let v = Layout::netns(topo).topology_json();
+        assert_eq!(v["kind"], "netns");
+        assert_eq!(v["hosts"]["primary"]["addr"], "198.18.0.1");
+        assert_eq!(v["hosts"]["secondary"]["netns"], "hl-secondary");
+        assert_eq!(v["hosts"]["witness"]["addr"], "198.18.0.3");
+        assert_eq!(v["client"]["addr"], "198.18.0.100");
+        assert_eq!(v["service_addr"], "198.18.0.10");
+        assert_eq!(v["service"], "198.18.0.10:6379");
+    }
 
     #[test]
     fn a_layout_reads_back_as_saved_and_a_missing_one_is_loopback() {

@@ -435,16 +435,9 @@ fn teardown(dir: &Path) -> anyhow::Result<(usize, String)> {
 
 /// Whether namespaces of a two-host lab are left over (its run directory may be gone).
 fn leftover_netns() -> bool {
-    Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .is_ok_and(|o| {
-            String::from_utf8_lossy(&o.stdout).lines().any(|l| {
-                NAMES
-                    .iter()
-                    .any(|n| l.starts_with(&format!("{NETNS_PREFIX}-{n}")))
-            })
-        })
+    NAMES
+        .iter()
+        .any(|n| hitless_netlab::netns_path(&format!("{NETNS_PREFIX}-{n}")).exists())
 }
 
 /// Stops the lab's agents (gracefully, then by force); returns how many were running.
