@@ -113,6 +113,53 @@ pub struct VipSection {
     pub announce: hitless_vip::AnnounceConfig,
 }
 
+/// How reads are served while the pair may be split (see `docs/ARCHITECTURE.md`, "The
+/// witness").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadMode {
+    /// The instance in control answers reads as long as it runs: during a partition the
+    /// old side may answer a read with a value the new side has since overwritten.
+    #[default]
+    Any,
+    /// The appliance in control holds a lease at the witness and its front stops answering
+    /// before the lease could have run out there; a promotion waits for the lease to run out.
+    Lease,
+}
+
+/// The pair's third vote (see `docs/ARCHITECTURE.md`, "The witness").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WitnessSection {
+    /// `"none"` (a partition can lose acknowledged writes), `"builtin"` (the
+    /// `hitless witness` daemon) or `"etcd"`.
+    pub kind: hitless_witness::WitnessKind,
+    /// Where the witness is: `host:port` of the builtin daemon, or etcd client URLs
+    /// (`http://host:2379`).
+    pub endpoints: Vec<String>,
+    /// The name of the pair's record at the witness (several pairs may share one witness).
+    pub pair: String,
+    /// Bound of one request to the witness, in milliseconds.
+    pub timeout_ms: u64,
+    /// How reads are served during a partition.
+    pub reads: ReadMode,
+    /// The read lease (with `reads = "lease"`), in milliseconds.
+    pub lease_ms: u64,
+}
+
+impl Default for WitnessSection {
+    fn default() -> Self {
+        Self {
+            kind: hitless_witness::WitnessKind::None,
+            endpoints: Vec::new(),
+            pair: "hitless".into(),
+            timeout_ms: 250,
+            reads: ReadMode::Any,
+            lease_ms: 2_000,
+        }
+    }
+}
+
 /// The agent configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,6 +190,9 @@ pub struct AgentConfig {
     /// The service address as a virtual IP held by the appliance in control.
     #[serde(default)]
     pub vip: Option<VipSection>,
+    /// The witness: `[witness] kind = "none" | "builtin" | "etcd"` and its endpoints.
+    #[serde(default)]
+    pub witness: WitnessSection,
 }
 
 fn default_backend() -> BackendKind {
@@ -254,8 +304,85 @@ impl AgentConfig {
         if let Some(v) = self.vip_config() {
             v.validate().map_err(|e| invalid("vip", e.to_string()))?;
         }
+        self.validate_witness(path)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "is empty".into()));
+        }
+        Ok(())
+    }
+
+    fn validate_witness(&self, path: &Path) -> Result<(), ConfigError> {
+        use hitless_witness::WitnessKind;
+        let invalid = |field, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        let w = &self.witness;
+        match w.kind {
+            WitnessKind::None => {
+                if w.reads == ReadMode::Lease {
+                    return Err(invalid(
+                        "witness.reads",
+                        "\"lease\" needs a witness to hold the lease (witness.kind is \"none\")"
+                            .into(),
+                    ));
+                }
+                return Ok(());
+            }
+            WitnessKind::Builtin => {
+                for e in &w.endpoints {
+                    e.parse::<SocketAddr>().map_err(|_| {
+                        invalid(
+                            "witness.endpoints",
+                            format!("{e:?} is not the host:port of a builtin witness"),
+                        )
+                    })?;
+                }
+            }
+            WitnessKind::Etcd => {
+                for e in &w.endpoints {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        return Err(invalid(
+                            "witness.endpoints",
+                            format!("{e:?} is not an etcd client URL (http://host:2379)"),
+                        ));
+                    }
+                }
+            }
+        }
+        if w.endpoints.is_empty() || w.endpoints.len() > 16 {
+            return Err(invalid(
+                "witness.endpoints",
+                format!("{} endpoints; a witness needs 1..=16", w.endpoints.len()),
+            ));
+        }
+        if w.pair.is_empty()
+            || w.pair.len() > 64
+            || !w
+                .pair
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "witness.pair",
+                format!("{:?} is not 1..=64 letters, digits, '-' or '_'", w.pair),
+            ));
+        }
+        if !(10..=10_000).contains(&w.timeout_ms) {
+            return Err(invalid(
+                "witness.timeout_ms",
+                format!("{} is outside 10..=10000", w.timeout_ms),
+            ));
+        }
+        if !(100..=60_000).contains(&w.lease_ms) || w.lease_ms < 2 * w.timeout_ms {
+            return Err(invalid(
+                "witness.lease_ms",
+                format!(
+                    "{} is outside 100..=60000 or under twice witness.timeout_ms",
+                    w.lease_ms
+                ),
+            ));
         }
         Ok(())
     }

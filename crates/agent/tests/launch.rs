@@ -69,6 +69,7 @@ fn an_instance_runs_from_its_contract_and_stops_gracefully() {
             ..InstanceConfig::default()
         },
         vip: None,
+        witness: Default::default(),
     };
     let backend: Arc<dyn hitless_vmm::Backend> = Arc::new(hitless_vmm::ProcessBackend::new(
         hitless_vmm::ProcessConfig::default(),

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod engine;
 pub mod invariants;
 pub mod sim;
+pub mod witness;
 
 pub use domain::{
     ApplianceId, ControlEpoch, ImageRef, Instance, InstanceId, InstanceState, Pair, Role, Version,
@@ -17,3 +18,4 @@ pub use engine::{
     Command, CompatVerdict, Engine, EngineConfig, EngineError, EngineState, Event, Outcome, Report,
     Status, Step, Stuck, RESUME_COMMANDS,
 };
+pub use witness::{Versioned, WitnessChange, WitnessRecord, WitnessRefusal};
