@@ -207,9 +207,9 @@ impl WitnessChange {
                 }
                 next.epoch = *epoch;
                 next.in_control = Some(*to);
-                // The drained instance holds every write; it and the other standbys keep
-                // waiting to be re-attached: none is synchronous to `to` yet.
-                next.sync_set.clear();
+                // The switchover drains `from` into `to` and moves every standby's feed to
+                // `to`: the synchronous standbys stay synchronous (`to` leaves the set).
+                next.sync_set.remove(to);
             }
             WitnessChange::DropStandbys {
                 active,

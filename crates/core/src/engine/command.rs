@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{ApplianceId, ControlEpoch, ImageRef, InstanceId, Version};
+use crate::witness::WitnessChange;
 
 use super::Step;
 
@@ -155,6 +156,31 @@ pub enum Command {
         /// Epoch from which it is fenced.
         epoch: ControlEpoch,
     },
+    /// Ask the witness for `change` (read, decide, compare-and-swap). Completes with
+    /// `WitnessGranted`, `WitnessRefused` or `WitnessUnreachable`. Idempotent: a change that
+    /// already landed is granted again.
+    Witness {
+        /// The change.
+        change: WitnessChange,
+    },
+    /// The witness no longer counts `standby` as synchronous: tell `active` to stop waiting
+    /// for its acknowledgements.
+    StandbyGone {
+        /// The instance in control.
+        active: InstanceId,
+        /// The standby given up.
+        standby: InstanceId,
+    },
+    /// The witness names `in_control` at `epoch`, decided by the other appliance's agent:
+    /// this engine's view is stale. The driver stops driving, gives up the service address
+    /// and waits for the peer (which drives). The engine fenced its own instance in control
+    /// first.
+    StandDown {
+        /// The epoch the witness records.
+        epoch: ControlEpoch,
+        /// The instance it records in control.
+        in_control: Option<InstanceId>,
+    },
     /// Progress report for the operator and the journal.
     Report {
         /// What happened.
@@ -173,10 +199,13 @@ impl Command {
             Command::SwitchControl { .. }
             | Command::Failover { .. }
             | Command::Fence { .. }
-            | Command::StopInstance { .. } => true,
+            | Command::StopInstance { .. }
+            | Command::Witness { .. }
+            | Command::StandDown { .. } => true,
             Command::StartInstance { .. }
             | Command::AttachStandby { .. }
             | Command::VerifyStandby { .. }
+            | Command::StandbyGone { .. }
             | Command::Report { .. } => false,
         }
     }

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{ApplianceId, ControlEpoch, ImageRef, InstanceId, Version};
+use crate::witness::{WitnessChange, WitnessRecord, WitnessRefusal};
 
 use super::Step;
 
@@ -115,6 +116,27 @@ pub enum Event {
         epoch: ControlEpoch,
         /// Why.
         reason: String,
+    },
+    /// The witness granted a change (completion of `Witness`): the record now.
+    WitnessGranted {
+        /// The change.
+        change: WitnessChange,
+        /// The record after it.
+        record: WitnessRecord,
+    },
+    /// The witness refused a change (completion of `Witness`): someone else decided first.
+    WitnessRefused {
+        /// The change.
+        change: WitnessChange,
+        /// Why.
+        refusal: WitnessRefusal,
+    },
+    /// The witness did not answer a change within the driver's bound; the engine asks again.
+    WitnessUnreachable {
+        /// The change.
+        change: WitnessChange,
+        /// What failed.
+        detail: String,
     },
     /// A step exceeded its bound. The engine generates this itself from `Tick`; a driver may
     /// also inject it.

@@ -3,7 +3,7 @@
 use crate::domain::{ApplianceId, ImageRef, InstanceId, InstanceState, Role};
 
 use super::step::step_detail;
-use super::{both, report, then, Command, Engine, PendingSwitch, Prog, Report, Slots, Step};
+use super::{both, report, then, Command, Engine, Prog, Report, Slots, Step};
 
 impl Engine {
     pub(super) fn drive_forward(&mut self, step: Step, out: &mut Vec<Command>) {
@@ -204,14 +204,7 @@ impl Engine {
         if !self.ha_protected() {
             return Prog::Wait;
         }
-        let epoch = self.alloc_epoch();
-        out.push(Command::SwitchControl { from, to, epoch });
-        self.st.pending = Some(PendingSwitch {
-            from: Some(from),
-            to,
-            epoch,
-            planned: true,
-        });
+        self.begin_planned_switch(from, to, out);
         Prog::Wait
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::domain::{ControlEpoch, Instance, InstanceId, InstanceState, Role};
 
-use super::{report, Command, Engine, PendingSwitch, Report, Step};
+use super::{report, Command, Engine, Report, Step};
 
 impl Engine {
     pub(super) fn on_switched(
@@ -131,6 +131,10 @@ impl Engine {
         } else if self.st.pair.control().is_some() {
             return;
         }
+        if self.st.witness.inflight.is_some() {
+            // One witness change at a time: decide on its answer.
+            return;
+        }
         // Keep a superseded control change recorded until a failover replaces it: if no
         // standby can take over, a late confirmation of it must still be applied.
         let pending = self.st.pending.clone();
@@ -139,24 +143,9 @@ impl Engine {
         match self.failover_candidate(&exclude) {
             Some(to) => {
                 self.st.pending = None;
-                let epoch = self.alloc_epoch();
-                for f in exclude.into_iter().flatten() {
-                    if f != to {
-                        out.push(Command::Fence { instance: f, epoch });
-                        if let Some(i) = self.inst_mut(f) {
-                            if i.state.is_up() {
-                                i.state = InstanceState::Failed;
-                            }
-                        }
-                    }
-                }
-                out.push(Command::Failover { to, epoch });
-                self.st.pending = Some(PendingSwitch {
-                    from: failed,
-                    to,
-                    epoch,
-                    planned: false,
-                });
+                let fence: Vec<InstanceId> =
+                    exclude.into_iter().flatten().filter(|f| *f != to).collect();
+                self.begin_failover(failed, to, &fence, out);
                 self.begin_rollback_if_forward(
                     format!(
                         "instance in control {} failed; failing over to {to}",

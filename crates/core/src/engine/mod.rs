@@ -52,6 +52,7 @@ mod state;
 mod status;
 mod step;
 mod timer;
+mod witness;
 
 use crate::domain::{ApplianceId, ImageRef, Instance, InstanceId, InstanceState, Pair, Role};
 
@@ -102,6 +103,7 @@ impl Engine {
             retried: false,
             progress_mark: 0,
             repair_starts: 0,
+            witness: Default::default(),
         };
         validate(&st)?;
         Ok(Self { st })
@@ -168,6 +170,13 @@ impl Engine {
                 }
             })
         });
+        if let Some(change) = &self.st.witness.inflight {
+            out.push(Command::Witness {
+                change: change.clone(),
+            });
+        }
+        // Through a witness, the control change itself is issued only once granted.
+        let pending = pending.filter(|_| !self.st.config.witness || self.st.witness.granted);
         if let Some(p) = pending {
             match (p.planned, p.from) {
                 (true, Some(from)) => out.push(Command::SwitchControl {
@@ -205,7 +214,10 @@ impl Engine {
         let check = crate::invariants::Checker::for_transition(&self.st);
         let mut out = Vec::new();
         self.dispatch(event, &mut out);
-        self.drive(&mut out);
+        if self.st.witness.deposed.is_none() {
+            self.drive(&mut out);
+            self.witness_reconcile(&mut out);
+        }
         self.update_timer();
         #[cfg(debug_assertions)]
         self.debug_check_invariants(check, &out);
@@ -246,6 +258,13 @@ impl Engine {
                 self.on_switch_failed(to, epoch, &reason, out)
             }
             Event::StepTimeout { step } => self.on_step_timeout(step, out),
+            Event::WitnessGranted { change, record } => {
+                self.on_witness_granted(change, record, out)
+            }
+            Event::WitnessRefused { change, refusal } => {
+                self.on_witness_refused(change, refusal, out)
+            }
+            Event::WitnessUnreachable { change, .. } => self.on_witness_unreachable(change),
         }
     }
 
@@ -427,6 +446,18 @@ pub(super) mod testing {
     pub fn steady() -> Engine {
         Engine::new(
             EngineConfig::default(),
+            Pair::steady(source(), InstanceId(1), InstanceId(2), ControlEpoch(1)),
+        )
+        .expect("the steady pair is consistent")
+    }
+
+    /// The steady pair, deciding through a witness.
+    pub fn steady_with_witness() -> Engine {
+        Engine::new(
+            EngineConfig {
+                witness: true,
+                ..EngineConfig::default()
+            },
             Pair::steady(source(), InstanceId(1), InstanceId(2), ControlEpoch(1)),
         )
         .expect("the steady pair is consistent")

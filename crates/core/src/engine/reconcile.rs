@@ -2,7 +2,7 @@
 
 use crate::domain::{ApplianceId, ImageRef, Instance, InstanceState, Role};
 
-use super::{p_wait, report, Command, Engine, Outcome, PendingSwitch, Prog, Report, Step};
+use super::{p_wait, report, Command, Engine, Outcome, Prog, Report, Step};
 
 impl Engine {
     /// Rollback reconciler to the source version.
@@ -77,18 +77,7 @@ impl Engine {
                         self.describe()
                     ));
                 }
-                let epoch = self.alloc_epoch();
-                out.push(Command::SwitchControl {
-                    from: c.id,
-                    to,
-                    epoch,
-                });
-                self.st.pending = Some(PendingSwitch {
-                    from: Some(c.id),
-                    to,
-                    epoch,
-                    planned: true,
-                });
+                self.begin_planned_switch(c.id, to, out);
                 return Prog::Wait;
             }
             let in_progress = self

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{ApplianceId, ControlEpoch, ImageRef, InstanceId, Pair, Role};
+use crate::witness::{WitnessChange, WitnessRecord};
 
 use super::{CompatVerdict, Outcome, Step, Stuck};
 
@@ -41,6 +42,11 @@ pub struct EngineConfig {
     pub max_resyncs: u32,
     /// How many instances the rollback/repair reconciler may start before asking the operator.
     pub max_repair_starts: u32,
+    /// A witness decides every control change and every standby given up (see
+    /// [`crate::witness`]); without one a partition can lose acknowledged writes.
+    /// (Not written when off: a journal record reads the same in the previous release.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub witness: bool,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +63,7 @@ impl Default for EngineConfig {
             max_instances_per_appliance: 2,
             max_resyncs: 3,
             max_repair_starts: 4,
+            witness: false,
         }
     }
 }
@@ -157,6 +164,33 @@ pub struct EngineState {
     pub progress_mark: u64,
     /// Repair starts in steady state (bounded).
     pub repair_starts: u32,
+    /// What the engine knows of the witness (with [`EngineConfig::witness`]; not written
+    /// while empty).
+    #[serde(default, skip_serializing_if = "WitnessState::is_empty")]
+    pub witness: WitnessState,
+}
+
+/// The engine's view of the witness.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessState {
+    /// The record as of the last answer.
+    pub known: Option<WitnessRecord>,
+    /// The change asked and not yet answered (one at a time; re-sent as it is until answered).
+    pub inflight: Option<WitnessChange>,
+    /// The inflight change was not answered: re-send it at the next tick.
+    pub resend: bool,
+    /// The pending control change was granted by the witness (its command was issued).
+    pub granted: bool,
+    /// The witness names another instance in control at a later epoch: this engine no longer
+    /// drives.
+    pub deposed: Option<WitnessRecord>,
+}
+
+impl WitnessState {
+    /// Nothing known, nothing asked.
+    pub fn is_empty(&self) -> bool {
+        *self == WitnessState::default()
+    }
 }
 
 /// Errors from [`Engine::restore`](super::Engine::restore) and [`Engine::new`](super::Engine::new).

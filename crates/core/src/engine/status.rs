@@ -50,6 +50,10 @@ pub struct Status {
     pub can_commit: bool,
     /// How the last ISSU ended.
     pub last_outcome: Option<Outcome>,
+    /// The witness's record as last answered, and what is asked of it (absent without a
+    /// witness).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness: Option<String>,
 }
 
 impl Engine {
@@ -108,6 +112,17 @@ impl Engine {
             can_rollback: step.is_some_and(|s| s != Step::Rollback) || st.stuck.is_some(),
             can_commit: step == Some(Step::AwaitCommit) && self.ha_protected(),
             last_outcome: st.last_outcome.clone(),
+            witness: st.config.witness.then(|| {
+                let known = st
+                    .witness
+                    .known
+                    .as_ref()
+                    .map_or("no record yet".to_string(), |r| r.to_string());
+                match self.witness_waiting_on() {
+                    Some(w) => format!("{known}; waiting for {w}"),
+                    None => known,
+                }
+            }),
         }
     }
 
@@ -153,6 +168,9 @@ impl Engine {
 
     pub(super) fn waiting_on(&self) -> String {
         let mut w: Vec<String> = Vec::new();
+        if let Some(x) = self.witness_waiting_on() {
+            w.push(x);
+        }
         if let Some(p) = &self.st.pending {
             w.push(format!("control change to {} at {}", p.to, p.epoch));
         }

@@ -2,7 +2,7 @@
 
 use crate::domain::InstanceState;
 
-use super::{Command, Engine, PendingSwitch, Step};
+use super::{Command, Engine, Step};
 
 impl Engine {
     pub(super) fn on_tick(&mut self, out: &mut Vec<Command>) {
@@ -15,12 +15,21 @@ impl Engine {
                 return;
             }
         }
+        if self.st.witness.resend {
+            self.resend_witness(out);
+        }
         if self.st.stuck.is_none() && self.st.deadline_tick.is_some_and(|d| now >= d) {
             self.on_timeout(out);
         }
     }
 
     pub(super) fn on_timeout(&mut self, out: &mut Vec<Command>) {
+        if self.st.witness.inflight.is_some() {
+            // Nothing moves without the witness: ask again and keep waiting.
+            self.resend_witness(out);
+            self.st.deadline_tick = Some(self.st.now_tick + self.bound());
+            return;
+        }
         let what = self.waiting_on();
         if !self.st.retried {
             // Commands are idempotent: re-issue once before giving up on the step.
@@ -47,20 +56,16 @@ impl Engine {
             });
             match candidate {
                 Some(to) => {
-                    let epoch = self.alloc_epoch();
-                    for f in [Some(p.to), p.from].into_iter().flatten() {
-                        if f != to {
-                            out.push(Command::Fence { instance: f, epoch });
-                            self.set_state(f, InstanceState::Failed);
-                        }
+                    let fence: Vec<_> = [Some(p.to), p.from]
+                        .into_iter()
+                        .flatten()
+                        .filter(|f| *f != to)
+                        .collect();
+                    for f in &fence {
+                        self.set_state(*f, InstanceState::Failed);
                     }
-                    out.push(Command::Failover { to, epoch });
-                    self.st.pending = Some(PendingSwitch {
-                        from: self.st.pair.in_control,
-                        to,
-                        epoch,
-                        planned: false,
-                    });
+                    let failed = self.st.pair.in_control;
+                    self.begin_failover(failed, to, &fence, out);
                     self.begin_rollback_if_forward(
                         format!(
                             "control change to {} at {} was not confirmed",

@@ -320,7 +320,8 @@ impl World {
                 of(standby)
             }
             Command::SwitchControl { to, .. } | Command::Failover { to, .. } => of(to),
-            Command::Report { .. } => None,
+            Command::StandbyGone { active, .. } => of(active),
+            Command::Report { .. } | Command::Witness { .. } | Command::StandDown { .. } => None,
         }
     }
 
@@ -501,6 +502,8 @@ impl World {
                     i.fenced_below = i.fenced_below.max(*epoch);
                 }
             }
+            // The witness is not modelled yet: the simulated engine runs without one.
+            Command::Witness { .. } | Command::StandbyGone { .. } | Command::StandDown { .. } => {}
             Command::Report { .. } => {}
         }
     }

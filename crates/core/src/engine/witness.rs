@@ -1,0 +1,595 @@
+//! The witness rules (with [`EngineConfig::witness`](super::EngineConfig::witness)): every
+//! control change and every standby given up is first decided at the witness, by one
+//! [`WitnessChange`] at a time.
+//!
+//! * A failover asks [`WitnessChange::Promote`]; `Fence` and `Failover` are issued only once
+//!   it is granted, at the epoch the witness granted.
+//! * A planned switch asks [`WitnessChange::Switch`]; `SwitchControl` follows the grant.
+//! * After every transition, [`Engine::witness_reconcile`] brings the record's sync set to the
+//!   standbys the instance in control waits for: a standby that became ready is added; one the
+//!   engine wrote off is removed, and only then is the instance in control told
+//!   ([`Command::StandbyGone`]) that it may acknowledge without it.
+//! * A refusal that shows the other appliance decided (a later epoch, or the instance this
+//!   engine meant to replace still in control) deposes the engine: it fences its own instance
+//!   in control and asks the driver to stand down ([`Command::StandDown`]).
+//! * A change that gets no answer is asked again, as it is, at the next tick: the engine makes
+//!   no control change while the witness is unreachable.
+
+use std::collections::BTreeSet;
+
+use crate::domain::{InstanceId, InstanceState, Role};
+use crate::witness::{WitnessChange, WitnessRecord, WitnessRefusal};
+
+use super::{report, Command, Engine, PendingSwitch, Report};
+
+impl Engine {
+    /// Whether the engine decides through a witness.
+    pub(super) fn witnessed(&self) -> bool {
+        self.st.config.witness
+    }
+
+    /// Asks the witness for `change` (the engine waits for the answer).
+    pub(super) fn ask_witness(&mut self, change: WitnessChange, out: &mut Vec<Command>) {
+        debug_assert!(
+            self.st.witness.inflight.is_none(),
+            "one witness change at a time"
+        );
+        self.st.witness.inflight = Some(change.clone());
+        self.st.witness.resend = false;
+        out.push(Command::Witness { change });
+    }
+
+    /// Re-sends an unanswered change (at a tick, or when the step timer fires).
+    pub(super) fn resend_witness(&mut self, out: &mut Vec<Command>) {
+        if let Some(change) = self.st.witness.inflight.clone() {
+            self.st.witness.resend = false;
+            out.push(Command::Witness { change });
+        }
+    }
+
+    /// Starts a planned switch of control: directly, or through the witness.
+    pub(super) fn begin_planned_switch(
+        &mut self,
+        from: InstanceId,
+        to: InstanceId,
+        out: &mut Vec<Command>,
+    ) {
+        let epoch = self.alloc_epoch();
+        self.st.pending = Some(PendingSwitch {
+            from: Some(from),
+            to,
+            epoch,
+            planned: true,
+        });
+        if self.witnessed() {
+            self.st.witness.granted = false;
+            let change = WitnessChange::Switch {
+                from,
+                epoch_from: self.st.pair.epoch,
+                to,
+                epoch,
+            };
+            self.ask_witness(change, out);
+        } else {
+            out.push(Command::SwitchControl { from, to, epoch });
+        }
+    }
+
+    /// Starts a failover to `to` replacing `failed` (fencing `fence`): directly, or through
+    /// the witness.
+    pub(super) fn begin_failover(
+        &mut self,
+        failed: Option<InstanceId>,
+        to: InstanceId,
+        fence: &[InstanceId],
+        out: &mut Vec<Command>,
+    ) {
+        let epoch = self.alloc_epoch();
+        for f in fence {
+            if let Some(i) = self.inst_mut(*f) {
+                if i.state.is_up() {
+                    i.state = InstanceState::Failed;
+                }
+            }
+        }
+        self.st.pending = Some(PendingSwitch {
+            from: failed,
+            to,
+            epoch,
+            planned: false,
+        });
+        if self.witnessed() {
+            self.st.witness.granted = false;
+            self.ask_witness(
+                WitnessChange::Promote {
+                    to,
+                    at_least: epoch,
+                },
+                out,
+            );
+        } else {
+            for f in fence {
+                out.push(Command::Fence {
+                    instance: *f,
+                    epoch,
+                });
+            }
+            out.push(Command::Failover { to, epoch });
+        }
+    }
+
+    pub(super) fn on_witness_granted(
+        &mut self,
+        change: WitnessChange,
+        record: WitnessRecord,
+        out: &mut Vec<Command>,
+    ) {
+        if self.st.witness.inflight.as_ref() != Some(&change) {
+            return; // An answer to a change re-sent and already answered.
+        }
+        self.st.witness.inflight = None;
+        self.st.witness.resend = false;
+        if record.epoch > self.st.max_epoch {
+            self.st.max_epoch = record.epoch;
+        }
+        let before = self.st.witness.known.replace(record.clone());
+        match change {
+            WitnessChange::Promote { to, .. } => {
+                let Some(p) = self
+                    .st
+                    .pending
+                    .as_mut()
+                    .filter(|p| p.to == to && !p.planned)
+                else {
+                    return;
+                };
+                p.epoch = record.epoch;
+                let p = p.clone();
+                self.st.witness.granted = true;
+                let fence: Vec<InstanceId> = self
+                    .st
+                    .pair
+                    .instances
+                    .iter()
+                    .filter(|i| {
+                        i.id != to
+                            && (Some(i.id) == p.from || i.state == InstanceState::Failed)
+                            && i.state != InstanceState::Stopped
+                    })
+                    .map(|i| i.id)
+                    .collect();
+                for f in fence {
+                    out.push(Command::Fence {
+                        instance: f,
+                        epoch: p.epoch,
+                    });
+                }
+                out.push(Command::Failover { to, epoch: p.epoch });
+            }
+            WitnessChange::Switch { from, to, .. } => {
+                let Some(p) = self.st.pending.as_mut().filter(|p| p.to == to && p.planned) else {
+                    return;
+                };
+                p.epoch = record.epoch;
+                let epoch = p.epoch;
+                self.st.witness.granted = true;
+                out.push(Command::SwitchControl { from, to, epoch });
+            }
+            WitnessChange::DropStandbys {
+                active, standbys, ..
+            } => {
+                for standby in standbys {
+                    out.push(Command::StandbyGone { active, standby });
+                }
+            }
+            WitnessChange::Init { .. } | WitnessChange::AddStandby { .. } => {}
+        }
+        let _ = before;
+    }
+
+    pub(super) fn on_witness_refused(
+        &mut self,
+        change: WitnessChange,
+        refusal: WitnessRefusal,
+        out: &mut Vec<Command>,
+    ) {
+        if self.st.witness.inflight.as_ref() != Some(&change) {
+            return;
+        }
+        self.st.witness.inflight = None;
+        self.st.witness.resend = false;
+        let record = match &refusal {
+            WitnessRefusal::Superseded { record, .. } => Some(record.clone()),
+            WitnessRefusal::Invalid(_) => None,
+        };
+        let ours = self
+            .st
+            .witness
+            .known
+            .as_ref()
+            .map_or(self.st.pair.epoch, |k| k.epoch.max(self.st.pair.epoch));
+        let deposed = record.as_ref().is_some_and(|r| {
+            r.epoch > ours
+                || (matches!(change, WitnessChange::Promote { .. })
+                    && r.in_control.is_some()
+                    && r.in_control == self.st.pair.in_control)
+        });
+        // The control change asked for does not happen.
+        if matches!(
+            change,
+            WitnessChange::Promote { .. } | WitnessChange::Switch { .. }
+        ) {
+            self.st.pending = None;
+            self.st.witness.granted = false;
+        }
+        if let (true, Some(r)) = (deposed, record.clone()) {
+            self.stand_down(r, out);
+            return;
+        }
+        if let Some(r) = record {
+            self.st.witness.known = Some(r);
+        }
+        if self.st.stuck.is_none() {
+            self.set_stuck(
+                format!(
+                    "the witness refused {} ({refusal}); the engine makes no control change the witness has not granted",
+                    change.name()
+                ),
+                "resume",
+                Some("checking the witness's record of the pair (`hitless status`)"),
+                out,
+            );
+        }
+    }
+
+    pub(super) fn on_witness_unreachable(&mut self, change: WitnessChange) {
+        if self.st.witness.inflight.as_ref() == Some(&change) {
+            self.st.witness.resend = true;
+        }
+    }
+
+    /// Another appliance decided: fence what this engine has in control and stop driving.
+    fn stand_down(&mut self, record: WitnessRecord, out: &mut Vec<Command>) {
+        if let Some(c) = self
+            .st
+            .pair
+            .in_control
+            .filter(|c| record.in_control != Some(*c))
+        {
+            if self.inst(c).is_some_and(|i| i.state.is_up()) {
+                out.push(Command::Fence {
+                    instance: c,
+                    epoch: record.epoch,
+                });
+            }
+        }
+        out.push(report(Report::Step {
+            step: self.step().unwrap_or(super::Step::Rollback),
+            detail: format!(
+                "standing down: the witness records {record}, decided by the other appliance"
+            ),
+        }));
+        out.push(Command::StandDown {
+            epoch: record.epoch,
+            in_control: record.in_control,
+        });
+        self.st.witness.known = Some(record.clone());
+        self.st.witness.deposed = Some(record);
+    }
+
+    /// The standbys the instance in control waits for, as the engine counts them.
+    fn synchronous_standbys(&self) -> BTreeSet<InstanceId> {
+        let control = self.st.pair.in_control;
+        self.st
+            .pair
+            .instances
+            .iter()
+            .filter(|i| {
+                Some(i.id) != control
+                    && i.role == Role::HaStandby
+                    && i.state == InstanceState::Ready
+                    && self.st.pair.is_up(i.appliance)
+            })
+            .map(|i| i.id)
+            .collect()
+    }
+
+    /// Brings the witness's record in line with the pair (one change at a time): the first
+    /// record, standbys to drop (before their instance in control stops waiting for them),
+    /// standbys to add.
+    pub(super) fn witness_reconcile(&mut self, out: &mut Vec<Command>) {
+        if !self.witnessed()
+            || self.st.witness.inflight.is_some()
+            || self.st.witness.deposed.is_some()
+            || self.st.pending.is_some()
+        {
+            return;
+        }
+        let Some(c) = self.st.pair.control().map(|c| c.id) else {
+            return;
+        };
+        let epoch = self.st.pair.epoch;
+        let Some(known) = self.st.witness.known.clone() else {
+            self.ask_witness(
+                WitnessChange::Init {
+                    in_control: c,
+                    epoch,
+                },
+                out,
+            );
+            return;
+        };
+        if known.in_control != Some(c) || known.epoch != epoch {
+            return; // Settled by the answer to the control change, or stuck on a refusal.
+        }
+        let waits_for = self.synchronous_standbys();
+        let gone: BTreeSet<InstanceId> = known
+            .sync_set
+            .iter()
+            .filter(|s| !waits_for.contains(s))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            self.ask_witness(
+                WitnessChange::DropStandbys {
+                    active: c,
+                    epoch,
+                    standbys: gone,
+                },
+                out,
+            );
+            return;
+        }
+        if let Some(s) = waits_for.iter().find(|s| !known.sync_set.contains(s)) {
+            self.ask_witness(
+                WitnessChange::AddStandby {
+                    active: c,
+                    epoch,
+                    standby: *s,
+                },
+                out,
+            );
+        }
+    }
+
+    /// What the engine waits for at the witness, for status and stuck reports.
+    pub(super) fn witness_waiting_on(&self) -> Option<String> {
+        let change = self.st.witness.inflight.as_ref()?;
+        Some(format!(
+            "the witness to answer {}{}",
+            change.name(),
+            if self.st.witness.resend {
+                " (unreachable; asking again)"
+            } else {
+                ""
+            }
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::steady_with_witness;
+    use super::super::{Command, Event};
+    use crate::domain::{ControlEpoch, InstanceId};
+    use crate::witness::{Versioned, WitnessChange, WitnessRecord};
+
+    /// Answers every `Witness` command from `witness`, as a driver would, until quiet.
+    fn serve(
+        e: &mut super::Engine,
+        witness: &mut Versioned,
+        mut cmds: Vec<Command>,
+    ) -> Vec<Command> {
+        let mut seen = Vec::new();
+        for _ in 0..16 {
+            let mut next = Vec::new();
+            for c in cmds {
+                if let Command::Witness { change } = &c {
+                    let ev = if change.already_applied(&witness.record) && witness.revision > 0 {
+                        Event::WitnessGranted {
+                            change: change.clone(),
+                            record: witness.record.clone(),
+                        }
+                    } else {
+                        match change.apply(witness) {
+                            Ok(r) => {
+                                *witness = Versioned {
+                                    record: r.clone(),
+                                    revision: witness.revision + 1,
+                                };
+                                Event::WitnessGranted {
+                                    change: change.clone(),
+                                    record: r,
+                                }
+                            }
+                            Err(refusal) => Event::WitnessRefused {
+                                change: change.clone(),
+                                refusal,
+                            },
+                        }
+                    };
+                    next.extend(e.handle(ev));
+                }
+                seen.push(c);
+            }
+            if next.is_empty() {
+                break;
+            }
+            cmds = next;
+        }
+        seen
+    }
+
+    fn settled() -> (super::Engine, Versioned) {
+        let mut e = steady_with_witness();
+        let mut w = Versioned::default();
+        let cmds = e.handle(Event::Tick);
+        serve(&mut e, &mut w, cmds);
+        assert_eq!(w.record.in_control, Some(InstanceId(1)));
+        assert!(
+            w.record.sync_set.contains(&InstanceId(2)),
+            "the ready HA standby joins the sync set: {}",
+            w.record
+        );
+        (e, w)
+    }
+
+    #[test]
+    fn a_failover_waits_for_the_witness_before_promoting() {
+        let (mut e, mut w) = settled();
+        let cmds = e.handle(Event::InstanceFailed {
+            instance: InstanceId(1),
+            reason: "crashed".into(),
+        });
+        assert!(
+            !cmds.iter().any(|c| matches!(c, Command::Failover { .. })),
+            "no failover before the witness grants it: {cmds:?}"
+        );
+        let all = serve(&mut e, &mut w, cmds);
+        assert!(all.iter().any(|c| matches!(
+            c,
+            Command::Failover {
+                to: InstanceId(2),
+                ..
+            }
+        )));
+        assert_eq!(w.record.in_control, Some(InstanceId(2)));
+        assert!(w.record.epoch > ControlEpoch(1));
+    }
+
+    #[test]
+    fn the_instance_in_control_gives_up_a_standby_only_after_the_witness_dropped_it() {
+        let (mut e, mut w) = settled();
+        let cmds = e.handle(Event::ApplianceLost {
+            appliance: crate::domain::ApplianceId::Secondary,
+        });
+        assert!(
+            !cmds
+                .iter()
+                .any(|c| matches!(c, Command::StandbyGone { .. })),
+            "{cmds:?}"
+        );
+        let all = serve(&mut e, &mut w, cmds);
+        let drop_at = all
+            .iter()
+            .position(|c| {
+                matches!(
+                    c,
+                    Command::Witness {
+                        change: WitnessChange::DropStandbys { .. }
+                    }
+                )
+            })
+            .expect("drop asked");
+        let gone_at = all
+            .iter()
+            .position(|c| {
+                matches!(
+                    c,
+                    Command::StandbyGone {
+                        standby: InstanceId(2),
+                        ..
+                    }
+                )
+            })
+            .expect("standby given up");
+        assert!(drop_at < gone_at);
+        assert!(w.record.sync_set.is_empty());
+    }
+
+    #[test]
+    fn losing_the_race_to_the_witness_deposes_the_engine() {
+        let (mut e, mut w) = settled();
+        // The other appliance's agent promoted the standby first.
+        w.record = WitnessChange::Promote {
+            to: InstanceId(2),
+            at_least: ControlEpoch(2),
+        }
+        .apply(&w)
+        .unwrap();
+        w.revision += 1;
+        let cmds = e.handle(Event::ApplianceLost {
+            appliance: crate::domain::ApplianceId::Secondary,
+        });
+        let all = serve(&mut e, &mut w, cmds);
+        assert!(all.iter().any(|c| matches!(
+            c,
+            Command::Fence {
+                instance: InstanceId(1),
+                ..
+            }
+        )));
+        assert!(all.iter().any(|c| matches!(c, Command::StandDown { .. })));
+        assert!(
+            !all.iter().any(|c| matches!(c, Command::StandbyGone { .. })),
+            "a deposed instance in control never acknowledges alone"
+        );
+    }
+
+    #[test]
+    fn a_promotion_refused_because_the_old_instance_in_control_kept_it_stands_down() {
+        let (mut e, mut w) = settled();
+        // The instance in control dropped the standby first (its appliance saw ours lost).
+        w.record.sync_set.clear();
+        w.revision += 1;
+        let cmds = e.handle(Event::ApplianceLost {
+            appliance: crate::domain::ApplianceId::Primary,
+        });
+        let all = serve(&mut e, &mut w, cmds);
+        assert!(!all.iter().any(|c| matches!(c, Command::Failover { .. })));
+        assert!(all.iter().any(|c| matches!(c, Command::StandDown { .. })));
+        assert_eq!(w.record.in_control, Some(InstanceId(1)));
+    }
+
+    #[test]
+    fn an_unreachable_witness_is_asked_again_and_nothing_moves_meanwhile() {
+        let (mut e, _w) = settled();
+        let cmds = e.handle(Event::InstanceFailed {
+            instance: InstanceId(1),
+            reason: "crashed".into(),
+        });
+        let change = cmds
+            .iter()
+            .find_map(|c| match c {
+                Command::Witness { change } => Some(change.clone()),
+                _ => None,
+            })
+            .expect("promotion asked");
+        let cmds = e.handle(Event::WitnessUnreachable {
+            change: change.clone(),
+            detail: "timed out".into(),
+        });
+        assert!(cmds.is_empty(), "{cmds:?}");
+        for _ in 0..50 {
+            let cmds = e.handle(Event::Tick);
+            assert!(!cmds.iter().any(|c| matches!(c, Command::Failover { .. })));
+            if cmds
+                .iter()
+                .any(|c| matches!(c, Command::Witness { change: x } if *x == change))
+            {
+                return;
+            }
+        }
+        panic!("the unanswered change was never asked again");
+    }
+
+    #[test]
+    fn without_a_record_nobody_is_promoted() {
+        let mut e = steady_with_witness();
+        let mut w = Versioned {
+            record: WitnessRecord::default(),
+            revision: 0,
+        };
+        // The instance in control fails before the first record was written.
+        let mut cmds = e.handle(Event::InstanceFailed {
+            instance: InstanceId(1),
+            reason: "crashed".into(),
+        });
+        cmds.extend(e.handle(Event::Tick));
+        let all = serve(&mut e, &mut w, cmds);
+        assert!(
+            !all.iter().any(|c| matches!(c, Command::Failover { .. })),
+            "{all:?}"
+        );
+    }
+}
