@@ -50,6 +50,9 @@ pub struct StatusAnswer {
     /// mirrored records otherwise): two agents showing the same value hold the same history.
     #[serde(default)]
     pub journal_next_index: u64,
+    /// The pair's witness (kind and endpoints), or the warning that it has none.
+    #[serde(default)]
+    pub witness: String,
 }
 
 /// The body of `POST /v1/upgrade`.
@@ -134,6 +137,7 @@ async fn status(State(ctx): State<Ctx>) -> Response {
         peer,
         peer_error,
         journal_next_index,
+        witness: ctx.apps.local.witness_summary(),
     })
     .into_response()
 }

@@ -269,13 +269,24 @@ impl Appliance {
         &self.front
     }
 
+    /// Whether this appliance's front serves the service address now.
+    pub fn holds_address(&self) -> bool {
+        self.listening.lock().expect("listening lock").is_some()
+    }
+
     /// The virtual service address, if the pair runs on two hosts.
     pub fn vip(&self) -> Option<&hitless_vip::Vip> {
         self.vip.get()
     }
 
     /// The HA grace given to instances (see [`crate::config::InstanceConfig::ha_grace_ms`]).
+    /// With a witness there is none: the instance in control waits for a lost standby until
+    /// the witness has dropped it and the driver says so (`StandbyGone`), bounded only by
+    /// its acknowledgement timeout.
     pub fn ha_grace_ms(&self) -> u64 {
+        if self.config.witness.kind != hitless_witness::WitnessKind::None {
+            return crate::config::WITNESS_HA_GRACE_MS;
+        }
         self.config
             .instances
             .ha_grace_ms
@@ -283,6 +294,12 @@ impl Appliance {
                 BackendKind::Process => 1000,
                 BackendKind::Qemu => 5000,
             })
+    }
+
+    /// What the pair's witness is, for status: its kind and endpoints, or the warning that
+    /// without one a partition can lose acknowledged writes.
+    pub fn witness_summary(&self) -> String {
+        self.config.witness.summary()
     }
 
     /// This appliance's id.

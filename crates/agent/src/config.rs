@@ -127,6 +127,15 @@ pub enum ReadMode {
     Lease,
 }
 
+/// The HA grace instances get with a witness: an hour, far beyond their acknowledgement
+/// timeout, so that only the control plane (after the witness dropped the standby) lets the
+/// instance in control acknowledge without it.
+pub const WITNESS_HA_GRACE_MS: u64 = 3_600_000;
+
+/// The warning given (at start, in `hitless status`, in the lab's report) when a pair has no
+/// witness.
+pub const NO_WITNESS_WARNING: &str = "no witness: a partition between the appliances can lose acknowledged writes (see docs/ARCHITECTURE.md, \"The witness\")";
+
 /// The pair's third vote (see `docs/ARCHITECTURE.md`, "The witness").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -145,6 +154,21 @@ pub struct WitnessSection {
     pub reads: ReadMode,
     /// The read lease (with `reads = "lease"`), in milliseconds.
     pub lease_ms: u64,
+}
+
+impl WitnessSection {
+    /// Its kind and endpoints, or [`NO_WITNESS_WARNING`].
+    pub fn summary(&self) -> String {
+        match self.kind {
+            hitless_witness::WitnessKind::None => NO_WITNESS_WARNING.to_string(),
+            kind => format!(
+                "{kind} at {} (pair {:?}, reads {:?})",
+                self.endpoints.join(", "),
+                self.pair,
+                self.reads
+            ),
+        }
+    }
 }
 
 impl Default for WitnessSection {
@@ -508,5 +532,45 @@ image = "/tmp/img"
             let e = AgentConfig::parse(Path::new("a.toml"), &text).unwrap_err();
             assert!(e.to_string().contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn a_witness_is_optional_and_its_section_is_checked() {
+        let none = AgentConfig::parse(Path::new("x"), GOOD).unwrap();
+        assert_eq!(none.witness.kind, hitless_witness::WitnessKind::None);
+        assert!(none
+            .witness
+            .summary()
+            .contains("can lose acknowledged writes"));
+        let builtin = format!(
+            "{GOOD}[witness]\nkind = \"builtin\"\nendpoints = [\"198.18.0.3:27800\"]\nreads = \"lease\"\n"
+        );
+        let c = AgentConfig::parse(Path::new("x"), &builtin).unwrap();
+        assert_eq!(c.witness.kind, hitless_witness::WitnessKind::Builtin);
+        assert_eq!(c.witness.reads, ReadMode::Lease);
+        let refused = |text: String, field: &str| {
+            let e = AgentConfig::parse(Path::new("x"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{e}");
+        };
+        refused(
+            format!("{GOOD}[witness]\nkind = \"builtin\"\n"),
+            "witness.endpoints",
+        );
+        refused(
+            format!("{GOOD}[witness]\nkind = \"etcd\"\nendpoints = [\"10.0.0.3:2379\"]\n"),
+            "witness.endpoints",
+        );
+        refused(
+            format!("{GOOD}[witness]\nreads = \"lease\"\n"),
+            "witness.reads",
+        );
+        refused(
+            format!(
+                "{GOOD}[witness]\nkind = \"builtin\"\nendpoints = [\"127.0.0.1:1\"]\npair = \"a/b\"\n"
+            ),
+            "witness.pair",
+        );
     }
 }

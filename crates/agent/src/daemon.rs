@@ -49,6 +49,8 @@ pub enum AgentError {
     Front(#[from] crate::front::FrontError),
     #[error("cannot use the virtual service address: {0}")]
     Vip(#[from] hitless_vip::VipError),
+    #[error("cannot use the witness: {0}")]
+    Witness(#[from] hitless_witness::WitnessError),
     #[error("instances.host_addr {addr} is not an address of this host ({source}); name the address of an interface here, the one the peer appliance reaches")]
     HostAddr {
         addr: std::net::IpAddr,
@@ -237,6 +239,20 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         timing.clone(),
         engine_config(config.backend),
     );
+    match crate::witness::connect(&config.witness).await? {
+        Some(w) => {
+            info!(kind = %w.kind(), endpoint = %w.endpoint(), pair = %config.witness.pair, "control changes are decided through the witness");
+            if config.witness.reads == crate::config::ReadMode::Lease {
+                crate::lease::start_keeper(
+                    appliance.clone(),
+                    w.clone(),
+                    Duration::from_millis(config.witness.lease_ms),
+                );
+            }
+            driver = driver.with_witness(w);
+        }
+        None => warn!("{}", crate::config::NO_WITNESS_WARNING),
+    }
     crate::api::serve(config.api_listen, in_tx.clone(), view.clone(), apps.clone())
         .await
         .map_err(|source| AgentError::Api {

@@ -193,6 +193,9 @@ struct Fence {
     /// Connections to instances of an epoch below this are abandoned (their unanswered
     /// requests go to the instance in control), not drained.
     abandon_below: AtomicU64,
+    /// With lease-guarded reads: forwarding is allowed until this many ns after `origin`,
+    /// the end of the witness lease as this host can be sure of it (u64::MAX: not required).
+    read_lease_ns: AtomicU64,
 }
 
 impl Fence {
@@ -203,6 +206,7 @@ impl Fence {
             fenced: std::sync::atomic::AtomicBool::new(false),
             until_epoch_above: AtomicU64::new(u64::MAX),
             abandon_below: AtomicU64::new(0),
+            read_lease_ns: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -215,8 +219,12 @@ impl Fence {
     /// sees the renewed lease also sees the flag.
     fn may_forward(&self) -> bool {
         let lease = self.lease_ns.load(Ordering::SeqCst);
+        let read_lease = self.read_lease_ns.load(Ordering::SeqCst);
         let fenced = self.fenced.load(Ordering::SeqCst);
-        !fenced && (lease == u64::MAX || self.now_ns() < lease)
+        let now = self.now_ns();
+        !fenced
+            && (lease == u64::MAX || now < lease)
+            && (read_lease == u64::MAX || now < read_lease)
     }
 }
 
@@ -455,6 +463,30 @@ impl Front {
             .store(f.now_ns() + valid_for.as_nanos() as u64, Ordering::SeqCst);
     }
 
+    /// Requires a witness lease to forward anything (lease-guarded reads): from now on the
+    /// front forwards only until the end given by [`Self::renew_read_lease`] (none yet).
+    pub fn require_read_lease(&self) {
+        self.shared.fence.read_lease_ns.store(0, Ordering::SeqCst);
+    }
+
+    /// The witness granted this appliance the lease: forwarding is allowed for `valid_for`
+    /// from now (the caller takes it from the moment it asked, shortened by the clock drift
+    /// it allows, so it ends before the witness's lease does).
+    pub fn renew_read_lease(&self, valid_for: Duration) {
+        let f = &self.shared.fence;
+        let until = f.now_ns() + valid_for.as_nanos() as u64;
+        let before = f.read_lease_ns.swap(until, Ordering::SeqCst);
+        if before != u64::MAX && before <= f.now_ns() {
+            // Requests held while the lease was missing go on.
+            self.shared.route.send_modify(|_| {});
+        }
+    }
+
+    /// Whether the front may forward now (not fenced, leases current).
+    pub fn may_forward(&self) -> bool {
+        self.shared.fence.may_forward()
+    }
+
     /// Fences the front: no request goes to an instance and no reply comes back until
     /// [`Self::lift_fence`], or, with `until_epoch_above`, until a route of a higher epoch is
     /// set (connections to instances below it are then abandoned and their unanswered
@@ -594,6 +626,10 @@ impl Conn {
         loop {
             let route = route_rx.borrow_and_update().clone();
             let may = self.front.shared.fence.may_forward();
+            if may && backend.is_some() && !bbuf.is_empty() {
+                // Replies held while forwarding was not allowed.
+                self.answered(&mut bbuf, &mut cout)?;
+            }
             // A connection to an instance its driver was superseded at is abandoned, as if
             // lost: what it did not answer goes to the instance in control.
             if let Some(b) = backend.take() {
@@ -736,7 +772,13 @@ impl Conn {
                     lost_epoch = Some(b.epoch);
                     lost_since = Some(tokio::time::Instant::now());
                 }
-                Event::BackendRead(Ok(_)) => self.answered(&mut bbuf, &mut cout)?,
+                // A reply read as the front was fenced, or as its lease ran out, waits in
+                // `bbuf` until forwarding is allowed again (or the instance is abandoned).
+                Event::BackendRead(Ok(_)) => {
+                    if self.front.shared.fence.may_forward() {
+                        self.answered(&mut bbuf, &mut cout)?
+                    }
+                }
             }
         }
     }

@@ -14,10 +14,12 @@ pub mod epoch;
 pub mod framing;
 pub mod front;
 pub mod images;
+pub mod lease;
 pub mod peer;
 pub mod plan;
 pub mod remote;
 pub mod resp;
+pub mod witness;
 
 pub use config::AgentConfig;
 pub use daemon::run;

@@ -304,6 +304,35 @@ async fn an_expired_lease_stops_forwarding_as_a_fence_does() {
 }
 
 #[tokio::test]
+async fn with_lease_guarded_reads_a_front_serves_only_while_it_holds_the_witness_lease() {
+    let a = backend("a", false).await;
+    let (front, listening) = front_at(a);
+    front.require_read_lease();
+    let mut client = TcpStream::connect(listening.addr).await.unwrap();
+    // No lease granted yet: nothing is forwarded.
+    let waiter = tokio::spawn(async move {
+        let r = request(&mut client).await;
+        (r, client)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished(), "a front served without the lease");
+    // Granted: the request held meanwhile goes on.
+    front.renew_read_lease(Duration::from_millis(150));
+    let (reply, mut client) = waiter.await.unwrap();
+    assert_eq!(reply, "+a\r\n");
+    // Run out (the witness could have granted it to the other appliance): nothing again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiter = tokio::spawn(async move { request(&mut client).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !waiter.is_finished(),
+        "a front served after its lease ran out"
+    );
+    front.renew_read_lease(Duration::from_secs(60));
+    assert_eq!(waiter.await.unwrap(), "+a\r\n");
+}
+
+#[tokio::test]
 async fn after_stepping_down_only_a_higher_epoch_route_lifts_the_fence_and_the_old_instance_never_answers(
 ) {
     // The old instance in control takes the request but answers only after a while (it

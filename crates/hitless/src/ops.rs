@@ -183,6 +183,12 @@ pub fn print_status(s: &StatusAnswer) {
         if let Some(st) = &e.stuck {
             println!("NEEDS THE OPERATOR: {} -> run {}", st.reason, st.hint());
         }
+        if let Some(w) = &e.witness {
+            println!("witness record: {w}");
+        }
+    }
+    if !s.witness.is_empty() {
+        println!("witness: {}", s.witness);
     }
     println!("{t}");
     for (name, d) in [("local", Some(&s.local)), ("peer", s.peer.as_ref())] {

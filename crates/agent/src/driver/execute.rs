@@ -123,6 +123,11 @@ impl Driver {
                         let _ = tx.send(Input::Event(ev)).await;
                     });
                 }
+                Command::StandbyGone { active, standby } => {
+                    if let Some(app) = self.instance_appliance(active) {
+                        super::witness::tell_standby_gone(&self.apps, app, active, standby);
+                    }
+                }
                 // Taken above; anything else runs in order too, the safe default.
                 other => ordered.push(other),
             }
@@ -140,8 +145,14 @@ impl Driver {
         let apps = self.apps.clone();
         let tx = self.inputs.clone();
         let timing = self.timing.clone();
+        let witness = self.witness.clone();
         tokio::spawn(async move {
             for c in ordered {
+                if let Command::Witness { change } = c {
+                    let ev = super::witness::decide(witness.as_ref(), change).await;
+                    let _ = tx.send(Input::Event(ev)).await;
+                    continue;
+                }
                 let inputs = run_ordered(&apps, &ctx, &timing, c).await;
                 for i in inputs {
                     let _ = tx.send(i).await;
@@ -314,6 +325,7 @@ async fn run_ordered(
                 }
             }
         }
+        Command::StandDown { epoch, .. } => vec![Input::StandDown(epoch)],
         other => {
             warn!(?other, "command not executable in order");
             vec![]

@@ -30,7 +30,10 @@ impl Driver {
         let Some((index, t)) = last else {
             return Ok(false);
         };
-        let engine = Engine::restore(t.state).map_err(JournalError::Restore)?;
+        let mut state = t.state;
+        // Whether control changes go through a witness is this agent's configuration.
+        state.config.witness = self.engine_config.witness;
+        let engine = Engine::restore(state).map_err(JournalError::Restore)?;
         info!(index, "engine restored from the journal");
         self.instances = t.instances;
         self.engine = Some(engine);

@@ -25,6 +25,7 @@ mod journal;
 mod observe;
 mod operator;
 mod switch;
+mod witness;
 
 pub use bootstrap::BootstrapError;
 pub use journal::JournalError;
@@ -93,6 +94,8 @@ pub enum Input {
     PeerUp,
     Tick,
     Started(Box<Started>),
+    /// The witness records the other appliance in control at this epoch.
+    StandDown(ControlEpoch),
 }
 
 /// Timing of the driver.
@@ -176,6 +179,8 @@ pub struct Driver {
     peer_up: bool,
     /// Instances being stopped or killed on purpose (their exit is not a failure).
     stopping: HashMap<InstanceId, ()>,
+    /// The witness, if the pair has one.
+    witness: Option<Arc<dyn hitless_witness::Witness>>,
 }
 
 fn now_ms() -> u64 {
@@ -208,7 +213,15 @@ impl Driver {
             engine_config,
             peer_up: false,
             stopping: HashMap::new(),
+            witness: None,
         }
+    }
+
+    /// Decides control changes through `witness` (the engine's config must say so too).
+    pub fn with_witness(mut self, witness: Arc<dyn hitless_witness::Witness>) -> Self {
+        self.engine_config.witness = true;
+        self.witness = Some(witness);
+        self
     }
 
     /// Whether this agent drives the pair now.
@@ -276,6 +289,10 @@ impl Driver {
             Input::Observation(_, observation) => self.observed(observation),
             Input::PeerLost => self.peer_lost(),
             Input::PeerUp => self.peer_returned().await,
+            Input::StandDown(epoch) => {
+                self.stand_down(epoch);
+                Ok(())
+            }
             Input::Operator { request, reply } => {
                 let r = self.operator(request).await;
                 let _ = reply.send(r);

@@ -29,8 +29,11 @@ impl Driver {
                     self.feed(Event::InstanceStopped { instance })
                 } else {
                     // Its process is gone: it can never be promoted, so the instance in
-                    // control need not hold acknowledgements for it (the HA grace).
-                    self.tell_control_standby_gone(instance);
+                    // control need not hold acknowledgements for it (the HA grace). With a
+                    // witness, the engine tells it once the witness dropped it.
+                    if self.witness.is_none() {
+                        self.tell_control_standby_gone(instance);
+                    }
                     self.feed(Event::InstanceFailed { instance, reason })
                 }
             }

@@ -113,6 +113,14 @@ impl Engine {
     /// [`Engine::in_flight_commands`] (idempotent) to resume.
     pub fn restore(state: EngineState) -> Result<Self, EngineError> {
         validate(&state)?;
+        let mut state = state;
+        // A restored engine (another agent's, or after a restart) checks with the witness
+        // again rather than trusting what a deposed engine recorded: deposed, it would never
+        // drive again; the change it waited for is asked again at the next tick.
+        state.witness.deposed = None;
+        if state.witness.inflight.is_some() {
+            state.witness.resend = true;
+        }
         Ok(Self { st: state })
     }
 
