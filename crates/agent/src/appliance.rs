@@ -242,6 +242,30 @@ impl Appliance {
         }
     }
 
+    /// Gives up the service address without fencing the front (the route stays): this
+    /// appliance is cut off from both its peer and the witness and can acknowledge nothing its
+    /// lost standby would gate; clients are better served by the other side. Taken back by a
+    /// route that listens ([`Self::reclaim_address`]).
+    pub fn release_address(&self, why: &str) {
+        let mut l = self.listening.lock().expect("listening lock");
+        if let Err(e) = self.give_up_address(&mut l, why) {
+            warn!("cannot release the service address: {e}");
+        }
+    }
+
+    /// Serves the service address again with the front's current route (after
+    /// [`Self::release_address`]).
+    pub async fn reclaim_address(self: &Arc<Self>) -> Result<(), String> {
+        let route = self.front.route();
+        self.exec(Op::FrontRoute {
+            route,
+            listen: true,
+            protocol: None,
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Stops serving the service address here: the front stops accepting, its clients are
     /// closed while the address is still here (they can follow it only on new connections),
     /// then the virtual address goes. Without a virtual address (one host), the clients stay:

@@ -36,7 +36,13 @@ impl Driver {
         let engine = Engine::restore(state).map_err(JournalError::Restore)?;
         info!(index, "engine restored from the journal");
         self.instances = t.instances;
+        // A witness change the journal's engine waited for is asked again now, not at the
+        // next tick: a failover waits for the answer.
+        let ask = engine.witness_in_flight();
         self.engine = Some(engine);
+        if let Some(c) = ask {
+            self.execute(vec![c]);
+        }
         self.publish();
         Ok(true)
     }

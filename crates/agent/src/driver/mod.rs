@@ -181,6 +181,9 @@ pub struct Driver {
     stopping: HashMap<InstanceId, ()>,
     /// The witness, if the pair has one.
     witness: Option<Arc<dyn hitless_witness::Witness>>,
+    /// The service address was given up because this side reached neither its peer nor the
+    /// witness; taken back when the witness grants the drop.
+    released_cut_off: bool,
 }
 
 fn now_ms() -> u64 {
@@ -214,6 +217,7 @@ impl Driver {
             peer_up: false,
             stopping: HashMap::new(),
             witness: None,
+            released_cut_off: false,
         }
     }
 
@@ -284,7 +288,10 @@ impl Driver {
     pub async fn input(&mut self, input: Input) -> Result<(), JournalError> {
         match input {
             Input::Tick => self.feed(Event::Tick),
-            Input::Event(e) => self.feed(e),
+            Input::Event(e) => {
+                self.witness_answered(&e);
+                self.feed(e)
+            }
             Input::Started(s) => self.instance_started(*s),
             Input::Observation(_, observation) => self.observed(observation),
             Input::PeerLost => self.peer_lost(),

@@ -106,4 +106,40 @@ impl Driver {
         self.apps.local.stand_down_front(mine);
         self.publish();
     }
+
+    /// Acts on the address when a drop of the lost standbys gets its answer: cut off from
+    /// both the peer and the witness, this side gives the address up (its instance can
+    /// acknowledge nothing the lost standby would gate, and clients that reach it would only
+    /// wait); granted later (the peer was really lost), it takes it back.
+    pub(super) fn witness_answered(&mut self, e: &Event) {
+        match e {
+            Event::WitnessUnreachable {
+                change: WitnessChange::DropStandbys { active, .. },
+                ..
+            } if !self.peer_up
+                && self.instances.get(active).map(|s| s.appliance) == Some(self.me)
+                && self.apps.local.holds_address() =>
+            {
+                warn!("cut off from both the peer and the witness: giving up the service address until the witness answers");
+                self.apps
+                    .local
+                    .release_address("cut off from the peer and the witness");
+                self.released_cut_off = true;
+            }
+            Event::WitnessGranted {
+                change: WitnessChange::DropStandbys { .. },
+                ..
+            } if self.released_cut_off => {
+                self.released_cut_off = false;
+                let local = self.apps.local.clone();
+                tokio::spawn(async move {
+                    match local.reclaim_address().await {
+                        Ok(()) => info!("the witness answered: service address taken back"),
+                        Err(e) => warn!("cannot take the service address back: {e}"),
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
 }

@@ -47,6 +47,15 @@ impl Engine {
         }
     }
 
+    /// The witness change the engine waits for, as a command to (re-)execute.
+    pub fn witness_in_flight(&self) -> Option<Command> {
+        self.st
+            .witness
+            .inflight
+            .clone()
+            .map(|change| Command::Witness { change })
+    }
+
     /// Starts a planned switch of control: directly, or through the witness.
     pub(super) fn begin_planned_switch(
         &mut self,
