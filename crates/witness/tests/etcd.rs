@@ -185,6 +185,20 @@ async fn the_lease_key_names_its_holder_with_an_etcd_lease_rounded_up_to_whole_s
     assert_eq!(kv.value(), b"primary");
     let ttl = raw.lease_time_to_live(kv.lease(), None).await.expect("ttl");
     assert_eq!(ttl.granted_ttl(), 3, "2.5 s rounds up to 3 s");
+    let other = etcd.client("lease-key").await.expect("client");
+    match other.lease("secondary", asked).await.expect("lease") {
+        Lease::Refused {
+            holder,
+            retry_after,
+        } => {
+            assert_eq!(holder.as_deref(), Some("primary"));
+            assert!(
+                retry_after > Duration::ZERO && retry_after <= asked,
+                "{retry_after:?}"
+            );
+        }
+        Lease::Granted { .. } => panic!("two holders of one lease"),
+    }
     // A renewal asking for more than the etcd lease holds attaches a longer one.
     let longer = Duration::from_secs(5);
     assert!(matches!(

@@ -10,11 +10,13 @@
 //!   `mod_revision` (0 while the key is absent). A compare-and-swap is one etcd transaction
 //!   (`mod_revision == expected`, or `create_revision == 0` for 0, then put; else get), which
 //!   etcd commits through raft and fsyncs before it answers.
-//! * `/hitless/<pair>/lease`: the lease holder's name, attached to an etcd lease (see
-//!   [`EtcdWitness::lease`](crate::Witness::lease) in `lease.rs`). etcd leases count whole
-//!   seconds: a lease's TTL is rounded **up** to whole seconds, at least 1 s, and the server
-//!   raises it further to its own minimum (1.5 election timeouts, rounded up: 2 s with
-//!   etcd's default timings).
+//! * `/hitless/<pair>/lease`: the lease holder's name, attached to an etcd lease, so that etcd
+//!   deletes the key when the lease runs out (the steps are in `lease.rs`). etcd leases count
+//!   whole seconds: a lease's TTL is rounded **up** to whole seconds, at least 1 s, and the
+//!   server raises it further to its own minimum (1.5 election timeouts, rounded up: 2 s with
+//!   etcd's default timings). [`Lease::Granted`] reports the TTL asked, which is what the
+//!   holder may count on; a refusal's `retry_after` is the time the holder's etcd lease has
+//!   left, capped at the asker's own TTL.
 //!
 //! The client needs read and write access to the keys under `/hitless/<pair>/` and the right
 //! to grant, renew, inspect and revoke leases. Every call is bounded by the timeout given to
