@@ -17,8 +17,10 @@ pub use hitless_core::witness::{Versioned, WitnessChange, WitnessRecord, Witness
 
 pub mod conformance;
 mod error;
+pub mod etcd;
 pub mod memory;
 pub use error::WitnessError;
+pub use etcd::EtcdWitness;
 pub use memory::MemoryWitness;
 
 /// Which witness a pair uses (the agent config's `witness = "..."`).
