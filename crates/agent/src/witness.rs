@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hitless_witness::{Witness, WitnessError, WitnessKind};
+use async_trait::async_trait;
+use hitless_witness::etcd::EtcdWitness;
+use hitless_witness::{Cas, Lease, Versioned, Witness, WitnessError, WitnessKind, WitnessRecord};
 
 use crate::config::WitnessSection;
 
@@ -14,9 +16,79 @@ pub async fn connect(section: &WitnessSection) -> Result<Option<Arc<dyn Witness>
     let timeout = Duration::from_millis(section.timeout_ms);
     match section.kind {
         WitnessKind::None => Ok(None),
+        WitnessKind::Etcd => {
+            let lazy = LazyEtcd {
+                endpoints: section.endpoints.clone(),
+                pair: section.pair.clone(),
+                timeout,
+                client: tokio::sync::Mutex::new(None),
+            };
+            // Checks the configuration now; an etcd that does not answer yet is connected to
+            // when first asked.
+            match lazy.client().await {
+                Ok(_) | Err(WitnessError::Unreachable { .. }) => Ok(Some(Arc::new(lazy))),
+                Err(e) => Err(e),
+            }
+        }
         kind => Err(WitnessError::Config(format!(
             "this build has no {kind} witness client yet (endpoints {:?}, timeout {timeout:?})",
             section.endpoints
         ))),
+    }
+}
+
+/// An etcd client made when first needed (and again after a failed connect).
+struct LazyEtcd {
+    endpoints: Vec<String>,
+    pair: String,
+    timeout: Duration,
+    client: tokio::sync::Mutex<Option<Arc<EtcdWitness>>>,
+}
+
+impl LazyEtcd {
+    async fn client(&self) -> Result<Arc<EtcdWitness>, WitnessError> {
+        let mut c = self.client.lock().await;
+        if let Some(w) = c.as_ref() {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(
+            EtcdWitness::connect(self.endpoints.clone(), self.pair.clone(), self.timeout).await?,
+        );
+        *c = Some(w.clone());
+        Ok(w)
+    }
+}
+
+#[async_trait]
+impl Witness for LazyEtcd {
+    fn kind(&self) -> WitnessKind {
+        WitnessKind::Etcd
+    }
+
+    fn endpoint(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    async fn read(&self) -> Result<Versioned, WitnessError> {
+        self.client().await?.read().await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: u64,
+        record: &WitnessRecord,
+    ) -> Result<Cas, WitnessError> {
+        self.client()
+            .await?
+            .compare_and_swap(expected, record)
+            .await
+    }
+
+    async fn lease(&self, holder: &str, ttl: Duration) -> Result<Lease, WitnessError> {
+        self.client().await?.lease(holder, ttl).await
+    }
+
+    async fn release(&self, holder: &str) -> Result<(), WitnessError> {
+        self.client().await?.release(holder).await
     }
 }
