@@ -155,19 +155,9 @@ impl Engine {
                 p.epoch = record.epoch;
                 let p = p.clone();
                 self.st.witness.granted = true;
-                let fence: Vec<InstanceId> = self
-                    .st
-                    .pair
-                    .instances
-                    .iter()
-                    .filter(|i| {
-                        i.id != to
-                            && (Some(i.id) == p.from || i.state == InstanceState::Failed)
-                            && i.state != InstanceState::Stopped
-                    })
-                    .map(|i| i.id)
-                    .collect();
-                for f in fence {
+                // The instance replaced is fenced first (best effort, bounded by the driver);
+                // anything else of an older epoch is fenced by the sync frames' epoch.
+                if let Some(f) = p.from.filter(|f| *f != to) {
                     out.push(Command::Fence {
                         instance: f,
                         epoch: p.epoch,
