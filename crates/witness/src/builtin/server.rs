@@ -499,3 +499,77 @@ impl State {
         Response::Granted { ttl_ms }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(pair: String, ttl_ms: u64) -> Request {
+        Request::Lease {
+            pair,
+            holder: "h".into(),
+            ttl_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_number_of_pairs_is_bounded_and_idle_ones_make_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::new(dir.path());
+        config.lease_max = Duration::from_millis(1000);
+        let server = Server::open(config).unwrap();
+        let state = server.state.clone();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        for i in 0..MAX_PAIRS {
+            let r = state.handle(lease(format!("p{i}"), 1000)).await;
+            assert_eq!(r, Response::Granted { ttl_ms: 1000 }, "pair {i}");
+        }
+        // Every slot holds a live lease: a new pair is refused, by a lease or a creation.
+        let full = state.handle(lease("extra".into(), 1000)).await;
+        assert!(
+            matches!(&full, Response::Error { message } if message.contains("most pairs")),
+            "{full:?}"
+        );
+        let create = Request::Cas {
+            pair: "extra".into(),
+            expected_revision: 0,
+            record: Default::default(),
+        };
+        assert!(matches!(
+            state.handle(create.clone()).await,
+            Response::Error { .. }
+        ));
+        // Known pairs are still served, and reading an unknown one takes no slot.
+        assert!(matches!(
+            state.handle(lease("p0".into(), 1000)).await,
+            Response::Granted { .. }
+        ));
+        assert_eq!(
+            state
+                .handle(Request::Read {
+                    pair: "other".into()
+                })
+                .await,
+            Response::Record {
+                current: Versioned::default()
+            }
+        );
+        // Once the leases ran out, their record-less pairs make room.
+        tokio::time::sleep(Duration::from_millis(1050)).await;
+        assert_eq!(
+            state.handle(create).await,
+            Response::Swapped { revision: 1 }
+        );
+        assert_eq!(state.pairs.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_lease_period_outside_the_ttl_limits_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [Duration::from_millis(9), Duration::from_secs(61)] {
+            let mut config = ServerConfig::new(dir.path());
+            config.lease_max = bad;
+            assert!(matches!(Server::open(config), Err(ServeError::Config(_))));
+        }
+    }
+}
