@@ -1,5 +1,6 @@
 //! The pair's witness client, built from the agent's `[witness]` section.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,10 +31,25 @@ pub async fn connect(section: &WitnessSection) -> Result<Option<Arc<dyn Witness>
                 Err(e) => Err(e),
             }
         }
-        kind => Err(WitnessError::Config(format!(
-            "this build has no {kind} witness client yet (endpoints {:?}, timeout {timeout:?})",
-            section.endpoints
-        ))),
+        WitnessKind::Builtin => {
+            let endpoints = section
+                .endpoints
+                .iter()
+                .map(|e| {
+                    e.parse::<SocketAddr>().map_err(|_| {
+                        WitnessError::Config(format!(
+                            "{e:?} is not the host:port of a builtin witness"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let w = hitless_witness::builtin::BuiltinWitness::new(
+                endpoints,
+                section.pair.clone(),
+                timeout,
+            )?;
+            Ok(Some(Arc::new(w)))
+        }
     }
 }
 

@@ -11,6 +11,7 @@ mod image_cmd;
 mod lab;
 mod ops;
 mod sim;
+mod witness_cmd;
 
 /// Upgrade the software of a running high-availability appliance pair without a hit.
 #[derive(Parser, Debug)]
@@ -91,6 +92,8 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Run the builtin witness daemon, the third vote of appliance pairs.
+    Witness(witness_cmd::WitnessArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -423,6 +426,7 @@ fn main() {
             ),
             ImageCommand::Inspect { dir, json } => image_cmd::inspect(&dir, json),
         },
+        Command::Witness(args) => witness_cmd::run(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {}", error_text(&err));

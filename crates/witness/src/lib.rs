@@ -15,10 +15,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 pub use hitless_core::witness::{Versioned, WitnessChange, WitnessRecord, WitnessRefusal};
 
+pub mod builtin;
 pub mod conformance;
 mod error;
 pub mod etcd;
 pub mod memory;
+pub use builtin::BuiltinWitness;
 pub use error::WitnessError;
 pub use etcd::EtcdWitness;
 pub use memory::MemoryWitness;
