@@ -111,8 +111,9 @@ impl Engine {
 
     /// Rebuilds an engine from a journalled snapshot. The driver should then execute
     /// [`Engine::in_flight_commands`] (idempotent) to resume.
-    pub fn restore(state: EngineState) -> Result<Self, EngineError> {
+    pub fn restore(mut state: EngineState) -> Result<Self, EngineError> {
         validate(&state)?;
+        witness::forget_unconfirmed_claims(&mut state);
         Ok(Self { st: state })
     }
 
