@@ -603,6 +603,18 @@ mod tests {
         );
         let stuck = e.state().stuck.as_ref().expect("a deposed engine says so");
         assert!(stuck.reason.contains("standing down"), "{}", stuck.reason);
+        // Resuming it would clear the report and drive nothing: refused, the report stays.
+        let cmds = e.handle(Event::Resume);
+        assert!(
+            cmds.iter().any(|c| matches!(
+                c,
+                Command::Report {
+                    progress: super::super::Report::Rejected { .. }
+                }
+            )),
+            "{cmds:?}"
+        );
+        assert!(e.state().stuck.is_some());
     }
 
     #[test]

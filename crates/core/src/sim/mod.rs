@@ -19,8 +19,9 @@
 //! The simulator is cut into the world (`world`: instances, replication, delays, the
 //! agent's answers), the faults (`faults`: kinds, `KIND@STEP`, injection), the links
 //! (`network`: what each fault cuts), the second driver (`split`: the fork, the service
-//! address and the clients, the heal, losses and convergence) and the report (`report`:
-//! result, timeline, violations); this module runs them together.
+//! address and the clients, the heal, losses and convergence), the witness (`witness`: with
+//! [`EngineConfig::witness`], one record both drivers ask, reachable or not by the links) and
+//! the report (`report`: result, timeline, violations); this module runs them together.
 
 mod faults;
 mod network;
