@@ -2,7 +2,8 @@
 
 use anyhow::{bail, Context};
 use comfy_table::{presets::UTF8_FULL, Table};
-use hitless_core::sim::{self, FaultSpec, SimReport, SimResult};
+use hitless_core::engine::EngineConfig;
+use hitless_core::sim::{self, FaultSpec, SimOptions, SimReport, SimResult};
 
 /// Runs the simulated ISSU (optionally with a `KIND@STEP` fault) and prints its timeline as a
 /// table, or one JSON object with `json`; with `list_faults`, prints every accepted fault one
@@ -64,8 +65,35 @@ fn problem(report: &SimReport) -> Option<String> {
 /// Runs every case of the fault catalog (and the run without a fault), prints one line per
 /// case (or one JSON array of reports with `json`) and a summary; fails if any case failed.
 pub fn run_all(json: bool) -> anyhow::Result<()> {
-    let mut reports = vec![sim::run(None)];
-    reports.extend(sim::fault_catalog().iter().map(|f| sim::run(Some(f))));
+    run_all_with(json, false)
+}
+
+/// [`run_all`], the engine deciding through a witness with `witness`; the summary then also
+/// counts the losses of the same cases without one.
+pub fn run_all_with(json: bool, witness: bool) -> anyhow::Result<()> {
+    let opts = |witness| {
+        let base = SimOptions::default();
+        SimOptions {
+            config: EngineConfig {
+                witness,
+                ..base.config.clone()
+            },
+            ..base
+        }
+    };
+    let cases: Vec<Option<FaultSpec>> = std::iter::once(None)
+        .chain(sim::fault_catalog().into_iter().map(Some))
+        .collect();
+    let reports: Vec<SimReport> = cases
+        .iter()
+        .map(|f| sim::run_fault(f.as_ref(), &opts(witness)))
+        .collect();
+    let without: Option<Vec<SimReport>> = witness.then(|| {
+        cases
+            .iter()
+            .map(|f| sim::run_fault(f.as_ref(), &opts(false)))
+            .collect()
+    });
     if json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     }
@@ -113,6 +141,25 @@ pub fn run_all(json: bool) -> anyhow::Result<()> {
         ),
         format!("failed: {}", failed.len()),
     ];
+    let lost_in = |rs: &[SimReport]| {
+        let lossy = rs.iter().filter(|r| r.acked_lost > 0).count();
+        (rs.iter().map(|r| r.acked_lost).sum::<u64>(), lossy)
+    };
+    let summary: Vec<String> = match &without {
+        Some(without) => {
+            let (n, c) = lost_in(without);
+            let (wn, wc) = lost_in(&reports);
+            let mut s = summary.to_vec();
+            s.insert(
+                s.len() - 1,
+                format!(
+                    "lost acknowledged writes: without a witness {n} in {c} case(s); with the witness {wn} in {wc} case(s)"
+                ),
+            );
+            s
+        }
+        None => summary.to_vec(),
+    };
     for line in summary {
         if json {
             eprintln!("{line}");

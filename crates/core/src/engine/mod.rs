@@ -111,12 +111,14 @@ impl Engine {
 
     /// Rebuilds an engine from a journalled snapshot. The driver should then execute
     /// [`Engine::in_flight_commands`] (idempotent) to resume.
-    pub fn restore(state: EngineState) -> Result<Self, EngineError> {
+    pub fn restore(mut state: EngineState) -> Result<Self, EngineError> {
         validate(&state)?;
         let mut state = state;
+        witness::forget_unconfirmed_claims(&mut state);
         // A restored engine (another agent's, or after a restart) checks with the witness
         // again rather than trusting what a deposed engine recorded: deposed, it would never
-        // drive again; the change it waited for is asked again at the next tick.
+        // drive again; the change it waited for is asked again at once by the driver
+        // (`witness_in_flight`) or at the next tick.
         state.witness.deposed = None;
         if state.witness.inflight.is_some() {
             state.witness.resend = true;

@@ -214,6 +214,16 @@ impl Engine {
     }
 
     pub(super) fn on_resume(&mut self, out: &mut Vec<Command>) {
+        if let Some(r) = &self.st.witness.deposed {
+            // Resuming would clear the report and drive nothing: the other appliance drives.
+            out.push(report(Report::Rejected {
+                request: "resume".into(),
+                reason: format!(
+                    "this engine stood down: the witness records {r}, decided by the other appliance, whose agent drives the pair"
+                ),
+            }));
+            return;
+        }
         if self.st.stuck.take().is_some() {
             self.st.retried = false;
             self.st.repair_starts = 0;

@@ -20,12 +20,30 @@ use std::collections::BTreeSet;
 use crate::domain::{InstanceId, InstanceState, Role};
 use crate::witness::{WitnessChange, WitnessRecord, WitnessRefusal};
 
-use super::{report, Command, Engine, PendingSwitch, Report};
+use super::{report, Command, Engine, EngineState, PendingSwitch, Report};
+
+/// A restored engine does not re-send an unanswered [`WitnessChange::AddStandby`]: it claims
+/// the standby holds every write of the instance in control *from now on*, which only the
+/// engine that saw it in sync may claim, and only then. Re-sent later by another agent (one
+/// that restored the journal's mirror after a cut), it could land after the instance in
+/// control dropped that standby and acknowledged writes without it, and make it promotable.
+/// The engine asks again once it sees the standby in sync itself.
+pub(super) fn forget_unconfirmed_claims(st: &mut EngineState) {
+    if matches!(st.witness.inflight, Some(WitnessChange::AddStandby { .. })) {
+        st.witness.inflight = None;
+        st.witness.resend = false;
+    }
+}
 
 impl Engine {
     /// Whether the engine decides through a witness.
     pub(super) fn witnessed(&self) -> bool {
         self.st.config.witness
+    }
+
+    /// A witness change is asked and not answered yet: no other may start (one at a time).
+    pub(super) fn witness_busy(&self) -> bool {
+        self.witnessed() && self.st.witness.inflight.is_some()
     }
 
     /// Asks the witness for `change` (the engine waits for the answer).
@@ -144,7 +162,7 @@ impl Engine {
         let before = self.st.witness.known.replace(record.clone());
         match change {
             WitnessChange::Promote { to, .. } => {
-                let Some(p) = self
+                let Some(_) = self
                     .st
                     .pending
                     .as_mut()
@@ -152,6 +170,14 @@ impl Engine {
                 else {
                     return;
                 };
+                if !self.inst(to).is_some_and(|i| i.state.is_up()) {
+                    // Granted, but the standby was lost meanwhile: promote nobody now (the
+                    // record names it; a later change is decided against that).
+                    self.st.pending = None;
+                    self.st.witness.granted = false;
+                    return;
+                }
+                let p = self.st.pending.as_mut().expect("checked above");
                 p.epoch = record.epoch;
                 let p = p.clone();
                 self.st.witness.granted = true;
@@ -166,9 +192,32 @@ impl Engine {
                 out.push(Command::Failover { to, epoch: p.epoch });
             }
             WitnessChange::Switch { from, to, .. } => {
-                let Some(p) = self.st.pending.as_mut().filter(|p| p.to == to && p.planned) else {
+                if self
+                    .st
+                    .pending
+                    .as_ref()
+                    .is_none_or(|p| p.to != to || !p.planned)
+                {
                     return;
-                };
+                }
+                let up = |id: InstanceId| self.inst(id).is_some_and(|i| i.state.is_up());
+                if !up(from) || !up(to) {
+                    // The switch landed at the witness but can no longer be carried out (its
+                    // source or target was lost meanwhile): the record names `to`, so what
+                    // this engine holds in control is fenced, and a failover through the
+                    // witness replaces it.
+                    self.st.pending = None;
+                    self.st.witness.granted = false;
+                    if let Some(i) = self.inst_mut(from).filter(|i| i.state.is_up()) {
+                        i.state = InstanceState::Failed;
+                        out.push(Command::Fence {
+                            instance: from,
+                            epoch: record.epoch,
+                        });
+                    }
+                    return;
+                }
+                let p = self.st.pending.as_mut().expect("checked above");
                 p.epoch = record.epoch;
                 let epoch = p.epoch;
                 self.st.witness.granted = true;
@@ -179,6 +228,22 @@ impl Engine {
             } => {
                 for standby in standbys {
                     out.push(Command::StandbyGone { active, standby });
+                    // A standby attached as synchronous again while the drop was asked (it
+                    // syncs, or is ready, as HA standby) is attached again after being given
+                    // up: the instance in control waits for it once it is in sync, before the
+                    // witness lists it again.
+                    let reattach = self.inst(standby).is_some_and(|i| {
+                        i.role == Role::HaStandby
+                            && matches!(i.state, InstanceState::Syncing | InstanceState::Ready)
+                            && self.st.pair.is_up(i.appliance)
+                    });
+                    if reattach {
+                        out.push(Command::AttachStandby {
+                            standby,
+                            active,
+                            designated_ha: true,
+                        });
+                    }
                 }
             }
             WitnessChange::Init { .. } | WitnessChange::AddStandby { .. } => {}
@@ -273,7 +338,19 @@ impl Engine {
             in_control: record.in_control,
         });
         self.st.witness.known = Some(record.clone());
-        self.st.witness.deposed = Some(record);
+        self.st.witness.deposed = Some(record.clone());
+        // Nothing moves here any more: say why, in case the other appliance cannot drive
+        // either (its promotion granted but never carried out, say).
+        if self.st.stuck.is_none() {
+            self.set_stuck(
+                format!(
+                    "standing down: the witness records {record}, decided by the other appliance; this engine no longer drives"
+                ),
+                "resume",
+                Some("checking that the other appliance's agent drives (`hitless status` there)"),
+                out,
+            );
+        }
     }
 
     /// The standbys the instance in control waits for, as the engine counts them.
@@ -523,6 +600,20 @@ mod tests {
             !all.iter().any(|c| matches!(c, Command::StandbyGone { .. })),
             "a deposed instance in control never acknowledges alone"
         );
+        let stuck = e.state().stuck.as_ref().expect("a deposed engine says so");
+        assert!(stuck.reason.contains("standing down"), "{}", stuck.reason);
+        // Resuming it would clear the report and drive nothing: refused, the report stays.
+        let cmds = e.handle(Event::Resume);
+        assert!(
+            cmds.iter().any(|c| matches!(
+                c,
+                Command::Report {
+                    progress: super::super::Report::Rejected { .. }
+                }
+            )),
+            "{cmds:?}"
+        );
+        assert!(e.state().stuck.is_some());
     }
 
     #[test]
@@ -570,6 +661,175 @@ mod tests {
             }
         }
         panic!("the unanswered change was never asked again");
+    }
+
+    /// Marks `id` failed in the engine's view (lost between a request and its answer).
+    fn lose(e: &mut super::Engine, id: InstanceId) {
+        e.st.pair
+            .instances
+            .iter_mut()
+            .find(|i| i.id == id)
+            .expect("known instance")
+            .state = crate::domain::InstanceState::Failed;
+    }
+
+    fn grant(w: &mut Versioned, change: &WitnessChange) -> Event {
+        let record = change.apply(w).expect("granted");
+        *w = Versioned {
+            record: record.clone(),
+            revision: w.revision + 1,
+        };
+        Event::WitnessGranted {
+            change: change.clone(),
+            record,
+        }
+    }
+
+    #[test]
+    fn a_switch_granted_after_its_target_was_lost_is_not_carried_out() {
+        let (mut e, mut w) = settled();
+        let mut out = Vec::new();
+        e.begin_planned_switch(InstanceId(1), InstanceId(2), &mut out);
+        let Some(Command::Witness { change }) = out.first().cloned() else {
+            panic!("the switch is asked first: {out:?}");
+        };
+        lose(&mut e, InstanceId(2));
+        let cmds = e.handle(grant(&mut w, &change));
+        assert!(
+            !cmds
+                .iter()
+                .any(|c| matches!(c, Command::SwitchControl { .. })),
+            "control sent to a lost instance: {cmds:?}"
+        );
+        assert!(
+            cmds.iter().any(|c| matches!(
+                c,
+                Command::Fence {
+                    instance: InstanceId(1),
+                    ..
+                }
+            )),
+            "the record no longer names the instance in control: it is fenced: {cmds:?}"
+        );
+    }
+
+    #[test]
+    fn a_promotion_granted_after_its_target_was_lost_is_not_carried_out() {
+        let (mut e, mut w) = settled();
+        let cmds = e.handle(Event::InstanceFailed {
+            instance: InstanceId(1),
+            reason: "crashed".into(),
+        });
+        let Some(change) = cmds.iter().find_map(|c| match c {
+            Command::Witness { change } => Some(change.clone()),
+            _ => None,
+        }) else {
+            panic!("promotion asked: {cmds:?}");
+        };
+        lose(&mut e, InstanceId(2));
+        let cmds = e.handle(grant(&mut w, &change));
+        assert!(
+            !cmds.iter().any(|c| matches!(c, Command::Failover { .. })),
+            "{cmds:?}"
+        );
+    }
+
+    #[test]
+    fn no_planned_switch_starts_while_another_witness_change_is_asked() {
+        let (mut e, _w) = settled();
+        // A standby change is in flight (its answer not back yet).
+        let mut out = Vec::new();
+        e.ask_witness(
+            WitnessChange::DropStandbys {
+                active: InstanceId(1),
+                epoch: ControlEpoch(1),
+                standbys: [InstanceId(9)].into(),
+            },
+            &mut out,
+        );
+        assert!(e.witness_busy());
+        let prog = e.ensure_switched(Some(InstanceId(2)), &mut out);
+        assert!(matches!(prog, super::super::Prog::Wait));
+        assert!(e.st.pending.is_none(), "a switch began: {:?}", e.st.pending);
+    }
+
+    #[test]
+    fn a_restored_engine_does_not_resend_an_unanswered_add_standby() {
+        let (mut e, mut w) = settled();
+        // The instance in control dropped its standby at the witness...
+        let drop = WitnessChange::DropStandbys {
+            active: InstanceId(1),
+            epoch: ControlEpoch(1),
+            standbys: [InstanceId(2)].into(),
+        };
+        grant(&mut w, &drop);
+        // ...after a journal was mirrored with an add of that standby still unanswered.
+        e.st.witness.inflight = None;
+        let mut out = Vec::new();
+        e.ask_witness(
+            WitnessChange::AddStandby {
+                active: InstanceId(1),
+                epoch: ControlEpoch(1),
+                standby: InstanceId(2),
+            },
+            &mut out,
+        );
+        let restored = super::Engine::restore(e.snapshot()).expect("restores");
+        let cmds = restored.in_flight_commands();
+        assert!(
+            !cmds.iter().any(|c| matches!(
+                c,
+                Command::Witness {
+                    change: WitnessChange::AddStandby { .. }
+                }
+            )),
+            "{cmds:?}"
+        );
+        assert!(restored.state().witness.inflight.is_none());
+        assert!(!w.record.sync_set.contains(&InstanceId(2)));
+    }
+
+    #[test]
+    fn a_standby_in_sync_again_when_its_drop_is_granted_is_still_waited_for() {
+        let (mut e, mut w) = settled();
+        // The standby fell out of sync and its drop was asked...
+        let drop = WitnessChange::DropStandbys {
+            active: InstanceId(1),
+            epoch: ControlEpoch(1),
+            standbys: [InstanceId(2)].into(),
+        };
+        e.st.witness.inflight = None;
+        let mut out = Vec::new();
+        e.ask_witness(drop.clone(), &mut out);
+        // ...but it is a ready synchronous standby again when the grant arrives.
+        assert!(e.synchronous_standbys().contains(&InstanceId(2)));
+        let cmds = e.handle(grant(&mut w, &drop));
+        let gone = cmds.iter().rposition(|c| {
+            matches!(
+                c,
+                Command::StandbyGone {
+                    standby: InstanceId(2),
+                    ..
+                }
+            )
+        });
+        let attached = cmds.iter().rposition(|c| {
+            matches!(
+                c,
+                Command::AttachStandby {
+                    standby: InstanceId(2),
+                    designated_ha: true,
+                    ..
+                }
+            )
+        });
+        assert!(
+            gone.is_none_or(|g| attached.is_some_and(|a| a > g)),
+            "the instance in control was told to stop waiting for an in-sync standby: {cmds:?}"
+        );
+        // It is listed again at the witness.
+        let all = serve(&mut e, &mut w, cmds);
+        assert!(w.record.sync_set.contains(&InstanceId(2)), "{all:?}");
     }
 
     #[test]

@@ -48,14 +48,15 @@ pub enum FaultKind {
     IsolateSecondary,
     /// Only the traffic from the primary appliance to the secondary is dropped.
     OneWayPrimary,
-    /// Both appliances lose the witness (none exists yet: nothing changes).
+    /// Both appliances lose the witness (without one nothing changes; with one, no control
+    /// change and no standby given up until it returns).
     IsolateWitness,
     /// The driving agent is paused (`SIGSTOP`) for longer than the failure detector, then
     /// resumed (`SIGCONT`); its front is paused with it, its instances keep running.
     PauseAgent,
 }
 
-/// What a fault may cost, by the simulator's model, while no witness exists.
+/// What a fault may cost, by the simulator's model, without a witness (with one: nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum WitnessLoss {

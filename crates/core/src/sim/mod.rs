@@ -19,13 +19,15 @@
 //! The simulator is cut into the world (`world`: instances, replication, delays, the
 //! agent's answers), the faults (`faults`: kinds, `KIND@STEP`, injection), the links
 //! (`network`: what each fault cuts), the second driver (`split`: the fork, the service
-//! address and the clients, the heal, losses and convergence) and the report (`report`:
-//! result, timeline, violations); this module runs them together.
+//! address and the clients, the heal, losses and convergence), the witness (`witness`: with
+//! [`EngineConfig::witness`], one record both drivers ask, reachable or not by the links) and
+//! the report (`report`: result, timeline, violations); this module runs them together.
 
 mod faults;
 mod network;
 mod report;
 mod split;
+mod witness;
 mod world;
 
 use crate::domain::{ApplianceId, ControlEpoch, ImageRef, InstanceId, Pair, Version};
@@ -36,12 +38,16 @@ pub use faults::{
     fault_catalog, FaultKind, FaultSpec, ScheduledFault, SimError, Trigger, WitnessLoss,
 };
 pub use network::{CUT_TICKS, PEER_DETECT_TICKS};
-pub use report::{FinalControl, SimReport, SimResult, SimViolation, SplitReport, TimelineEntry};
+pub use report::{
+    ControlChange, FinalControl, SimReport, SimResult, SimViolation, SplitReport, TimelineEntry,
+};
 pub use split::CONVERGE_TICKS;
+pub use witness::{WITNESS_ANSWER_TICKS, WITNESS_TIMEOUT_TICKS};
 pub use world::HA_GRACE_TICKS;
 
 use faults::Faults;
 use split::Split;
+use witness::SimWitness;
 use world::{ai, WStatus, World};
 
 /// Simulation options (for tests and property checks).
@@ -84,6 +90,12 @@ impl Default for SimOptions {
 
 /// Runs one ISSU from N (1.0.0) to N+1 (1.1.0) with an optional fault.
 pub fn run(fault: Option<&FaultSpec>) -> SimReport {
+    run_fault(fault, &SimOptions::default())
+}
+
+/// Runs one ISSU with an optional fault and the other options of `base` (its faults are
+/// replaced by `fault`).
+pub fn run_fault(fault: Option<&FaultSpec>, base: &SimOptions) -> SimReport {
     let opts = SimOptions {
         faults: fault
             .map(|f| ScheduledFault {
@@ -92,7 +104,7 @@ pub fn run(fault: Option<&FaultSpec>) -> SimReport {
             })
             .into_iter()
             .collect(),
-        ..SimOptions::default()
+        ..base.clone()
     };
     let mut r = run_with(&opts);
     r.fault = fault.map(|f| f.to_string());
@@ -124,6 +136,14 @@ struct Sim {
     discarded_acked: u64,
     /// Of those, the ones the fault's prediction covers (lost for want of a witness).
     lost_without_witness: u64,
+    /// The witness, with [`EngineConfig::witness`].
+    witness: Option<SimWitness>,
+    /// The engine of [`Sim`] asked its driver to stand down (handled by `split`).
+    stood_down: bool,
+    /// Delays are jittered (a seed was given).
+    seeded: bool,
+    /// Control changes carried out (on either side of a split).
+    control_changes: Vec<ControlChange>,
 }
 
 impl Sim {
@@ -132,9 +152,15 @@ impl Sim {
         let pair = Pair::steady(source, InstanceId(1), InstanceId(2), ControlEpoch(1));
         let engine = Engine::new(opts.config.clone(), pair).expect("the steady pair is consistent");
         let checker = Checker::new(engine.state());
+        let mut world = World::steady(opts.seed);
+        world.witness = opts.config.witness;
+        let witness = opts
+            .config
+            .witness
+            .then(|| SimWitness::steady(InstanceId(1), ControlEpoch(1), InstanceId(2), opts.seed));
         let mut sim = Sim {
             engine,
-            world: World::steady(opts.seed),
+            world,
             checker,
             violations: Vec::new(),
             timeline: Vec::new(),
@@ -143,6 +169,10 @@ impl Sim {
             split: None,
             discarded_acked: 0,
             lost_without_witness: 0,
+            witness,
+            stood_down: false,
+            seeded: opts.seed != 0,
+            control_changes: Vec::new(),
         };
         sim.record("steady: N in control on the primary, HA standby on the secondary".into());
         sim
@@ -162,6 +192,16 @@ impl Sim {
         let step = self.engine.step();
         for c in cmds {
             self.world.execute(c, step);
+            match c {
+                Command::Witness { change } => {
+                    let (now, seeded) = (self.world.now_tick, self.seeded);
+                    if let Some(w) = self.witness.as_mut() {
+                        w.request(self.driver, change.clone(), now, seeded);
+                    }
+                }
+                Command::StandDown { .. } => self.stood_down = true,
+                _ => {}
+            }
         }
         for c in cmds {
             if let Command::Report { progress } = c {
@@ -260,6 +300,7 @@ impl Sim {
             let mut events = Vec::new();
             self.world.run_action(action, &mut events);
             self.world.note_ha();
+            self.note_events(&events);
             if deliver {
                 for e in events {
                     self.feed(e);
@@ -267,6 +308,19 @@ impl Sim {
             }
         }
         self.violations.push(SimViolation::EventLoopUnsettled);
+    }
+
+    /// Notes the control changes among events the world produced.
+    fn note_events(&mut self, events: &[Event]) {
+        for e in events {
+            if let Event::ControlSwitched { to, epoch } = e {
+                self.control_changes.push(ControlChange {
+                    tick: self.world.now_tick,
+                    to: *to,
+                    epoch: *epoch,
+                });
+            }
+        }
     }
 
     /// The report of the run so far.
@@ -328,6 +382,8 @@ impl Sim {
             split,
             final_layout_ok,
             ticks: st.now_tick,
+            control_changes: self.control_changes,
+            witness: self.witness.map(|w| w.record.record.to_string()),
         }
     }
 }
@@ -352,6 +408,7 @@ pub fn run_with(opts: &SimOptions) -> SimReport {
             sim.restore(opts.restore_via);
         }
         faults.fire_due(&mut sim, tick);
+        witness::serve(&mut sim, tick);
         if sim.split.as_ref().is_some_and(Split::active) {
             split::run_tick(&mut sim, tick);
         } else {
@@ -371,8 +428,9 @@ pub fn run_with(opts: &SimOptions) -> SimReport {
         } else {
             await_commit_since = None;
         }
-        let settled =
-            sim.world.queue.is_empty() && sim.split.as_ref().is_none_or(|s| s.settled(tick));
+        let settled = sim.world.queue.is_empty()
+            && sim.split.as_ref().is_none_or(|s| s.settled(tick))
+            && sim.witness.as_ref().is_none_or(SimWitness::idle);
         if started && sim.engine.step().is_none() && settled {
             break;
         }

@@ -7,8 +7,9 @@
 //! * the **sync link** carries the replication frames of instances on one appliance to their
 //!   standbys on the other; the simulator cuts it together with the peer link (both share the
 //!   network between the appliances);
-//! * the **witness link** of each appliance is a placeholder: no witness exists yet, so cutting
-//!   it changes nothing, which the simulator checks.
+//! * the **witness link** of each appliance carries its driver's requests to the witness (with
+//!   [`crate::engine::EngineConfig::witness`]); without a witness, cutting it changes nothing,
+//!   which the simulator checks.
 //!
 //! A paused agent (`SIGSTOP`) is not a link fault: it neither sends heartbeats nor runs ops, but
 //! its appliance's instances keep running and replicating.
@@ -109,8 +110,8 @@ impl Network {
         self.paused
     }
 
-    /// Whether the appliance reaches the witness (no witness exists yet: nothing reads this
-    /// but the report).
+    /// Whether the appliance reaches the witness (read by the simulated witness and the
+    /// report).
     pub(super) fn witness_reaches(&self, a: ApplianceId) -> bool {
         !self.cut.contains(&Link::Witness { appliance: a })
     }

@@ -76,6 +76,23 @@ pub struct SimReport {
     pub final_layout_ok: bool,
     /// Ticks simulated.
     pub ticks: u64,
+    /// Every change of the instance in control the simulated appliances carried out, in order.
+    #[serde(default)]
+    pub control_changes: Vec<ControlChange>,
+    /// The witness's final record, with the witness (`None` without).
+    #[serde(default)]
+    pub witness: Option<String>,
+}
+
+/// A change of the instance in control, as an appliance carried it out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlChange {
+    /// When.
+    pub tick: u64,
+    /// The new instance in control.
+    pub to: InstanceId,
+    /// Its epoch.
+    pub epoch: ControlEpoch,
 }
 
 /// What a split fault did: how long two agents drove, who held the service address, what the
@@ -159,6 +176,16 @@ pub enum SimViolation {
         /// How many writes.
         lost: u64,
     },
+    /// With the witness, the side discarded at the heal acknowledged writes after the
+    /// surviving side began to acknowledge: two instances acknowledged in the same window.
+    Overlap {
+        /// The fault.
+        fault: FaultKind,
+        /// The survivor's first acknowledgement after the cut.
+        from_tick: u64,
+        /// The discarded side's acknowledgements from then on.
+        acks: u64,
+    },
     /// After the heal the pair did not converge within the bound.
     NotConverged {
         /// Ticks waited since the heal.
@@ -192,6 +219,15 @@ impl fmt::Display for SimViolation {
             ),
             SimViolation::RestoreFailed { error } => write!(f, "restore failed: {error}"),
             SimViolation::EventLoopUnsettled => f.write_str("event loop did not settle"),
+            SimViolation::Overlap {
+                fault,
+                from_tick,
+                acks,
+            } => write!(
+                f,
+                "{}: the discarded side acknowledged {acks} time(s) after the survivor began to acknowledge at tick {from_tick}",
+                fault.name()
+            ),
             SimViolation::UnpredictedLoss { fault, lost } => write!(
                 f,
                 "{lost} acknowledged write(s) lost that {} is not predicted to lose",

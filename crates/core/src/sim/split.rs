@@ -24,14 +24,21 @@
 //!   the new side announces. A paused agent's front is paused with it: clients that still
 //!   follow it get no answer, so nothing is acknowledged there.
 //! * **The heal.** When the links return (or the agent resumes), the lower epoch steps down
-//!   (the primary wins a tie). The history of the discarded side is dropped: every write it
+//!   (the primary wins a tie); with the witness, the side whose instance in control and epoch
+//!   the witness records drives on. The history of the discarded side is dropped: every write it
 //!   acknowledged after the cut is lost, and counted. Simplification: every instance on the
 //!   losing appliance is stopped at the heal (the agent stops those its engine wrote off), and
 //!   the surviving engine learns that appliance is lost (if it did not already) and back, so
 //!   it rebuilds an HA standby there.
+//! * **The witness** (with [`crate::engine::EngineConfig::witness`], `super::witness`): one
+//!   record for both sides; each driver's requests are answered if its appliance reaches it. A
+//!   driver told to stand down (`StandDown`: the other appliance decided first) stops driving
+//!   and its front gives up the address; its instances keep running until the heal.
 //! * **Losses and convergence.** Each loss is checked against the kind's prediction
 //!   ([`FaultKind::loss_without_witness`]): a predicted one is a write acknowledged alone by the
-//!   discarded side after the HA grace; anything else is [`SimViolation::UnpredictedLoss`].
+//!   discarded side after the HA grace; anything else is [`SimViolation::UnpredictedLoss`]. With
+//!   the witness nothing is predicted: every loss is unpredicted, and an acknowledgement by the
+//!   discarded side once the survivor acknowledged is [`SimViolation::Overlap`].
 //!   After the heal the pair must converge within [`CONVERGE_TICKS`] (one instance in control,
 //!   the address on its appliance only, an in-sync HA standby on the other), else
 //!   [`SimViolation::NotConverged`].
@@ -81,6 +88,9 @@ pub(super) struct Split {
     clients_at: ApplianceId,
     /// Which appliances' fronts hold the service address.
     holding: [bool; 2],
+    /// Which appliances' drivers stood down (told by the witness): their fronts give up the
+    /// address until the heal.
+    gave_up: [bool; 2],
     healed: bool,
     report: SplitReport,
 }
@@ -94,6 +104,16 @@ impl Split {
     /// Still cut (not healed yet).
     pub(super) fn active(&self) -> bool {
         !self.healed
+    }
+
+    /// Whether the appliance reaches the witness while the fault lasts.
+    pub(super) fn witness_reaches(&self, a: ApplianceId) -> bool {
+        self.net.witness_reaches(a)
+    }
+
+    /// The appliance whose agent is paused, if any.
+    pub(super) fn paused(&self) -> Option<ApplianceId> {
+        self.net.paused()
     }
 
     /// The engine of [`Sim`] takes operator requests (it drives and is not paused).
@@ -164,7 +184,7 @@ pub(super) fn begin(sim: &mut Sim, kind: FaultKind) -> Option<String> {
         }
     };
     let note = format!(
-        "{note} until tick {}; the primary {} the witness, the secondary {} it (none exists yet)",
+        "{note} until tick {}; the primary {} the witness, the secondary {} it",
         tick + CUT_TICKS,
         witness(ApplianceId::Primary),
         witness(ApplianceId::Secondary)
@@ -184,6 +204,7 @@ pub(super) fn begin(sim: &mut Sim, kind: FaultKind) -> Option<String> {
         fork_control: sim.world.control,
         clients_at,
         holding,
+        gave_up: [false; 2],
         healed: false,
         report: SplitReport {
             cut_tick: tick,
@@ -308,6 +329,15 @@ fn after_rival(sim: &mut Sim, sp: &mut Split, cmds: &[Command]) {
         .extend(found.into_iter().map(SimViolation::from));
     let step = r.engine.step();
     let crosses = sp.net.hears(d, d.other()) && sp.net.paused() != Some(d);
+    let now = sim.world.now_tick;
+    let seeded = sim.seeded;
+    if let Some(w) = sim.witness.as_mut() {
+        for c in cmds {
+            if let Command::Witness { change } = c {
+                w.request(d.other(), change.clone(), now, seeded);
+            }
+        }
+    }
     if let Some(w) = sp.other.as_mut() {
         for c in cmds {
             w.execute(c, step);
@@ -329,6 +359,47 @@ fn after_rival(sim: &mut Sim, sp: &mut Split, cmds: &[Command]) {
             }
         }
     }
+    if cmds.iter().any(|c| matches!(c, Command::StandDown { .. })) {
+        record_rival(
+            sim,
+            sp,
+            "the witness records the other appliance's decision: stands down and gives up the address".into(),
+        );
+        sp.rival = None;
+        sp.gave_up[ai(d.other())] = true;
+    }
+}
+
+/// Delivers a witness answer to the engine driving on `a` (none: it is dropped).
+pub(super) fn deliver_on(sim: &mut Sim, sp: &mut Split, a: ApplianceId, e: Event) {
+    if a == sp.driver {
+        if sp.driver_drives {
+            sim.feed(e);
+            take_stand_down(sim, sp);
+        }
+    } else {
+        feed_rival(sim, sp, e);
+    }
+}
+
+/// The driver of [`Sim`] was told to stand down: it stops driving and its front gives up the
+/// address (its instances keep running until the heal).
+pub(super) fn take_stand_down(sim: &mut Sim, sp: &mut Split) {
+    if !std::mem::take(&mut sim.stood_down) {
+        return;
+    }
+    let d = sp.driver;
+    if sp.active() && sp.driver_drives {
+        sp.driver_drives = false;
+        sp.gave_up[ai(d)] = true;
+        sim.record(format!(
+            "the {d} agent: the witness records the other appliance's decision: stands down and gives up the address"
+        ));
+    } else {
+        sim.record(format!(
+            "the {d} agent was told to stand down with no other driver"
+        ));
+    }
 }
 
 /// The other side's world tick: the clients' write if they follow it, replication, the due
@@ -343,6 +414,15 @@ fn run_other(sim: &mut Sim, sp: &mut Split) {
         let mut events = Vec::new();
         w.run_action(action, &mut events);
         w.note_ha();
+        for e in &events {
+            if let Event::ControlSwitched { to, epoch } = e {
+                sim.control_changes.push(super::ControlChange {
+                    tick: w.now_tick,
+                    to: *to,
+                    epoch: *epoch,
+                });
+            }
+        }
         for e in events {
             feed_rival(sim, sp, e);
         }
@@ -350,9 +430,35 @@ fn run_other(sim: &mut Sim, sp: &mut Split) {
     sim.violations.push(SimViolation::EventLoopUnsettled);
 }
 
-/// Whether the rival (on `o`) wins against the driver: the higher epoch, the primary on a tie.
+/// Whether the rival (on `o`) wins against the driver: with the witness, the side whose
+/// appliance runs the instance the witness records in control, and has it in control, else the side whose engine has
+/// it in control at the recorded epoch (if only one does); otherwise the higher epoch, the
+/// primary on a tie.
 fn rival_wins(sim: &Sim, sp: &Split) -> bool {
     let Some(r) = &sp.rival else { return false };
+    if let Some(w) = &sim.witness {
+        let rec = &w.record.record;
+        let o = sp.driver.other();
+        // The side's own appliance runs the recorded instance, in control.
+        let runs = |w: &World, a: ApplianceId| {
+            rec.in_control
+                .is_some_and(|c| w.control == Some(c) && w.inst_up(c) && w.insts[&c].appliance == a)
+        };
+        let theirs = sp.other.as_ref().is_some_and(|w| runs(w, o));
+        if theirs != runs(&sim.world, sp.driver) {
+            return theirs;
+        }
+        // The engine has the recorded instance in control, up, at the recorded epoch.
+        let recorded = |st: &EngineState| {
+            rec.in_control.is_some()
+                && st.pair.control().map(|c| c.id) == rec.in_control
+                && st.pair.epoch == rec.epoch
+        };
+        let theirs = recorded(r.engine.state());
+        if theirs != recorded(sim.engine.state()) {
+            return theirs;
+        }
+    }
     let (mine, theirs) = (sim.engine.state().pair.epoch, r.engine.state().pair.epoch);
     theirs > mine || (theirs == mine && sp.driver.other() == ApplianceId::Primary)
 }
@@ -379,7 +485,12 @@ fn step_down_on_hearing(sim: &mut Sim, sp: &mut Split) {
 /// Announcements: a side that begins to hold the address announces it and the clients follow
 /// it; clients whose side stops holding go to the other holder, if any.
 fn follow_address(sp: &mut Split, main: &World, tick: u64) {
-    let now = holders(main, sp.other.as_ref(), sp.driver);
+    let mut now = holders(main, sp.other.as_ref(), sp.driver);
+    for a in ApplianceId::ALL {
+        if sp.gave_up[ai(a)] {
+            now[ai(a)] = false;
+        }
+    }
     for a in ApplianceId::ALL {
         if now[ai(a)] && !sp.holding[ai(a)] && sp.clients_at != a {
             sp.clients_at = a;
@@ -426,6 +537,9 @@ fn heal(sim: &mut Sim, mut sp: Split, tick: u64) {
         (main, other)
     };
     count_losses(sim, &mut sp, &discarded);
+    if sim.witness.is_some() {
+        check_overlap(sim, &sp, &world, &discarded);
+    }
 
     if let Some(r) = sp.rival.take() {
         if survivor == o {
@@ -470,7 +584,8 @@ fn count_losses(sim: &mut Sim, sp: &mut Split, discarded: &World) {
         prev = prev.max(a.seq);
         // Alone: the instance in control at the cut only once the HA grace ran out; an
         // instance promoted during the split never had a standby to wait for.
-        let covered = sp.kind.loss_without_witness() == WitnessLoss::AckedAloneByDiscardedSide
+        let covered = sim.witness.is_none()
+            && sp.kind.loss_without_witness() == WitnessLoss::AckedAloneByDiscardedSide
             && a.alone
             && (Some(a.by) != sp.fork_control || a.tick >= sp.cut_tick + HA_GRACE_TICKS);
         if covered {
@@ -486,6 +601,27 @@ fn count_losses(sim: &mut Sim, sp: &mut Split, discarded: &World) {
         sim.violations.push(SimViolation::UnpredictedLoss {
             fault: sp.kind,
             lost: other,
+        });
+    }
+}
+
+/// With the witness, two instances never acknowledge in the same window: every
+/// acknowledgement of the discarded side at or after the survivor's first one is a violation.
+fn check_overlap(sim: &mut Sim, sp: &Split, survivor: &World, discarded: &World) {
+    let Some(first) = survivor.ack_log.iter().flatten().map(|a| a.tick).min() else {
+        return;
+    };
+    let acks = discarded
+        .ack_log
+        .iter()
+        .flatten()
+        .filter(|a| a.tick >= first)
+        .count() as u64;
+    if acks > 0 {
+        sim.violations.push(SimViolation::Overlap {
+            fault: sp.kind,
+            from_tick: first,
+            acks,
         });
     }
 }

@@ -1,7 +1,8 @@
 //! The simulated world: instances with an applied sequence number, a client writing one
 //! mutation per tick to the instance in control, synchronous replication to `designated_ha`
 //! standbys (a write is acknowledged once they applied it, or after [`HA_GRACE_TICKS`] without
-//! them), asynchronous replication to the others, bulk-sync, start, stop and switch delays,
+//! them; with a witness, only once the agent said the standby is gone: `StandbyGone`),
+//! asynchronous replication to the others, bulk-sync, start, stop and switch delays,
 //! and appliance loss with recovery. It executes the engine's commands and answers with the
 //! events an agent would report.
 
@@ -108,6 +109,9 @@ pub(super) struct World {
     pub(super) agent_down: [bool; 2],
     /// Acknowledgements since a split began (one per tick at most, bounded by the split).
     pub(super) ack_log: Option<Vec<Ack>>,
+    /// The pair decides through a witness: an instance in control whose synchronous standby
+    /// dropped out holds acknowledgements until `StandbyGone` (no grace).
+    pub(super) witness: bool,
 }
 
 pub(super) fn ai(a: ApplianceId) -> usize {
@@ -157,7 +161,8 @@ impl World {
             epoch: ControlEpoch(1),
             acked: 0,
             acked_lost: 0,
-            ha_set: Vec::new(),
+            // i2 is in sync from the start: a fault before the first tick finds it waited for.
+            ha_set: vec![InstanceId(2)],
             ha_dropped: BTreeMap::new(),
             queue: Vec::new(),
             seq: 0,
@@ -169,6 +174,7 @@ impl World {
             initial_max_id: InstanceId(2),
             agent_down: [false; 2],
             ack_log: None,
+            witness: false,
         }
     }
 
@@ -242,7 +248,8 @@ impl World {
     }
 
     /// Notes that the instance in control has an in-sync HA standby (from then on, it
-    /// acknowledges alone only after [`HA_GRACE_TICKS`]).
+    /// acknowledges alone only after [`HA_GRACE_TICKS`], or with a witness only once told the
+    /// standby is gone).
     pub(super) fn note_ha(&mut self) {
         let now_set = self.ha_standbys();
         for id in &self.ha_set {
@@ -255,7 +262,9 @@ impl World {
             self.ha_dropped.remove(id);
         }
         let now = self.now_tick;
-        self.ha_dropped.retain(|_, t| now < *t + HA_GRACE_TICKS);
+        if !self.witness {
+            self.ha_dropped.retain(|_, t| now < *t + HA_GRACE_TICKS);
+        }
         self.ha_set = now_set;
     }
 
@@ -502,8 +511,10 @@ impl World {
                     i.fenced_below = i.fenced_below.max(*epoch);
                 }
             }
-            // The witness is not modelled yet: the simulated engine runs without one.
-            Command::Witness { .. } | Command::StandbyGone { .. } | Command::StandDown { .. } => {}
+            Command::StandbyGone { active, standby } => self.standby_gone(*active, *standby),
+            // The witness and the driver itself are modelled by the simulator (`sim::witness`,
+            // `sim::split`), not by the appliances.
+            Command::Witness { .. } | Command::StandDown { .. } => {}
             Command::Report { .. } => {}
         }
     }
@@ -602,7 +613,13 @@ impl World {
                 self.control = Some(to);
                 self.epoch = epoch;
                 self.ha_set.clear();
-                self.ha_dropped.clear();
+                if self.witness {
+                    // The witness keeps the sync set through a switch: the new instance in
+                    // control waits for the standbys that dropped out until told they are gone.
+                    self.ha_dropped.remove(&to);
+                } else {
+                    self.ha_dropped.clear();
+                }
                 out.push(Event::ControlSwitched { to, epoch });
             }
             Action::Failover { to, epoch } => {
@@ -656,6 +673,22 @@ impl World {
                 out.push(Event::ApplianceRecovered { appliance: a });
             }
         }
+    }
+
+    /// The agent tells `active` to stop waiting for `standby` (the witness dropped it from the
+    /// sync set): it acknowledges without it, and keeps feeding it asynchronously until it is
+    /// attached as synchronous again.
+    fn standby_gone(&mut self, active: InstanceId, standby: InstanceId) {
+        if self.control != Some(active) {
+            return; // Stale: another instance took control since.
+        }
+        if let Some(f) = self.insts.get_mut(&standby).and_then(|i| i.feed.as_mut()) {
+            if f.active == active {
+                f.designated = false;
+            }
+        }
+        self.ha_set.retain(|s| *s != standby);
+        self.ha_dropped.remove(&standby);
     }
 
     pub(super) fn crash(&mut self, id: InstanceId) {
