@@ -128,6 +128,9 @@ enum LabCommand {
     /// hurts) and print one table: result, writes lost, client errors, outage, where control
     /// and the service address ended.
     Faults(LabFaultsArgs),
+    /// Run clients through a seeded schedule of faults (and ISSUs) and check that no
+    /// acknowledged write was lost and no two instances acknowledged at once.
+    Check(lab::LabCheckArgs),
     /// Cut the two-host lab's network as a partition fault does (`partition-peers`,
     /// `isolate-primary`, `isolate-secondary`, `one-way-primary`, `isolate-witness`), until
     /// `hitless lab heal`.
@@ -180,6 +183,10 @@ pub struct LabUpArgs {
     /// `hitless lab issu` sizes it for the state it loads with --keys).
     #[arg(long)]
     pub instance_memory_mib: Option<u64>,
+    /// The pair's witness: `builtin` (`hitless witness` on the witness host), `etcd`
+    /// (/usr/bin/etcd there) or `none` (a partition can lose acknowledged writes).
+    #[arg(long, value_enum, default_value_t = lab::WitnessKind::Builtin)]
+    pub witness: lab::WitnessKind,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -365,6 +372,7 @@ fn main() {
             LabCommand::Status { dir, json } => lab::status(&dir, json),
             LabCommand::Issu(args) => lab::issu(&args),
             LabCommand::Faults(args) => lab::faults(&args),
+            LabCommand::Check(args) => lab::check(&args),
             LabCommand::Partition { kind, hold_ms, dir } => {
                 lab::partition(&dir, kind, hold_ms.map(std::time::Duration::from_millis))
             }

@@ -318,6 +318,7 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
         }),
         Err(e) => ("unfinished", format!("{e:#}"), "2.0.0".to_owned()),
     };
+    let (witness, witness_endpoint) = super::witness::describe(dir);
     let outage = stats.max_gap_after_mark_ns.load(Ordering::Acquire);
     let failover_ms = (injected && outage > 0).then(|| outage as f64 / 1e6);
     Ok(IssuReport {
@@ -328,6 +329,10 @@ fn run_issu(args: &LabIssuArgs, fault: Option<&FaultSpec>) -> anyhow::Result<Iss
         protocol: args.up.protocol.to_string(),
         hosts: layout.hosts.to_string(),
         address_holders: holders,
+        witness,
+        witness_endpoint,
+        warning: (witness == super::WitnessKind::None)
+            .then(|| super::witness::NO_WITNESS_WARNING.to_owned()),
         fault: args.fault.clone(),
         fault_injected: injected,
         final_control: FinalControl {

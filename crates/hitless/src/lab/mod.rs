@@ -18,18 +18,25 @@ use crate::ops;
 use crate::{ApiArgs, Backend, LabUpArgs};
 
 mod bench;
+mod check;
 mod checker;
 mod faults;
+mod history;
 mod issu;
 mod layout;
 mod load;
 mod report;
 mod sampler;
+mod schedule;
+mod verdict;
+mod witness;
 
+pub use check::{check, LabCheckArgs};
 pub use faults::faults;
 pub use issu::issu;
 use layout::{in_clients, NETNS_PREFIX, PORT_BASES};
 pub use layout::{Hosts, Layout};
+pub use witness::WitnessKind;
 
 /// The lab's default run directory.
 pub const DEFAULT_DIR: &str = "/tmp/hitless-lab";
@@ -115,6 +122,16 @@ fn build_images(
     Ok([out[0].clone(), out[1].clone()])
 }
 
+/// What a lab run adds to the agents' configuration beyond `lab up`'s flags.
+#[derive(Debug, Clone, Default)]
+struct Extras {
+    /// The witness the agents use (none: no `[witness]` section).
+    witness: Option<witness::WitnessSpec>,
+    /// The service address's refresh announcement period (`[vip.announce] refresh_ms`),
+    /// when not the agent's default.
+    announce_refresh_ms: Option<u64>,
+}
+
 fn write_config(
     dir: &Path,
     i: usize,
@@ -122,23 +139,31 @@ fn write_config(
     image: &Path,
     memory_mib: Option<u64>,
     layout: &Layout,
+    extras: &Extras,
 ) -> anyhow::Result<PathBuf> {
     // On two hosts the service address is a virtual IP the appliance in control adds to its
     // interface and announces.
-    let vip = match &layout.topology {
+    let mut vip = match &layout.topology {
         Some(t) => {
             let host = if i == 0 {
                 &t.hosts.primary
             } else {
                 &t.hosts.secondary
             };
-            format!(
+            let mut v = format!(
                 "\n[vip]\ninterface = \"{}\"\nprefix_len = {}\n",
                 host.interface, t.prefix_len
-            )
+            );
+            if let Some(ms) = extras.announce_refresh_ms {
+                v.push_str(&format!("\n[vip.announce]\nrefresh_ms = {ms}\n"));
+            }
+            v
         }
         None => String::new(),
     };
+    if let Some(w) = &extras.witness {
+        vip.push_str(&w.config_section());
+    }
     let text = format!(
         r#"# hitless lab: the {name} appliance ({hosts} hosts)
 appliance = "{name}"
@@ -300,11 +325,36 @@ pub fn up(args: &LabUpArgs) -> anyhow::Result<()> {
             layout.service_addr.port()
         );
     }
+    print_witness(&args.dir);
     ops::print_status(&s);
     Ok(())
 }
 
+/// The lab's witness in one line (and what a lab without one risks).
+fn print_witness(dir: &Path) {
+    match witness::describe(dir) {
+        (kind, Some(endpoint)) => println!(
+            "witness: {kind} at {endpoint}{}",
+            if witness::running_pid(dir).is_some() {
+                ""
+            } else {
+                " (NOT RUNNING)"
+            }
+        ),
+        (_, None) => println!("witness: none; {}", witness::NO_WITNESS_WARNING),
+    }
+}
+
 fn up_inner(args: &LabUpArgs) -> anyhow::Result<(StatusAnswer, Layout)> {
+    up_with(args, None)
+}
+
+/// Brings the lab up as `args` says, the service address refreshed every
+/// `announce_refresh_ms` when given.
+fn up_with(
+    args: &LabUpArgs,
+    announce_refresh_ms: Option<u64>,
+) -> anyhow::Result<(StatusAnswer, Layout)> {
     let dir = &args.dir;
     for i in 0..2 {
         if let Some(pid) = pid_of(dir, i) {
@@ -316,6 +366,8 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<(StatusAnswer, Layout)> {
             }
         }
     }
+    // The witness of a lab that crashed in this run directory (its agents are gone).
+    witness::stop(dir);
     let hosts = args.hosts.unwrap_or_else(Hosts::default_here);
     let layout = match hosts {
         Hosts::Loopback => {
@@ -341,6 +393,13 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<(StatusAnswer, Layout)> {
     layout.save(dir)?;
     ops::use_lab(&layout);
     let images = build_images(dir, args.backend, args.protocol)?;
+    let extras = Extras {
+        witness: witness::WitnessSpec::plan(args.witness, &layout, dir)?,
+        announce_refresh_ms,
+    };
+    if let Some(w) = &extras.witness {
+        witness::start(dir, w)?;
+    }
     for i in 0..2 {
         write_config(
             dir,
@@ -349,6 +408,7 @@ fn up_inner(args: &LabUpArgs) -> anyhow::Result<(StatusAnswer, Layout)> {
             &images[0],
             args.instance_memory_mib,
             &layout,
+            &extras,
         )?;
     }
     std::fs::write(dir.join("backend"), args.backend.to_string())?;
@@ -383,7 +443,7 @@ fn ports_free(layout: &Layout) -> anyhow::Result<()> {
 /// Refuses to start when another two-host lab (from another run directory) still runs
 /// processes in the lab's namespaces.
 fn netns_free() -> anyhow::Result<()> {
-    for name in NAMES {
+    for name in NAMES.into_iter().chain(["witness"]) {
         let ns = format!("{NETNS_PREFIX}-{name}");
         let out = Command::new("ip").args(["netns", "pids", &ns]).output();
         if let Ok(out) = out {
@@ -415,6 +475,11 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
 fn teardown(dir: &Path) -> anyhow::Result<(usize, String)> {
     let layout = Layout::load(dir)?;
     let stopped = stop_agents(dir);
+    let witness = if witness::stop(dir) {
+        "; witness stopped"
+    } else {
+        ""
+    };
     let network = if layout.hosts == Hosts::Netns || leftover_netns() {
         let cleaned =
             hitless_netlab::destroy(NETNS_PREFIX).context("removing the lab's network")?;
@@ -430,13 +495,14 @@ fn teardown(dir: &Path) -> anyhow::Result<(usize, String)> {
     } else {
         String::new()
     };
-    Ok((stopped, network))
+    Ok((stopped, format!("{witness}{network}")))
 }
 
 /// Whether namespaces of a two-host lab are left over (its run directory may be gone).
 fn leftover_netns() -> bool {
     NAMES
         .iter()
+        .chain(&["witness"])
         .any(|n| hitless_netlab::netns_path(&format!("{NETNS_PREFIX}-{n}")).exists())
 }
 
@@ -486,6 +552,11 @@ pub fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
             o.insert("topology".into(), layout.topology_json());
             o.insert("partition".into(), serde_json::json!(partition));
             o.insert("address_holders".into(), serde_json::json!(holders));
+            let (kind, endpoint) = witness::describe(dir);
+            o.insert(
+                "witness".into(),
+                serde_json::json!({ "kind": kind, "endpoint": endpoint }),
+            );
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -501,6 +572,7 @@ pub fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
             None => String::new(),
         }
     );
+    print_witness(dir);
     if let Some(p) = partition {
         println!("partition in place: {p} (`hitless lab heal` ends it)");
     }
@@ -535,6 +607,18 @@ fn find_pid(s: &StatusAnswer, id: hitless_core::InstanceId) -> Option<u32> {
         .chain(s.peer.iter().flat_map(|p| p.instances.iter()))
         .find(|x| x.instance == id)
         .and_then(|x| x.pid)
+}
+
+/// Pauses the agent of appliance `i` (SIGSTOP); returns its pid, for [`resume_agent`].
+fn pause_agent(dir: &Path, i: usize) -> anyhow::Result<i32> {
+    let pid = pid_of(dir, i).context("no agent pid")?;
+    signal(pid, libc::SIGSTOP);
+    Ok(pid)
+}
+
+/// Resumes an agent [`pause_agent`] paused (SIGCONT).
+fn resume_agent(pid: i32) {
+    signal(pid, libc::SIGCONT);
 }
 
 /// What ends an injected fault that lasts: a partition is healed, a paused agent resumed.
@@ -574,8 +658,7 @@ fn inject(dir: &Path, kind: FaultKind) -> anyhow::Result<(String, Option<Heal>)>
     }
     if kind == FaultKind::PauseAgent {
         let i = usize::from(s.appliance == hitless_core::ApplianceId::Secondary);
-        let pid = pid_of(dir, i).context("no agent pid")?;
-        signal(pid, libc::SIGSTOP);
+        let pid = pause_agent(dir, i)?;
         return Ok((
             format!("SIGSTOP of the driving {} agent (pid {pid})", NAMES[i]),
             Some(Heal::Resume(pid)),
@@ -641,7 +724,7 @@ fn heal(dir: &Path, heal: Heal) -> anyhow::Result<String> {
             })
         }
         Heal::Resume(pid) => {
-            signal(pid, libc::SIGCONT);
+            resume_agent(pid);
             Ok(format!("SIGCONT of the paused agent (pid {pid})"))
         }
     }
@@ -698,7 +781,8 @@ pub fn instance_memory_for(keys: u64, value_size: u64, backend: Backend) -> u64 
 
 #[cfg(test)]
 mod tests {
-    use super::{appliance_index, parse_fault, write_config, Backend, Layout, NAMES};
+    use super::witness::{WitnessKind, WitnessSpec};
+    use super::{appliance_index, parse_fault, write_config, Backend, Extras, Layout, NAMES};
     use hitless_agent::config::ApplianceId;
     use hitless_agent::AgentConfig;
     use hitless_core::sim::{FaultKind, FaultSpec};
@@ -747,11 +831,46 @@ mod tests {
                     &dir.join("image"),
                     None,
                     &Layout::loopback(),
+                    &Extras::default(),
                 )
                 .unwrap();
                 let c = AgentConfig::load(&path).unwrap();
                 assert_eq!(c.appliance, id);
                 assert_eq!(c.backend, backend);
+                assert_eq!(c.witness.kind.to_string(), "none");
+            }
+        }
+    }
+
+    #[test]
+    fn the_agents_read_the_witness_and_the_announcement_refresh_the_lab_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let layout = Layout::netns(hitless_netlab::Topology::of(
+            &hitless_netlab::Plan::default(),
+        ));
+        for kind in [WitnessKind::Builtin, WitnessKind::Etcd] {
+            let extras = Extras {
+                witness: WitnessSpec::plan(kind, &layout, dir).unwrap(),
+                announce_refresh_ms: Some(1000),
+            };
+            let endpoint = extras.witness.as_ref().unwrap().endpoint();
+            for i in 0..2 {
+                let path = write_config(
+                    dir,
+                    i,
+                    Backend::Process,
+                    &dir.join("image"),
+                    None,
+                    &layout,
+                    &extras,
+                )
+                .unwrap();
+                let c = AgentConfig::load(&path).unwrap();
+                assert_eq!(c.witness.kind.to_string(), kind.to_string());
+                assert_eq!(c.witness.endpoints, vec![endpoint.clone()]);
+                assert_eq!(c.witness.pair, "lab");
+                assert_eq!(c.vip.unwrap().announce.refresh_ms, 1000);
             }
         }
     }

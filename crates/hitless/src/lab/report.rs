@@ -21,6 +21,11 @@ pub struct IssuReport {
     /// The appliances whose interface held the service address at the end (two hosts only):
     /// exactly one once the pair has converged.
     pub address_holders: Option<Vec<String>>,
+    /// The pair's witness (`none`, `builtin`, `etcd`) and where it ran.
+    pub witness: super::WitnessKind,
+    pub witness_endpoint: Option<String>,
+    /// What the run risks (without a witness, a partition can lose acknowledged writes).
+    pub warning: Option<String>,
     pub fault: Option<String>,
     pub fault_injected: bool,
     pub final_control: FinalControl,
@@ -143,6 +148,17 @@ pub(super) fn print_report(r: &IssuReport) {
         "  upgrade            {} -> {}",
         r.from_version, r.to_version
     );
+    println!(
+        "  witness            {}{}",
+        r.witness,
+        r.witness_endpoint
+            .as_ref()
+            .map(|e| format!(" at {e}"))
+            .unwrap_or_default()
+    );
+    if let Some(w) = &r.warning {
+        println!("  WARNING            {w}");
+    }
     if let Some(f) = &r.fault {
         println!("  fault              {f} (injected: {})", r.fault_injected);
     }

@@ -59,3 +59,28 @@ impl Drop for LabDown {
             .output();
     }
 }
+
+/// Runs `hitless lab check --json` in `dir` with extra arguments; returns the report whatever
+/// the exit status (a loss exits non-zero), and panics with the agents' and the witness's
+/// logs when there is none.
+pub fn lab_check_in(dir: &Path, extra: &[&str]) -> Value {
+    let out = Command::new(hitless())
+        .args(["lab", "check", "--json", "--dir"])
+        .arg(dir)
+        .args(extra)
+        .output()
+        .expect("running hitless lab check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}); exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}\nprimary log:\n{}\nsecondary log:\n{}\nwitness log:\n{}",
+            out.status,
+            tail(&dir.join("primary.log")),
+            tail(&dir.join("secondary.log")),
+            tail(&dir.join("witness.log"))
+        )
+    });
+    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+    report
+}
