@@ -258,6 +258,10 @@ enum SimCommand {
         /// Run every KIND@STEP of the catalog and print one line per case and a summary.
         #[arg(long, conflicts_with_all = ["fault", "list_faults"])]
         all: bool,
+        /// With --all: the engine decides through a (simulated) witness; the summary also
+        /// counts the losses of the same cases without one.
+        #[arg(long, requires = "all")]
+        witness: bool,
     },
 }
 
@@ -390,9 +394,10 @@ fn main() {
                 json,
                 list_faults,
                 all,
+                witness,
             } => {
                 if all {
-                    sim::run_all(json)
+                    sim::run_all_with(json, witness)
                 } else {
                     sim::run(fault, json, list_faults)
                 }

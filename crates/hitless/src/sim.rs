@@ -64,11 +64,7 @@ fn problem(report: &SimReport) -> Option<String> {
 
 /// Runs every case of the fault catalog (and the run without a fault), prints one line per
 /// case (or one JSON array of reports with `json`) and a summary; fails if any case failed.
-pub fn run_all(json: bool) -> anyhow::Result<()> {
-    run_all_with(json, false)
-}
-
-/// [`run_all`], the engine deciding through a witness with `witness`; the summary then also
+/// With `witness` the engine decides through a (simulated) witness, and the summary also
 /// counts the losses of the same cases without one.
 pub fn run_all_with(json: bool, witness: bool) -> anyhow::Result<()> {
     let opts = |witness| {

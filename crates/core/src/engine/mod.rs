@@ -111,7 +111,7 @@ impl Engine {
 
     /// Rebuilds an engine from a journalled snapshot. The driver should then execute
     /// [`Engine::in_flight_commands`] (idempotent) to resume.
-    pub fn restore(mut state: EngineState) -> Result<Self, EngineError> {
+    pub fn restore(state: EngineState) -> Result<Self, EngineError> {
         validate(&state)?;
         let mut state = state;
         witness::forget_unconfirmed_claims(&mut state);
