@@ -382,9 +382,19 @@ async fn handle_peer(
                 from,
             } => {
                 if driving && driver.driving() {
-                    // Two drivers (after a partition): the higher epoch wins, the primary on a tie.
+                    // Two drivers (after a partition): the higher epoch wins, the primary on a
+                    // tie. With a witness, on a tie both engines name the same instance in
+                    // control (the witness grants each epoch once) and the appliance that runs
+                    // it wins: an agent that restored the pair's journal after a cut and was
+                    // refused a promotion has the epoch of the driver it tried to replace,
+                    // and must not win for being the primary.
                     let mine = driver.epoch();
-                    if epoch > mine || (epoch == mine && from == ApplianceId::Primary) {
+                    let peer_wins_tie =
+                        match driver.hosts_control().filter(|_| driver.has_witness()) {
+                            Some(here) => !here,
+                            None => from == ApplianceId::Primary,
+                        };
+                    if epoch > mine || (epoch == mine && peer_wins_tie) {
                         let mine = driver.epoch();
                         driver.step_down();
                         appliance.stand_down_front(mine);

@@ -201,7 +201,17 @@ impl Node {
     fn promote_inner(&self, epoch: ControlEpoch) -> Result<(), String> {
         let mut st = lock(&self.ctl);
         Self::check_epoch(&st, epoch)?;
-        self.set_follow_target(None);
+        {
+            // Promoted: stop following at once. The active is quiesced (a planned switchover)
+            // or gone (a failover, which must not wait up to the Leave bound for it).
+            let mut f = lock(&self.follow);
+            if let Some(h) = f.handle.take() {
+                h.leave_now();
+            }
+            f.target = None;
+            f.next_attempt = None;
+            f.failures = 0;
+        }
         let r = self.db.replica();
         if r.role() != hitless_sync::Role::Active || r.epoch() != epoch {
             r.activate(epoch)

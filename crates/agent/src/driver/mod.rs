@@ -253,6 +253,19 @@ impl Driver {
             .unwrap_or_default()
     }
 
+    /// Whether the instance in control, as this driver's engine knows it, runs on this
+    /// appliance (`None` when not driving or nobody is in control).
+    pub fn hosts_control(&self) -> Option<bool> {
+        let st = self.engine.as_ref()?.state();
+        let c = st.pair.in_control?;
+        st.pair.get(c).map(|i| i.appliance == self.me)
+    }
+
+    /// Whether control changes go through a witness.
+    pub fn has_witness(&self) -> bool {
+        self.witness.is_some()
+    }
+
     /// Stops driving (another agent drives at a higher epoch).
     pub fn step_down(&mut self) {
         if self.engine.take().is_some() {
