@@ -202,11 +202,15 @@ impl Node {
         let mut st = lock(&self.ctl);
         Self::check_epoch(&st, epoch)?;
         {
-            // Promoted: stop following at once. The active is quiesced (a planned switchover)
-            // or gone (a failover, which must not wait up to the Leave bound for it).
+            // Promoted: stop following at once, and without a `Leave`. A `Leave` tells the
+            // active this standby detaches on purpose, so that it stops waiting for it: the
+            // old active of a failover may still be running (a one-way partition lets this
+            // side's frames through), and would then acknowledge alone writes this instance,
+            // now in control, never had. The active of a planned switchover is quiesced: no
+            // write waits for this standby.
             let mut f = lock(&self.follow);
             if let Some(h) = f.handle.take() {
-                h.leave_now();
+                h.stop();
             }
             f.target = None;
             f.next_attempt = None;

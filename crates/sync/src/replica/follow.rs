@@ -78,21 +78,6 @@ impl FollowHandle {
         self.stop();
     }
 
-    /// Tells the active this standby detaches on purpose, then closes the link at once,
-    /// without waiting for the active to read it: for a standby being promoted. Its active is
-    /// either quiesced (a planned switchover: no write waits for this standby) or cut off or
-    /// dead (a failover, which must not wait for it).
-    pub fn leave_now(self) {
-        self.link.leaving.store(true, Ordering::Release);
-        let _ = self.link.send(&wire::encode_frame(
-            FrameType::Leave,
-            crate::ControlEpoch(0),
-            0,
-            &[],
-        ));
-        self.stop();
-    }
-
     /// Closes the link and waits for it to end.
     pub fn stop(mut self) {
         self.link.core.close();
