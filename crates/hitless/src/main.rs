@@ -203,6 +203,9 @@ pub struct LabFaultsArgs {
     /// A fault to run, KIND@STEP (repeatable; default: every kind once).
     #[arg(long)]
     pub fault: Vec<String>,
+    /// The pair's witness in every run (see `lab up --witness`).
+    #[arg(long, value_enum)]
+    pub witness: Option<lab::WitnessKind>,
     /// Print the rows as one JSON array.
     #[arg(long)]
     pub json: bool,

@@ -74,6 +74,9 @@ pub fn faults(args: &LabFaultsArgs) -> anyhow::Result<()> {
         if let Some(h) = args.hosts {
             cmd.args(["--hosts", &h.to_string()]);
         }
+        if let Some(w) = args.witness {
+            cmd.args(["--witness", &w.to_string()]);
+        }
         let out = cmd
             .output()
             .with_context(|| format!("running the lab for {f}"))?;
