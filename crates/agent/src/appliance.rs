@@ -174,6 +174,11 @@ struct Local {
     stopping: AtomicBool,
     /// Reported unresponsive by the health probes (and not answering since).
     unresponsive: AtomicBool,
+    /// A quiesce holds the control channel: the instance may legitimately stay silent until
+    /// the writes submitted before it are durable (bounded by its acknowledgement timeout,
+    /// and by the request's own timeout), e.g. while a writer waits on a standby that was
+    /// cut off. Health probes do not count that silence as a miss.
+    quiescing: AtomicBool,
 }
 
 /// This appliance.
@@ -354,9 +359,13 @@ impl Appliance {
                     CONTROL_TIMEOUT
                 };
                 let local = self.get(instance)?;
+                let quiesce = matches!(command, AgentCommand::Quiesce { .. });
                 tokio::task::spawn_blocking(move || {
                     let mut c = local.control.lock().expect("control lock");
-                    match c.request(command, timeout) {
+                    local.quiescing.store(quiesce, Ordering::Release);
+                    let r = c.request(command, timeout);
+                    local.quiescing.store(false, Ordering::Release);
+                    match r {
                         Ok(_) => Ok(OpOk::Done),
                         Err(e) => Err(format!("instance {instance}: {e}")),
                     }
@@ -715,6 +724,7 @@ impl Appliance {
             control: Mutex::new(control),
             stopping: AtomicBool::new(false),
             unresponsive: AtomicBool::new(false),
+            quiescing: AtomicBool::new(false),
         });
         self.instances
             .lock()
@@ -874,6 +884,10 @@ impl Health {
 
     /// One probe; returns what to report when the instance just became unresponsive.
     fn probe(&mut self, local: &Local, probe: &HealthProbe) -> Option<String> {
+        if local.quiescing.load(Ordering::Acquire) {
+            // Bounded by the quiesce request's own timeout, which fails the switchover.
+            return None;
+        }
         self.probe_channel(&local.control, &local.heard, &local.stopping, probe)
     }
 
