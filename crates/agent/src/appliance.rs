@@ -478,9 +478,12 @@ impl Appliance {
                 let me = self.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut cat = me.catalog.lock().expect("catalog lock");
-                    cat.add(&dir)
-                        .map(|image| OpOk::Added { image })
-                        .map_err(|e| e.to_string())
+                    let image = cat.add(&dir).map_err(|e| e.to_string())?;
+                    // Remembered, so that an agent that restarts can still start it.
+                    if let Err(e) = crate::images::remember(&me.config.data_dir, &dir) {
+                        warn!(dir = %dir.display(), "cannot record the image for a restart: {e}");
+                    }
+                    Ok(OpOk::Added { image })
                 })
                 .await
                 .map_err(|e| format!("image task failed: {e}"))?

@@ -190,6 +190,17 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let initial = catalog
         .add(&config.image)
         .map_err(|e| AgentError::Image(e.to_string()))?;
+    // Images added at run time (an ISSU's target): the pair may run them now.
+    for dir in crate::images::remembered(&config.data_dir) {
+        match catalog.add(&dir) {
+            Ok(image) => {
+                info!(dir = %dir.display(), %image, "image added before a restart is available again")
+            }
+            Err(e) => {
+                warn!(dir = %dir.display(), "an image added before a restart cannot be used: {e}")
+            }
+        }
+    }
     let backend = make_backend(&config)?;
     let front = Front::new(FrontLimits::default())?;
     let stall_rx = start_stall_watchdog(front.clone(), config.peer_timeout())?;

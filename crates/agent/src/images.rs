@@ -187,3 +187,63 @@ mod tests {
         );
     }
 }
+
+/// The file in an agent's data directory listing the image directories added at run time.
+pub const ADDED_IMAGES_FILE: &str = "images.json";
+
+/// Most image directories remembered (the oldest are forgotten first).
+pub const MAX_REMEMBERED_IMAGES: usize = 32;
+
+/// Records `dir` as an image added at run time (an agent that restarts adds it again).
+pub fn remember(data_dir: &std::path::Path, dir: &std::path::Path) -> std::io::Result<()> {
+    let mut dirs = remembered(data_dir);
+    dirs.retain(|d| d != dir);
+    dirs.push(dir.to_path_buf());
+    if dirs.len() > MAX_REMEMBERED_IMAGES {
+        dirs.drain(..dirs.len() - MAX_REMEMBERED_IMAGES);
+    }
+    let path = data_dir.join(ADDED_IMAGES_FILE);
+    let tmp = data_dir.join(format!("{ADDED_IMAGES_FILE}.tmp"));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&dirs).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(tmp, path)
+}
+
+/// The image directories added at run time, as recorded (none if the record is missing or
+/// unreadable: the pair's own images are then added again by the operator).
+pub fn remembered(data_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let path = data_dir.join(ADDED_IMAGES_FILE);
+    match std::fs::read(&path) {
+        Ok(b) if b.len() <= 1 << 20 => serde_json::from_slice(&b).unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod remember_tests {
+    use super::*;
+
+    #[test]
+    fn added_images_are_remembered_once_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(remembered(d.path()).is_empty());
+        remember(d.path(), std::path::Path::new("/a")).unwrap();
+        remember(d.path(), std::path::Path::new("/b")).unwrap();
+        remember(d.path(), std::path::Path::new("/a")).unwrap();
+        assert_eq!(
+            remembered(d.path()),
+            vec![
+                std::path::PathBuf::from("/b"),
+                std::path::PathBuf::from("/a")
+            ]
+        );
+        for i in 0..40 {
+            remember(d.path(), std::path::Path::new(&format!("/x{i}"))).unwrap();
+        }
+        assert_eq!(remembered(d.path()).len(), MAX_REMEMBERED_IMAGES);
+        std::fs::write(d.path().join(ADDED_IMAGES_FILE), b"not json").unwrap();
+        assert!(remembered(d.path()).is_empty());
+    }
+}
