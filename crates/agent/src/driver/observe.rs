@@ -1,9 +1,8 @@
 //! Observations of the appliances and of the peer link: instances starting, exiting or
 //! hanging, the peer appliance lost and back.
 
-use hitless_control::AgentCommand;
 use hitless_core::{Event, InstanceId, Role};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::{Driver, JournalError};
 use crate::appliance::{Observation, Op, OpOk, Started};
@@ -134,22 +133,6 @@ impl Driver {
         let Some(app) = st.pair.get(active).map(|i| i.appliance) else {
             return;
         };
-        let apps = self.apps.clone();
-        tokio::spawn(async move {
-            let r = apps
-                .exec(
-                    app,
-                    Op::Control {
-                        instance: active,
-                        command: AgentCommand::StandbyGone {
-                            instance_id: gone.to_string(),
-                        },
-                    },
-                )
-                .await;
-            if let Err(e) = r {
-                debug!(%active, %gone, "could not tell the instance in control a standby is gone: {e}");
-            }
-        });
+        super::witness::tell_standby_gone(&self.apps, app, active, gone);
     }
 }
