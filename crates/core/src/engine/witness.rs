@@ -159,7 +159,7 @@ impl Engine {
         if record.epoch > self.st.max_epoch {
             self.st.max_epoch = record.epoch;
         }
-        let before = self.st.witness.known.replace(record.clone());
+        self.st.witness.known = Some(record.clone());
         match change {
             WitnessChange::Promote { to, .. } => {
                 let Some(_) = self
@@ -248,7 +248,6 @@ impl Engine {
             }
             WitnessChange::Init { .. } | WitnessChange::AddStandby { .. } => {}
         }
-        let _ = before;
     }
 
     pub(super) fn on_witness_refused(
