@@ -284,8 +284,11 @@ where
         let ev = ev_tx.clone();
         let up_flag = up.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval / 2);
-            // After a pause, the next judgement comes a whole half-interval later (not at once).
+            // Judged every fifth of an interval: the peer is declared lost at most a fifth of
+            // an interval after its silence reached the bound (a judgement every half interval
+            // let it run up to 25 ms over a 50 ms heartbeat's bound).
+            let mut tick = tokio::time::interval(interval / 5);
+            // After a pause, the next judgement comes a whole tick later (not at once).
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut prev = tokio::time::Instant::now();
             let mut paused_ticks = 0u32;

@@ -187,6 +187,12 @@ pub struct LabUpArgs {
     /// (/usr/bin/etcd there) or `none` (a partition can lose acknowledged writes).
     #[arg(long, value_enum, default_value_t = lab::WitnessKind::Builtin)]
     pub witness: lab::WitnessKind,
+    /// Heartbeats the agents may miss before one takes the other for lost (`[heartbeat]
+    /// misses`; heartbeats every 50 ms for processes, 100 ms for QEMU guests). Default:
+    /// processes 5 with a witness (a false detection there costs an outage, never a write) and
+    /// 6 without; QEMU guests 20.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub heartbeat_misses: Option<u32>,
 }
 
 #[derive(Args, Debug, Clone)]

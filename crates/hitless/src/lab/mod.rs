@@ -130,6 +130,26 @@ struct Extras {
     /// The service address's refresh announcement period (`[vip.announce] refresh_ms`),
     /// when not the agent's default.
     announce_refresh_ms: Option<u64>,
+    /// `[heartbeat] misses`, when not the lab's default ([`heartbeat_misses`]).
+    heartbeat_misses: Option<u32>,
+}
+
+/// The lab's failure detector: heartbeats every 50 ms for processes (100 ms for QEMU guests),
+/// and this many missed before the peer is taken for lost.
+///
+/// The lab runs both appliances, their instances, the clients and redis-benchmark on the same
+/// CPUs, and loading millions of keys or hundreds of clients saturates them: a 150 ms bound
+/// (the agent's default, 50 ms x 3) was seen to expire on a live peer. Without a witness a
+/// false peer loss fails the pair over for nothing and can lose acknowledged writes, so the
+/// bound is 300 ms (50 ms x 6). With a witness a false detection costs an outage and never a
+/// write (the witness decides), and the bound is 250 ms (50 ms x 5), so that a lost appliance
+/// is replaced within 300 ms. Software-emulated guests saturate the CPUs: 100 ms x 20.
+fn heartbeat_misses(backend: Backend, witness: bool) -> u32 {
+    match (backend, witness) {
+        (Backend::Qemu, _) => 20,
+        (Backend::Process, true) => 5,
+        (Backend::Process, false) => 6,
+    }
 }
 
 fn write_config(
@@ -199,14 +219,11 @@ stop_grace_ms = 3000
         host_addr = layout.host_addrs[i],
         port_base = PORT_BASES[i],
         mem = memory_mib.unwrap_or(if backend == Backend::Qemu { 256 } else { 512 }),
-        // Software-emulated guests saturate the CPUs; the peer's failure detection allows
-        // for it. Processes: 50 ms x 6. The lab runs both appliances, their instances, the
-        // clients and redis-benchmark on the same CPUs, and loading millions of keys or
-        // hundreds of clients saturates them: a 150 ms bound (the agent's default, 50 ms x 3)
-        // was seen to expire on a live peer, and without a witness a false peer loss fails
-        // the pair over for nothing.
+        // The failure detector: see `heartbeat_misses`.
         hb_interval = if backend == Backend::Qemu { 100 } else { 50 },
-        hb_misses = if backend == Backend::Qemu { 20 } else { 6 },
+        hb_misses = extras
+            .heartbeat_misses
+            .unwrap_or_else(|| heartbeat_misses(backend, extras.witness.is_some())),
     );
     let path = dir.join(format!("{}.toml", NAMES[i]));
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -396,6 +413,7 @@ fn up_with(
     let extras = Extras {
         witness: witness::WitnessSpec::plan(args.witness, &layout, dir)?,
         announce_refresh_ms,
+        heartbeat_misses: args.heartbeat_misses,
     };
     if let Some(w) = &extras.witness {
         witness::start(dir, w)?;
@@ -629,7 +647,7 @@ pub(super) enum Heal {
 }
 
 /// How long a partition or a paused agent lasts in `lab issu` before it ends: well past the
-/// failure detector (50 ms x 6) and the HA grace (1 s), so that both sides act on the split.
+/// failure detector (50 ms x 5 or x 6) and the HA grace (1 s), so that both sides act on the split.
 pub(super) const FAULT_HOLD: Duration = Duration::from_secs(3);
 
 /// The network partition a fault kind makes, if it is one.
@@ -853,6 +871,7 @@ mod tests {
             let extras = Extras {
                 witness: WitnessSpec::plan(kind, &layout, dir).unwrap(),
                 announce_refresh_ms: Some(1000),
+                heartbeat_misses: None,
             };
             let endpoint = extras.witness.as_ref().unwrap().endpoint();
             for i in 0..2 {
@@ -871,7 +890,32 @@ mod tests {
                 assert_eq!(c.witness.endpoints, vec![endpoint.clone()]);
                 assert_eq!(c.witness.pair, "lab");
                 assert_eq!(c.vip.unwrap().announce.refresh_ms, 1000);
+                // A false peer loss cannot lose a write with a witness: the tighter bound.
+                assert_eq!(c.heartbeat.misses, 5);
+                assert_eq!(c.heartbeat.interval_ms, 50);
             }
+        }
+    }
+
+    #[test]
+    fn without_a_witness_the_lab_detector_is_slower_and_an_override_wins() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let layout = Layout::loopback();
+        let cases = [
+            (Backend::Process, None, 6),
+            (Backend::Qemu, None, 20),
+            (Backend::Process, Some(9), 9),
+        ];
+        for (backend, misses, want) in cases {
+            let extras = Extras {
+                heartbeat_misses: misses,
+                ..Extras::default()
+            };
+            let path =
+                write_config(dir, 0, backend, &dir.join("image"), None, &layout, &extras).unwrap();
+            let c = AgentConfig::load(&path).unwrap();
+            assert_eq!(c.heartbeat.misses, want, "{backend} {misses:?}");
         }
     }
 }
