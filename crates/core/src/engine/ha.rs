@@ -113,6 +113,12 @@ impl Engine {
         }
     }
 
+    /// No failover to `to` starts again for [`super::FAILOVER_RETRY_TICKS`] (one to it failed
+    /// or was refused).
+    pub(super) fn hold_failovers_to(&mut self, to: InstanceId) {
+        self.st.failover_hold = Some((to, self.st.now_tick + super::FAILOVER_RETRY_TICKS));
+    }
+
     /// Failover when the instance in control is gone.
     pub(super) fn ha_policy(&mut self, out: &mut Vec<Command>) {
         if let Some(p) = &self.st.pending {
@@ -139,8 +145,16 @@ impl Engine {
         // standby can take over, a late confirmation of it must still be applied.
         let pending = self.st.pending.clone();
         let failed = self.st.pair.in_control;
+        // A target whose failover just failed or was refused waits for a later tick.
+        let now = self.st.now_tick;
+        let held = self
+            .st
+            .failover_hold
+            .filter(|(_, until)| now < *until)
+            .map(|(i, _)| i);
         let exclude = [failed, pending.as_ref().map(|p| p.to)];
-        match self.failover_candidate(&exclude) {
+        let candidate = self.failover_candidate(&[exclude[0], exclude[1], held]);
+        match candidate {
             Some(to) => {
                 self.st.pending = None;
                 let fence: Vec<InstanceId> =
@@ -154,6 +168,8 @@ impl Engine {
                     out,
                 );
             }
+            // The held target may serve once its hold ends.
+            None if held.is_some() => {}
             None => {
                 if self.st.stuck.is_none() {
                     self.begin_rollback_if_forward("instance in control failed".into(), out);
@@ -225,7 +241,11 @@ impl Engine {
             .as_ref()
             .is_some_and(|p| p.to == to && p.epoch == epoch);
         if matches {
+            let failover = self.st.pending.as_ref().is_some_and(|p| !p.planned);
             self.st.pending = None;
+            if failover {
+                self.hold_failovers_to(to);
+            }
             self.st.repair_starts += 1;
             if let Some(i) = self.st.issu.as_mut() {
                 i.repair_starts += 1;

@@ -84,6 +84,10 @@ enum Prog {
 /// emits commands, or ends the loop).
 const DRIVE_BOUND: usize = 64;
 
+/// Ticks before a failover to an instance is tried again after one to it failed or was
+/// refused (see [`EngineState::failover_hold`]).
+pub const FAILOVER_RETRY_TICKS: u64 = 10;
+
 impl Engine {
     /// An engine managing `pair` (normally [`Pair::steady`]).
     pub fn new(config: EngineConfig, pair: Pair) -> Result<Self, EngineError> {
@@ -104,6 +108,7 @@ impl Engine {
             progress_mark: 0,
             repair_starts: 0,
             witness: Default::default(),
+            failover_hold: None,
         };
         validate(&st)?;
         Ok(Self { st })

@@ -168,6 +168,12 @@ pub struct EngineState {
     /// while empty).
     #[serde(default, skip_serializing_if = "WitnessState::is_empty")]
     pub witness: WitnessState,
+    /// A failover to this instance failed (its appliance unreachable, say) or the witness
+    /// refused it: no failover to it starts again before this tick (another candidate may).
+    /// One that fails at once is retried every
+    /// [`FAILOVER_RETRY_TICKS`](super::FAILOVER_RETRY_TICKS), not in a loop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_hold: Option<(InstanceId, u64)>,
 }
 
 /// The engine's view of the witness.

@@ -285,6 +285,11 @@ impl Engine {
             self.st.pending = None;
             self.st.witness.granted = false;
         }
+        if let WitnessChange::Promote { to, .. } = &change {
+            // Asked again at once, it would be refused again, in a loop at the witness's
+            // round trip.
+            self.hold_failovers_to(*to);
+        }
         if let (true, Some(r)) = (deposed, record.clone()) {
             self.stand_down(r, out);
             return;
@@ -530,6 +535,57 @@ mod tests {
         )));
         assert_eq!(w.record.in_control, Some(InstanceId(2)));
         assert!(w.record.epoch > ControlEpoch(1));
+    }
+
+    fn promotes_asked(cmds: &[Command]) -> usize {
+        cmds.iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Command::Witness {
+                        change: WitnessChange::Promote { .. }
+                    }
+                )
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_granted_failover_that_fails_is_not_asked_again_in_a_loop() {
+        let (mut e, mut w) = settled();
+        let cmds = e.handle(Event::InstanceFailed {
+            instance: InstanceId(1),
+            reason: "crashed".into(),
+        });
+        let all = serve(&mut e, &mut w, cmds);
+        let epoch = all
+            .iter()
+            .find_map(|c| match c {
+                Command::Failover {
+                    to: InstanceId(2),
+                    epoch,
+                } => Some(*epoch),
+                _ => None,
+            })
+            .expect("failover granted");
+        // The failover cannot be carried out (the standby's appliance is unreachable): the
+        // witness names it in control, so promoting it again is refused, every time.
+        let cmds = e.handle(Event::SwitchFailed {
+            to: InstanceId(2),
+            epoch,
+            reason: "the secondary appliance is unreachable".into(),
+        });
+        let all = serve(&mut e, &mut w, cmds);
+        assert_eq!(promotes_asked(&all), 0, "asked again at once: {all:?}");
+        // Asked again once per FAILOVER_RETRY_TICKS, refused, and held again.
+        let mut asked = Vec::new();
+        for _ in 0..3 * super::super::FAILOVER_RETRY_TICKS {
+            let cmds = e.handle(Event::Tick);
+            asked.push(promotes_asked(&serve(&mut e, &mut w, cmds)));
+        }
+        let total: usize = asked.iter().sum();
+        assert!((1..=3).contains(&total), "{asked:?}");
+        assert!(asked.iter().all(|n| *n <= 1), "{asked:?}");
     }
 
     #[test]
