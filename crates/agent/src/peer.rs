@@ -220,6 +220,7 @@ where
         let (seen_tx, seen_rx) = tokio::sync::watch::channel(None::<Instant>);
         // Receiver: accept the peer's connection(s) and read lines.
         let ev = ev_tx.clone();
+        let idle = idle_bound(interval * misses);
         tokio::spawn(async move {
             loop {
                 let Ok((stream, from)) = listener.accept().await else {
@@ -237,13 +238,17 @@ where
                     let mut first = true;
                     loop {
                         line.clear();
-                        let n = match (&mut reader)
-                            .take(MAX_LINE as u64 + 1)
-                            .read_until(b'\n', &mut line)
-                            .await
-                        {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
+                        let mut limited = (&mut reader).take(MAX_LINE as u64 + 1);
+                        let read = limited.read_until(b'\n', &mut line);
+                        let n = match tokio::time::timeout(idle, read).await {
+                            Ok(Ok(0)) | Ok(Err(_)) => break,
+                            Ok(Ok(n)) => n,
+                            Err(_) => {
+                                // Heartbeats stopped: the peer reconnects when it can, and this
+                                // connection (dead, or cut one way) would otherwise stay open.
+                                debug!(%from, ?idle, "peer connection idle: closing it");
+                                break;
+                            }
                         };
                         if n > MAX_LINE {
                             let _ = ev
@@ -441,6 +446,12 @@ async fn connect_handshake(
     })
 }
 
+/// How long an incoming peer connection may stay silent before it is closed: several loss
+/// bounds (heartbeats come every interval), and at least a second.
+fn idle_bound(loss_bound: Duration) -> Duration {
+    (loss_bound * 4).max(Duration::from_secs(1))
+}
+
 async fn sender<M: Serialize + Send + 'static>(
     peer: SocketAddr,
     interval: Duration,
@@ -459,6 +470,16 @@ async fn sender<M: Serialize + Send + 'static>(
             match tokio::time::timeout(interval, TcpStream::connect(peer)).await {
                 Ok(Ok(mut s)) => {
                     s.set_nodelay(true).ok();
+                    // A connection whose data goes unacknowledged for the loss bound is
+                    // aborted by the kernel, so that the next write fails and a new connection
+                    // is made. Without it, heartbeats written during a one-way cut wait in the
+                    // send buffer for TCP's retransmission backoff (tens of seconds) after the
+                    // cut heals, and the peer keeps taking this agent for lost meanwhile.
+                    if let Err(e) = socket2::SockRef::from(&s).set_tcp_user_timeout(Some(bound)) {
+                        warn!(
+                            "peer link: cannot bound unacknowledged data (TCP_USER_TIMEOUT): {e}"
+                        );
+                    }
                     // Waiting for the welcome longer than a heartbeat interval could make
                     // an agent from before negotiation (which never answers) take this one
                     // for lost.
@@ -794,6 +815,38 @@ mod tests {
                 "peer message in format 4294967295: this agent reads peer formats 1..=2; skipped",
             ]
         );
+    }
+
+    /// A connection that stops sending (cut one way, or an attacker that never speaks) is
+    /// closed once silent for the idle bound, instead of staying open for good.
+    #[tokio::test]
+    async fn a_silent_incoming_connection_is_closed_after_the_idle_bound() {
+        let a_addr = free_addr();
+        let (_a, _a_rx) = link(a_addr, free_addr(), next()).await;
+        // 20 ms x 3: a loss bound of 60 ms, an idle bound of 1 s.
+        assert_eq!(
+            idle_bound(Duration::from_millis(60)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            idle_bound(Duration::from_millis(500)),
+            Duration::from_secs(2)
+        );
+        let mut s = TcpStream::connect(a_addr).await.unwrap();
+        s.write_all(b"{\"hitless-peer-hello\":{\"formats\":{\"min\":2,\"max\":2}}}\n")
+            .await
+            .unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert!(line.contains("hitless-peer-welcome"), "{line}");
+        // Silent from now on: the agent closes its end (EOF here), well within 10 s.
+        line.clear();
+        let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+            .await
+            .expect("the silent connection was not closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "{line}");
     }
 
     /// An agent that was itself not running (starved of CPU) for longer than the bound while
