@@ -134,6 +134,11 @@ pub struct CheckReport {
     pub readback_error: Option<String>,
     /// The longest time without any acknowledged write while the schedule ran.
     pub max_outage_ms: f64,
+    /// When the longest outage began (the last acknowledgement before it), in ms since the
+    /// clients started, and the round it began in (the last round started by then; none
+    /// before the first).
+    pub max_outage_at_ms: f64,
+    pub max_outage_round: Option<usize>,
     /// The distinct control epochs the answering instances named.
     pub epochs: Vec<u64>,
     /// The time covered by two or more instances' acknowledging intervals (each instance at
@@ -151,6 +156,15 @@ pub struct CheckReport {
     pub converged: bool,
     /// Whether the record cap stopped the clients early.
     pub truncated: bool,
+}
+
+/// The round running (or last started) at `at_ms`: none before the first.
+fn outage_round(rounds: &[RoundReport], at_ms: f64) -> Option<usize> {
+    rounds
+        .iter()
+        .take_while(|r| r.start_ms <= at_ms)
+        .last()
+        .map(|r| r.round)
 }
 
 impl CheckReport {
@@ -314,6 +328,11 @@ fn run(
         };
     let (witness, witness_endpoint) = witness::describe(dir);
     let issus = rounds.iter().filter_map(|r| r.issu.clone()).collect();
+    let outage = verdict::longest_outage(
+        &history.records,
+        schedule_start.as_nanos() as u64,
+        schedule_end.as_nanos() as u64,
+    );
     Ok(CheckReport {
         seed: args.seed,
         rounds: args.rounds,
@@ -333,12 +352,9 @@ fn run(
         lost_samples,
         duplicated,
         readback_error,
-        max_outage_ms: verdict::max_outage_ns(
-            &history.records,
-            schedule_start.as_nanos() as u64,
-            schedule_end.as_nanos() as u64,
-        ) as f64
-            / 1e6,
+        max_outage_ms: outage.0 as f64 / 1e6,
+        max_outage_at_ms: outage.1 as f64 / 1e6,
+        max_outage_round: outage_round(&rounds, outage.1 as f64 / 1e6),
         epochs: verdict::epochs(&history),
         in_control_overlap_ms: verdict::in_control_overlap_ns(&history) as f64 / 1e6,
         reigns: verdict::reign_spans(&history),
@@ -633,6 +649,14 @@ fn print_report(r: &CheckReport) {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    if r.max_outage_ms > 0.0 {
+        println!(
+            "  longest outage: from {:.0} ms, in round {}",
+            r.max_outage_at_ms,
+            r.max_outage_round
+                .map_or_else(|| "none (before the first)".to_owned(), |n| n.to_string())
+        );
+    }
     for s in &r.lost_samples {
         println!("  LOST: {s}");
     }
@@ -669,6 +693,8 @@ mod tests {
             duplicated: 0,
             readback_error: None,
             max_outage_ms: 0.0,
+            max_outage_at_ms: 0.0,
+            max_outage_round: None,
             epochs: vec![],
             in_control_overlap_ms: 0.0,
             reigns: vec![],
@@ -707,6 +733,28 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_outage_is_placed_in_the_round_last_started_before_it() {
+        let round = |n: usize, start_ms: f64| RoundReport {
+            round: n,
+            fault: Fault::KillInControl,
+            injected: String::new(),
+            healed: String::new(),
+            start_ms,
+            end_ms: start_ms + 6000.0,
+            converged: true,
+            converged_after_ms: None,
+            issu: None,
+            error: None,
+        };
+        let rounds = [round(1, 1000.0), round(2, 9000.0), round(3, 17000.0)];
+        assert_eq!(outage_round(&rounds, 500.0), None);
+        assert_eq!(outage_round(&rounds, 1000.0), Some(1));
+        // After round 2's heal and before round 3: still round 2's doing.
+        assert_eq!(outage_round(&rounds, 16000.0), Some(2));
+        assert_eq!(outage_round(&rounds, 99000.0), Some(3));
+    }
+
+    #[test]
     fn the_json_report_names_the_fields_the_lab_promises() {
         let v = serde_json::to_value(CheckReport {
             faults: vec![Fault::KillInControl],
@@ -722,6 +770,8 @@ mod tests {
             "errors",
             "unknown",
             "max_outage_ms",
+            "max_outage_at_ms",
+            "max_outage_round",
             "epochs",
             "in_control_overlap_ms",
             "schedule",

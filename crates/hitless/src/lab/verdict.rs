@@ -95,9 +95,10 @@ pub fn in_control_overlap_ns(h: &History) -> u64 {
     covered_twice_ns(&iv)
 }
 
-/// The longest time within `[from, to]` (ns) during which no write was acknowledged (by the
-/// replies' times); the window's edges count as the ends of a gap.
-pub fn max_outage_ns(records: &[Record], from: u64, to: u64) -> u64 {
+/// The longest time within `[from, to]` during which no write was acknowledged (by the
+/// replies' times), as (length, start) in ns; the window's edges count as the ends of a gap;
+/// the earliest of equally long ones.
+pub fn longest_outage(records: &[Record], from: u64, to: u64) -> (u64, u64) {
     let mut acks: Vec<u64> = records
         .iter()
         .filter(|r| r.outcome == Outcome::Acked && r.done_ns >= from && r.done_ns <= to)
@@ -105,9 +106,12 @@ pub fn max_outage_ns(records: &[Record], from: u64, to: u64) -> u64 {
         .collect();
     acks.sort_unstable();
     let mut last = from;
-    let mut max = 0;
+    let mut max = (0, from);
     for t in acks.into_iter().chain([to]) {
-        max = max.max(t.saturating_sub(last));
+        let gap = t.saturating_sub(last);
+        if gap > max.0 {
+            max = (gap, last);
+        }
         last = t;
     }
     max
@@ -227,10 +231,14 @@ mod tests {
             w(None, 2000, 3000, Outcome::Acked),
         ];
         // Window [100, 2800]: acks at 500, 700; then nothing until the end at 2800.
-        assert_eq!(max_outage_ns(&records, 100 * MS, 2800 * MS), 2100 * MS);
+        assert_eq!(longest_outage(&records, 100 * MS, 2800 * MS).0, 2100 * MS);
         // Window [0, 800]: the longest is 10 -> 500.
-        assert_eq!(max_outage_ns(&records, 0, 800 * MS), 490 * MS);
-        assert_eq!(max_outage_ns(&[], 0, 5 * MS), 5 * MS);
+        assert_eq!(longest_outage(&records, 0, 800 * MS).0, 490 * MS);
+        assert_eq!(longest_outage(&[], 0, 5 * MS).0, 5 * MS);
+        // Where it starts: the last ack before it (or the window's start).
+        assert_eq!(longest_outage(&records, 100 * MS, 2800 * MS).1, 700 * MS);
+        assert_eq!(longest_outage(&records, 0, 800 * MS).1, 10 * MS);
+        assert_eq!(longest_outage(&[], 3 * MS, 5 * MS), (2 * MS, 3 * MS));
         assert_eq!(counts(&records), (4, 1, 0));
     }
 }
