@@ -29,7 +29,10 @@ mod link;
 mod status;
 mod switchover;
 
-pub use attach::{serve, ServeHandle};
+pub use attach::{
+    serve, serve_with, ServeHandle, ServeLimits, HANDSHAKE_DEADLINE, MAX_HELLO,
+    MAX_SYNC_CONNECTIONS,
+};
 pub use batch::Batch;
 pub use config::{Durability, ReplicaConfig};
 pub use follow::FollowHandle;
