@@ -76,6 +76,26 @@ pub enum SyncError {
         /// The bound ([`crate::MAX_HELLO`]).
         limit: usize,
     },
+    /// A standby the control plane did not tell this instance to serve: refused before
+    /// anything of the state is sent.
+    #[error(
+        "standby {node} connecting from {peer} refused: the control plane did not tell this \
+         instance to serve it"
+    )]
+    UnexpectedStandby {
+        /// The name its hello gave.
+        node: String,
+        /// The address it connected from.
+        peer: String,
+    },
+    /// More expected standbys were given than an instance keeps.
+    #[error("{given} expected standbys refused: an instance keeps at most {limit}")]
+    TooManyExpectedStandbys {
+        /// How many were given.
+        given: usize,
+        /// The bound.
+        limit: usize,
+    },
     /// The operation needs the active role.
     #[error("this instance is not active (role {role})")]
     NotActive {

@@ -163,3 +163,64 @@ fn a_hello_trickled_a_byte_at_a_time_is_cut_off_at_the_deadline() {
     assert!(a.status().standbys.is_empty());
     a.shutdown();
 }
+
+fn expect(node: &str, addr: &str) -> hitless_sync::ExpectedStandby {
+    hitless_sync::ExpectedStandby {
+        node: node.into(),
+        addr: Some(addr.parse().unwrap()),
+    }
+}
+
+#[test]
+fn an_unexpected_standby_is_refused_a_snapshot() {
+    let (a, h) = active(1, "a");
+    a.apply(vec![put(1, "secret")]).unwrap();
+    a.expect_standbys(Some(vec![expect("s", "127.0.0.1")]))
+        .unwrap();
+    // Another name, from an expected address.
+    let x = standby(1, "x");
+    let err = x.follow_tcp(h.local_addr(), true).unwrap_err();
+    assert!(err.to_string().contains("did not tell"), "{err}");
+    // The expected name, from another address than the one expected.
+    a.expect_standbys(Some(vec![expect("s", "10.9.9.9")]))
+        .unwrap();
+    let s = standby(1, "s");
+    let err = s.follow_tcp(h.local_addr(), true).unwrap_err();
+    assert!(err.to_string().contains("did not tell"), "{err}");
+    assert_eq!(a.status().snapshots_sent, 0);
+    assert_eq!(x.get("kv", b"k1").unwrap(), None);
+    assert_eq!(s.get("kv", b"k1").unwrap(), None);
+    // The expected standby from its address is served.
+    a.expect_standbys(Some(vec![expect("s", "127.0.0.1")]))
+        .unwrap();
+    let _f = s.follow_tcp(h.local_addr(), true).unwrap();
+    a.wait_standbys_ready(1, Duration::from_secs(5)).unwrap();
+    assert_eq!(a.status().snapshots_sent, 1);
+    // No longer expected: detached.
+    a.expect_standbys(Some(vec![expect("t", "127.0.0.1")]))
+        .unwrap();
+    eventually("the standby detached", || a.status().standbys.is_empty());
+    a.shutdown();
+    x.shutdown();
+    s.shutdown();
+}
+
+#[test]
+fn too_many_expected_standbys_are_refused_and_change_nothing() {
+    let (a, h) = active(1, "a");
+    a.expect_standbys(Some(vec![expect("s", "127.0.0.1")]))
+        .unwrap();
+    let many = (0..=hitless_sync::MAX_EXPECTED)
+        .map(|i| expect(&format!("n{i}"), "127.0.0.1"))
+        .collect();
+    let err = a.expect_standbys(Some(many)).unwrap_err();
+    assert!(err.to_string().contains("at most 16"), "{err}");
+    // The previous list still holds: "s" is served, "x" refused.
+    let s = standby(1, "s");
+    let _f = s.follow_tcp(h.local_addr(), true).unwrap();
+    let x = standby(1, "x");
+    assert!(x.follow_tcp(h.local_addr(), true).is_err());
+    a.shutdown();
+    s.shutdown();
+    x.shutdown();
+}

@@ -2,7 +2,7 @@
 //! the welcome built), a resume from the log, and the standby's acknowledgements.
 
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -33,6 +33,30 @@ pub const MAX_SYNC_CONNECTIONS: usize = 16;
 /// The largest hello payload accepted, checked on the frame header before any of the payload
 /// is read or allocated (a real hello is a few hundred bytes).
 pub const MAX_HELLO: usize = 64 << 10;
+
+/// Most standbys an instance can be told to expect ([`Replica::expect_standbys`]).
+pub const MAX_EXPECTED: usize = 16;
+
+/// A standby the control plane tells the instance in control to serve: the name its hello
+/// gives and, if known, the address it connects from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectedStandby {
+    /// The standby's node name (its instance identifier).
+    pub node: String,
+    /// The IP address it connects from; `None`: any address.
+    pub addr: Option<IpAddr>,
+}
+
+impl ExpectedStandby {
+    /// True if a hello naming `node` on a connection from `peer` is this standby.
+    fn admits(&self, node: &str, peer: &str) -> bool {
+        self.node == node
+            && self.addr.is_none_or(|want| {
+                peer.parse::<SocketAddr>()
+                    .is_ok_and(|p| p.ip().to_canonical() == want.to_canonical())
+            })
+    }
+}
 
 /// The bounds a sync listener ([`serve_with`]) holds every connection to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -351,6 +375,32 @@ impl Replica {
         serve(listener, vec![self.clone()])
     }
 
+    /// Tells this instance which standbys it serves: a hello whose name (and, where given,
+    /// address) matches none of `expected` is refused before anything of the state is sent,
+    /// and attached standbys that match none are detached. `None` (the state at start) serves
+    /// any standby. At most [`MAX_EXPECTED`]; a longer list is refused and changes nothing.
+    pub fn expect_standbys(&self, expected: Option<Vec<ExpectedStandby>>) -> Result<(), SyncError> {
+        if let Some(list) = &expected {
+            if list.len() > MAX_EXPECTED {
+                return Err(SyncError::TooManyExpectedStandbys {
+                    given: list.len(),
+                    limit: MAX_EXPECTED,
+                });
+            }
+        }
+        let mut st = self.state();
+        if let Some(list) = &expected {
+            for l in &st.links {
+                if !list.iter().any(|e| e.admits(&l.link.node, &l.link.peer)) {
+                    info!(standby = %l.link.node, peer = %l.link.peer, "detaching a standby no longer expected");
+                    l.link.core.close();
+                }
+            }
+        }
+        st.expected = expected;
+        Ok(())
+    }
+
     /// Active side: runs the handshake on an accepted connection and attaches
     /// the standby (bulk snapshot, then live stream) without stopping writes.
     /// Returns once the handshake is done; the transfer runs on threads.
@@ -420,6 +470,22 @@ impl Replica {
             let e = SyncError::NewerEpochFromPeer {
                 peer: peer_epoch,
                 current: my_epoch,
+            };
+            return refuse(&mut conn, my_epoch, e);
+        }
+        let admitted = match &self.state().expected {
+            None => true,
+            Some(list) => list.iter().any(|e| e.admits(&node, &conn.peer)),
+        };
+        if !admitted {
+            warn!(
+                peer = %conn.peer,
+                standby = %node,
+                "refused a standby the control plane did not tell this instance to serve"
+            );
+            let e = SyncError::UnexpectedStandby {
+                node,
+                peer: conn.peer.clone(),
             };
             return refuse(&mut conn, my_epoch, e);
         }
