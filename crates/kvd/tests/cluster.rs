@@ -295,3 +295,40 @@ fn unconfigured_standby_and_fenced_instances_refuse_writes() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One hello at epoch u64::MAX on the sync port of the instance in control used to fence it
+/// (every write refused until a restart): only its control channel sets that epoch.
+#[test]
+fn a_sync_hello_at_epoch_u64_max_does_not_fence_the_instance_in_control() {
+    use hitless_sync::wire::{Control, FrameType};
+    use std::io::Write;
+    let dir = tempdir("hello-epoch");
+    let mut a = Instance::start(1, "a1", &dir);
+    a.configure(Role::Active, 3, None, false);
+    let mut c = a.client();
+    assert_eq!(c.cmd(&["SET", "k", "v"]), Reply::ok());
+    let hello = Control::Hello {
+        service: "kv".into(),
+        node: "intruder".into(),
+        native: 1,
+        reads: vec![1],
+        writes: vec![1],
+        ha: true,
+        epoch: hitless_control::ControlEpoch(u64::MAX),
+        resume: None,
+        formats: None,
+    };
+    let mut raw = std::net::TcpStream::connect(&a.hello.sync_addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.write_all(&hello.encode(hitless_control::ControlEpoch(u64::MAX), 0))
+        .unwrap();
+    let f = hitless_sync::wire::read_frame(&mut raw)
+        .unwrap()
+        .expect("a refusal");
+    assert_eq!(f.kind, FrameType::Refuse);
+    let s = a.status();
+    assert!(!s.fenced && s.epoch.0 == 3, "{s:?}");
+    assert_eq!(c.cmd(&["SET", "k", "w"]), Reply::ok());
+    assert_eq!(c.cmd(&["GET", "k"]), bulk("w"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

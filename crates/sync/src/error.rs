@@ -53,6 +53,49 @@ pub enum SyncError {
         /// The newer epoch it learned of.
         newer: ControlEpoch,
     },
+    /// A sync peer sent an epoch newer than this instance's. Only the control plane raises
+    /// the epoch that fences an instance: the peer's frame is refused and its link closed,
+    /// and this instance keeps its role and epoch.
+    #[error(
+        "epoch {} from a sync peer refused: this instance is at epoch {}, and only the control \
+         plane raises its epoch",
+        .peer.0,
+        .current.0
+    )]
+    NewerEpochFromPeer {
+        /// The epoch the peer sent.
+        peer: ControlEpoch,
+        /// Epoch known locally.
+        current: ControlEpoch,
+    },
+    /// A hello announced a payload larger than any hello needs; nothing of it was read.
+    #[error("hello of {len} bytes refused: a hello is at most {limit} bytes")]
+    HelloTooLarge {
+        /// The announced payload length.
+        len: usize,
+        /// The bound ([`crate::MAX_HELLO`]).
+        limit: usize,
+    },
+    /// A standby the control plane did not tell this instance to serve: refused before
+    /// anything of the state is sent.
+    #[error(
+        "standby {node} connecting from {peer} refused: the control plane did not tell this \
+         instance to serve it"
+    )]
+    UnexpectedStandby {
+        /// The name its hello gave.
+        node: String,
+        /// The address it connected from.
+        peer: String,
+    },
+    /// More expected standbys were given than an instance keeps.
+    #[error("{given} expected standbys refused: an instance keeps at most {limit}")]
+    TooManyExpectedStandbys {
+        /// How many were given.
+        given: usize,
+        /// The bound.
+        limit: usize,
+    },
     /// The operation needs the active role.
     #[error("this instance is not active (role {role})")]
     NotActive {

@@ -66,8 +66,9 @@ pub use conn::Conn;
 pub use digest::{Digest, TableDigest};
 pub use error::{SyncError, TransformError};
 pub use replica::{
-    serve, AckToken, Batch, Durability, FollowHandle, Replica, ReplicaConfig, Role, ServeHandle,
-    StandbyStatus, Status,
+    serve, serve_with, AckToken, Batch, Durability, ExpectedStandby, FollowHandle, Replica,
+    ReplicaConfig, Role, ServeHandle, ServeLimits, StandbyStatus, Status, HANDSHAKE_DEADLINE,
+    MAX_EXPECTED, MAX_HELLO, MAX_SYNC_CONNECTIONS,
 };
 pub use schema::{negotiate, PreflightFailure, PreflightReport, Schema, TransformFn, VersionSet};
 pub use store::Table;

@@ -2,11 +2,11 @@
 //! the welcome built), a resume from the log, and the standby's acknowledgements.
 
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
@@ -19,11 +19,69 @@ use crate::schema::negotiate;
 use crate::wire::{self, BatchRef, Control, FrameType, FrameWriter};
 use crate::{Conn, Digest, Epoch, Mutation, Seq, SyncError, VersionSet};
 
+/// Time a connection to a sync listener has, from its accept, to deliver its whole hello; it
+/// is then closed (and the peer's address logged). A standby's hello is one small frame
+/// written at once, so this only ever cuts off peers that stall.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Most connections a sync listener holds open at once, those still in their handshake and
+/// those of attached standbys alike. A connection beyond it is closed at once. An active
+/// serves at most three standbys per service: the rest is room for re-attaches whose old
+/// connection has not ended yet.
+pub const MAX_SYNC_CONNECTIONS: usize = 16;
+
+/// The largest hello payload accepted, checked on the frame header before any of the payload
+/// is read or allocated (a real hello is a few hundred bytes).
+pub const MAX_HELLO: usize = 64 << 10;
+
+/// Most standbys an instance can be told to expect ([`Replica::expect_standbys`]).
+pub const MAX_EXPECTED: usize = 16;
+
+/// A standby the control plane tells the instance in control to serve: the name its hello
+/// gives and, if known, the address it connects from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectedStandby {
+    /// The standby's node name (its instance identifier).
+    pub node: String,
+    /// The IP address it connects from; `None`: any address.
+    pub addr: Option<IpAddr>,
+}
+
+impl ExpectedStandby {
+    /// True if a hello naming `node` on a connection from `peer` is this standby.
+    fn admits(&self, node: &str, peer: &str) -> bool {
+        self.node == node
+            && self.addr.is_none_or(|want| {
+                peer.parse::<SocketAddr>()
+                    .is_ok_and(|p| p.ip().to_canonical() == want.to_canonical())
+            })
+    }
+}
+
+/// The bounds a sync listener ([`serve_with`]) holds every connection to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// Time from accept to a whole hello ([`HANDSHAKE_DEADLINE`] by default).
+    pub handshake_deadline: Duration,
+    /// Connections open at once, handshakes included ([`MAX_SYNC_CONNECTIONS`] by default).
+    pub max_connections: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            handshake_deadline: HANDSHAKE_DEADLINE,
+            max_connections: MAX_SYNC_CONNECTIONS,
+        }
+    }
+}
+
 /// Accept loop serving standbys on a listener; stops when dropped.
 #[derive(Debug)]
 pub struct ServeHandle {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    open: Arc<AtomicUsize>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -31,6 +89,12 @@ impl ServeHandle {
     /// Address the listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Connections this listener holds open now: those in their handshake and those of
+    /// attached standbys (at most [`ServeLimits::max_connections`]).
+    pub fn connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Stops accepting (attached standbys stay attached).
@@ -66,32 +130,106 @@ impl Drop for ServeHandle {
     }
 }
 
+/// One connection counted against [`ServeLimits::max_connections`]; given back when dropped
+/// (by the handshake thread on a refusal, by the standby's reading thread when its link ends).
+pub(super) struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Logs connections closed for the cap at most once a second, with how many were closed
+/// without a line since.
+struct CapLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl CapLog {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn refused(&mut self, peer: SocketAddr, cap: usize) {
+        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            self.unlogged += 1;
+            return;
+        }
+        warn!(
+            %peer,
+            cap,
+            closed_unlogged = self.unlogged,
+            "sync connection closed at once: the listener already holds its cap of connections"
+        );
+        self.last = Some(Instant::now());
+        self.unlogged = 0;
+    }
+}
+
 /// Serves standbys of several replicated services on one listener: each
-/// connection is routed to the replica whose service its hello names.
+/// connection is routed to the replica whose service its hello names. Uses the default
+/// [`ServeLimits`].
 pub fn serve(listener: TcpListener, replicas: Vec<Replica>) -> io::Result<ServeHandle> {
+    serve_with(listener, replicas, ServeLimits::default())
+}
+
+/// [`serve`] with explicit bounds.
+///
+/// Threads: one accept thread, and one thread per open connection, which the cap bounds
+/// ([`ServeLimits::max_connections`], counted from accept to the end of the connection). A
+/// connection is taken by a thread of its own rather than on the accept thread because a
+/// handshake reads the hello and then attaches the standby, which waits on the state lock:
+/// done one at a time, a single stalling peer would hold back every standby behind it for
+/// the whole deadline. A thread costs little next to the bulk transfer it leads to, and the
+/// deadline ends a handshake thread that got no hello within [`ServeLimits::handshake_deadline`],
+/// so at most `max_connections` handshake threads ever exist, each for at most the deadline.
+pub fn serve_with(
+    listener: TcpListener,
+    replicas: Vec<Replica>,
+    limits: ServeLimits,
+) -> io::Result<ServeHandle> {
     let addr = listener.local_addr()?;
     // Blocking accept: a standby's connection is taken the moment it
     // arrives (no polling delay on a re-attach); `ServeHandle::stop` wakes
     // the loop by connecting to it.
     listener.set_nonblocking(false)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let open = Arc::new(AtomicUsize::new(0));
     let stop2 = stop.clone();
+    let open2 = open.clone();
     let thread = thread::Builder::new()
         .name("sync-accept".into())
         .spawn(move || {
+            let mut cap_log = CapLog {
+                last: None,
+                unlogged: 0,
+            };
             while !stop2.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok(_) if stop2.load(Ordering::SeqCst) => break,
                     Ok((stream, peer)) => {
+                        if open2.fetch_add(1, Ordering::SeqCst) >= limits.max_connections {
+                            open2.fetch_sub(1, Ordering::SeqCst);
+                            let _ = stream.shutdown(std::net::Shutdown::Both);
+                            cap_log.refused(peer, limits.max_connections);
+                            continue;
+                        }
+                        let slot = Slot(open2.clone());
                         let replicas = replicas.clone();
-                        let _ =
+                        let spawned =
                             thread::Builder::new()
                                 .name("sync-handshake".into())
                                 .spawn(move || {
-                                    if let Err(e) = accept_one(stream, &replicas) {
+                                    if let Err(e) =
+                                        accept_one(stream, peer, &replicas, limits, slot)
+                                    {
                                         debug!(%peer, error = %e, "standby connection refused");
                                     }
                                 });
+                        if let Err(e) = spawned {
+                            // The closure (its stream and slot) is dropped: closed, counted off.
+                            warn!(%peer, error = %e, "no thread for a sync connection; closed it");
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
@@ -104,18 +242,35 @@ pub fn serve(listener: TcpListener, replicas: Vec<Replica>) -> io::Result<ServeH
     Ok(ServeHandle {
         addr,
         stop,
+        open,
         thread: Some(thread),
     })
 }
 
-fn accept_one(stream: TcpStream, replicas: &[Replica]) -> Result<(), SyncError> {
+fn accept_one(
+    stream: TcpStream,
+    peer: SocketAddr,
+    replicas: &[Replica],
+    limits: ServeLimits,
+    slot: Slot,
+) -> Result<(), SyncError> {
+    let deadline = Instant::now() + limits.handshake_deadline;
     stream.set_nonblocking(false)?;
-    let timeout = replicas
-        .first()
-        .map_or(Duration::from_secs(5), |r| r.inner.config.ack_timeout);
-    stream.set_read_timeout(Some(timeout))?;
+    let hello = match read_hello_by(&stream, deadline, limits.handshake_deadline) {
+        Ok(h) => h,
+        Err(e) => {
+            if matches!(e, SyncError::Timeout(..)) {
+                warn!(
+                    %peer,
+                    deadline = ?limits.handshake_deadline,
+                    "sync connection closed: no whole hello within the handshake deadline"
+                );
+            }
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return Err(e);
+        }
+    };
     let mut conn = Conn::tcp(stream.try_clone()?)?;
-    let hello = read_hello(&mut conn)?;
     let Control::Hello { service, .. } = &hello else {
         unreachable!()
     };
@@ -130,22 +285,87 @@ fn accept_one(stream: TcpStream, replicas: &[Replica]) -> Result<(), SyncError> 
             }
             .encode(crate::ControlEpoch(0), 0),
         );
+        let _ = stream.shutdown(std::net::Shutdown::Both);
         return Err(SyncError::Refused(reason));
     };
     stream.set_read_timeout(None)?;
-    r.attach_hello(conn, hello)
+    r.attach_hello(conn, hello, Some(slot))
 }
 
-fn read_hello(conn: &mut Conn) -> Result<Control, SyncError> {
-    let f = wire::read_frame(&mut conn.reader)?.ok_or_else(|| {
-        SyncError::Protocol("the standby closed the connection before its hello".into())
-    })?;
-    if f.kind != FrameType::Hello {
+/// Reads from a TCP stream, failing with `TimedOut` once `deadline` has passed: a peer that
+/// sends a byte now and then cannot stretch the handshake past it.
+struct ByDeadline<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl io::Read for ByDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut s = self.stream;
+        s.read(buf)
+    }
+}
+
+/// The hello of a TCP connection, whole by `deadline` (`allowed`: the deadline's length, for
+/// the error).
+fn read_hello_by(
+    stream: &TcpStream,
+    deadline: Instant,
+    allowed: Duration,
+) -> Result<Control, SyncError> {
+    let mut r = ByDeadline { stream, deadline };
+    let timed_out = |e: SyncError| match e {
+        SyncError::Io(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ) =>
+        {
+            SyncError::Timeout(allowed, "the standby's hello")
+        }
+        e => e,
+    };
+    read_hello(&mut r).map_err(timed_out)
+}
+
+/// Reads a hello: the header is checked (a hello, of at most [`MAX_HELLO`] bytes) before any
+/// of the payload is read or allocated.
+fn read_hello(r: &mut dyn io::Read) -> Result<Control, SyncError> {
+    let mut frame = vec![0u8; wire::HEADER_LEN];
+    let mut got = 0;
+    while got < wire::HEADER_LEN {
+        match r.read(&mut frame[got..]) {
+            Ok(0) => {
+                return Err(SyncError::Protocol(
+                    "the standby closed the connection before its hello".into(),
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let h = wire::decode_header(&frame)?;
+    if h.kind != FrameType::Hello {
         return Err(SyncError::Protocol(format!(
             "expected a hello, got {:?}",
-            f.kind
+            h.kind
         )));
     }
+    if h.len > MAX_HELLO {
+        return Err(SyncError::HelloTooLarge {
+            len: h.len,
+            limit: MAX_HELLO,
+        });
+    }
+    frame.resize(wire::HEADER_LEN + h.len, 0);
+    r.read_exact(&mut frame[wire::HEADER_LEN..])?;
+    let (f, _) = wire::decode_frame(&frame)?;
     Ok(Control::decode(&f)?)
 }
 
@@ -155,17 +375,50 @@ impl Replica {
         serve(listener, vec![self.clone()])
     }
 
+    /// Tells this instance which standbys it serves: a hello whose name (and, where given,
+    /// address) matches none of `expected` is refused before anything of the state is sent,
+    /// and attached standbys that match none are detached. `None` (the state at start) serves
+    /// any standby. At most [`MAX_EXPECTED`]; a longer list is refused and changes nothing.
+    pub fn expect_standbys(&self, expected: Option<Vec<ExpectedStandby>>) -> Result<(), SyncError> {
+        if let Some(list) = &expected {
+            if list.len() > MAX_EXPECTED {
+                return Err(SyncError::TooManyExpectedStandbys {
+                    given: list.len(),
+                    limit: MAX_EXPECTED,
+                });
+            }
+        }
+        let mut st = self.state();
+        if let Some(list) = &expected {
+            for l in &st.links {
+                if !list.iter().any(|e| e.admits(&l.link.node, &l.link.peer)) {
+                    info!(standby = %l.link.node, peer = %l.link.peer, "detaching a standby no longer expected");
+                    l.link.core.close();
+                }
+            }
+        }
+        st.expected = expected;
+        Ok(())
+    }
+
     /// Active side: runs the handshake on an accepted connection and attaches
     /// the standby (bulk snapshot, then live stream) without stopping writes.
     /// Returns once the handshake is done; the transfer runs on threads.
     pub fn attach(&self, mut conn: Conn) -> Result<(), SyncError> {
         let dog = Watchdog::arm(conn.closer.clone(), self.inner.config.ack_timeout);
-        let hello = read_hello(&mut conn);
+        let hello = read_hello(&mut conn.reader);
         dog.disarm();
-        self.attach_hello(conn, hello?)
+        self.attach_hello(conn, hello?, None)
     }
 
-    fn attach_hello(&self, mut conn: Conn, hello: Control) -> Result<(), SyncError> {
+    /// Checks a standby's hello and attaches it. `slot`, the connection's place under the
+    /// listener's cap, is held until the link ends.
+    fn attach_hello(
+        &self,
+        mut conn: Conn,
+        hello: Control,
+        slot: Option<Slot>,
+    ) -> Result<(), SyncError> {
         let Control::Hello {
             service,
             node,
@@ -204,12 +457,37 @@ impl Replica {
         }
         let my_epoch = self.epoch();
         if peer_epoch > my_epoch {
-            self.fence(peer_epoch);
-            let e = SyncError::Fenced {
+            // Never adopted: anyone who reaches the sync port can write a hello, and an epoch
+            // taken from one would fence this instance (every write refused) until the control
+            // plane, the only source of the epoch that fences, moved it again.
+            warn!(
+                peer = %conn.peer,
+                standby = %node,
+                epoch = peer_epoch.0,
+                current = my_epoch.0,
+                "refused a standby whose hello carries a newer epoch than this instance's"
+            );
+            let e = SyncError::NewerEpochFromPeer {
+                peer: peer_epoch,
                 current: my_epoch,
-                newer: peer_epoch,
             };
-            return refuse(&mut conn, peer_epoch, e);
+            return refuse(&mut conn, my_epoch, e);
+        }
+        let admitted = match &self.state().expected {
+            None => true,
+            Some(list) => list.iter().any(|e| e.admits(&node, &conn.peer)),
+        };
+        if !admitted {
+            warn!(
+                peer = %conn.peer,
+                standby = %node,
+                "refused a standby the control plane did not tell this instance to serve"
+            );
+            let e = SyncError::UnexpectedStandby {
+                node,
+                peer: conn.peer.clone(),
+            };
+            return refuse(&mut conn, my_epoch, e);
         }
         let stream_version = match negotiate(
             schema.service(),
@@ -383,6 +661,8 @@ impl Replica {
         thread::Builder::new()
             .name("sync-acks".into())
             .spawn(move || {
+                // The connection counts against the listener's cap until its link ends.
+                let _slot = slot;
                 let r = me.read_acks(&l2, &mut frames);
                 l2.core.close();
                 me.drop_link(l2.id, r.err().map(|e| e.to_string()));
@@ -514,10 +794,18 @@ impl Replica {
             };
             let my_epoch = self.epoch();
             if f.epoch > my_epoch && f.kind != FrameType::PromoteAck {
-                self.fence(f.epoch);
-                return Err(SyncError::Fenced {
+                // As for a hello: a sync frame never raises this instance's epoch. The link
+                // ends; the control plane fences this instance if control really moved.
+                warn!(
+                    peer = %link.peer,
+                    standby = %link.node,
+                    epoch = f.epoch.0,
+                    current = my_epoch.0,
+                    "closed the link of a standby that sent a newer epoch than this instance's"
+                );
+                return Err(SyncError::NewerEpochFromPeer {
+                    peer: f.epoch,
                     current: my_epoch,
-                    newer: f.epoch,
                 });
             }
             match f.kind {
@@ -640,5 +928,73 @@ impl Replica {
             }
             self.heartbeat_to(link);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that has only `bytes`, then fails as a stalled peer would.
+    struct Only(io::Cursor<Vec<u8>>);
+
+    impl io::Read for Only {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.0.read(buf)? {
+                0 => Err(io::ErrorKind::TimedOut.into()),
+                n => Ok(n),
+            }
+        }
+    }
+
+    fn header(kind: FrameType, len: usize) -> Vec<u8> {
+        let mut f = wire::encode_frame(kind, crate::ControlEpoch(1), 0, &[]);
+        f[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+        f.truncate(wire::HEADER_LEN);
+        f
+    }
+
+    #[test]
+    fn an_oversized_hello_is_refused_on_its_header_before_its_payload_is_read() {
+        // Only the header arrives: the refusal comes from it, not from waiting for 1 MiB.
+        let err = read_hello(&mut Only(io::Cursor::new(header(
+            FrameType::Hello,
+            1 << 20,
+        ))))
+        .expect_err("refused");
+        assert!(
+            matches!(err, SyncError::HelloTooLarge { len, limit } if len == 1 << 20 && limit == MAX_HELLO),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_first_frame_other_than_a_hello_is_refused_on_its_header() {
+        let err = read_hello(&mut Only(io::Cursor::new(header(
+            FrameType::Batch,
+            1 << 20,
+        ))))
+        .expect_err("refused");
+        assert!(err.to_string().contains("expected a hello"), "{err}");
+    }
+
+    #[test]
+    fn a_hello_within_the_bound_is_read() {
+        let hello = Control::Hello {
+            service: "kv".into(),
+            node: "s".into(),
+            native: 1,
+            reads: vec![1],
+            writes: vec![1],
+            ha: false,
+            epoch: crate::ControlEpoch(2),
+            resume: None,
+            formats: None,
+        };
+        let bytes = hello.encode(crate::ControlEpoch(2), 0);
+        assert_eq!(
+            read_hello(&mut Only(io::Cursor::new(bytes))).unwrap(),
+            hello
+        );
     }
 }

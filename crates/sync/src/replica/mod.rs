@@ -29,7 +29,10 @@ mod link;
 mod status;
 mod switchover;
 
-pub use attach::{serve, ServeHandle};
+pub use attach::{
+    serve, serve_with, ExpectedStandby, ServeHandle, ServeLimits, HANDSHAKE_DEADLINE, MAX_EXPECTED,
+    MAX_HELLO, MAX_SYNC_CONNECTIONS,
+};
 pub use batch::Batch;
 pub use config::{Durability, ReplicaConfig};
 pub use follow::FollowHandle;
@@ -99,6 +102,9 @@ struct State {
     ha_dropped: Vec<(String, Instant)>,
     /// Standbys the control plane wrote off ([`Replica::standby_gone`]); at most 16.
     gone: Vec<String>,
+    /// The standbys the control plane told this instance to serve
+    /// ([`Replica::expect_standbys`]); `None`: any. At most [`MAX_EXPECTED`].
+    expected: Option<Vec<ExpectedStandby>>,
     /// The highest batch (epoch, sequence) found durable: it stays durable when this replica
     /// learns of a newer epoch afterwards, and its waiters are answered so.
     durable: (Epoch, Seq),
@@ -194,6 +200,7 @@ impl Replica {
                     resumes_received: 0,
                     ha_dropped: Vec::new(),
                     gone: Vec::new(),
+                    expected: None,
                     durable: (crate::ControlEpoch(0), 0),
                 }),
                 cond: Condvar::new(),
