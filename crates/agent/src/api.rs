@@ -571,6 +571,33 @@ image = "/nonexistent/image"
     }
 
     #[tokio::test]
+    async fn a_request_refused_for_its_credentials_closes_its_kept_alive_connection() {
+        let tokens = Arc::new(Tokens::from_credentials(&[credential(Role::Read)]));
+        let bounds = Bounds {
+            header_read_timeout: Duration::from_secs(60),
+            ..Bounds::default()
+        };
+        let api = serve_test(Access::Tokens(tokens), bounds).await;
+        let mut s = TcpStream::connect(api.addr).await.unwrap();
+        // HTTP/1.1 keeps a connection alive unless one side says otherwise.
+        s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+            .await
+            .expect("the agent closes the connection after refusing the request")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
     async fn an_operator_token_reaches_the_driver() {
         let op = credential(Role::Operator);
         let tokens = Arc::new(Tokens::from_credentials(&[
