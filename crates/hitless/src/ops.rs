@@ -19,9 +19,6 @@ static LAB: std::sync::RwLock<Option<(Vec<String>, PathBuf)>> = std::sync::RwLoc
 /// The tokens file named by `--token-file` or `HITLESS_TOKEN_FILE`, if any.
 static TOKEN_FILE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
 
-/// The credentials read, by tokens file (a command polling the API reads its file once).
-static CREDENTIALS: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
-
 /// Makes commands without `--api` ask the agents of the lab in `dir`, laid out as `layout`.
 pub fn use_lab(layout: &crate::lab::Layout, dir: &Path) {
     *LAB.write().unwrap_or_else(|e| e.into_inner()) = Some((
@@ -59,29 +56,33 @@ pub fn lab_apis() -> Vec<String> {
 /// else, when `api` is an agent of the lab in the default run directory, one of that lab's
 /// tokens file (if there is one); else none.
 fn bearer(api: &str) -> anyhow::Result<Option<String>> {
+    let commanded = LAB.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let given = TOKEN_FILE.get().cloned().flatten();
+    let Some(file) = token_file_for(api, commanded, given, lab) else {
+        return Ok(None);
+    };
+    // Read at every request: a lab brought up again in the same run directory (`lab faults`
+    // runs one after another) has a new token in the same file.
+    Ok(Some(hitless_agent::auth::Credential::load(&file)?.token))
+}
+
+/// The tokens file whose token goes to `api` (see [`bearer`]): `commanded` is the lab a lab
+/// command works on, `given` the file `--token-file` names, `default_lab` the lab in the default
+/// run directory (asked only when needed).
+fn token_file_for(
+    api: &str,
+    commanded: Option<(Vec<String>, PathBuf)>,
+    given: Option<PathBuf>,
+    default_lab: impl FnOnce() -> (Vec<String>, PathBuf),
+) -> Option<PathBuf> {
     let lab_file = |(apis, dir): (Vec<String>, PathBuf)| {
         let file = crate::lab::tokens_file(&dir);
         (apis.iter().any(|a| a == api) && file.exists()).then_some(file)
     };
-    let commanded = LAB.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let file = match (
-        commanded.and_then(lab_file),
-        TOKEN_FILE.get().cloned().flatten(),
-    ) {
-        (Some(lab), _) => lab,
-        (None, Some(given)) => given,
-        (None, None) => match lab_file(lab()) {
-            Some(lab) => lab,
-            None => return Ok(None),
-        },
-    };
-    let mut known = CREDENTIALS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, token)) = known.iter().find(|(f, _)| *f == file) {
-        return Ok(Some(token.clone()));
-    }
-    let credential = hitless_agent::auth::Credential::load(&file)?;
-    known.push((file, credential.token.clone()));
-    Ok(Some(credential.token))
+    commanded
+        .and_then(lab_file)
+        .or(given)
+        .or_else(|| lab_file(default_lab()))
 }
 
 /// `request` with the credential for `api` (see [`bearer`]).
@@ -502,4 +503,45 @@ pub fn operator(api: &ApiArgs, what: &str) -> anyhow::Result<()> {
     let msg = post(&api, &format!("/v1/{what}"), serde_json::json!({}))?;
     println!("{msg}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lab_token_goes_to_the_labs_agents_only_and_a_given_file_to_the_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lab_dir = tmp.path().to_owned();
+        std::fs::write(crate::lab::tokens_file(&lab_dir), "").unwrap();
+        let lab = || (vec!["198.18.0.1:27701".to_owned()], lab_dir.clone());
+        let given = Some(PathBuf::from("/etc/hitless/my-token"));
+        let lab_tokens = crate::lab::tokens_file(&lab_dir);
+        // A lab command presents its lab's token to its agents, whatever file is given.
+        assert_eq!(
+            token_file_for("198.18.0.1:27701", Some(lab()), given.clone(), lab),
+            Some(lab_tokens.clone())
+        );
+        // Another agent gets the given file's token, or none.
+        assert_eq!(
+            token_file_for("10.0.0.1:27701", Some(lab()), given.clone(), lab),
+            given
+        );
+        assert_eq!(
+            token_file_for("10.0.0.1:27701", Some(lab()), None, lab),
+            None
+        );
+        // Without a lab command, the default lab's agents get its token unless a file is given.
+        assert_eq!(
+            token_file_for("198.18.0.1:27701", None, None, lab),
+            Some(lab_tokens)
+        );
+        assert_eq!(
+            token_file_for("198.18.0.1:27701", None, given.clone(), lab),
+            given
+        );
+        // A lab without a tokens file gets no token.
+        let bare = || (vec!["127.0.0.1:27701".to_owned()], tmp.path().join("none"));
+        assert_eq!(token_file_for("127.0.0.1:27701", None, None, bare), None);
+    }
 }
