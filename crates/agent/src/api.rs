@@ -19,8 +19,9 @@
 //! [`Bounds::header_read_timeout`] of its start (or of its previous answer), or it is closed;
 //! at most [`Bounds::max_connections`] connections are served at once (more wait in the
 //! listen backlog), and as connections speak HTTP/1.1 only, each has at most one request in
-//! flight; a request body is at most [`MAX_BODY`] bytes and a request is answered within
-//! [`REQUEST_TIMEOUT`].
+//! flight; a request body is at most [`MAX_BODY`] bytes and must arrive within
+//! [`Bounds::body_read_timeout`] of the head. Every handler bounds its own work (2 s for the
+//! peer's status, 30 s for the driver's answer).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,10 +45,6 @@ use crate::driver::{Appliances, Input, OperatorRequest, ProgressLine, SharedView
 /// The largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// The bound of one request, from its complete head to its answer (the longest handler waits
-/// 30 s for the driver): a body that trickles in is cut off.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(40);
-
 /// The largest request head (request line and headers) read.
 const MAX_HEAD_BUFFER: usize = 64 * 1024;
 
@@ -57,6 +54,9 @@ pub struct Bounds {
     /// How long a connection may take to send a complete request head, from its start or
     /// from its previous answer (an idle kept-alive connection is closed after it too).
     pub header_read_timeout: Duration,
+    /// How long a request's body may take to arrive after its head: a body that trickles in
+    /// is cut off.
+    pub body_read_timeout: Duration,
     /// Connections served at once.
     pub max_connections: usize,
 }
@@ -65,6 +65,7 @@ impl Default for Bounds {
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(10),
             max_connections: 64,
         }
     }
@@ -122,8 +123,8 @@ fn role_needed(method: &Method) -> Role {
     }
 }
 
-/// A refusal of the credentials: the connection is closed after it, so that a client without
-/// a good token cannot keep one of the bounded connections.
+/// A refusal of the credentials or of a request's framing: the connection is closed after
+/// it, so that a client without a good token cannot keep one of the bounded connections.
 fn refused(status: StatusCode, message: String) -> Response {
     let mut r = error(status, message);
     r.headers_mut().insert(
@@ -231,6 +232,38 @@ fn serve_on(listener: tokio::net::TcpListener, ctx: Ctx, access: Access, bounds:
     serve_router(listener, router(ctx, tokens), bounds);
 }
 
+/// The request with its body read whole, within `timeout` and [`MAX_BODY`]; or the refusal to
+/// answer (the connection is closed after it).
+async fn read_body(
+    req: Request<hyper::body::Incoming>,
+    timeout: Duration,
+) -> Result<Request, Response> {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_BODY);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(Request::from_parts(
+            parts,
+            axum::body::Body::from(collected.to_bytes()),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(refused(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over the limit of {MAX_BODY} bytes"),
+        )),
+        Ok(Err(e)) => Err(refused(
+            StatusCode::BAD_REQUEST,
+            format!("the request body could not be read: {e}"),
+        )),
+        Err(_) => Err(refused(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs_f64()
+            ),
+        )),
+    }
+}
+
 /// Serves `app` on `listener` within `bounds` (in a task of its own).
 fn serve_router(listener: tokio::net::TcpListener, app: Router, bounds: Bounds) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -258,22 +291,14 @@ fn serve_router(listener: tokio::net::TcpListener, app: Router, bounds: Bounds) 
                     hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                         let app = app.clone();
                         async move {
-                            let answer = tokio::time::timeout(
-                                REQUEST_TIMEOUT,
-                                app.oneshot(req.map(axum::body::Body::new)),
-                            )
-                            .await;
-                            Ok::<_, std::convert::Infallible>(match answer {
-                                Ok(Ok(r)) => r,
-                                Ok(Err(never)) => match never {},
-                                Err(_) => refused(
-                                    StatusCode::REQUEST_TIMEOUT,
-                                    format!(
-                                        "the request was not complete and answered within {} s",
-                                        REQUEST_TIMEOUT.as_secs()
-                                    ),
-                                ),
-                            })
+                            let answer = match read_body(req, bounds.body_read_timeout).await {
+                                Ok(req) => match app.oneshot(req).await {
+                                    Ok(r) => r,
+                                    Err(never) => match never {},
+                                },
+                                Err(refusal) => refusal,
+                            };
+                            Ok::<_, std::convert::Infallible>(answer)
                         }
                     });
                 let conn = hyper::server::conn::http1::Builder::new()
@@ -489,11 +514,19 @@ image = "/nonexistent/image"
             body.len()
         );
         s.write_all(req.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut out))
+        // Read to the end; a connection reset after the answer (the agent closed it with part
+        // of an oversized body unread) ends it too.
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        let read_all = async {
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                raw.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), read_all)
             .await
-            .expect("the API answers within 20 s")
-            .unwrap();
+            .expect("the API answers within 20 s");
+        let out = String::from_utf8_lossy(&raw);
         let code = out
             .split_whitespace()
             .nth(1)
@@ -657,10 +690,42 @@ image = "/nonexistent/image"
     }
 
     #[tokio::test]
+    async fn a_body_that_trickles_in_or_runs_over_the_limit_is_refused_and_starts_nothing() {
+        let op = credential(Role::Operator);
+        let tokens = Arc::new(Tokens::from_credentials(std::slice::from_ref(&op)));
+        let bounds = Bounds {
+            body_read_timeout: Duration::from_millis(300),
+            ..Bounds::default()
+        };
+        let mut api = serve_test(Access::Tokens(tokens), bounds).await;
+        let mut s = TcpStream::connect(api.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/upgrade HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nContent-Length: 20\r\n\r\n{{\"image\"",
+            op.token
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+            .await
+            .expect("the connection is closed")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        let big = format!("{{\"image\": \"{}\"}}", "x".repeat(MAX_BODY));
+        let (code, v) = request(api.addr, "POST", "/v1/upgrade", Some(&op.token), &big).await;
+        assert_eq!(code, 413, "{v}");
+        assert!(
+            api.inputs.try_recv().is_err(),
+            "a refused request reached the driver"
+        );
+    }
+
+    #[tokio::test]
     async fn a_connection_beyond_the_cap_waits_until_one_closes() {
         let bounds = Bounds {
             header_read_timeout: Duration::from_secs(60),
             max_connections: 1,
+            ..Bounds::default()
         };
         let api = serve_test(Access::Open, bounds).await;
         let holder = TcpStream::connect(api.addr).await.unwrap();
