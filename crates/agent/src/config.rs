@@ -184,6 +184,23 @@ impl Default for WitnessSection {
     }
 }
 
+/// Who may use the HTTP API (see `docs/SECURITY.md`, "The API").
+///
+/// With a tokens file, every request needs `Authorization: Bearer TOKEN` with a token of the
+/// file whose role allows it. Without one the API is open to whoever reaches it: the agent
+/// starts so only when `api_listen` is a loopback address, or when `allow_unauthenticated`
+/// says so explicitly (with a warning at start).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// The tokens file: lines `ROLE TOKEN`, `ROLE` being `read` or `operator`; readable by
+    /// its owner only (see [`crate::auth`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
+    /// Serve the API without credentials on a non-loopback address.
+    pub allow_unauthenticated: bool,
+}
+
 /// The agent configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -217,6 +234,9 @@ pub struct AgentConfig {
     /// The witness: `[witness] kind = "none" | "builtin" | "etcd"` and its endpoints.
     #[serde(default)]
     pub witness: WitnessSection,
+    /// Who may use the HTTP API: `[api] tokens_file = "/etc/hitless/api-tokens"`.
+    #[serde(default)]
+    pub api: ApiSection,
 }
 
 fn default_backend() -> BackendKind {
@@ -329,10 +349,38 @@ impl AgentConfig {
             v.validate().map_err(|e| invalid("vip", e.to_string()))?;
         }
         self.validate_witness(path)?;
+        self.validate_api(path)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "is empty".into()));
         }
         Ok(())
+    }
+
+    fn validate_api(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        match &self.api.tokens_file {
+            Some(file) if file.as_os_str().is_empty() => {
+                Err(invalid("api.tokens_file", "is empty".into()))
+            }
+            Some(_) if self.api.allow_unauthenticated => Err(invalid(
+                "api.allow_unauthenticated",
+                "is set together with api.tokens_file; keep one: with a tokens file every request needs a token".into(),
+            )),
+            None if !self.api_listen.ip().is_loopback() && !self.api.allow_unauthenticated => {
+                Err(invalid(
+                    "api.tokens_file",
+                    format!(
+                        "is not set while api_listen {} is not a loopback address: anyone who reaches it could start an upgrade; name a tokens file (`hitless token new`, see docs/SECURITY.md) or set api.allow_unauthenticated = true",
+                        self.api_listen
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn validate_witness(&self, path: &Path) -> Result<(), ConfigError> {
@@ -578,5 +626,37 @@ image = "/tmp/img"
             ),
             "witness.pair",
         );
+    }
+
+    #[test]
+    fn an_api_off_loopback_needs_a_tokens_file_or_an_explicit_opening() {
+        let open = AgentConfig::parse(Path::new("x"), GOOD).unwrap();
+        assert_eq!(open.api, ApiSection::default());
+        let exposed = GOOD.replace("127.0.0.1:7701", "0.0.0.0:7701");
+        let e = AgentConfig::parse(Path::new("x"), &exposed)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("api.tokens_file") && e.contains("0.0.0.0:7701"),
+            "{e}"
+        );
+        let tokens = format!("{exposed}[api]\ntokens_file = \"/etc/hitless/api-tokens\"\n");
+        let c = AgentConfig::parse(Path::new("x"), &tokens).unwrap();
+        assert_eq!(
+            c.api.tokens_file.as_deref(),
+            Some(Path::new("/etc/hitless/api-tokens"))
+        );
+        let allowed = format!("{exposed}[api]\nallow_unauthenticated = true\n");
+        assert!(
+            AgentConfig::parse(Path::new("x"), &allowed)
+                .unwrap()
+                .api
+                .allow_unauthenticated
+        );
+        let both = format!("{tokens}allow_unauthenticated = true\n");
+        let e = AgentConfig::parse(Path::new("x"), &both)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api.allow_unauthenticated"), "{e}");
     }
 }

@@ -39,6 +39,8 @@ pub enum AgentError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tokens(#[from] crate::auth::TokensError),
     #[error("bootstrap of the pair failed: {0}")]
     Bootstrap(String),
     #[error("bootstrap of the pair failed: {0}")]
@@ -177,9 +179,31 @@ pub fn raise_priority() {
     }
 }
 
+/// Who may use the API: the tokens of `[api] tokens_file` (read now, before anything is
+/// created: a tokens file that cannot be used stops the start), else anyone who reaches it.
+fn api_access(config: &AgentConfig) -> Result<crate::api::Access, AgentError> {
+    match &config.api.tokens_file {
+        Some(path) => {
+            let tokens = crate::auth::Tokens::load(path)?;
+            info!(file = %path.display(), tokens = tokens.len(), "the API needs a bearer token");
+            Ok(crate::api::Access::Tokens(Arc::new(tokens)))
+        }
+        None => {
+            if config.api_listen.ip().is_loopback() {
+                info!(api = %config.api_listen, "the API has no tokens file: anyone on this host may use it");
+            } else {
+                // The configuration refuses this unless allow_unauthenticated is set.
+                warn!(api = %config.api_listen, "the API serves a non-loopback address without credentials (api.allow_unauthenticated): anyone who reaches it may start an upgrade");
+            }
+            Ok(crate::api::Access::Open)
+        }
+    }
+}
+
 /// Runs the agent until the process is stopped.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let me = config.appliance;
+    let access = api_access(&config)?;
     check_host_addr(config.instances.host_addr)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
         path: config.data_dir.clone(),
@@ -264,12 +288,19 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
         None => warn!("{}", crate::config::NO_WITNESS_WARNING),
     }
-    crate::api::serve(config.api_listen, in_tx.clone(), view.clone(), apps.clone())
-        .await
-        .map_err(|source| AgentError::Api {
-            addr: config.api_listen,
-            source,
-        })?;
+    crate::api::serve(
+        config.api_listen,
+        in_tx.clone(),
+        view.clone(),
+        apps.clone(),
+        access,
+        crate::api::Bounds::default(),
+    )
+    .await
+    .map_err(|source| AgentError::Api {
+        addr: config.api_listen,
+        source,
+    })?;
     info!(appliance = %me, api = %config.api_listen, "agent running");
 
     let mut peer_up_pending = false;

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod appliance;
+pub mod auth;
 pub mod config;
 pub mod daemon;
 pub mod driver;

@@ -70,6 +70,7 @@ fn an_instance_runs_from_its_contract_and_stops_gracefully() {
         },
         vip: None,
         witness: Default::default(),
+        api: Default::default(),
     };
     let backend: Arc<dyn hitless_vmm::Backend> = Arc::new(hitless_vmm::ProcessBackend::new(
         hitless_vmm::ProcessConfig::default(),

@@ -20,6 +20,11 @@ struct Cli {
     /// Log filter (tracing env-filter syntax); defaults to $HITLESS_LOG or "info".
     #[arg(long, global = true)]
     log: Option<String>,
+    /// The credential for the agents' API: a tokens file (lines `ROLE TOKEN`, mode 0600)
+    /// whose first operator token, else first token, is presented. Without it, the lab's
+    /// tokens file is used for the lab's agents.
+    #[arg(long, global = true, env = "HITLESS_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,6 +99,29 @@ enum Command {
     },
     /// Run the builtin witness daemon, the third vote of appliance pairs.
     Witness(witness_cmd::WitnessArgs),
+    /// Tokens for the agents' API.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Print a fresh random token (32 bytes from the system's random source) as a line of a
+    /// tokens file, `ROLE TOKEN`: append it to the agents' tokens file, or keep it in a file
+    /// of your own (mode 0600) for `--token-file`.
+    New {
+        /// `read` (status and progress) or `operator` (everything, upgrades included).
+        #[arg(long, default_value = "read", value_parser = role_parser())]
+        role: hitless_agent::auth::Role,
+    },
+}
+
+/// `--role`: the roles of a tokens file, listed in the help.
+fn role_parser() -> impl clap::builder::TypedValueParser<Value = hitless_agent::auth::Role> {
+    clap::builder::PossibleValuesParser::new(["read", "operator"])
+        .try_map(|s| s.parse::<hitless_agent::auth::Role>())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -362,7 +390,10 @@ fn init_tracing(filter: Option<&str>, default: &str) {
 /// panicking on the broken pipe. The others keep SIGPIPE ignored: a peer closing a socket is an
 /// error they handle, not a reason to die.
 fn quiet_on_closed_stdout(command: &Command) {
-    if matches!(command, Command::Sim { .. } | Command::Image { .. }) {
+    if matches!(
+        command,
+        Command::Sim { .. } | Command::Image { .. } | Command::Token { .. }
+    ) {
         // SAFETY: restoring the default disposition of SIGPIPE at start-up, before any thread
         // is spawned; no handler of ours is replaced.
         unsafe {
@@ -373,6 +404,7 @@ fn quiet_on_closed_stdout(command: &Command) {
 
 fn main() {
     let cli = Cli::parse();
+    ops::use_token_file(cli.token_file.clone());
     quiet_on_closed_stdout(&cli.command);
     // Benchmarks and the simulator print figures; the libraries' progress logs would bury them.
     let quiet = matches!(cli.command, Command::Bench { .. } | Command::Sim { .. });
@@ -449,6 +481,12 @@ fn main() {
             ImageCommand::Inspect { dir, json } => image_cmd::inspect(&dir, json),
         },
         Command::Witness(args) => witness_cmd::run(&args),
+        Command::Token {
+            command: TokenCommand::New { role },
+        } => {
+            println!("{role} {}", hitless_agent::auth::generate());
+            Ok(())
+        }
     };
     if let Err(err) = result {
         eprintln!("error: {}", error_text(&err));
@@ -512,6 +550,28 @@ mod tests {
             };
             assert_eq!(named, cmd);
         }
+    }
+
+    #[test]
+    fn token_new_takes_read_or_operator_defaults_to_read_and_any_command_a_token_file() {
+        use hitless_agent::auth::Role;
+        let role = |argv: &[&str]| match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Token {
+                command: TokenCommand::New { role },
+            }) => Ok(role),
+            Ok(other) => panic!("{argv:?} runs {other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(role(&["hitless", "token", "new"]), Ok(Role::Read));
+        assert_eq!(
+            role(&["hitless", "token", "new", "--role", "operator"]),
+            Ok(Role::Operator)
+        );
+        let e = role(&["hitless", "token", "new", "--role", "admin"]).unwrap_err();
+        assert!(e.contains("read") && e.contains("operator"), "{e}");
+        let cli = Cli::try_parse_from(["hitless", "upgrade", "--to", "/img", "--token-file", "/t"])
+            .unwrap();
+        assert_eq!(cli.token_file, Some(PathBuf::from("/t")));
     }
 
     #[test]

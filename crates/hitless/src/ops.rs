@@ -1,6 +1,6 @@
 //! The agent daemon entry point and operator commands against a running agent's API.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -12,24 +12,85 @@ use hitless_core::{Outcome, Report};
 use crate::ApiArgs;
 
 /// The API addresses of the lab's agents (primary first) that commands without `--api` ask,
-/// once a lab command has read its layout.
-static LAB_APIS: std::sync::RwLock<Option<Vec<String>>> = std::sync::RwLock::new(None);
+/// and the lab's run directory (which holds its tokens file), once a lab command has read its
+/// layout.
+static LAB: std::sync::RwLock<Option<(Vec<String>, PathBuf)>> = std::sync::RwLock::new(None);
 
-/// Makes commands without `--api` ask the agents of the lab laid out as `layout`.
-pub fn use_lab(layout: &crate::lab::Layout) {
-    *LAB_APIS.write().unwrap_or_else(|e| e.into_inner()) =
-        Some(layout.apis.iter().map(ToString::to_string).collect());
+/// The tokens file named by `--token-file` or `HITLESS_TOKEN_FILE`, if any.
+static TOKEN_FILE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+/// Makes commands without `--api` ask the agents of the lab in `dir`, laid out as `layout`.
+pub fn use_lab(layout: &crate::lab::Layout, dir: &Path) {
+    *LAB.write().unwrap_or_else(|e| e.into_inner()) = Some((
+        layout.apis.iter().map(ToString::to_string).collect(),
+        dir.to_owned(),
+    ));
 }
 
-/// The lab's API addresses: those of the lab a command works on, else those of the lab in the
-/// default run directory.
-pub fn lab_apis() -> Vec<String> {
-    if let Some(apis) = LAB_APIS.read().unwrap_or_else(|e| e.into_inner()).clone() {
-        return apis;
+/// Makes every request to an agent present a token of `file` (`--token-file`).
+pub fn use_token_file(file: Option<PathBuf>) {
+    let _ = TOKEN_FILE.set(file);
+}
+
+/// The lab's API addresses and run directory: those of the lab a command works on, else those
+/// of the lab in the default run directory.
+fn lab() -> (Vec<String>, PathBuf) {
+    if let Some(lab) = LAB.read().unwrap_or_else(|e| e.into_inner()).clone() {
+        return lab;
     }
-    let layout = crate::lab::Layout::load(Path::new(crate::lab::DEFAULT_DIR))
-        .unwrap_or_else(|_| crate::lab::Layout::loopback());
-    layout.apis.iter().map(ToString::to_string).collect()
+    let dir = Path::new(crate::lab::DEFAULT_DIR);
+    let layout = crate::lab::Layout::load(dir).unwrap_or_else(|_| crate::lab::Layout::loopback());
+    (
+        layout.apis.iter().map(ToString::to_string).collect(),
+        dir.to_owned(),
+    )
+}
+
+/// The lab's API addresses (see [`lab`]).
+pub fn lab_apis() -> Vec<String> {
+    lab().0
+}
+
+/// The token to present to the agent at `api`: a lab command presents its lab's token to the
+/// lab's agents; otherwise a token of the file `--token-file` or `HITLESS_TOKEN_FILE` names,
+/// else, when `api` is an agent of the lab in the default run directory, one of that lab's
+/// tokens file (if there is one); else none.
+fn bearer(api: &str) -> anyhow::Result<Option<String>> {
+    let commanded = LAB.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let given = TOKEN_FILE.get().cloned().flatten();
+    let Some(file) = token_file_for(api, commanded, given, lab) else {
+        return Ok(None);
+    };
+    // Read at every request: a lab brought up again in the same run directory (`lab faults`
+    // runs one after another) has a new token in the same file.
+    Ok(Some(hitless_agent::auth::Credential::load(&file)?.token))
+}
+
+/// The tokens file whose token goes to `api` (see [`bearer`]): `commanded` is the lab a lab
+/// command works on, `given` the file `--token-file` names, `default_lab` the lab in the default
+/// run directory (asked only when needed).
+fn token_file_for(
+    api: &str,
+    commanded: Option<(Vec<String>, PathBuf)>,
+    given: Option<PathBuf>,
+    default_lab: impl FnOnce() -> (Vec<String>, PathBuf),
+) -> Option<PathBuf> {
+    let lab_file = |(apis, dir): (Vec<String>, PathBuf)| {
+        let file = crate::lab::tokens_file(&dir);
+        (apis.iter().any(|a| a == api) && file.exists()).then_some(file)
+    };
+    commanded
+        .and_then(lab_file)
+        .or(given)
+        .or_else(|| lab_file(default_lab()))
+}
+
+/// `request` with the credential for `api` (see [`bearer`]).
+fn authorized(api: &str, request: ureq::Request) -> anyhow::Result<ureq::Request> {
+    Ok(match bearer(api)? {
+        Some(token) => request.set("Authorization", &format!("Bearer {token}")),
+        None => request,
+    })
 }
 
 /// `hitless agent --config FILE`.
@@ -58,7 +119,12 @@ fn api_error(e: ureq::Error) -> anyhow::Error {
                 .and_then(|m| m.as_str())
                 .unwrap_or("no detail")
                 .to_owned();
-            anyhow::anyhow!("the agent refused the request (HTTP {code}): {msg}")
+            let hint = match code {
+                401 => "; give `hitless` a tokens file with --token-file or HITLESS_TOKEN_FILE",
+                403 => "; use a token with the operator role",
+                _ => "",
+            };
+            anyhow::anyhow!("the agent refused the request (HTTP {code}): {msg}{hint}")
         }
         ureq::Error::Transport(t) => anyhow::anyhow!("cannot reach the agent: {t}"),
     }
@@ -73,8 +139,7 @@ fn http() -> ureq::Agent {
 
 /// GET a JSON document.
 pub fn get<T: serde::de::DeserializeOwned>(api: &str, path: &str) -> anyhow::Result<T> {
-    let r = http()
-        .get(&agent_url(api, path))
+    let r = authorized(api, http().get(&agent_url(api, path)))?
         .call()
         .map_err(api_error)?;
     r.into_json()
@@ -83,8 +148,7 @@ pub fn get<T: serde::de::DeserializeOwned>(api: &str, path: &str) -> anyhow::Res
 
 /// POST a JSON body; returns the agent's `ok` message.
 pub fn post(api: &str, path: &str, body: serde_json::Value) -> anyhow::Result<String> {
-    let r = http()
-        .post(&agent_url(api, path))
+    let r = authorized(api, http().post(&agent_url(api, path)))?
         .send_json(body)
         .map_err(api_error)?;
     let v: serde_json::Value = r.into_json()?;
@@ -439,4 +503,45 @@ pub fn operator(api: &ApiArgs, what: &str) -> anyhow::Result<()> {
     let msg = post(&api, &format!("/v1/{what}"), serde_json::json!({}))?;
     println!("{msg}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lab_token_goes_to_the_labs_agents_only_and_a_given_file_to_the_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lab_dir = tmp.path().to_owned();
+        std::fs::write(crate::lab::tokens_file(&lab_dir), "").unwrap();
+        let lab = || (vec!["198.18.0.1:27701".to_owned()], lab_dir.clone());
+        let given = Some(PathBuf::from("/etc/hitless/my-token"));
+        let lab_tokens = crate::lab::tokens_file(&lab_dir);
+        // A lab command presents its lab's token to its agents, whatever file is given.
+        assert_eq!(
+            token_file_for("198.18.0.1:27701", Some(lab()), given.clone(), lab),
+            Some(lab_tokens.clone())
+        );
+        // Another agent gets the given file's token, or none.
+        assert_eq!(
+            token_file_for("10.0.0.1:27701", Some(lab()), given.clone(), lab),
+            given
+        );
+        assert_eq!(
+            token_file_for("10.0.0.1:27701", Some(lab()), None, lab),
+            None
+        );
+        // Without a lab command, the default lab's agents get its token unless a file is given.
+        assert_eq!(
+            token_file_for("198.18.0.1:27701", None, None, lab),
+            Some(lab_tokens)
+        );
+        assert_eq!(
+            token_file_for("198.18.0.1:27701", None, given.clone(), lab),
+            given
+        );
+        // A lab without a tokens file gets no token.
+        let bare = || (vec!["127.0.0.1:27701".to_owned()], tmp.path().join("none"));
+        assert_eq!(token_file_for("127.0.0.1:27701", None, None, bare), None);
+    }
 }

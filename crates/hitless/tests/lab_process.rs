@@ -217,8 +217,8 @@ const PRIMARY_API: &str = "127.0.0.1:27701";
 const SECONDARY_API: &str = "127.0.0.1:27702";
 const SERVICE: &str = "127.0.0.1:26380";
 
-fn api_status(addr: &str) -> Option<Value> {
-    let (code, body) = try_http(addr, "GET", "/v1/status", "")?;
+fn api_status(dir: &std::path::Path, addr: &str) -> Option<Value> {
+    let (code, body) = try_http(dir, addr, "GET", "/v1/status", "")?;
     (code == 200).then(|| serde_json::from_str(&body).ok())?
 }
 
@@ -312,7 +312,10 @@ fn an_agent_killed_and_restarted_mid_issu_rejoins_and_its_journal_later_resumes_
     // 1. The restarted agent rejoined: it follows the secondary, holds the same journal
     //    history, and the pair has an HA standby on it again.
     let rejoined = wait_for(30, || {
-        let (Some(p), Some(s)) = (api_status(PRIMARY_API), api_status(SECONDARY_API)) else {
+        let (Some(p), Some(s)) = (
+            api_status(&dir, PRIMARY_API),
+            api_status(&dir, SECONDARY_API),
+        ) else {
             return false;
         };
         let ha_on_primary = s["engine"]["instances"].as_array().is_some_and(|v| {
@@ -328,11 +331,11 @@ fn an_agent_killed_and_restarted_mid_issu_rejoins_and_its_journal_later_resumes_
     assert!(
         rejoined,
         "the restarted primary agent did not rejoin with the driver's journal and an HA standby\nprimary: {:?}\nsecondary: {:?}\nprimary log:\n{}",
-        api_status(PRIMARY_API),
-        api_status(SECONDARY_API),
+        api_status(&dir, PRIMARY_API),
+        api_status(&dir, SECONDARY_API),
         tail(&dir.join("primary.log"))
     );
-    let epoch_before = api_status(SECONDARY_API).unwrap()["engine"]["epoch"]
+    let epoch_before = api_status(&dir, SECONDARY_API).unwrap()["engine"]["epoch"]
         .as_u64()
         .unwrap();
 
@@ -362,7 +365,7 @@ fn an_agent_killed_and_restarted_mid_issu_rejoins_and_its_journal_later_resumes_
     // 3. The restarted agent resumes the pair from its journal: it drives, at a higher epoch,
     //    with control on its own appliance, and every acknowledged write is there.
     let resumed = wait_for(15, || {
-        api_status(PRIMARY_API).is_some_and(|p| {
+        api_status(&dir, PRIMARY_API).is_some_and(|p| {
             p["driving"] == true
                 && in_control_appliance(&p).as_deref() == Some("primary")
                 && p["engine"]["epoch"].as_u64().unwrap_or(0) > epoch_before
@@ -371,7 +374,7 @@ fn an_agent_killed_and_restarted_mid_issu_rejoins_and_its_journal_later_resumes_
     assert!(
         resumed,
         "the restarted agent did not take over from its journal\nprimary: {:?}\nprimary log:\n{}",
-        api_status(PRIMARY_API),
+        api_status(&dir, PRIMARY_API),
         tail(&dir.join("primary.log"))
     );
     let mut conn = service_conn();
@@ -392,17 +395,43 @@ fn an_agent_killed_and_restarted_mid_issu_rejoins_and_its_journal_later_resumes_
     );
 }
 
-fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    try_http(addr, method, path, body).expect("a request to the agent API")
+/// The operator token of the lab in `dir` (its `api-tokens` file: `ROLE TOKEN` lines).
+fn lab_token(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("api-tokens")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("operator "))
+        .map(|t| t.trim().to_owned())
 }
 
-fn try_http(addr: &str, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+/// A request to the agent API of the lab in `dir`, with the lab's operator token.
+fn http(dir: &std::path::Path, addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    try_http(dir, addr, method, path, body).expect("a request to the agent API")
+}
+
+fn try_http(
+    dir: &std::path::Path,
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Option<(u16, String)> {
+    let auth = format!("Authorization: Bearer {}\r\n", lab_token(dir)?);
+    raw_http(addr, method, path, &auth, body)
+}
+
+fn raw_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .ok()?;
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).ok()?;
@@ -432,7 +461,10 @@ fn malformed_api_requests_are_refused_and_change_nothing() {
         String::from_utf8_lossy(&up.stderr)
     );
     let api = "127.0.0.1:27701";
-    let (_, before) = http(api, "GET", "/v1/status", "");
+    // The lab's agents need a token: without one an upgrade is refused and nothing starts.
+    let (code, body) = raw_http(api, "POST", "/v1/upgrade", "", "{\"image\": \"/x\"}").unwrap();
+    assert_eq!(code, 401, "{body}");
+    let (_, before) = http(&dir, api, "GET", "/v1/status", "");
     let before: Value = serde_json::from_str(&before).unwrap();
     let cases = [
         ("POST", "/v1/upgrade", "{not json"),
@@ -443,7 +475,7 @@ fn malformed_api_requests_are_refused_and_change_nothing() {
         ("POST", "/v1/commit", ""),
     ];
     for (m, p, b) in cases {
-        let (code, body) = http(api, m, p, b);
+        let (code, body) = http(&dir, api, m, p, b);
         assert!(code >= 400, "{m} {p} {b:?} was accepted: {code} {body}");
         let v: Value = serde_json::from_str(&body)
             .unwrap_or_else(|_| panic!("error body is not JSON: {body}"));
@@ -451,9 +483,9 @@ fn malformed_api_requests_are_refused_and_change_nothing() {
         assert!(msg.len() > 10, "unclear error for {m} {p}: {body}");
     }
     let big = "x".repeat(200 * 1024);
-    let (code, _) = http(api, "POST", "/v1/upgrade", &big);
+    let (code, _) = http(&dir, api, "POST", "/v1/upgrade", &big);
     assert_eq!(code, 413, "an oversized body must be refused");
-    let (_, after) = http(api, "GET", "/v1/status", "");
+    let (_, after) = http(&dir, api, "GET", "/v1/status", "");
     let after: Value = serde_json::from_str(&after).unwrap();
     assert_eq!(before["engine"]["epoch"], after["engine"]["epoch"]);
     assert_eq!(before["engine"]["phase"], after["engine"]["phase"]);

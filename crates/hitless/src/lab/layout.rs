@@ -192,6 +192,26 @@ impl Layout {
     }
 }
 
+/// The lab's API tokens file in its run directory `dir`.
+pub fn tokens_file(dir: &Path) -> std::path::PathBuf {
+    dir.join("api-tokens")
+}
+
+/// The lab's API tokens file, made (mode 0600, one operator token) if it is not there yet.
+pub fn ensure_tokens(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    use hitless_agent::auth;
+    let file = tokens_file(dir);
+    if !file.exists() {
+        let operator = auth::Credential {
+            role: auth::Role::Operator,
+            token: auth::generate(),
+        };
+        auth::write_file(&file, &[operator])
+            .with_context(|| format!("writing the lab's tokens file {}", file.display()))?;
+    }
+    Ok(file)
+}
+
 /// Runs `f` on a thread inside the client namespace (in the calling thread's own when there
 /// is none). Threads and processes `f` starts stay in that namespace: a network namespace is
 /// inherited by the threads and children a thread creates.

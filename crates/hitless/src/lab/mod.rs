@@ -35,7 +35,7 @@ pub use check::{check, LabCheckArgs};
 pub use faults::faults;
 pub use issu::issu;
 use layout::{in_clients, NETNS_PREFIX, PORT_BASES};
-pub use layout::{Hosts, Layout};
+pub use layout::{tokens_file, Hosts, Layout};
 pub use witness::WitnessKind;
 
 /// The lab's default run directory.
@@ -184,6 +184,12 @@ fn write_config(
     if let Some(w) = &extras.witness {
         vip.push_str(&w.config_section());
     }
+    // The agents' API takes the tokens of the lab's tokens file (the lab's commands present one).
+    let tokens = layout::ensure_tokens(dir)?;
+    vip.push_str(&format!(
+        "\n[api]\ntokens_file = \"{}\"\n",
+        tokens.display()
+    ));
     let text = format!(
         r#"# hitless lab: the {name} appliance ({hosts} hosts)
 appliance = "{name}"
@@ -408,7 +414,7 @@ fn up_with(
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     layout.save(dir)?;
-    ops::use_lab(&layout);
+    ops::use_lab(&layout, dir);
     let images = build_images(dir, args.backend, args.protocol)?;
     let extras = Extras {
         witness: witness::WitnessSpec::plan(args.witness, &layout, dir)?,
@@ -555,7 +561,7 @@ pub fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
         );
     }
     let layout = Layout::load(dir)?;
-    ops::use_lab(&layout);
+    ops::use_lab(&layout, dir);
     let partition = match &layout.topology {
         Some(t) => hitless_netlab::active(t)
             .context("reading the lab's partition rules")?
@@ -895,6 +901,44 @@ mod tests {
                 assert_eq!(c.heartbeat.interval_ms, 50);
             }
         }
+    }
+
+    #[test]
+    fn the_lab_configs_point_at_one_tokens_file_its_owner_alone_reads() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let layout = Layout::netns(hitless_netlab::Topology::of(
+            &hitless_netlab::Plan::default(),
+        ));
+        let mut files = Vec::new();
+        for i in 0..2 {
+            let path = write_config(
+                dir,
+                i,
+                Backend::Process,
+                &dir.join("image"),
+                None,
+                &layout,
+                &Extras::default(),
+            )
+            .unwrap();
+            // The lab's agents bind addresses of their namespaces, not loopback ones.
+            let c = AgentConfig::load(&path).unwrap();
+            assert!(!c.api_listen.ip().is_loopback());
+            let file = c.api.tokens_file.expect("the lab names a tokens file");
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+            let tokens = hitless_agent::auth::Tokens::load(&file).unwrap();
+            let presented = hitless_agent::auth::Credential::load(&file).unwrap();
+            assert_eq!(
+                tokens.role_of(&presented.token),
+                Some(hitless_agent::auth::Role::Operator)
+            );
+            files.push(file);
+        }
+        assert_eq!(files[0], files[1], "both agents take the same tokens");
+        assert_eq!(files[0], super::tokens_file(dir));
     }
 
     #[test]
