@@ -421,7 +421,12 @@ impl Vip {
             }
         }
         lock(&self.counters.held_since).get_or_insert_with(SystemTime::now);
-        tracing::info!(vip = %cfg, outcome = ?claimed, "claimed the service address");
+        if claimed == Claimed::Added {
+            tracing::info!(vip = %cfg, outcome = ?claimed, "claimed the service address");
+        } else {
+            // Re-asserted while held (after every route re-assertion): not news.
+            tracing::debug!(vip = %cfg, outcome = ?claimed, "claimed the service address");
+        }
         Ok(claimed)
     }
 

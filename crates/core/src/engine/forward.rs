@@ -190,7 +190,7 @@ impl Engine {
         if self.st.pair.in_control == Some(to) {
             return Prog::Done;
         }
-        if self.st.pending.is_some() || self.witness_busy() {
+        if self.st.pending.is_some() || self.witness_busy() || self.witness_drop_due() {
             return Prog::Wait;
         }
         let Some(from) = self.st.pair.control().map(|c| c.id) else {

@@ -65,8 +65,9 @@ impl Engine {
                 .collect();
             ready.sort_by_key(|i| (i.appliance != c.appliance, i.id));
             if let Some(to) = ready.first().map(|i| i.id) {
-                if self.witness_busy() {
-                    return Prog::Wait; // One witness change at a time.
+                if self.witness_busy() || self.witness_drop_due() {
+                    // One witness change at a time, and a standby given up is dropped first.
+                    return Prog::Wait;
                 }
                 let attempts = if in_issu {
                     self.st.issu.as_ref().map_or(0, |i| i.repair_starts)

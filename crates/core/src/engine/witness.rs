@@ -432,6 +432,28 @@ impl Engine {
         }
     }
 
+    /// The witness still lists a standby the instance in control no longer waits for: it
+    /// must be dropped (and the instance in control told) before a planned switch starts.
+    /// The switch's quiesce waits for every write to be durable, which a write waiting for
+    /// that standby never is until the drop: asked first, the switch would time out, and the
+    /// drop would wait for the switch (one witness change at a time).
+    pub(super) fn witness_drop_due(&self) -> bool {
+        if !self.witnessed() || self.st.witness.deposed.is_some() {
+            return false;
+        }
+        let (Some(c), Some(known)) = (
+            self.st.pair.control().map(|c| c.id),
+            self.st.witness.known.as_ref(),
+        ) else {
+            return false;
+        };
+        if known.in_control != Some(c) || known.epoch != self.st.pair.epoch {
+            return false;
+        }
+        let waits_for = self.synchronous_standbys();
+        known.sync_set.iter().any(|s| !waits_for.contains(s))
+    }
+
     /// What the engine waits for at the witness, for status and stuck reports.
     pub(super) fn witness_waiting_on(&self) -> Option<String> {
         let change = self.st.witness.inflight.as_ref()?;
@@ -535,6 +557,29 @@ mod tests {
         )));
         assert_eq!(w.record.in_control, Some(InstanceId(2)));
         assert!(w.record.epoch > ControlEpoch(1));
+    }
+
+    #[test]
+    fn a_standby_the_witness_still_lists_is_a_drop_due_and_the_reconciler_asks_it() {
+        let (mut e, _w) = settled();
+        assert!(!e.witness_drop_due());
+        // The HA standby died: the witness still lists it.
+        let i2 =
+            e.st.pair
+                .instances
+                .iter_mut()
+                .find(|i| i.id == InstanceId(2))
+                .unwrap();
+        i2.state = crate::domain::InstanceState::Failed;
+        assert!(e.witness_drop_due());
+        let mut out = Vec::new();
+        e.witness_reconcile(&mut out);
+        assert!(out.iter().any(|c| matches!(
+            c,
+            Command::Witness {
+                change: WitnessChange::DropStandbys { .. }
+            }
+        )));
     }
 
     fn promotes_asked(cmds: &[Command]) -> usize {
