@@ -780,17 +780,24 @@ mod tests {
         assert!(!a.is_up());
     }
 
-    #[tokio::test]
-    async fn a_corrupt_format_number_after_negotiation_is_reported_and_skipped() {
-        let a_addr = free_addr();
-        let (_a, mut a_rx) = link(a_addr, free_addr(), next()).await;
-        let mut s = TcpStream::connect(a_addr).await.unwrap();
+    /// Connects to the agent at `addr` as a peer offering format 2 only; returns the connection
+    /// and the agent's welcome line.
+    async fn hello_in_format_2(addr: SocketAddr) -> (BufReader<TcpStream>, String) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"{\"hitless-peer-hello\":{\"formats\":{\"min\":2,\"max\":2}}}\n")
             .await
             .unwrap();
         let mut r = BufReader::new(s);
         let mut line = String::new();
         r.read_line(&mut line).await.unwrap();
+        (r, line)
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_format_number_after_negotiation_is_reported_and_skipped() {
+        let a_addr = free_addr();
+        let (_a, mut a_rx) = link(a_addr, free_addr(), next()).await;
+        let (mut r, line) = hello_in_format_2(a_addr).await;
         assert_eq!(
             line,
             "{\"hitless-peer-welcome\":{\"formats\":{\"min\":1,\"max\":2},\"format\":2}}\n"
@@ -832,13 +839,7 @@ mod tests {
             idle_bound(Duration::from_millis(500)),
             Duration::from_secs(2)
         );
-        let mut s = TcpStream::connect(a_addr).await.unwrap();
-        s.write_all(b"{\"hitless-peer-hello\":{\"formats\":{\"min\":2,\"max\":2}}}\n")
-            .await
-            .unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line).await.unwrap();
+        let (mut r, mut line) = hello_in_format_2(a_addr).await;
         assert!(line.contains("hitless-peer-welcome"), "{line}");
         // Silent from now on: the agent closes its end (EOF here), well within 10 s.
         line.clear();
