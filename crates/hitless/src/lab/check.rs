@@ -98,8 +98,8 @@ pub struct RoundReport {
     /// When the fault was injected and healed, in ms since the clients started.
     pub start_ms: f64,
     pub end_ms: f64,
-    /// Whether the pair converged (an instance in control, an in-sync HA standby) after the
-    /// heal and after the round's ISSU, and when (ms since the heal).
+    /// Whether the pair converged (an instance in control, an in-sync HA standby on the other
+    /// appliance) after the heal and after the round's ISSU, and when (ms since the heal).
     pub converged: bool,
     pub converged_after_ms: Option<f64>,
     pub issu: Option<IssuRecord>,
@@ -482,7 +482,7 @@ fn run_round(
     }
     let end = origin.elapsed();
     report.end_ms = ms(end);
-    let mut converged = wait_pair(CONVERGE_BOUND).is_ok();
+    let mut converged = wait_ha(CONVERGE_BOUND).is_ok();
     if let Some(t) = issu {
         report.issu = Some(t.join().unwrap_or_else(|_| IssuRecord {
             round: index + 1,
@@ -492,7 +492,7 @@ fn run_round(
             start_ms: report.end_ms,
             version_after: None,
         }));
-        let after = wait_pair(CONVERGE_BOUND);
+        let after = wait_ha(CONVERGE_BOUND);
         if let (Some(u), Ok(s)) = (report.issu.as_mut(), &after) {
             u.version_after = s
                 .engine
@@ -505,6 +505,36 @@ fn run_round(
     report.converged = converged;
     report.converged_after_ms = converged.then(|| ms(origin.elapsed() - end));
     report
+}
+
+/// Waits (within `bound`) until the pair could survive the loss of either appliance again: an
+/// instance in control and an in-sync HA standby on the *other* appliance. The next round
+/// begins only then, so that each fault meets a pair that can fail over (a standby on the
+/// same appliance, or none, would make the next fault an outage by construction).
+fn wait_ha(bound: Duration) -> anyhow::Result<hitless_agent::api::StatusAnswer> {
+    let start = Instant::now();
+    loop {
+        let s = wait_pair(bound.saturating_sub(start.elapsed()))?;
+        if let Some(e) = &s.engine {
+            let control = e
+                .instances
+                .iter()
+                .find(|r| Some(r.id) == e.in_control)
+                .map(|r| r.appliance);
+            let across = e.instances.iter().any(|r| {
+                r.role == hitless_core::Role::HaStandby
+                    && r.state == hitless_core::InstanceState::Ready
+                    && Some(r.appliance) != control
+            });
+            if control.is_some() && across {
+                return Ok(s);
+            }
+        }
+        if start.elapsed() >= bound {
+            bail!("no in-sync HA standby on the other appliance within {bound:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Starts an ISSU to the other image (v2 from v1, v1 from v2) and follows it to its end
