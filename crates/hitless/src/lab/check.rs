@@ -17,7 +17,7 @@ use super::verdict::{self, ReignSpan};
 use super::witness::{self, WitnessKind};
 use super::{
     in_clients, inject, pid_of, resume_agent, signal, spawn_agent, teardown, up_with, wait_pair,
-    Heal, Hosts, Layout, NAMES, SIGKILL,
+    wait_pair_until, Heal, Hosts, Layout, NAMES, SIGKILL,
 };
 use crate::ops;
 use crate::{ApiArgs, LabUpArgs};
@@ -512,29 +512,19 @@ fn run_round(
 /// begins only then, so that each fault meets a pair that can fail over (a standby on the
 /// same appliance, or none, would make the next fault an outage by construction).
 fn wait_ha(bound: Duration) -> anyhow::Result<hitless_agent::api::StatusAnswer> {
-    let start = Instant::now();
-    loop {
-        let s = wait_pair(bound.saturating_sub(start.elapsed()))?;
-        if let Some(e) = &s.engine {
-            let control = e
-                .instances
-                .iter()
-                .find(|r| Some(r.id) == e.in_control)
-                .map(|r| r.appliance);
-            let across = e.instances.iter().any(|r| {
+    wait_pair_until(bound, "an in-sync HA standby on the other appliance", |e| {
+        let control = e
+            .instances
+            .iter()
+            .find(|r| Some(r.id) == e.in_control)
+            .map(|r| r.appliance);
+        control.is_some()
+            && e.instances.iter().any(|r| {
                 r.role == hitless_core::Role::HaStandby
                     && r.state == hitless_core::InstanceState::Ready
                     && Some(r.appliance) != control
-            });
-            if control.is_some() && across {
-                return Ok(s);
-            }
-        }
-        if start.elapsed() >= bound {
-            bail!("no in-sync HA standby on the other appliance within {bound:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            })
+    })
 }
 
 /// Starts an ISSU to the other image (v2 from v1, v1 from v2) and follows it to its end

@@ -305,20 +305,30 @@ const SIGTERM: i32 = libc::SIGTERM;
 
 /// Waits until the pair is up: an instance in control and a ready HA standby.
 fn wait_pair(bound: Duration) -> anyhow::Result<StatusAnswer> {
+    wait_pair_until(bound, "an in-sync HA standby", |e| {
+        e.instances
+            .iter()
+            .any(|r| r.role == Role::HaStandby && r.state == hitless_core::InstanceState::Ready)
+    })
+}
+
+/// Polls the driving agent (within `bound`) until the engine has an instance in control and
+/// `ready` holds of its status; `what` names what `ready` waits for, in the error.
+fn wait_pair_until(
+    bound: Duration,
+    what: &str,
+    ready: impl Fn(&hitless_core::Status) -> bool,
+) -> anyhow::Result<StatusAnswer> {
     let start = Instant::now();
     let mut last = String::from("no answer yet");
     while start.elapsed() < bound {
         match ops::driving_status(&ApiArgs { api: None }) {
             Ok((_, s)) => {
                 if let Some(e) = &s.engine {
-                    let ha_ready = e
-                        .instances
-                        .iter()
-                        .any(|r| r.role == Role::HaStandby && format!("{:?}", r.state) == "Ready");
-                    if e.in_control.is_some() && ha_ready {
+                    if e.in_control.is_some() && ready(e) {
                         return Ok(s);
                     }
-                    last = format!("phase {}", e.phase);
+                    last = format!("phase {}, waiting for {what}", e.phase);
                 } else {
                     last = "no agent drives yet".into();
                 }
